@@ -1,0 +1,301 @@
+"""Pure, batched planar geometry: warp families, homographies, warping.
+
+Convention (used everywhere in this package)
+--------------------------------------------
+* Points are ``(x, y)``. In *pixel* coordinates pixel centres sit at integer
+  positions and the origin is the centre of the top-left pixel, so an image of
+  width ``W`` spans ``x in [0, W - 1]``.
+* *Normalised* coordinates map the centres of the corner pixels to -1 and +1
+  (``x_n = 2 x / (W - 1) - 1``). This is ``align_corners=True`` in
+  ``torch.nn.functional.grid_sample``, and every call here passes it
+  explicitly.
+* A warp matrix maps an **output** (aligned) point to an **input** point
+  (backward mapping, what ``grid_sample`` needs). Names say which frames a
+  matrix connects: ``in_from_out_norm`` is normalised output -> normalised
+  input, ``in_from_out_pix`` the same in pixels.
+* The public contract of the product is ``in_from_out_pix``: a 3x3 homography
+  per image, in pixels, mapping an aligned-output pixel to an input pixel.
+
+Warp families have identity-centred parameters in normalised coordinates: a
+zero parameter vector is the identity for every family.
+
+Device and dtype always follow the inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "WarpFamily",
+    "WARP_FAMILIES",
+    "get_family",
+    "params_to_matrix",
+    "matrix_to_params",
+    "compose",
+    "invert",
+    "normaliser",
+    "pixel_from_normalised",
+    "normalised_from_pixel",
+    "transform_points",
+    "corners",
+    "homography_from_points",
+    "warp",
+    "warp_pixel",
+    "jacobian_determinant",
+]
+
+
+@dataclass(frozen=True)
+class WarpFamily:
+    """A parametric warp family with identity-centred parameters.
+
+    ``dof`` is the number of parameters; ``rank`` orders the families from
+    least to most general (used by the warp curriculum).
+    """
+
+    name: str
+    dof: int
+    rank: int
+
+
+WARP_FAMILIES: dict[str, WarpFamily] = {
+    f.name: f
+    for f in (
+        WarpFamily("translation", 2, 0),
+        WarpFamily("similarity", 4, 1),
+        WarpFamily("affine", 6, 2),
+        WarpFamily("homography", 8, 3),
+    )
+}
+
+
+def get_family(name: str) -> WarpFamily:
+    try:
+        return WARP_FAMILIES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown warp family {name!r}; choose one of {', '.join(WARP_FAMILIES)}"
+        ) from None
+
+
+def params_to_matrix(p: torch.Tensor, family: str) -> torch.Tensor:
+    """Identity-centred parameters to 3x3 matrices.
+
+    Args:
+        p: ``(B, dof)`` parameters.
+        family: one of :data:`WARP_FAMILIES`.
+
+    Returns:
+        ``(B, 3, 3)`` matrices; ``p = 0`` gives the identity.
+
+    Parametrisations (rows of the matrix, last row ``[0, 0, 1]`` unless said):
+        translation ``(tx, ty)``: ``[1, 0, tx] [0, 1, ty]``
+        similarity ``(a, b, tx, ty)``: ``[1+a, -b, tx] [b, 1+a, ty]``
+            (``1+a = s cos t``, ``b = s sin t``)
+        affine ``p0..p5``: ``[1+p0, p1, p2] [p3, 1+p4, p5]``
+        homography ``p0..p7``: affine rows plus last row ``[p6, p7, 1]``
+    """
+    fam = get_family(family)
+    if p.ndim != 2 or p.shape[1] != fam.dof:
+        raise ValueError(f"{family} parameters must be (B, {fam.dof}), got {tuple(p.shape)}")
+    B = p.shape[0]
+    z = p.new_zeros(B)
+    o = p.new_ones(B)
+    if family == "translation":
+        rows = [o, z, p[:, 0], z, o, p[:, 1], z, z, o]
+    elif family == "similarity":
+        a, b = p[:, 0], p[:, 1]
+        rows = [1 + a, -b, p[:, 2], b, 1 + a, p[:, 3], z, z, o]
+    elif family == "affine":
+        rows = [1 + p[:, 0], p[:, 1], p[:, 2], p[:, 3], 1 + p[:, 4], p[:, 5], z, z, o]
+    else:
+        rows = [1 + p[:, 0], p[:, 1], p[:, 2], p[:, 3], 1 + p[:, 4], p[:, 5], p[:, 6], p[:, 7], o]
+    return torch.stack(rows, dim=1).view(B, 3, 3)
+
+
+def matrix_to_params(M: torch.Tensor, family: str) -> torch.Tensor:
+    """Inverse of :func:`params_to_matrix` for matrices inside the family.
+
+    Matrices are first scaled so that ``M[2, 2] = 1``. For a matrix outside the
+    family the result is its least-squares projection onto the parameters
+    (e.g. the rotation/scale part of an affine for ``similarity``).
+
+    Args:
+        M: ``(B, 3, 3)``.
+    Returns:
+        ``(B, dof)``.
+    """
+    M = M / M[:, 2:3, 2:3]
+    if family == "translation":
+        return M[:, :2, 2]
+    if family == "similarity":
+        a = 0.5 * (M[:, 0, 0] + M[:, 1, 1]) - 1
+        b = 0.5 * (M[:, 1, 0] - M[:, 0, 1])
+        return torch.stack([a, b, M[:, 0, 2], M[:, 1, 2]], dim=1)
+    if family == "affine":
+        q = M[:, :2, :].reshape(-1, 6).clone()
+        q[:, 0] -= 1
+        q[:, 4] -= 1
+        return q
+    get_family(family)
+    q = M.reshape(-1, 9)[:, :8].clone()
+    q[:, 0] -= 1
+    q[:, 4] -= 1
+    return q
+
+
+def compose(*Ms: torch.Tensor) -> torch.Tensor:
+    """Matrix product ``Ms[0] @ Ms[1] @ ...``: apply the last one first."""
+    out = Ms[0]
+    for M in Ms[1:]:
+        out = out @ M
+    return out
+
+
+def invert(M: torch.Tensor) -> torch.Tensor:
+    """Batched 3x3 inverse, ``(B, 3, 3) -> (B, 3, 3)``."""
+    return torch.linalg.inv(M)
+
+
+def normaliser(height: int, width: int, *, like: torch.Tensor | None = None,
+               dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    """``norm_from_pix``: the ``(3, 3)`` matrix taking pixel to normalised coordinates.
+
+    A one-pixel side has no extent; we treat it as spanning ``[-1, 1]`` anyway
+    (scale 2) so the matrix stays invertible.
+    """
+    if like is not None:
+        dtype, device = like.dtype, like.device
+    sx = 2.0 / (width - 1) if width > 1 else 2.0
+    sy = 2.0 / (height - 1) if height > 1 else 2.0
+    return torch.tensor([[sx, 0.0, -1.0], [0.0, sy, -1.0], [0.0, 0.0, 1.0]],
+                        dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def pixel_from_normalised(in_from_out_norm: torch.Tensor, in_size: tuple[int, int],
+                          out_size: tuple[int, int]) -> torch.Tensor:
+    """Normalised warp -> pixel warp.
+
+    Args:
+        in_from_out_norm: ``(B, 3, 3)``.
+        in_size, out_size: ``(H, W)`` of the input and the output image.
+    Returns:
+        ``in_from_out_pix``, ``(B, 3, 3)``.
+    """
+    n_in = normaliser(*in_size, like=in_from_out_norm)
+    n_out = normaliser(*out_size, like=in_from_out_norm)
+    return torch.linalg.inv(n_in) @ in_from_out_norm @ n_out
+
+
+def normalised_from_pixel(in_from_out_pix: torch.Tensor, in_size: tuple[int, int],
+                          out_size: tuple[int, int]) -> torch.Tensor:
+    """Pixel warp -> normalised warp; inverse of :func:`pixel_from_normalised`."""
+    n_in = normaliser(*in_size, like=in_from_out_pix)
+    n_out = normaliser(*out_size, like=in_from_out_pix)
+    return n_in @ in_from_out_pix @ torch.linalg.inv(n_out)
+
+
+def transform_points(M: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+    """Apply homographies to points.
+
+    Args:
+        M: ``(B, 3, 3)``.
+        pts: ``(B, N, 2)`` or ``(N, 2)`` (shared by the batch).
+    Returns:
+        ``(B, N, 2)``.
+    """
+    if pts.ndim == 2:
+        pts = pts.unsqueeze(0).expand(M.shape[0], -1, -1)
+    ph = torch.cat([pts, torch.ones_like(pts[..., :1])], dim=-1)  # (B, N, 3)
+    q = ph @ M.transpose(1, 2)
+    return q[..., :2] / q[..., 2:3]
+
+
+def corners(height: int, width: int, *, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixel coordinates of the four corner-pixel centres, ``(4, 2)``: TL, TR, BR, BL."""
+    kw = {"dtype": like.dtype, "device": like.device} if like is not None else {}
+    return torch.tensor([[0.0, 0.0], [width - 1.0, 0.0], [width - 1.0, height - 1.0],
+                         [0.0, height - 1.0]], **kw)
+
+
+def homography_from_points(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """The homography mapping four ``src`` points onto four ``dst`` points (DLT).
+
+    Args:
+        src, dst: ``(B, 4, 2)``.
+    Returns:
+        ``(B, 3, 3)`` with ``H[2, 2] = 1`` and ``dst ~ H src``.
+    """
+    B = src.shape[0]
+    x, y = src[..., 0], src[..., 1]
+    u, v = dst[..., 0], dst[..., 1]
+    z, o = torch.zeros_like(x), torch.ones_like(x)
+    rows_u = torch.stack([x, y, o, z, z, z, -u * x, -u * y], dim=-1)  # (B, 4, 8)
+    rows_v = torch.stack([z, z, z, x, y, o, -v * x, -v * y], dim=-1)
+    A = torch.cat([rows_u, rows_v], dim=1)  # (B, 8, 8)
+    b = torch.cat([u, v], dim=1).unsqueeze(-1)  # (B, 8, 1)
+    h = torch.linalg.solve(A, b).squeeze(-1)
+    return torch.cat([h, torch.ones_like(h[:, :1])], dim=1).view(B, 3, 3)
+
+
+def _grid(in_from_out_norm: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """Sampling grid ``(B, Ho, Wo, 2)`` in normalised input coordinates."""
+    Ho, Wo = out_size
+    M = in_from_out_norm
+    ys = torch.linspace(-1, 1, Ho, dtype=M.dtype, device=M.device) if Ho > 1 else M.new_zeros(1)
+    xs = torch.linspace(-1, 1, Wo, dtype=M.dtype, device=M.device) if Wo > 1 else M.new_zeros(1)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    base = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1).view(1, Ho * Wo, 3)
+    q = base @ M.transpose(1, 2)  # (B, Ho*Wo, 3)
+    # Keep the divide away from 0 so a degenerate homography yields far-away
+    # (hence empty) samples instead of NaN/inf gradients.
+    w = q[..., 2:3]
+    w = torch.where(w.abs() < 1e-6, torch.full_like(w, 1e-6), w)
+    return (q[..., :2] / w).view(-1, Ho, Wo, 2)
+
+
+def warp(image: torch.Tensor, in_from_out_norm: torch.Tensor, out_size: tuple[int, int],
+         *, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
+    """Resample ``image`` through backward homographies in normalised coordinates.
+
+    Args:
+        image: ``(B, C, H, W)``.
+        in_from_out_norm: ``(B, 3, 3)``.
+        out_size: ``(Ho, Wo)``.
+        padding_mode: ``grid_sample``'s; ``"zeros"`` fills outside with 0.
+    Returns:
+        ``(B, C, Ho, Wo)``.
+    """
+    grid = _grid(in_from_out_norm.to(image.dtype), out_size)
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def warp_pixel(image: torch.Tensor, in_from_out_pix: torch.Tensor, out_size: tuple[int, int],
+               **kw) -> torch.Tensor:
+    """:func:`warp` with a pixel-coordinate matrix; same shapes."""
+    M = normalised_from_pixel(in_from_out_pix, tuple(image.shape[-2:]), out_size)
+    return warp(image, M, out_size, **kw)
+
+
+def jacobian_determinant(in_from_out_pix: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """``|det J|`` of the output->input map at every output pixel centre.
+
+    It is the input area one output pixel covers: above 1 the warp shrinks the
+    content, below 1 it magnifies (and may crop) it.
+
+    Args:
+        in_from_out_pix: ``(B, 3, 3)``.
+    Returns:
+        ``(B, Ho, Wo)``.
+    """
+    Ho, Wo = out_size
+    M = in_from_out_pix / in_from_out_pix[:, 2:3, 2:3]
+    ys = torch.arange(Ho, dtype=M.dtype, device=M.device)
+    xs = torch.arange(Wo, dtype=M.dtype, device=M.device)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    w = (M[:, 2, 0, None, None] * gx + M[:, 2, 1, None, None] * gy + 1.0)
+    # For x' = (a.x)/w the Jacobian determinant is det(M) / w^3.
+    return (torch.linalg.det(M)[:, None, None] / w.pow(3)).abs()
