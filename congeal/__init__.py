@@ -1,0 +1,1 @@
+"""The ``congeal`` command: ``align`` and ``apply`` (the core), ``serve`` and ``demo`` (the service)."""
