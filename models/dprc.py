@@ -1,0 +1,404 @@
+"""Deep Penalised Reconstruction Congealing (Annunziata, Sagonas, Cali; ICCV 2019).
+
+Objective (Eq. 8), minimised end to end with Adam over mini-batches::
+
+    D = | warp(I_i; p_i) - I_ref |_1                                  (Eq. 5)
+    C = | AE(warp(I_i; p_i)) - warp(I_i; p_i) |_1 + gamma w^T z_i     (Eq. 7)
+    L = D + lambda C
+
+with ``p_i = DeSTNet(I_i)`` and ``w_l = l^k / sum l^k``. We average instead of
+summing (a constant scale absorbed by the learning rate).
+
+What we add for robustness (each switchable in :class:`DPRCConfig`, each
+measured in ``docs/benchmarks.md``):
+
+* ``init="moments"``: before the DeSTNet, every image is brought onto the
+  reference's frame by translation + isotropic scale from its intensity
+  moments (centroid and RMS radius of the foreground). Deterministic and
+  content-based, so both copies of one source start at the same place.
+* A coarse-to-fine distance: ``D`` compares Gaussian-blurred images, with the
+  blur annealed from ``blur_start`` (fraction of the image side) to 0. Blur
+  gives overlapping gradients where a sharp ``L1`` prefers pushing a
+  non-overlapping object out of the frame.
+* A warp curriculum: the fused parameters are projected onto translation,
+  then similarity, then affine, then the full family, at fixed fractions of
+  training (``curriculum``).
+* Background-aware padding: samples from outside the image take the image's
+  border median, not 0, so leaving the frame does not fake agreement.
+* Cosine learning-rate decay from ``lr``.
+
+Reference rule (``reference_index=None``): the image whose blurred version is
+closest (L1) to the blurred mean of the collection: a typical, central member.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import geometry as G
+from . import metrics as M
+from .methods import Cancelled, FitContext, FitResult, Progress, register_aligner, register_method
+from .nets import PRESETS, AutoEncoderConfig, DeSTNet, DeSTNetConfig, PenalisedAutoEncoder
+
+__all__ = ["DPRCConfig", "DPRC", "DPRCAligner", "choose_reference", "moment_init", "blur", "curriculum_family"]
+
+
+@dataclass(frozen=True)
+class DPRCConfig:
+    preset: str = "auto"  # "mnist" | "lfw" | "auto" (mnist up to 48 px a side, else lfw)
+    lam: float = 1.0  # lambda, weight of the complexity term C
+    gamma: float = 1.0  # weight of the positional code penalty
+    k: int = 1  # exponent of the positional weights
+    code: int = 64  # |z|
+    lr: float = 1e-3
+    lr_final: float = 0.02  # cosine decay to lr * lr_final
+    batch_size: int = 64
+    epochs: int | None = None  # None: enough epochs for ~steps_target steps (10..300)
+    steps_target: int = 1500
+    init: str = "moments"  # "moments" | "identity"
+    blur_start: float = 0.06  # Gaussian sigma as a fraction of the shorter side
+    blur_until: float = 0.7  # fraction of training at which blur reaches 0
+    curriculum: tuple[float, float, float, float] = (0.0, 0.1, 0.25, 0.4)
+    padding: str = "border"  # "border" (background-aware) | "zeros"
+    checkpoint_every_s: float = 20.0
+
+    def resolve_epochs(self, n: int) -> int:
+        if self.epochs is not None:
+            return max(1, int(self.epochs))
+        steps_per_epoch = max(1, math.ceil(n / self.batch_size))
+        return int(min(300, max(10, math.ceil(self.steps_target / steps_per_epoch))))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _gauss_kernel(sigma: float, like: torch.Tensor) -> torch.Tensor:
+    r = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-r, r + 1, dtype=like.dtype, device=like.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with replicate padding, ``(B, C, H, W)`` -> same. ``sigma`` in pixels."""
+    if sigma <= 0.05:
+        return x
+    k = _gauss_kernel(sigma, x)
+    r = k.numel() // 2
+    C = x.shape[1]
+    kx = k.view(1, 1, 1, -1).expand(C, 1, 1, -1)
+    ky = k.view(1, 1, -1, 1).expand(C, 1, -1, 1)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kx, groups=C)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), ky, groups=C)
+
+
+def background(x: torch.Tensor) -> torch.Tensor:
+    """Border median per image and channel, ``(B, C, 1, 1)``."""
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]], dim=-1)
+    return border.median(dim=-1).values[..., None, None]
+
+
+def _warp_bg(x: torch.Tensor, M_: torch.Tensor, bg: torch.Tensor | None) -> torch.Tensor:
+    size = tuple(x.shape[-2:])
+    if bg is None:
+        return G.warp(x, M_, size)
+    return G.warp(x - bg, M_, size) + bg
+
+
+def _moments(x: torch.Tensor, bg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Foreground centroid ``(B, 2)`` and RMS radius ``(B,)`` in normalised coords, and mass ``(B,)``.
+
+    Foreground is the absolute deviation from the background, so dark-on-light
+    collections work as well as light-on-dark ones.
+    """
+    H, W = x.shape[-2:]
+    f = (x - bg).abs().mean(1)  # (B, H, W)
+    mass = f.sum(dim=(1, 2))
+    ys = torch.linspace(-1, 1, H, dtype=x.dtype, device=x.device) if H > 1 else x.new_zeros(1)
+    xs = torch.linspace(-1, 1, W, dtype=x.dtype, device=x.device) if W > 1 else x.new_zeros(1)
+    wgt = f / mass.clamp_min(1e-8)[:, None, None]
+    cx = (wgt.sum(1) * xs).sum(-1)
+    cy = (wgt.sum(2) * ys).sum(-1)
+    var = (wgt * ((xs[None, None, :] - cx[:, None, None]) ** 2 + (ys[None, :, None] - cy[:, None, None]) ** 2)).sum(dim=(1, 2))
+    return torch.stack([cx, cy], 1), var.clamp_min(1e-8).sqrt(), mass
+
+
+def moment_init(x: torch.Tensor, ref_centroid: torch.Tensor, ref_radius: torch.Tensor,
+                max_scale: float = 2.5) -> torch.Tensor:
+    """Translation + isotropic scale mapping each image's foreground moments onto the reference's.
+
+    Returns ``(B, 3, 3)`` ``in_from_out_norm``: ``p_in = c_i + s_i (p_out - c_ref)``,
+    ``s_i = r_i / r_ref``. Images with no foreground get the identity.
+    """
+    bg = background(x)
+    c, r, mass = _moments(x, bg)
+    s = (r / ref_radius).clamp(1 / max_scale, max_scale)
+    empty = mass <= 1e-6 * x.shape[-1] * x.shape[-2]
+    s = torch.where(empty, torch.ones_like(s), s)
+    t = c - s[:, None] * ref_centroid[None, :]
+    t = torch.where(empty[:, None], torch.zeros_like(t), t)
+    B = x.shape[0]
+    out = torch.zeros(B, 3, 3, dtype=x.dtype, device=x.device)
+    out[:, 0, 0] = s
+    out[:, 1, 1] = s
+    out[:, :2, 2] = t
+    out[:, 2, 2] = 1
+    return out
+
+
+def choose_reference(x: torch.Tensor, chunk: int = 1024) -> int:
+    """Index of the image whose blurred version is L1-closest to the blurred mean."""
+    sigma = 0.06 * min(x.shape[-2:])
+    mean = torch.zeros_like(x[:1])
+    for k in range(0, x.shape[0], chunk):
+        mean += blur(x[k:k + chunk], sigma).sum(0, keepdim=True)
+    mean /= x.shape[0]
+    d = torch.cat([(blur(x[k:k + chunk], sigma) - mean).abs().mean(dim=(1, 2, 3))
+                   for k in range(0, x.shape[0], chunk)])
+    return int(d.argmin())
+
+
+def curriculum_family(family: str, frac: float, schedule) -> str | None:
+    """The family training is limited to at progress ``frac`` in [0, 1], or None for no limit.
+
+    ``schedule[r]`` is the fraction of training at which the family of rank
+    ``r`` (translation, similarity, affine, homography) unlocks.
+    """
+    names = ["translation", "similarity", "affine", "homography"]
+    unlocked = max(i for i, t in enumerate(schedule) if frac >= t)
+    target = G.get_family(family)
+    return None if unlocked >= target.rank else names[unlocked]
+
+
+# --------------------------------------------------------------------------- aligner
+
+
+class DPRCAligner:
+    """A trained DPRC aligner: moment initialisation + DeSTNet, one forward pass."""
+
+    method = "dprc"
+
+    def __init__(self, net: DeSTNet, init: str, ref_centroid: torch.Tensor, ref_radius: torch.Tensor,
+                 padding: str = "border"):
+        self.net = net.eval()
+        self.init = init
+        self.ref_centroid = ref_centroid
+        self.ref_radius = ref_radius
+        self.padding = padding
+
+    def base(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.init != "moments":
+            return None
+        return moment_init(x, self.ref_centroid.to(x), self.ref_radius.to(x))
+
+    @torch.no_grad()
+    def align(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        xin = x - background(x) if self.padding == "border" else x
+        return self.net(xin, self.base(x))
+
+    def save(self, model_dir: Path) -> None:
+        model_dir = Path(model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        cfg = {"method": "dprc", "init": self.init, "padding": self.padding,
+               "destnet": asdict(self.net.cfg)}
+        (model_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+        tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        tensors["ref_centroid"] = self.ref_centroid.detach().cpu().float()
+        tensors["ref_radius"] = self.ref_radius.detach().cpu().float().reshape(1)
+        save_file(tensors, str(model_dir / "aligner.safetensors"))
+
+
+@register_aligner("dprc")
+def _load_dprc(model_dir: Path, device: torch.device) -> DPRCAligner:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    d = cfg["destnet"]
+    d["image_size"] = tuple(d["image_size"])
+    d["convs"] = tuple(tuple(c) for c in d["convs"])
+    net = DeSTNet(DeSTNetConfig(**d))
+    t = load_file(str(Path(model_dir) / "aligner.safetensors"))
+    net.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("net.")})
+    return DPRCAligner(net.to(device), cfg["init"], t["ref_centroid"].to(device),
+                       t["ref_radius"].to(device)[0], cfg.get("padding", "border"))
+
+
+# --------------------------------------------------------------------------- method
+
+
+@register_method("dprc")
+class DPRC:
+    """The DPRC alignment method; ``DPRC(**overrides).fit(images, ctx)``."""
+
+    name = "dprc"
+
+    def __init__(self, **overrides):
+        fields = DPRCConfig.__dataclass_fields__
+        unknown = set(overrides) - set(fields)
+        if unknown:
+            raise ValueError(f"unknown dprc option(s): {', '.join(sorted(unknown))}")
+        if "curriculum" in overrides:
+            overrides["curriculum"] = tuple(overrides["curriculum"])
+        self.cfg = replace(DPRCConfig(), **overrides)
+
+    def _nets(self, C: int, size: tuple[int, int], warp: str) -> tuple[DeSTNet, PenalisedAutoEncoder]:
+        preset = self.cfg.preset
+        if preset == "auto":
+            preset = "mnist" if max(size) <= 48 else "lfw"
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)} or auto")
+        p = PRESETS[preset]
+        dcfg = DeSTNetConfig(in_channels=C, image_size=size, warp=warp, **p["destnet"])
+        acfg = AutoEncoderConfig(in_channels=C, image_size=size, code=self.cfg.code, k=self.cfg.k, **p["ae"])
+        return DeSTNet(dcfg), PenalisedAutoEncoder(acfg)
+
+    def fit(self, images: torch.Tensor, ctx: FitContext) -> FitResult:
+        cfg = self.cfg
+        x = images.float()
+        dev = x.device
+        N, C, H, W = x.shape
+        G.get_family(ctx.warp)
+        torch.manual_seed(ctx.seed)
+        net, ae = self._nets(C, (H, W), ctx.warp)
+        net, ae = net.to(dev), ae.to(dev)
+        params = list(net.parameters()) + list(ae.parameters())
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+        epochs = cfg.resolve_epochs(N) if ctx.budget is None else max(1, int(ctx.budget))
+        steps_per_epoch = max(1, math.ceil(N / cfg.batch_size))
+        total = epochs * steps_per_epoch
+
+        ref = choose_reference(x) if ctx.reference_index is None else int(ctx.reference_index)
+        bg_all = background(x)  # (N, C, 1, 1)
+        ref_img = x[ref:ref + 1]
+        ref_c, ref_r, _ = _moments(ref_img, bg_all[ref:ref + 1])
+        ref_c, ref_r = ref_c[0], ref_r[0]
+        aligner = DPRCAligner(net, cfg.init, ref_c, ref_r, cfg.padding)
+        base_all = aligner.base(x) if cfg.init == "moments" else None
+
+        notes: list[str] = []
+        history: list[dict] = []
+        start_epoch = 0
+        fingerprint = {"n": N, "shape": [C, H, W], "warp": ctx.warp, "seed": ctx.seed,
+                       "reference": ref, "config": json.loads(json.dumps(asdict(cfg))), "epochs": epochs}
+        if ctx.checkpoint_dir is not None:
+            start_epoch, history = self._resume(ctx.checkpoint_dir, fingerprint, net, ae, opt, params, notes)
+            if start_epoch:
+                ctx.report(Progress("training", step=start_epoch * steps_per_epoch, total=total,
+                                    epoch=start_epoch, message=f"resumed from checkpoint at epoch {start_epoch}"))
+
+        sched_lr = lambda s: cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * s / max(1, total))))  # noqa: E731
+        t0, last_ckpt = time.time(), time.time()
+        step = start_epoch * steps_per_epoch
+        ref_bg = bg_all[ref:ref + 1]
+        for epoch in range(start_epoch, epochs):
+            net.train()
+            ae.train()
+            g = torch.Generator().manual_seed(ctx.seed * 100_003 + epoch)
+            perm = torch.randperm(N, generator=g).to(dev)
+            for b in range(steps_per_epoch):
+                ctx.check_stop()
+                idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                frac = step / max(1, total)
+                for grp in opt.param_groups:
+                    grp["lr"] = sched_lr(step)
+                xb, bgb = x[idx], bg_all[idx]
+                base = base_all[idx] if base_all is not None else None
+                limit = curriculum_family(ctx.warp, frac, cfg.curriculum)
+                Mb = net(xb - bgb if cfg.padding == "border" else xb, base, limit)
+                aligned = _warp_bg(xb, Mb, bgb if cfg.padding == "border" else None)
+                sigma = cfg.blur_start * min(H, W) * max(0.0, 1 - frac / max(cfg.blur_until, 1e-6))
+                D = (blur(aligned, sigma) - blur(ref_img, sigma)).abs().mean()
+                recon, z = ae(aligned)
+                Cterm = (recon - aligned).abs().mean() + cfg.gamma * ae.penalty(z).mean()
+                loss = D + cfg.lam * Cterm
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"training diverged at step {step} (loss {loss.item()})")
+                elapsed = time.time() - t0
+                done = step - start_epoch * steps_per_epoch
+                ctx.report(Progress("training", step=step, total=total, epoch=epoch + 1, loss=loss.item(),
+                                    apsnr=M.apsnr(aligned.detach()) if len(idx) > 1 else None,
+                                    eta_s=elapsed / done * (total - step) if done else None))
+            history.append({"epoch": epoch + 1, "loss": round(loss.item(), 6), "D": round(D.item(), 6),
+                            "C": round(Cterm.item(), 6), "lr": sched_lr(step)})
+            if ctx.checkpoint_dir is not None and (time.time() - last_ckpt >= cfg.checkpoint_every_s
+                                                   or epoch + 1 == epochs):
+                self._save_ckpt(ctx.checkpoint_dir, fingerprint, epoch + 1, history, net, ae, opt, params)
+                last_ckpt = time.time()
+
+        warps = self._align_all(aligner, x)
+        return FitResult(in_from_out_norm=warps.float().cpu(), reference_index=ref, aligner=aligner,
+                         history=history, notes=notes)
+
+    @torch.no_grad()
+    def _align_all(self, aligner: DPRCAligner, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        return torch.cat([aligner.align(x[k:k + chunk]) for k in range(0, x.shape[0], chunk)])
+
+    # ------------------------------------------------------------------ checkpoints
+    # Safetensors + JSON only: a checkpoint is never unpickled.
+
+    @staticmethod
+    def _save_ckpt(d: Path, fp: dict, epoch: int, history: list, net, ae, opt, params) -> None:
+        d = Path(d)
+        d.mkdir(parents=True, exist_ok=True)
+        t = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        t.update({f"ae.{k}": v.detach().cpu().contiguous() for k, v in ae.state_dict().items()})
+        for i, p in enumerate(params):
+            st = opt.state.get(p)
+            if st:
+                t[f"opt.{i}.exp_avg"] = st["exp_avg"].detach().cpu().contiguous()
+                t[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu().contiguous()
+                t[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
+        tmp_t, tmp_j = d / "state.safetensors.tmp", d / "state.json.tmp"
+        save_file(t, str(tmp_t))
+        tmp_j.write_text(json.dumps({"epoch": epoch, "fingerprint": fp, "history": history}))
+        # Tensors first, then the JSON that points at them: a crash between the two
+        # renames leaves the previous epoch's JSON, which the fingerprint check still accepts.
+        os.replace(tmp_t, d / "state.safetensors")
+        os.replace(tmp_j, d / "state.json")
+
+    @staticmethod
+    def _resume(d: Path, fp: dict, net, ae, opt, params, notes: list) -> tuple[int, list]:
+        d = Path(d)
+        js, st = d / "state.json", d / "state.safetensors"
+        if not js.exists() and not st.exists():
+            return 0, []
+        try:
+            meta = json.loads(js.read_text())
+            if meta.get("fingerprint") != fp:
+                notes.append("checkpoint belongs to different data or options; started from scratch")
+                return 0, []
+            t = load_file(str(st))
+            keep = ({k: v.clone() for k, v in net.state_dict().items()},
+                    {k: v.clone() for k, v in ae.state_dict().items()})
+            try:
+                net.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("net.")})
+                ae.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("ae.")})
+            except Exception:
+                net.load_state_dict(keep[0])
+                ae.load_state_dict(keep[1])
+                raise
+            dev = next(net.parameters()).device
+            for i, p in enumerate(params):
+                if f"opt.{i}.exp_avg" in t:
+                    opt.state[p] = {
+                        "step": t[f"opt.{i}.step"][0].clone(),
+                        "exp_avg": t[f"opt.{i}.exp_avg"].to(dev),
+                        "exp_avg_sq": t[f"opt.{i}.exp_avg_sq"].to(dev),
+                    }
+            epoch = int(meta["epoch"])
+            notes.append(f"resumed from checkpoint at epoch {epoch}")
+            return epoch, list(meta.get("history", []))
+        except Exception as e:  # corrupt or truncated: never fatal, never silent
+            notes.append(f"checkpoint unreadable ({type(e).__name__}); started from scratch")
+            return 0, []

@@ -1,0 +1,241 @@
+"""The two networks of Deep Penalised Reconstruction Congealing.
+
+* :class:`DeSTNet` — the densely fused spatial transformer (Annunziata et al.,
+  BMVC 2018) used as the aligner.
+* :class:`PenalisedAutoEncoder` — the low-capacity auto-encoder whose sigmoid
+  code carries the positional penalty ``w^T z`` with ``w_l = l^k / sum_l l^k``.
+
+Table 1 of the DPRC paper gives the layer lists; :data:`PRESETS` holds them.
+Where the table is terse we made these readings (and say so in the docs):
+``conv1-N`` on a spatial map that the paper feeds a vector is a fully
+connected layer on the flattened map; every aligner stage ends in a linear
+regressor to the warp's parameters, zero-initialised so the stage starts at
+the identity; the decoder's ``conv1-S`` seed is reshaped to ``S`` channels at
+1/8 of the working size and upsampled by the three stride-2 layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import geometry as G
+
+__all__ = ["DeSTNetConfig", "AutoEncoderConfig", "PRESETS", "DeSTNet", "PenalisedAutoEncoder",
+           "positional_weights"]
+
+
+@dataclass(frozen=True)
+class DeSTNetConfig:
+    in_channels: int = 1
+    image_size: tuple[int, int] = (28, 28)
+    warp: str = "homography"
+    stages: int = 4
+    # (kernel, channels, stride) of each conv of a stage; each is followed by ReLU and,
+    # for stride 1, a 2x2 max-pool (IC-STN / DeSTNet MNIST practice).
+    convs: tuple[tuple[int, int, int], ...] = ((7, 4, 1), (7, 8, 1))
+    hidden: int = 48  # width of the regressor's hidden layer (0: none)
+    fusion_dim: int = 32  # expansion rate k^F of the fusion
+    stage_size: int = 0  # side the stage input is resized to (0: the working size)
+
+
+@dataclass(frozen=True)
+class AutoEncoderConfig:
+    in_channels: int = 1
+    image_size: tuple[int, int] = (28, 28)
+    conv_channels: int = 100  # [conv3-C*] x 3
+    fc: int = 1024  # [conv1-fc] x fc_layers
+    fc_layers: int = 2
+    code: int = 64  # |z|
+    seed_channels: int = 16  # decoder conv1-S seed
+    k: int = 1  # positional penalty exponent
+
+
+PRESETS: dict[str, dict] = {
+    # Table 1, MNIST column; DeSTNet-4 with k^F = 32.
+    "mnist": {
+        "destnet": dict(stages=4, convs=((7, 4, 1), (7, 8, 1)), hidden=48, fusion_dim=32),
+        "ae": dict(conv_channels=100, fc=1024, fc_layers=2, seed_channels=16),
+    },
+    # Table 1, LFW column; DeSTNet-5.
+    "lfw": {
+        "destnet": dict(stages=5, convs=((3, 64, 2), (3, 128, 2), (3, 256, 2)), hidden=0,
+                        fusion_dim=32, stage_size=64),
+        "ae": dict(conv_channels=128, fc=512, fc_layers=2, seed_channels=48),
+    },
+}
+
+
+class _Stage(nn.Module):
+    """One DeSTNet stage: image -> parameter update, zero at initialisation."""
+
+    def __init__(self, cfg: DeSTNetConfig, dof: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = cfg.in_channels
+        h, w = (cfg.stage_size, cfg.stage_size) if cfg.stage_size else cfg.image_size
+        self.size = (h, w)
+        for k, ch, s in cfg.convs:
+            layers += [nn.Conv2d(c, ch, k, stride=s, padding=k // 2), nn.ReLU(inplace=True)]
+            h, w = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
+            if s == 1:
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+                h, w = (h + 1) // 2, (w + 1) // 2
+            c = ch
+        self.features = nn.Sequential(*layers)
+        flat = c * h * w
+        head: list[nn.Module] = []
+        if cfg.hidden:
+            head += [nn.Linear(flat, cfg.hidden), nn.ReLU(inplace=True)]
+            flat = cfg.hidden
+        self.out = nn.Linear(flat, dof)
+        nn.init.zeros_(self.out.weight)  # identity at initialisation
+        nn.init.zeros_(self.out.bias)
+        self.head = nn.Sequential(*head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=True, antialias=True)
+        f = self.features(x).flatten(1)  # (B, c*h*w)
+        return self.out(self.head(f))  # (B, dof)
+
+
+class DeSTNet(nn.Module):
+    """Densely fused spatial transformer network.
+
+    Stage ``i`` sees the *original* image resampled once by the current warp
+    and predicts an update ``dp_i``. The fusion expands every update to
+    ``fusion_dim`` features (``E_i``) and contracts the concatenation of all
+    expanded updates so far (``C_i``) into the stage's fused parameters
+    ``p_i = C_i([E_1 dp_1, ..., E_i dp_i])``. ``E`` and ``C`` are initialised
+    so that ``p_i = dp_1 + ... + dp_i`` (an additive cascade), and learn from
+    there; with zero-initialised stage heads the whole network starts at the
+    identity.
+
+    ``forward(x, base)`` returns ``in_from_out_norm = base @ M(p_F)`` with
+    ``base`` an optional fixed initial warp (identity by default).
+    """
+
+    def __init__(self, cfg: DeSTNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.family = G.get_family(cfg.warp)
+        dof, k = self.family.dof, cfg.fusion_dim
+        if k < dof:
+            raise ValueError(f"fusion_dim {k} must be at least the warp's {dof} parameters")
+        self.stages = nn.ModuleList(_Stage(cfg, dof) for _ in range(cfg.stages))
+        self.expand = nn.ModuleList(nn.Linear(dof, k, bias=False) for _ in range(cfg.stages))
+        self.contract = nn.ModuleList(nn.Linear(k * (i + 1), dof, bias=False) for i in range(cfg.stages))
+        with torch.no_grad():
+            for i in range(cfg.stages):
+                e = torch.zeros(k, dof)
+                e[:dof] = torch.eye(dof)
+                # Small noise on the unused expanded features lets the fusion learn;
+                # it cannot change p at initialisation because C reads only the first dof.
+                e[dof:] = 0.01 * torch.randn(k - dof, dof)
+                self.expand[i].weight.copy_(e)
+                c = torch.zeros(dof, k * (i + 1))
+                for j in range(i + 1):
+                    c[:, j * k:j * k + dof] = torch.eye(dof)
+                self.contract[i].weight.copy_(c)
+
+    def forward(self, x: torch.Tensor, base: torch.Tensor | None = None,
+                limit: str | None = None) -> torch.Tensor:
+        """
+        Args:
+            x: ``(B, C, H, W)`` working-size images.
+            base: ``(B, 3, 3)`` initial ``in_from_out_norm`` (identity if None).
+            limit: a less general warp family to project every stage's warp onto
+                (the warp curriculum), or None for the network's own family.
+        Returns:
+            ``(B, 3, 3)`` ``in_from_out_norm``.
+        """
+        B = x.shape[0]
+        if base is None:
+            base = torch.eye(3, dtype=x.dtype, device=x.device).expand(B, 3, 3)
+        size = tuple(x.shape[-2:])
+        p = x.new_zeros(B, self.family.dof)
+        feats: list[torch.Tensor] = []
+        M = base
+        for i, stage in enumerate(self.stages):
+            xi = G.warp(x, M, size) if i > 0 else (x if _is_identity(base) else G.warp(x, base, size))
+            feats.append(self.expand[i](stage(xi)))
+            p = self.contract[i](torch.cat(feats, dim=1))
+            R = G.params_to_matrix(p, self.cfg.warp)
+            if limit is not None and limit != self.cfg.warp:
+                R = G.params_to_matrix(G.matrix_to_params(R, limit), limit)
+            M = base @ R
+        return M
+
+
+def _is_identity(M: torch.Tensor) -> bool:
+    return bool(torch.equal(M, torch.eye(3, dtype=M.dtype, device=M.device).expand_as(M)))
+
+
+def positional_weights(b: int, k: int, *, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``w_l = l^k / sum_{l=1}^b l^k`` for ``l = 1..b``, ``(b,)``."""
+    kw = {"dtype": like.dtype, "device": like.device} if like is not None else {}
+    l = torch.arange(1, b + 1, **kw).double().pow(k)
+    return (l / l.sum()).to(**kw) if kw else (l / l.sum()).float()
+
+
+class PenalisedAutoEncoder(nn.Module):
+    """Low-capacity auto-encoder with a sigmoid code (Table 1, tanh between layers).
+
+    ``forward(x)`` returns ``(reconstruction (B, C, H, W), z (B, code))``.
+    """
+
+    def __init__(self, cfg: AutoEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, W = cfg.image_size
+        c = cfg.in_channels
+        enc: list[nn.Module] = []
+        for _ in range(3):
+            enc += [nn.Conv2d(c, cfg.conv_channels, 3, stride=2, padding=1), nn.Tanh()]
+            c = cfg.conv_channels
+        self.encoder_conv = nn.Sequential(*enc)
+        self.h8, self.w8 = -(-H // 8), -(-W // 8)
+        flat = c * self.h8 * self.w8
+        fcs: list[nn.Module] = []
+        d = flat
+        for _ in range(cfg.fc_layers):
+            fcs += [nn.Linear(d, cfg.fc), nn.Tanh()]
+            d = cfg.fc
+        fcs += [nn.Linear(d, cfg.code), nn.Sigmoid()]
+        self.encoder_fc = nn.Sequential(*fcs)
+        dec: list[nn.Module] = []
+        d = cfg.code
+        for _ in range(cfg.fc_layers):
+            dec += [nn.Linear(d, cfg.fc), nn.Tanh()]
+            d = cfg.fc
+        dec += [nn.Linear(d, cfg.seed_channels * self.h8 * self.w8), nn.Tanh()]
+        self.decoder_fc = nn.Sequential(*dec)
+        up: list[nn.Module] = []
+        c = cfg.seed_channels
+        for _ in range(3):
+            up += [nn.ConvTranspose2d(c, cfg.conv_channels, 3, stride=2, padding=1, output_padding=1), nn.Tanh()]
+            c = cfg.conv_channels
+        up += [nn.Conv2d(c, cfg.in_channels, 1), nn.Sigmoid()]
+        self.decoder_conv = nn.Sequential(*up)
+        self.register_buffer("w", positional_weights(cfg.code, cfg.k), persistent=False)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.encoder_conv(x).flatten(1)  # (B, C*h8*w8): stride-2 convs give ceil(H/8)
+        return self.encoder_fc(f)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        s = self.decoder_fc(z).view(-1, self.cfg.seed_channels, self.h8, self.w8)  # (B, S, H/8, W/8)
+        y = self.decoder_conv(s)  # (B, C, 8*h8, 8*w8)
+        H, W = self.cfg.image_size
+        return y[..., :H, :W]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encode(x)
+        return self.decode(z), z
+
+    def penalty(self, z: torch.Tensor) -> torch.Tensor:
+        """``w^T z`` per image, ``(B,)``."""
+        return z @ self.w.to(z.dtype)
