@@ -1,0 +1,93 @@
+"""The FastAPI application: ``uvicorn service.app:app`` or ``congeal serve``.
+
+With ``CONGEAL_REDIS_URL`` set, jobs are recorded in Redis and sent to Celery
+workers by task name. Without it the same API runs in embedded mode
+(``service.embedded``): SQLite job store, jobs run by in-process threads.
+Either way this process never imports torch.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from .contracts import ArtifactStore, CeleryDispatcher, Settings, open_store
+from .deps import ServiceState, get_settings
+from .routers import health, jobs, models
+
+__all__ = ["create_app", "app"]
+
+log = logging.getLogger("congeal.api")
+
+DESCRIPTION = """\
+Joint image alignment ("congealing") as a service. Upload a collection with
+`POST /jobs`, poll `GET /jobs/{id}` for progress, then download the per-image
+transforms, the aligned images and the mean/variance images. A succeeded job's
+trained model aligns new images with `POST /models/{id}/align`.
+See docs/service.md for the full guide.
+"""
+
+
+def build_state(settings: Settings) -> ServiceState:
+    store = open_store(settings)
+    artifacts = ArtifactStore(settings.data_dir)
+    artifacts.root.mkdir(parents=True, exist_ok=True)
+    if settings.embedded:
+        from .embedded import EmbeddedRunner
+
+        runner = EmbeddedRunner(store, artifacts, settings).start()
+        return ServiceState(settings, store, artifacts, runner, embedded=runner)
+    return ServiceState(settings, store, artifacts, CeleryDispatcher(settings))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app. ``settings`` (tests, ``congeal serve``) override ``get_settings()`` for
+    the app's lifetime; without them the environment is read at startup."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        s = app.dependency_overrides.get(get_settings, get_settings)()
+        state = build_state(s)
+        app.state.svc = state
+        log.info("congeal API: %s mode, artifacts in %s", "embedded" if s.embedded else "redis", state.artifacts.root)
+        try:
+            yield
+        finally:
+            if state.embedded is not None:
+                state.embedded.close()
+            else:
+                state.dispatcher.close()
+            state.store.close()
+
+    app = FastAPI(title="congeal", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    if settings is not None:
+        app.dependency_overrides[get_settings] = lambda: settings
+    app.include_router(jobs.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Still JSON, still an id to find the traceback by; bad input never ends up here.
+        error_id = uuid.uuid4().hex[:12]
+        log.error("unhandled error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+        if _is_store_outage(exc):
+            return JSONResponse({"detail": "the job store is unreachable; try again shortly", "error_id": error_id},
+                                status_code=503)
+        return JSONResponse({"detail": "internal server error", "error_id": error_id}, status_code=500)
+
+    return app
+
+
+def _is_store_outage(exc: Exception) -> bool:
+    try:
+        import redis
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
+
+
+app = create_app()

@@ -1,0 +1,131 @@
+"""The job record: the one source of truth about a job, kept in the job store.
+
+Celery task ids and results are deliberately not used for state: an unknown
+task id reads as PENDING forever and results expire. The API, the worker's
+supervisor and the reconciler all read and write this record instead.
+"""
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "JobStatus",
+    "JobKind",
+    "TERMINAL",
+    "METHODS",
+    "WARPS",
+    "JobOptions",
+    "ProgressRecord",
+    "Attempt",
+    "JobRecord",
+    "now",
+]
+
+# Methods the API accepts. A contract test checks each is registered by
+# models.methods; add a baseline here when it lands in the core.
+METHODS = ("dprc",)
+WARPS = ("translation", "similarity", "affine", "homography")
+
+
+def now() -> float:
+    return time.time()
+
+
+class JobStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+
+
+class JobKind(str, Enum):
+    align = "align"  # congeal a collection, train an aligner
+    apply = "apply"  # align new images with a trained aligner
+
+
+class JobOptions(BaseModel):
+    """What a client may choose for an alignment job. Unknown fields are an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal[METHODS] = Field("dprc", description="alignment method")  # type: ignore[valid-type]
+    warp: Literal[WARPS] = Field("homography", description="warp family")  # type: ignore[valid-type]
+    reference: str | None = Field(None, min_length=1, max_length=1024,
+                                  description="name of the reference image; default: chosen automatically")
+    budget: int | None = Field(None, ge=1, description="training budget in epochs; default: the method's rule")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    max_side: int = Field(128, ge=8, le=1024, description="longest side of the working size, pixels")
+    time_limit_s: int | None = Field(None, ge=1, description="fail the job if one attempt runs longer; "
+                                                             "default and ceiling: the service's limit")
+
+
+class ProgressRecord(BaseModel):
+    """Mirror of :class:`models.methods.Progress` plus when it was written."""
+
+    stage: str
+    step: int = 0
+    total: int = 0
+    epoch: int = 0
+    loss: float | None = None
+    apsnr: float | None = None
+    eta_s: float | None = None
+    message: str | None = None
+    updated_at: float = Field(default_factory=now)
+
+
+class Attempt(BaseModel):
+    """One run of a job by one worker. A job resumed after a crash has several."""
+
+    n: int
+    worker: str
+    started_at: float
+    ended_at: float | None = None
+    outcome: str | None = None  # succeeded / failed / cancelled / lost / requeued
+    pid: int | None = None  # the training child, while it runs
+    checkpoint_at_start: bool = False  # a checkpoint from an earlier attempt was present
+    first_epoch: int | None = None  # epoch of the first training report of this attempt
+    last_epoch: int | None = None
+    resumed_from_epoch: int | None = None  # what the method said it resumed from
+
+
+class JobRecord(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    kind: JobKind
+    owner: str = "anonymous"
+    status: JobStatus = JobStatus.queued
+    options: JobOptions = Field(default_factory=JobOptions)
+    model_id: str | None = None  # apply: the align job whose model is used
+    n_inputs: int = 0
+    input_bytes: int = 0
+    input_archive: str | None = None  # set when the upload was one archive: its file name in input/
+    idempotency_key: str | None = None
+
+    created_at: float = Field(default_factory=now)
+    updated_at: float = Field(default_factory=now)
+    enqueued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    progress: ProgressRecord | None = None
+    cancel_requested: bool = False
+    error: str | None = None
+    error_kind: str | None = None  # input / internal / time_limit / lost / enqueue
+    result: dict[str, Any] | None = None  # small: metrics summary; big artifacts stay on disk
+
+    attempts: list[Attempt] = Field(default_factory=list)
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL

@@ -1,0 +1,380 @@
+"""Running a job: the supervisor both deployments share, and the reconciler.
+
+The supervisor is deliberately torch-free. It claims the job in the store,
+starts the training child (``python -m worker.run_job``) in its own process
+group, relays the child's progress into the record, and enforces cancel and
+the time limit by killing that group. Running training in a child rather than
+in the Celery process gives, for free: a clean CUDA context per job, GPU
+memory returned when the child exits, hard cancellation, and a crash that
+takes down only the child. The Celery task (``worker.app``) and the embedded
+runner (``service.embedded``) both call :meth:`JobRunner.run`.
+
+Child protocol: one JSON object per line on the file descriptor passed as
+``--progress-fd``::
+
+    {"type": "progress", "stage": ..., "step": ..., "total": ..., "epoch": ..., "loss": ...,
+     "apsnr": ..., "eta_s": ..., "message": ...}
+    {"type": "result", "summary": {...}}
+    {"type": "error", "kind": "input" | "cancelled" | "internal", "message": "..."}
+
+and an exit status from ``EXIT_*``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .artifacts import ArtifactStore
+from .records import JobKind, JobRecord, JobStatus, ProgressRecord, now
+from .settings import Settings
+from .store import JobStore
+from .tasks import Dispatcher
+
+__all__ = [
+    "CHILD_MODULE",
+    "EXIT_OK",
+    "EXIT_INTERNAL",
+    "EXIT_INPUT",
+    "EXIT_CANCELLED",
+    "JobRunner",
+    "Maintenance",
+    "reconcile",
+    "worker_name",
+    "RESUME_PREFIX",
+]
+
+log = logging.getLogger("congeal.runner")
+
+CHILD_MODULE = "worker.run_job"
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+# How models.dprc announces a resume in its progress message.
+RESUME_PREFIX = "resumed from checkpoint at epoch"
+_PROGRESS_EVERY_S = 0.5
+
+
+def worker_name(prefix: str | None = None) -> str:
+    return f"{prefix or socket.gethostname()}/{os.getpid()}"
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class _Relay:
+    """Reads the child's event pipe on a thread and writes progress into the record."""
+
+    def __init__(self, fd: int, store: JobStore, job_id: str, worker: str):
+        self.fd, self.store, self.job_id, self.worker = fd, store, job_id, worker
+        self.summary: dict | None = None
+        self.error: dict | None = None
+        self.last: ProgressRecord | None = None
+        self.last_work: ProgressRecord | None = None  # last report that counted steps
+        self.first_epoch: int | None = None
+        self.resumed_from: int | None = None
+        self._written_at = 0.0
+        self._stage: str | None = None
+        self._pending = False
+        self.thread = threading.Thread(target=self._loop, name=f"relay-{job_id[:8]}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _loop(self) -> None:
+        with os.fdopen(self.fd, "rb") as f:
+            for line in f:
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                try:
+                    self._on(ev)
+                except Exception:  # a store hiccup must not stop the relay
+                    log.exception("job %s: could not record progress", self.job_id)
+
+    def _on(self, ev: dict) -> None:
+        kind = ev.get("type")
+        if kind == "result":
+            self.summary = ev.get("summary") or {}
+        elif kind == "error":
+            self.error = ev
+        elif kind == "progress":
+            fields = {k: ev.get(k) for k in ProgressRecord.model_fields if k != "updated_at" and ev.get(k) is not None}
+            p = ProgressRecord(**fields)
+            attempt = {}
+            if p.stage == "training" and p.epoch:
+                if self.first_epoch is None:
+                    self.first_epoch = p.epoch
+                    attempt["first_epoch"] = p.epoch
+                attempt["last_epoch"] = p.epoch
+            if p.message and p.message.startswith(RESUME_PREFIX):
+                self.resumed_from = p.epoch
+                attempt["resumed_from_epoch"] = p.epoch
+            self.last = p
+            if p.total:
+                self.last_work = p
+            # Throttled: a fast method reports every step, the record needs a few a second.
+            urgent = p.stage != self._stage or p.message is not None or "first_epoch" in attempt
+            if urgent or time.time() - self._written_at >= _PROGRESS_EVERY_S:
+                self.store.report(self.job_id, self.worker, p, **attempt)
+                self._written_at, self._stage, self._pending = time.time(), p.stage, False
+            else:
+                self._pending = True
+                if attempt:
+                    self.store.report(self.job_id, self.worker, None, **attempt)
+
+    def join(self) -> None:
+        self.thread.join(timeout=10)
+        if self._pending and self.last is not None:
+            try:
+                self.store.report(self.job_id, self.worker, self.last)
+            except Exception:
+                log.exception("job %s: could not record progress", self.job_id)
+
+
+class JobRunner:
+    """Runs jobs by id. One instance per worker thread or process."""
+
+    def __init__(self, store: JobStore, artifacts: ArtifactStore, settings: Settings,
+                 name: str | None = None, python: str = sys.executable, poll_s: float = 0.5):
+        self.store, self.artifacts, self.settings = store, artifacts, settings
+        self.name = name or worker_name()
+        self.python = python
+        self.poll_s = poll_s
+
+    # ------------------------------------------------------------------ spec
+
+    def _spec(self, rec: JobRecord, attempt: int) -> dict:
+        s, a = self.settings, self.artifacts
+        method_options = {}
+        if rec.kind == JobKind.align and rec.options.method == "dprc" and s.checkpoint_every_s is not None:
+            method_options["checkpoint_every_s"] = s.checkpoint_every_s
+        return {
+            "job_id": rec.id,
+            "kind": rec.kind.value,
+            "attempt": attempt,
+            "options": rec.options.model_dump(),
+            "method_options": method_options,
+            "device": s.device,
+            "input_path": str(a.input_dir(rec.id) / rec.input_archive if rec.input_archive
+                              else a.input_dir(rec.id)),
+            "output_dir": str(a.output_dir(rec.id)),
+            "checkpoint_dir": str(a.checkpoint_dir(rec.id)),
+            "model_dir": str(a.model_dir(rec.model_id)) if rec.model_id else None,
+            "aligned_zip": str(a.aligned_zip(rec.id)),
+            "limits": {"max_images": s.max_images_per_job, "max_pixels": s.max_pixels_per_image,
+                       "max_side": s.max_side_per_image},
+        }
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, job_id: str, stop: threading.Event | None = None) -> str:
+        """Run one delivery of ``job_id`` to its end. Returns what happened, in words.
+
+        Raises only if the store is unreachable at claim time; everything that
+        goes wrong in the job itself is recorded in the job.
+        """
+        s = self.settings
+        claim = self.store.claim(job_id, self.name, s.lease_ttl_s, s.max_attempts)
+        if not claim.run:
+            log.info("job %s: not running it (%s)", job_id, claim.reason)
+            return f"skipped: {claim.reason}"
+        rec = claim.record
+        attempt = rec.attempts[-1].n
+        a = self.artifacts
+        ckpt = a.checkpoint_dir(job_id)
+        had_ckpt = ckpt.is_dir() and any(ckpt.iterdir())
+        spec_path = a.run_spec(job_id)
+        spec_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = spec_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._spec(rec, attempt), indent=1))
+        os.replace(tmp, spec_path)
+
+        limit = min(rec.options.time_limit_s or s.job_time_limit_s, s.job_time_limit_s)
+        r, w = os.pipe()
+        with open(a.log_path(job_id), "ab") as logf:
+            logf.write(f"\n=== attempt {attempt} on {self.name} at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+            logf.flush()
+            try:
+                proc = subprocess.Popen(
+                    [self.python, "-m", CHILD_MODULE, str(spec_path), "--progress-fd", str(w),
+                     "--parent-pid", str(os.getpid())],
+                    pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                    start_new_session=True,  # its own process group: cancel kills the whole group
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )
+            except OSError as e:
+                os.close(r)
+                os.close(w)
+                self.store.finish(job_id, self.name, JobStatus.failed, error_kind="internal",
+                                  error=f"could not start the training process: {e}")
+                return "failed: could not start the child"
+        os.close(w)
+        relay = _Relay(r, self.store, job_id, self.name)
+        relay.start()
+        self.store.report(job_id, self.name, None, pid=proc.pid, checkpoint_at_start=had_ckpt)
+        log.info("job %s: attempt %d, child pid %d, time limit %ss", job_id, attempt, proc.pid, limit)
+
+        started = time.monotonic()
+        next_renew = 0.0
+        cancelling_since: float | None = None
+        killed_for: str | None = None
+        while True:
+            try:
+                rc = proc.wait(timeout=self.poll_s)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            t = time.monotonic()
+            try:
+                if t >= next_renew:
+                    cur = self.store.renew_lease(job_id, self.name, s.lease_ttl_s)
+                    next_renew = t + s.lease_ttl_s / 3
+                    if cur is None and killed_for is None:
+                        # Our lease lapsed and the job moved on (another worker resumed it,
+                        # or it was finished): stop so two runs never share a checkpoint.
+                        killed_for = "lease"
+                        _kill_group(proc.pid, signal.SIGKILL)
+                else:
+                    cur = self.store.get(job_id)
+            except Exception:
+                log.exception("job %s: job store unreachable; training continues", job_id)
+                cur = None
+            if cur is not None and cur.cancel_requested and cancelling_since is None:
+                cancelling_since = t
+                _kill_group(proc.pid, signal.SIGTERM)  # the child stops at its next step
+            if cancelling_since is not None and t - cancelling_since > s.cancel_grace_s:
+                _kill_group(proc.pid, signal.SIGKILL)
+            if killed_for is None and t - started > limit:
+                killed_for = "time"
+                _kill_group(proc.pid, signal.SIGKILL)
+            if killed_for is None and stop is not None and stop.is_set():
+                killed_for = "shutdown"
+                _kill_group(proc.pid, signal.SIGKILL)
+        _kill_group(proc.pid, signal.SIGKILL)  # anything the child left behind in its group
+        relay.join()
+        return self._conclude(job_id, attempt, rc, relay, killed_for, limit)
+
+    def _conclude(self, job_id: str, attempt: int, rc: int, relay: _Relay, killed_for: str | None,
+                  limit: int) -> str:
+        st = self.store
+        if killed_for == "lease":
+            return "abandoned: lease lost"
+        if killed_for == "shutdown":
+            st.release(job_id, self.name)
+            return "interrupted: will resume"
+        cur = st.get(job_id)
+        cancel = cur is not None and cur.cancel_requested
+        err = relay.error or {}
+        if rc == EXIT_OK and relay.summary is not None:
+            w = relay.last_work
+            done = ProgressRecord(stage="done", step=w.total if w else 0, total=w.total if w else 0,
+                                  epoch=w.epoch if w else 0, loss=w.loss if w else None,
+                                  apsnr=relay.summary.get("apsnr_after"))
+            st.finish(job_id, self.name, JobStatus.succeeded, result=relay.summary, progress=done)
+            self.artifacts.discard_checkpoint(job_id)
+            return "succeeded"
+        if cancel or err.get("kind") == "cancelled":
+            st.finish(job_id, self.name, JobStatus.cancelled,
+                      progress=ProgressRecord(stage="cancelled", message="cancelled on request"))
+            self.artifacts.discard_checkpoint(job_id)
+            return "cancelled"
+        kind = "internal"
+        if killed_for == "time":
+            kind, msg = "time_limit", f"stopped after exceeding its time limit of {limit} s (attempt {attempt})"
+        elif err.get("kind") == "input":
+            kind, msg = "input", err.get("message") or "the input could not be used"
+        elif err.get("message"):
+            what = "inference" if cur is not None and cur.kind == JobKind.apply else "training"
+            msg = f"{what} failed: {err['message']}"
+        elif rc < 0:
+            name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+            msg = f"the job process was killed by {name}"
+            if -rc == signal.SIGKILL:
+                msg += " (out of memory?)"
+        else:
+            msg = f"the job process exited with status {rc}: {self._log_tail(job_id)}"
+        st.finish(job_id, self.name, JobStatus.failed, error=msg, error_kind=kind)
+        return f"failed: {msg}"
+
+    def _log_tail(self, job_id: str) -> str:
+        try:
+            lines = [x for x in self.artifacts.log_path(job_id).read_text(errors="replace").splitlines() if x.strip()]
+            return lines[-1][-500:] if lines else "no output"
+        except OSError:
+            return "no log"
+
+
+# ---------------------------------------------------------------------- recovery
+
+
+def reconcile(store: JobStore, dispatcher: Dispatcher) -> list[str]:
+    """Requeue jobs nobody is working on (see :meth:`JobStore.requeue_if_orphaned`).
+
+    Safe to run from several workers at once: the record update is atomic, so
+    each orphan is requeued once, and a duplicate delivery would be refused by
+    :meth:`JobStore.claim` anyway.
+    """
+    requeued = []
+    for jid in store.active_ids():
+        rec = store.requeue_if_orphaned(jid)
+        if rec is None:
+            continue
+        try:
+            dispatcher.dispatch(rec)
+            requeued.append(jid)
+            log.warning("job %s: requeued (%s)", jid, rec.progress.message if rec.progress else "never sent")
+        except Exception:
+            log.exception("job %s: could not requeue; will try again", jid)
+            store.mark_enqueued(jid, sent=False)
+    return requeued
+
+
+class Maintenance:
+    """A worker's background thread: heartbeat for ``/readyz`` and the reconciler."""
+
+    def __init__(self, store: JobStore, dispatcher: Dispatcher, settings: Settings, name: str,
+                 info: dict | None = None):
+        self.store, self.dispatcher, self.settings, self.name = store, dispatcher, settings, name
+        self.info = info or {}
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="congeal-maintenance", daemon=True)
+
+    def start(self) -> "Maintenance":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        every = self.settings.reconcile_interval_s
+        while True:
+            try:
+                self.store.heartbeat(self.name, ttl_s=max(3 * every, 10.0), info={**self.info, "pid": os.getpid()})
+                reconcile(self.store, self.dispatcher)
+            except Exception:
+                log.exception("maintenance pass failed; retrying")
+            if self._stop.wait(every):
+                return
+
+
+def read_summary(output_dir: Path) -> dict:
+    """The small result kept in the job record, from the output folder's metrics.json."""
+    m = json.loads((output_dir / "metrics.json").read_text())
+    keep = ("n_images", "apsnr_before", "apsnr_after", "residual_summary", "seconds", "output_size",
+            "method", "warp", "reference", "notes", "device")
+    out = {k: m.get(k) for k in keep if k in m}
+    out["has_model"] = (output_dir / "model" / "pipeline.json").is_file()
+    return out

@@ -1,0 +1,124 @@
+"""Job helpers the routers share: accepting an upload as a job, and the public view of a record."""
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from models.imageio import LoadLimits
+
+from .contracts import RESULT_IMAGES, JobKind, JobOptions, JobRecord, JobStatus, new_job_id
+from .deps import ServiceState
+from .schemas import (AttemptPublic, JobLinks, JobPublic, MetricsPublic, ProgressPublic, ts)
+from .uploads import FILE_FIELD, UploadError, check_upload, receive_upload
+
+__all__ = ["accept_job", "to_public", "multipart_openapi", "field_error"]
+
+
+def field_error(field: str, msg: str, kind: str = "value_error") -> RequestValidationError:
+    """A 422 in FastAPI's own shape, naming the form field."""
+    return RequestValidationError([{"type": kind, "loc": ("body", field), "msg": msg}])
+
+
+def _parse_options(model: type[BaseModel], fields: dict[str, str]) -> BaseModel:
+    data = {k: v for k, v in fields.items() if v != ""}  # an empty form field means "use the default"
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False, include_context=False)]
+        ) from None
+
+
+def _limits(state: ServiceState) -> LoadLimits:
+    s = state.settings
+    return LoadLimits(max_images=s.max_images_per_job, max_pixels=s.max_pixels_per_image,
+                      max_side=s.max_side_per_image, max_total_bytes=s.max_upload_bytes * 4,
+                      max_file_bytes=min(LoadLimits().max_file_bytes, s.max_upload_bytes))
+
+
+async def accept_job(request: Request, state: ServiceState, owner: str, *, kind: JobKind,
+                     options_model: type[BaseModel], min_images: int, model_id: str | None = None,
+                     idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
+    """Receive an upload into a new job's input folder, validate it, store the record.
+
+    Returns the record and whether it is new (``False``: an idempotent replay).
+    The task is not sent here; the caller dispatches new jobs.
+    """
+    s = state.settings
+    job_id = new_job_id()
+    dest = state.artifacts.input_dir(job_id)
+    try:
+        up = await receive_upload(request, dest, max_bytes=s.max_upload_bytes, max_files=s.max_files_per_upload)
+        opts = _parse_options(options_model, up.fields)
+        names, archive = await check_upload(dest, up.files, _limits(state), min_images)
+        job_options = JobOptions(**opts.model_dump()) if isinstance(opts, JobOptions) else JobOptions()
+        if job_options.budget is not None and job_options.budget > s.max_budget:
+            raise field_error("budget", f"at most {s.max_budget} epochs on this service")
+        if job_options.time_limit_s is not None and job_options.time_limit_s > s.job_time_limit_s:
+            raise field_error("time_limit_s", f"at most {s.job_time_limit_s} s on this service")
+        if job_options.reference is not None and job_options.reference not in names:
+            raise field_error("reference", f"{job_options.reference!r} is not the name of an uploaded image")
+        rec = JobRecord(id=job_id, kind=kind, owner=owner, options=job_options, model_id=model_id,
+                        n_inputs=len(names), input_bytes=up.total_bytes, input_archive=archive,
+                        idempotency_key=idempotency_key)
+        stored, created = await run_in_threadpool(state.store.insert, rec)
+    except UploadError as e:
+        _discard(state, job_id)
+        raise HTTPException(e.status, e.detail) from None
+    except BaseException:
+        _discard(state, job_id)
+        raise
+    if not created:  # lost an idempotency race to an identical request: keep the winner only
+        _discard(state, job_id)
+    return stored, created
+
+
+def _discard(state: ServiceState, job_id: str) -> None:
+    shutil.rmtree(state.artifacts.job_dir(job_id), ignore_errors=True)
+
+
+def multipart_openapi(options_model: type[BaseModel] | None, files_doc: str) -> dict[str, Any]:
+    """OpenAPI for a body we parse ourselves (streamed), so the docs still show its fields."""
+    props: dict[str, Any] = {FILE_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"},
+                                          "description": files_doc}}
+    if options_model is not None:
+        props.update(options_model.model_json_schema()["properties"])
+    schema = {"type": "object", "properties": props, "required": [FILE_FIELD], "additionalProperties": False}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+def to_public(rec: JobRecord, request: Request) -> JobPublic:
+    path = request.app.url_path_for
+    links = JobLinks(self=path("get_job", job_id=rec.id))
+    if not rec.terminal:
+        links.cancel = path("cancel_job", job_id=rec.id)
+    if rec.status == JobStatus.succeeded:
+        links.transforms = path("download_transforms", job_id=rec.id)
+        links.metrics = path("download_metrics", job_id=rec.id)
+        links.aligned_zip = path("download_aligned_zip", job_id=rec.id)
+        links.aligned_image = path("download_aligned_image", job_id=rec.id, name="{name}")
+        for n in RESULT_IMAGES:
+            setattr(links, n, path("download_result_image", job_id=rec.id, image=n))
+        if rec.kind == JobKind.align and (rec.result or {}).get("has_model"):
+            links.model = path("get_model", model_id=rec.id)
+            links.align_with_model = path("align_with_model", model_id=rec.id)
+    model_id = rec.model_id
+    if rec.kind == JobKind.align:
+        model_id = rec.id if rec.status == JobStatus.succeeded and (rec.result or {}).get("has_model") else None
+    p = rec.progress
+    return JobPublic(
+        id=rec.id, kind=rec.kind, status=rec.status, options=rec.options, n_images=rec.n_inputs,
+        model_id=model_id, created_at=ts(rec.created_at), started_at=ts(rec.started_at),
+        finished_at=ts(rec.finished_at), updated_at=ts(rec.updated_at),
+        progress=None if p is None else ProgressPublic(**{**p.model_dump(), "updated_at": ts(p.updated_at)}),
+        cancel_requested=rec.cancel_requested, error=rec.error, error_type=rec.error_kind,
+        metrics=MetricsPublic(**rec.result) if rec.result else None,
+        attempts=[AttemptPublic(**{**a.model_dump(), "started_at": ts(a.started_at), "ended_at": ts(a.ended_at)})
+                  for a in rec.attempts],
+        links=links,
+    )

@@ -1,0 +1,174 @@
+"""Request and response schemas of the HTTP API (pydantic v2), named by role."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .contracts import JobKind, JobOptions, JobStatus
+
+__all__ = [
+    "JobCreate",
+    "ProgressPublic",
+    "ResidualSummary",
+    "MetricsPublic",
+    "AttemptPublic",
+    "JobLinks",
+    "JobPublic",
+    "JobsPublic",
+    "TransformPublic",
+    "AlignmentPublic",
+    "ModelPublic",
+    "ErrorPublic",
+    "HealthPublic",
+    "ReadyPublic",
+    "ts",
+]
+
+
+def ts(t: float | None) -> datetime | None:
+    return None if t is None else datetime.fromtimestamp(t, tz=timezone.utc)
+
+
+class JobCreate(JobOptions):
+    """Options of ``POST /jobs``, sent as multipart form fields beside the files.
+
+    Unknown fields are rejected (422 naming the field) rather than ignored, so a
+    misspelt option never silently falls back to its default.
+    """
+
+
+class ProgressPublic(BaseModel):
+    stage: str = Field(description="starting, loading, training, aligning, writing, done, queued, cancelled")
+    step: int = Field(description="steps done in this stage")
+    total: int = Field(description="steps in this stage; 0 when unknown")
+    epoch: int
+    loss: float | None = None
+    apsnr: float | None = Field(None, description="running APSNR of the last aligned batch, dB")
+    eta_s: float | None = Field(None, description="estimated seconds left in this stage")
+    message: str | None = None
+    updated_at: datetime
+
+
+class ResidualSummary(BaseModel):
+    mean: float
+    median: float
+    p95: float
+    max: float
+    n_outliers: int
+
+
+class MetricsPublic(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    n_images: int
+    apsnr_before: float | None = Field(None, description="APSNR of the unaligned collection, dB")
+    apsnr_after: float | None = Field(None, description="APSNR after alignment, dB")
+    residual_summary: ResidualSummary | None = None
+    seconds: float | None = None
+    output_size: list[int] | None = None
+    reference: str | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
+class AttemptPublic(BaseModel):
+    n: int
+    worker: str
+    started_at: datetime
+    ended_at: datetime | None = None
+    outcome: str | None = Field(None, description="succeeded, failed, cancelled, or lost (worker died)")
+    checkpoint_at_start: bool = Field(description="a checkpoint of an earlier attempt was there to resume from")
+    first_epoch: int | None = None
+    last_epoch: int | None = None
+    resumed_from_epoch: int | None = None
+
+
+class JobLinks(BaseModel):
+    self: str
+    cancel: str | None = None
+    transforms: str | None = None
+    metrics: str | None = None
+    aligned_zip: str | None = None
+    aligned_image: str | None = Field(None, description="template: replace {name} by an input image's name")
+    mean_before: str | None = None
+    var_before: str | None = None
+    mean_after: str | None = None
+    var_after: str | None = None
+    model: str | None = None
+    align_with_model: str | None = None
+
+
+class JobPublic(BaseModel):
+    id: str
+    kind: JobKind
+    status: JobStatus
+    options: JobOptions
+    n_images: int
+    model_id: str | None = Field(None, description="align: the id of the trained model, once succeeded; "
+                                                   "apply: the model used")
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime
+    progress: ProgressPublic | None = None
+    cancel_requested: bool = False
+    error: str | None = None
+    error_type: str | None = Field(None, description="input, internal, time_limit, lost")
+    metrics: MetricsPublic | None = None
+    attempts: list[AttemptPublic] = Field(default_factory=list)
+    links: JobLinks
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    total: int
+    offset: int
+    limit: int
+    next: str | None = Field(None, description="the next page, if any")
+
+
+class TransformPublic(BaseModel):
+    name: str
+    aligned_file: str
+    input_size: list[int]
+    matrix: list[list[float]] = Field(description="3x3; see 'convention'")
+    fill: list[float]
+    url: str = Field(description="the aligned image")
+    png_base64: str | None = None
+
+
+class AlignmentPublic(BaseModel):
+    """Synchronous inference: the transforms themselves, not only links to them."""
+
+    job: JobPublic
+    convention: str
+    output_size: list[int]
+    images: list[TransformPublic]
+
+
+class ModelPublic(BaseModel):
+    id: str
+    job: str = Field(description="the training job")
+    method: str
+    warp: str
+    working_size: list[int]
+    channels: int
+    created_at: datetime
+    links: dict[str, str]
+
+
+class ErrorPublic(BaseModel):
+    detail: Any = Field(description="what is wrong; for 422 on fields, a list naming each field")
+
+
+class HealthPublic(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyPublic(BaseModel):
+    status: Literal["ready", "not ready"]
+    mode: Literal["redis", "embedded"]
+    store: str
+    workers: list[str]
+    detail: str | None = None

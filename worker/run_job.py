@@ -1,0 +1,136 @@
+"""The training child: ``python -m worker.run_job RUN_JSON --progress-fd N --parent-pid P``.
+
+Started by :class:`service.contracts.runner.JobRunner`, one process per
+attempt, in its own process group. This is the only process that imports
+torch or touches CUDA, so the GPU is clean at the start of every job and all
+its memory is returned when the job ends. It reads the job's spec (written
+by the supervisor into the artifact store), calls ``models.pipeline``, builds
+the aligned-images zip, and reports progress and the outcome as JSON lines
+(protocol in :mod:`service.contracts.runner`).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+import traceback
+import zipfile
+from pathlib import Path
+
+from service.contracts.runner import EXIT_CANCELLED, EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, read_summary
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL us when the supervisor dies (Linux), so a worker
+    killed mid-job never leaves a training run writing into the checkpoint
+    folder that the redelivered job resumes from."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the getppid() check in should_stop remains
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(EXIT_INTERNAL)
+
+
+class _Events:
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def send(self, obj: dict) -> None:
+        # One write per line; a vanished supervisor raises BrokenPipeError and ends us.
+        os.write(self.fd, (json.dumps(obj, allow_nan=False, default=str) + "\n").encode())
+
+
+def _finite(v):
+    return v if v is None or (isinstance(v, (int, float)) and v == v and abs(v) != float("inf")) else None
+
+
+def _zip_aligned(out_dir: Path, zip_path: Path) -> None:
+    """All aligned images in one archive, under their names in transforms.json."""
+    transforms = json.loads((out_dir / "transforms.json").read_text())
+    tmp = zip_path.with_name(zip_path.name + ".tmp")
+    # PNGs are already compressed: storing them is as small and much faster.
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        for im in transforms["images"]:
+            zf.write(out_dir / im["aligned_file"], arcname=im["aligned_file"][len("aligned/"):])
+        zf.write(out_dir / "transforms.json", arcname="transforms.json")
+    os.replace(tmp, zip_path)
+
+
+def run(spec: dict, events: _Events, should_stop) -> int:
+    # Imported here, after the process exists on its own, so the supervisor never loads torch.
+    from models.imageio import InputError, LoadLimits
+    from models.methods import Cancelled
+    from models.pipeline import AlignOptions, align_collection, apply_model
+
+    def progress(p) -> None:
+        events.send({"type": "progress", "stage": p.stage, "step": p.step, "total": p.total, "epoch": p.epoch,
+                     "loss": _finite(p.loss), "apsnr": _finite(p.apsnr), "eta_s": _finite(p.eta_s),
+                     "message": p.message})
+
+    limits = LoadLimits(**spec["limits"])
+    out = Path(spec["output_dir"])
+    try:
+        if spec["kind"] == "align":
+            o = spec["options"]
+            opts = AlignOptions(method=o["method"], warp=o["warp"], reference=o["reference"], budget=o["budget"],
+                                seed=o["seed"], device=spec["device"], max_side=o["max_side"],
+                                method_options=spec["method_options"])
+            # overwrite: an earlier attempt may have finished writing and died before recording it.
+            align_collection(spec["input_path"], out, opts, progress=progress, checkpoint_dir=spec["checkpoint_dir"],
+                             should_stop=should_stop, limits=limits, overwrite=True)
+        else:
+            if not spec["model_dir"] or not (Path(spec["model_dir"]) / "pipeline.json").is_file():
+                raise InputError("the trained model for this job is missing from the artifact store")
+            apply_model(spec["model_dir"], spec["input_path"], out, device=spec["device"], progress=progress,
+                        limits=limits, overwrite=True)
+        if should_stop():
+            raise Cancelled("cancelled")
+        _zip_aligned(out, Path(spec["aligned_zip"]))
+        events.send({"type": "result", "summary": read_summary(out)})
+        return EXIT_OK
+    except Cancelled:
+        events.send({"type": "error", "kind": "cancelled", "message": "cancelled"})
+        return EXIT_CANCELLED
+    except InputError as e:
+        events.send({"type": "error", "kind": "input", "message": str(e)})
+        return EXIT_INPUT
+    except BrokenPipeError:
+        return EXIT_INTERNAL
+    except Exception as e:
+        traceback.print_exc()
+        events.send({"type": "error", "kind": "internal", "message": f"{type(e).__name__}: {e}"})
+        return EXIT_INTERNAL
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m worker.run_job")
+    ap.add_argument("spec")
+    ap.add_argument("--progress-fd", type=int, required=True)
+    ap.add_argument("--parent-pid", type=int, required=True)
+    args = ap.parse_args(argv)
+    _die_with_parent(args.parent_pid)
+
+    stop = threading.Event()
+    # SIGTERM is the supervisor's cancel: finish the current step, then stop cleanly.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def should_stop() -> bool:
+        return stop.is_set() or os.getppid() != args.parent_pid
+
+    spec = json.loads(Path(args.spec).read_text())
+    try:
+        return run(spec, _Events(args.progress_fd), should_stop)
+    except BrokenPipeError:
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
