@@ -315,8 +315,11 @@ class DPRC:
                 aligned = _warp_bg(xb, Mb, bgb if cfg.padding == "border" else None)
                 sigma = cfg.blur_start * min(H, W) * max(0.0, 1 - frac / max(cfg.blur_until, 1e-6))
                 D = (blur(aligned, sigma) - blur(ref_img, sigma)).abs().mean()
-                recon, z = ae(aligned)
-                Cterm = (recon - aligned).abs().mean() + cfg.gamma * ae.penalty(z).mean()
+                if cfg.lam > 0:
+                    recon, z = ae(aligned)
+                    Cterm = (recon - aligned).abs().mean() + cfg.gamma * ae.penalty(z).mean()
+                else:  # D only (the paper's ablation): skip the auto-encoder's cost
+                    Cterm = torch.zeros((), device=dev)
                 loss = D + cfg.lam * Cterm
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

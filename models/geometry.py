@@ -45,6 +45,8 @@ __all__ = [
     "warp",
     "warp_pixel",
     "jacobian_determinant",
+    "offsets_to_homography",
+    "homography_to_offsets",
 ]
 
 
@@ -299,3 +301,27 @@ def jacobian_determinant(in_from_out_pix: torch.Tensor, out_size: tuple[int, int
     w = (M[:, 2, 0, None, None] * gx + M[:, 2, 1, None, None] * gy + 1.0)
     # For x' = (a.x)/w the Jacobian determinant is det(M) / w^3.
     return (torch.linalg.det(M)[:, None, None] / w.pow(3)).abs()
+
+
+_UNIT_CORNERS = ((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0))
+
+
+def offsets_to_homography(d: torch.Tensor) -> torch.Tensor:
+    """4-point parametrisation: corner offsets -> normalised homography.
+
+    ``d`` ``(B, 8)`` holds ``(dx, dy)`` for the corners TL, TR, BR, BL of the
+    normalised square; the result maps each corner ``c`` to ``c + d_c``.
+    Moving a parameter by ``e`` moves no image point by more than about ``e``,
+    unlike raw matrix entries (the perspective row has a large lever arm), so
+    gradient steps of one size are balanced across parameters. ``d = 0`` is
+    the identity.
+    """
+    c = torch.tensor(_UNIT_CORNERS, dtype=d.dtype, device=d.device).expand(d.shape[0], 4, 2)
+    return homography_from_points(c, c + d.view(-1, 4, 2))
+
+
+def homography_to_offsets(M: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`offsets_to_homography`, ``(B, 3, 3) -> (B, 8)``."""
+    c = torch.tensor(_UNIT_CORNERS, dtype=M.dtype, device=M.device)
+    return (transform_points(M, c) - c).reshape(-1, 8)
+

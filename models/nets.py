@@ -141,6 +141,13 @@ class DeSTNet(nn.Module):
                     c[:, j * k:j * k + dof] = torch.eye(dof)
                 self.contract[i].weight.copy_(c)
 
+    def _to_matrix(self, p: torch.Tensor) -> torch.Tensor:
+        # Homographies are predicted as corner offsets (4-point parametrisation);
+        # the other families' normalised parameters are already balanced.
+        if self.cfg.warp == "homography":
+            return G.offsets_to_homography(p)
+        return G.params_to_matrix(p, self.cfg.warp)
+
     def forward(self, x: torch.Tensor, base: torch.Tensor | None = None,
                 limit: str | None = None) -> torch.Tensor:
         """
@@ -163,7 +170,7 @@ class DeSTNet(nn.Module):
             xi = G.warp(x, M, size) if i > 0 else (x if _is_identity(base) else G.warp(x, base, size))
             feats.append(self.expand[i](stage(xi)))
             p = self.contract[i](torch.cat(feats, dim=1))
-            R = G.params_to_matrix(p, self.cfg.warp)
+            R = self._to_matrix(p)
             if limit is not None and limit != self.cfg.warp:
                 R = G.params_to_matrix(G.matrix_to_params(R, limit), limit)
             M = base @ R

@@ -141,3 +141,13 @@ def test_dtype_and_device_follow_input():
 def test_unknown_family_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown warp family 'rigidish'"):
         G.get_family("rigidish")
+
+
+def test_corner_offsets_round_trip_and_identity():
+    z = torch.zeros(2, 8, dtype=torch.float64)
+    assert torch.allclose(G.offsets_to_homography(z), torch.eye(3, dtype=torch.float64).expand(2, 3, 3))
+    d = (torch.rand(3, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64) - 0.5) * 0.4
+    assert torch.allclose(G.homography_to_offsets(G.offsets_to_homography(d)), d, atol=1e-10)
+    H = G.offsets_to_homography(d)
+    c = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
+    assert torch.allclose(G.transform_points(H, c), c + d.view(3, 4, 2), atol=1e-10)
