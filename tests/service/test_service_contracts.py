@@ -1,0 +1,237 @@
+"""Contracts between the API and the worker, and the job stores' life-cycle rules.
+
+The store tests run against both implementations (real Redis DB 13 and
+SQLite): the API and the worker rely on exactly these semantics.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from service.contracts import (METHODS, TASK_NAMES, WARPS, ArtifactStore, JobKind, JobOptions, JobRecord, JobStatus,
+                               RedisJobStore, Settings, SqliteJobStore, celery_config, new_job_id, queue_for)
+from service_testlib import REDIS_URL
+
+
+def _imports_torch(code: str) -> bool:
+    out = subprocess.run([sys.executable, "-c", f"import sys\n{code}\nprint('torch' in sys.modules)"],
+                         capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "CONGEAL_REDIS_URL": REDIS_URL})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_api_process_never_imports_torch():
+    code = ("import service.app, service.cli, service.embedded, service.client\n"
+            "from fastapi.testclient import TestClient\n"
+            "import tempfile\n"
+            "from service.contracts import Settings\n"
+            "app = service.app.create_app(Settings(redis_url=None, data_dir=tempfile.mkdtemp()))\n"
+            "with TestClient(app) as c:\n"
+            "    assert c.get('/readyz').status_code == 200\n"
+            "    assert c.get('/openapi.json').status_code == 200\n")
+    assert not _imports_torch(code)
+
+
+def test_worker_process_never_imports_torch():
+    # Only the training child may: CUDA state must never be created in a process that forks.
+    assert not _imports_torch("import worker.app")
+
+
+def test_the_check_above_can_fail():
+    assert _imports_torch("import models.pipeline")
+
+
+def test_worker_registers_every_task_name_the_api_sends():
+    import worker.app
+
+    sent = set(TASK_NAMES.values())
+    assert set(TASK_NAMES) == set(JobKind)  # every kind of job has a task
+    assert sent <= set(worker.app.app.tasks), sent - set(worker.app.app.tasks)
+
+
+def test_every_kind_routes_to_a_queue_the_docs_tell_workers_to_consume():
+    s = Settings(queue="q")
+    assert {queue_for(k, s) for k in JobKind} == {"q", "q.inference"}
+
+
+def test_api_methods_and_warps_exist_in_the_core():
+    from models.geometry import get_family
+    from models.methods import list_methods
+
+    assert set(METHODS) <= set(list_methods())
+    for w in WARPS:
+        get_family(w)
+
+
+def test_celery_settings_for_long_gpu_jobs():
+    conf = celery_config(Settings(redis_url="redis://x", visibility_timeout_s=1234))
+    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["broker_transport_options"]["visibility_timeout"] == 1234
+    assert Settings().visibility_timeout_s > Settings().job_time_limit_s
+
+
+def test_artifact_paths_only_for_ids_we_issue(tmp_path):
+    a = ArtifactStore(tmp_path)
+    jid = new_job_id()
+    assert a.job_dir(jid).parent == tmp_path.resolve() / "jobs"
+    for bad in ("../etc", "a" * 31, "A" * 32, jid + "/..", ""):
+        with pytest.raises(ValueError):
+            a.job_dir(bad)
+    with pytest.raises(ValueError):
+        a.result_file(jid, "../../x")
+
+
+# ---------------------------------------------------------------------- stores
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+def store(request, tmp_path, redis_client):
+    if request.param == "redis":
+        prefix = f"congeal-test-{uuid.uuid4().hex[:10]}"
+        s = RedisJobStore(REDIS_URL, prefix)
+        yield s
+        keys = list(redis_client.scan_iter(match=f"{prefix}:*"))
+        if keys:
+            redis_client.delete(*keys)
+    else:
+        s = SqliteJobStore(tmp_path / "jobs.sqlite3")
+        yield s
+    s.close()
+
+
+def _job(owner="alice", key=None, t=None) -> JobRecord:
+    r = JobRecord(id=new_job_id(), kind=JobKind.align, owner=owner, idempotency_key=key)
+    if t is not None:
+        r.created_at = t
+    return r
+
+
+def test_list_is_newest_first_paginated_and_per_owner(store):
+    t0 = time.time()
+    ids = [store.insert(_job(t=t0 + i))[0].id for i in range(5)]
+    store.insert(_job(owner="bob"))
+    page, total = store.list("alice", 0, 2)
+    assert total == 5 and [r.id for r in page] == ids[::-1][:2]
+    page, _ = store.list("alice", 4, 2)
+    assert [r.id for r in page] == [ids[0]]
+    assert store.list("carol", 0, 10) == ([], 0)
+
+
+def test_idempotency_key_returns_the_first_job(store):
+    a, created_a = store.insert(_job(key="k1"))
+    b, created_b = store.insert(_job(key="k1"))
+    c, created_c = store.insert(_job(owner="bob", key="k1"))
+    assert created_a and not created_b and created_c
+    assert b.id == a.id and c.id != a.id
+    assert store.find_idempotent("alice", "k1").id == a.id
+    assert store.list("alice", 0, 10)[1] == 1
+
+
+def test_claim_runs_once_and_counts_attempts(store):
+    rec, _ = store.insert(_job())
+    first = store.claim(rec.id, "w1", lease_ttl_s=30, max_attempts=3)
+    assert first.run and first.record.status == JobStatus.running and len(first.record.attempts) == 1
+    # A duplicate delivery while w1 holds a live lease must not start a second run, whoever gets it.
+    assert not store.claim(rec.id, "w2", 30, 3).run
+    assert not store.claim(rec.id, "w1", 30, 3).run
+    assert store.get(rec.id).attempts[-1].worker == "w1"
+
+
+def test_a_dead_workers_job_is_requeued_and_resumed_then_given_up(store):
+    rec, _ = store.insert(_job())
+    assert store.claim(rec.id, "w1", lease_ttl_s=30, max_attempts=2).run
+    assert store.requeue_if_orphaned(rec.id) is None  # its worker holds a live lease
+    assert store.renew_lease(rec.id, "w1", 0.05) is not None
+    assert store.renew_lease(rec.id, "w2", 30) is None  # not the holder
+    time.sleep(0.1)
+    back = store.requeue_if_orphaned(rec.id)
+    assert back is not None and back.status == JobStatus.queued and back.attempts[0].outcome == "lost"
+    second = store.claim(rec.id, "w2", lease_ttl_s=0.05, max_attempts=2)
+    assert second.run and [a.n for a in second.record.attempts] == [1, 2]
+    # The dead worker's late writes are ignored: it no longer holds the job.
+    assert not store.finish(rec.id, "w1", JobStatus.succeeded, result={"x": 1})
+    assert not store.report(rec.id, "w1", None, last_epoch=99)
+    time.sleep(0.1)
+    assert store.requeue_if_orphaned(rec.id) is not None
+    third = store.claim(rec.id, "w3", 30, max_attempts=2)
+    assert not third.run
+    final = store.get(rec.id)
+    assert final.status == JobStatus.failed and final.error_kind == "lost"
+    assert "stopped without finishing 2 times" in final.error
+    assert rec.id not in store.active_ids()
+
+
+def test_cancel_queued_is_immediate_running_is_flagged(store):
+    q, _ = store.insert(_job())
+    rec, changed = store.request_cancel(q.id)
+    assert changed and rec.status == JobStatus.cancelled
+    assert not store.claim(q.id, "w1", 30, 3).run  # its task, delivered later, does nothing
+    assert store.request_cancel(q.id)[1] is False
+
+    r, _ = store.insert(_job())
+    store.claim(r.id, "w1", 30, 3)
+    rec, changed = store.request_cancel(r.id)
+    assert changed and rec.status == JobStatus.running and rec.cancel_requested
+    assert store.finish(r.id, "w1", JobStatus.cancelled)
+    assert store.get(r.id).status == JobStatus.cancelled
+
+
+def test_finish_records_the_outcome_and_leaves_the_active_set(store):
+    rec, _ = store.insert(_job())
+    assert rec.id in store.active_ids()
+    store.claim(rec.id, "w1", 30, 3)
+    assert store.report(rec.id, "w1", None, first_epoch=1)
+    assert store.finish(rec.id, "w1", JobStatus.failed, error="boom", error_kind="input")
+    got = store.get(rec.id)
+    assert (got.status, got.error, got.error_kind, got.attempts[0].first_epoch) == (JobStatus.failed, "boom", "input", 1)
+    assert got.finished_at is not None and got.lease_owner is None
+    assert rec.id not in store.active_ids()
+
+
+def test_unsent_queued_job_is_sent_by_the_reconciler_after_a_grace(store):
+    rec, _ = store.insert(_job())
+    assert store.requeue_if_orphaned(rec.id, grace_s=60) is None
+    assert store.requeue_if_orphaned(rec.id, grace_s=0) is not None
+    assert store.requeue_if_orphaned(rec.id, grace_s=0) is None  # marked as sent now
+
+
+def test_updates_are_atomic_under_contention(store):
+    rec, _ = store.insert(_job())
+
+    def bump(r: JobRecord) -> JobRecord:
+        r = r.model_copy()
+        r.input_bytes += 1
+        return r
+
+    def work():
+        for _ in range(25):
+            store.update(rec.id, bump)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.get(rec.id).input_bytes == 200
+
+
+def test_worker_heartbeats_expire(store):
+    store.heartbeat("w-live", ttl_s=30, info={"kind": "test"})
+    store.heartbeat("w-gone", ttl_s=0.05, info={})
+    time.sleep(0.2)
+    names = {w["name"] for w in store.live_workers()}
+    assert "w-live" in names and "w-gone" not in names
+
+
+def test_job_options_reject_unknown_fields_and_values():
+    with pytest.raises(ValueError, match="colour"):
+        JobOptions(colour="red")
+    with pytest.raises(ValueError, match="warp"):
+        JobOptions(warp="spiral")
