@@ -68,6 +68,11 @@ class DPRCConfig:
     blur_until: float = 0.7  # fraction of training at which blur reaches 0
     curriculum: tuple[float, float, float, float] = (0.0, 0.1, 0.25, 0.4)
     padding: str = "border"  # "border" (background-aware) | "zeros"
+    bound: float = 0.6  # soft bound on the DeSTNet's fused correction (normalised units); 0: none
+    moment_weight: float = 1.0  # weight of the moment-matching regulariser; 0: none
+    c_grad_from: float = 0.3  # fraction of training after which C's gradient reaches the aligner
+    refine_steps: int = 0  # per-image refinement of the final warps (Adam steps); 0: none
+    refine_lr: float = 2e-3
     checkpoint_every_s: float = 20.0
 
     def resolve_epochs(self, n: int) -> int:
@@ -152,6 +157,57 @@ def moment_init(x: torch.Tensor, ref_centroid: torch.Tensor, ref_radius: torch.T
     out[:, :2, 2] = t
     out[:, 2, 2] = 1
     return out
+
+
+def moment_penalty(aligned: torch.Tensor, bg: torch.Tensor, ref_c: torch.Tensor,
+                   ref_r: torch.Tensor) -> torch.Tensor:
+    """Mean of ``|c - c_ref|_1 + |log(r / r_ref)|`` over the batch (foreground moments).
+
+    Differentiable through the warp: it keeps each aligned object where the
+    reference's is and as large, which removes the degenerate optima of ``D``
+    and ``C`` (shrinking, zooming out, sliding out of the frame).
+    """
+    c, r, _ = _moments(aligned, bg)
+    return ((c - ref_c).abs().sum(1) + (r / ref_r).log().abs()).mean()
+
+
+def refine(x: torch.Tensor, warps: torch.Tensor, ref_img: torch.Tensor, family: str, steps: int,
+           lr: float, bg: torch.Tensor | None, ref_c, ref_r, moment_weight: float, bound: float,
+           ctx: FitContext | None = None, chunk: int = 2048) -> torch.Tensor:
+    """Per-image refinement: Adam on a bounded correction of each warp, minimising D.
+
+    Each image's loss is independent, so all images are refined at once.
+    Returns ``(N, 3, 3)``.
+    """
+    out = []
+    dof = 8 if family == "homography" else G.get_family(family).dof
+    to_m = G.offsets_to_homography if family == "homography" else (lambda q: G.params_to_matrix(q, family))
+    H, W = x.shape[-2:]
+    sigma = 0.5
+    rb = blur(ref_img, sigma)
+    for k in range(0, x.shape[0], chunk):
+        xb, Mb = x[k:k + chunk], warps[k:k + chunk].to(x)
+        bgb = bg[k:k + chunk] if bg is not None else None
+        q = torch.zeros(xb.shape[0], dof, device=x.device, dtype=x.dtype, requires_grad=True)
+        opt = torch.optim.Adam([q], lr=lr)
+        for s in range(steps):
+            if ctx is not None:
+                ctx.check_stop()
+            qq = bound * torch.tanh(q / bound) if bound > 0 else q
+            a = _warp_bg(xb, Mb @ to_m(qq), bgb)
+            per = (blur(a, sigma) - rb).abs().mean(dim=(1, 2, 3))
+            if moment_weight > 0:
+                c, r, _ = _moments(a, bgb if bgb is not None else background(xb))
+                per = per + moment_weight * ((c - ref_c).abs().sum(1) + (r / ref_r).log().abs())
+            opt.zero_grad(set_to_none=True)
+            per.sum().backward()
+            opt.step()
+            if ctx is not None and s % 10 == 0:
+                ctx.report(Progress("refining", step=s, total=steps, loss=float(per.detach().mean())))
+        with torch.no_grad():
+            qq = bound * torch.tanh(q / bound) if bound > 0 else q
+            out.append(Mb @ to_m(qq))
+    return torch.cat(out)
 
 
 def choose_reference(x: torch.Tensor, chunk: int = 1024) -> int:
@@ -255,7 +311,7 @@ class DPRC:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)} or auto")
         p = PRESETS[preset]
-        dcfg = DeSTNetConfig(in_channels=C, image_size=size, warp=warp, **p["destnet"])
+        dcfg = DeSTNetConfig(in_channels=C, image_size=size, warp=warp, bound=self.cfg.bound, **p["destnet"])
         acfg = AutoEncoderConfig(in_channels=C, image_size=size, code=self.cfg.code, k=self.cfg.k, **p["ae"])
         return DeSTNet(dcfg), PenalisedAutoEncoder(acfg)
 
@@ -315,9 +371,16 @@ class DPRC:
                 aligned = _warp_bg(xb, Mb, bgb if cfg.padding == "border" else None)
                 sigma = cfg.blur_start * min(H, W) * max(0.0, 1 - frac / max(cfg.blur_until, 1e-6))
                 D = (blur(aligned, sigma) - blur(ref_img, sigma)).abs().mean()
+                if cfg.moment_weight > 0:
+                    D = D + cfg.moment_weight * moment_penalty(aligned, bgb, ref_c, ref_r)
                 if cfg.lam > 0:
-                    recon, z = ae(aligned)
-                    Cterm = (recon - aligned).abs().mean() + cfg.gamma * ae.penalty(z).mean()
+                    # Early on the auto-encoder reconstructs nothing well, and an empty
+                    # image is the cheapest to reconstruct: C alone would shrink the
+                    # images. So C trains the AE from the start but reaches the aligner
+                    # only once the alignment has taken shape.
+                    recon, z = ae(aligned if frac >= cfg.c_grad_from else aligned.detach())
+                    target = aligned if frac >= cfg.c_grad_from else aligned.detach()
+                    Cterm = (recon - target).abs().mean() + cfg.gamma * ae.penalty(z).mean()
                 else:  # D only (the paper's ablation): skip the auto-encoder's cost
                     Cterm = torch.zeros((), device=dev)
                 loss = D + cfg.lam * Cterm
@@ -340,6 +403,11 @@ class DPRC:
                 last_ckpt = time.time()
 
         warps = self._align_all(aligner, x)
+        if cfg.refine_steps > 0:
+            ctx.report(Progress("refining", total=cfg.refine_steps))
+            warps = refine(x, warps, ref_img, ctx.warp, cfg.refine_steps, cfg.refine_lr,
+                           bg_all if cfg.padding == "border" else None, ref_c, ref_r,
+                           cfg.moment_weight, cfg.bound, ctx)
         return FitResult(in_from_out_norm=warps.float().cpu(), reference_index=ref, aligner=aligner,
                          history=history, notes=notes)
 

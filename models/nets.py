@@ -39,6 +39,7 @@ class DeSTNetConfig:
     hidden: int = 48  # width of the regressor's hidden layer (0: none)
     fusion_dim: int = 32  # expansion rate k^F of the fusion
     stage_size: int = 0  # side the stage input is resized to (0: the working size)
+    bound: float = 0.0  # >0: fused parameters are soft-bounded to +-bound (b tanh(p / b))
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,8 @@ class DeSTNet(nn.Module):
             xi = G.warp(x, M, size) if i > 0 else (x if _is_identity(base) else G.warp(x, base, size))
             feats.append(self.expand[i](stage(xi)))
             p = self.contract[i](torch.cat(feats, dim=1))
+            if self.cfg.bound > 0:
+                p = self.cfg.bound * torch.tanh(p / self.cfg.bound)
             R = self._to_matrix(p)
             if limit is not None and limit != self.cfg.warp:
                 R = G.params_to_matrix(G.matrix_to_params(R, limit), limit)
