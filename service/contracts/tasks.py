@@ -70,7 +70,7 @@ class CeleryDispatcher:
     def dispatch(self, rec: JobRecord) -> None:
         self.app.send_task(TASK_NAMES[rec.kind], args=[rec.id], queue=queue_for(rec.kind, self.settings),
                            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2,
-                                                     "interval_step": 0.5, "timeout": 5})
+                                                     "interval_step": 0.5, "interval_max": 1})
 
     def close(self) -> None:
         self.app.close()

@@ -60,7 +60,7 @@ class Env:
         q = self.vars["CONGEAL_QUEUE"]
         keys = list(r.scan_iter(match=f"{prefix}:*", count=1000))
         keys += [q, f"{q}.inference"]
-        keys += list(r.scan_iter(match=f"_kombu.binding.{q}*", count=1000))
+        keys += list(r.scan_iter(match=f"_kombu.binding*.{q}*", count=1000))
         if keys:
             r.delete(*keys)
 
