@@ -112,7 +112,8 @@ def to_public(rec: JobRecord, request: Request) -> JobPublic:
         model_id = rec.id if rec.status == JobStatus.succeeded and (rec.result or {}).get("has_model") else None
     p = rec.progress
     return JobPublic(
-        id=rec.id, kind=rec.kind, status=rec.status, options=rec.options, n_images=rec.n_inputs,
+        id=rec.id, kind=rec.kind, status=rec.status, n_images=rec.n_inputs,
+        options=rec.options if rec.kind == JobKind.align else None,
         model_id=model_id, created_at=ts(rec.created_at), started_at=ts(rec.started_at),
         finished_at=ts(rec.finished_at), updated_at=ts(rec.updated_at),
         progress=None if p is None else ProgressPublic(**{**p.model_dump(), "updated_at": ts(p.updated_at)}),

@@ -77,7 +77,8 @@ class AttemptPublic(BaseModel):
     worker: str
     started_at: datetime
     ended_at: datetime | None = None
-    outcome: str | None = Field(None, description="succeeded, failed, cancelled, or lost (worker died)")
+    outcome: str | None = Field(None, description="succeeded, failed, cancelled, lost (its worker died) or "
+                                                   "interrupted (its worker shut down)")
     checkpoint_at_start: bool = Field(description="a checkpoint of an earlier attempt was there to resume from")
     first_epoch: int | None = None
     last_epoch: int | None = None
@@ -103,7 +104,7 @@ class JobPublic(BaseModel):
     id: str
     kind: JobKind
     status: JobStatus
-    options: JobOptions
+    options: JobOptions | None = Field(None, description="align jobs: the options; inference: none")
     n_images: int
     model_id: str | None = Field(None, description="align: the id of the trained model, once succeeded; "
                                                    "apply: the model used")

@@ -88,7 +88,7 @@ class Attempt(BaseModel):
     worker: str
     started_at: float
     ended_at: float | None = None
-    outcome: str | None = None  # succeeded / failed / cancelled / lost / requeued
+    outcome: str | None = None  # succeeded / failed / cancelled / lost / interrupted
     pid: int | None = None  # the training child, while it runs
     checkpoint_at_start: bool = False  # a checkpoint from an earlier attempt was present
     first_epoch: int | None = None  # epoch of the first training report of this attempt

@@ -222,17 +222,32 @@ class JobRunner:
         os.close(w)
         relay = _Relay(r, self.store, job_id, self.name)
         relay.start()
-        self.store.report(job_id, self.name, None, pid=proc.pid, checkpoint_at_start=had_ckpt)
-        log.info("job %s: attempt %d, child pid %d, time limit %ss", job_id, attempt, proc.pid, limit)
+        try:
+            self.store.report(job_id, self.name, None, pid=proc.pid, checkpoint_at_start=had_ckpt)
+            log.info("job %s: attempt %d, child pid %d, time limit %ss", job_id, attempt, proc.pid, limit)
+            rc, killed_for = self._supervise(proc, job_id, limit, stop)
+        finally:
+            # Whatever happened here, nothing of this attempt may keep running: if we are
+            # raising, the lease lapses and the next attempt resumes from the checkpoint.
+            _kill_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+        relay.join()
+        return self._conclude(job_id, attempt, rc, relay, killed_for, limit)
 
+    def _supervise(self, proc: subprocess.Popen, job_id: str, limit: int,
+                   stop: threading.Event | None) -> tuple[int, str | None]:
+        """Wait for the child, renewing the lease and enforcing cancel, time limit and shutdown.
+
+        Returns the exit status and why we killed the child, if we did.
+        """
+        s = self.settings
         started = time.monotonic()
         next_renew = 0.0
         cancelling_since: float | None = None
         killed_for: str | None = None
         while True:
             try:
-                rc = proc.wait(timeout=self.poll_s)
-                break
+                return proc.wait(timeout=self.poll_s), killed_for
             except subprocess.TimeoutExpired:
                 pass
             t = time.monotonic()
@@ -261,9 +276,6 @@ class JobRunner:
             if killed_for is None and stop is not None and stop.is_set():
                 killed_for = "shutdown"
                 _kill_group(proc.pid, signal.SIGKILL)
-        _kill_group(proc.pid, signal.SIGKILL)  # anything the child left behind in its group
-        relay.join()
-        return self._conclude(job_id, attempt, rc, relay, killed_for, limit)
 
     def _conclude(self, job_id: str, attempt: int, rc: int, relay: _Relay, killed_for: str | None,
                   limit: int) -> str:
@@ -326,7 +338,14 @@ def reconcile(store: JobStore, dispatcher: Dispatcher) -> list[str]:
     :meth:`JobStore.claim` anyway.
     """
     requeued = []
+    t = now()
     for jid in store.active_ids():
+        seen = store.get(jid)
+        # Cheap read first; the atomic update only for jobs that look orphaned.
+        if seen is None or not (
+                (seen.status == JobStatus.running and (seen.lease_expires_at or 0) <= t)
+                or (seen.status == JobStatus.queued and seen.enqueued_at is None)):
+            continue
         rec = store.requeue_if_orphaned(jid)
         if rec is None:
             continue

@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(30.0, gt=0, description="a running job whose worker has not renewed its "
                                                        "lease for this long is requeued")
     reconcile_interval_s: float = Field(5.0, gt=0, description="how often a worker looks for orphaned jobs")
-    max_attempts: int = Field(3, ge=1, description="attempts before a job whose worker keeps dying fails")
+    max_attempts: int = Field(3, ge=1, description="how many times a job's worker may die (orderly "
+                                                   "shutdowns not counted) before the job fails")
     cancel_grace_s: float = Field(5.0, ge=0, description="SIGTERM to SIGKILL delay when cancelling")
     checkpoint_every_s: float | None = Field(
         None, ge=0, description="DPRC checkpoint interval; unset: the method's default")

@@ -106,9 +106,11 @@ class JobStore(ABC):
             if rec.attempts and rec.attempts[-1].ended_at is None:
                 rec.attempts[-1].ended_at, rec.attempts[-1].outcome = t, "lost"
             n = len(rec.attempts) + 1
-            if n > max_attempts:
+            # Only crashes count: a job interrupted by orderly shutdowns may resume any number of times.
+            crashes = sum(a.outcome == "lost" for a in rec.attempts)
+            if crashes >= max_attempts:
                 verdict.update(run=False, reason="too many attempts")
-                rec.error = (f"the job's worker stopped without finishing {n - 1} times "
+                rec.error = (f"the job's worker stopped without finishing {crashes} times "
                              f"(limit {max_attempts}); giving up")
                 rec.error_kind = "lost"
                 return _terminal(rec, JobStatus.failed, t)
@@ -241,8 +243,13 @@ class JobStore(ABC):
         def fn(rec: JobRecord) -> JobRecord | None:
             if rec.lease_owner != worker or rec.terminal:
                 return None
-            rec = rec.model_copy()
+            rec = rec.model_copy(deep=True)
             rec.lease_expires_at = now()
+            if rec.attempts and rec.attempts[-1].ended_at is None:
+                rec.attempts[-1].ended_at, rec.attempts[-1].outcome = now(), "interrupted"
+                rec.attempts[-1].pid = None
+            rec.progress = ProgressRecord(stage="queued", message="interrupted by a shutdown; will resume "
+                                                                  "from its last checkpoint")
             return rec
 
         self.update(job_id, fn)

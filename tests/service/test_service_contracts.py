@@ -168,6 +168,16 @@ def test_a_dead_workers_job_is_requeued_and_resumed_then_given_up(store):
     assert rec.id not in store.active_ids()
 
 
+def test_orderly_shutdowns_do_not_count_as_crashes(store):
+    rec, _ = store.insert(_job())
+    for i in range(4):
+        assert store.claim(rec.id, f"w{i}", 30, max_attempts=2).run
+        store.release(rec.id, f"w{i}")
+        assert store.requeue_if_orphaned(rec.id) is not None
+    got = store.get(rec.id)
+    assert got.status == JobStatus.queued and [a.outcome for a in got.attempts] == ["interrupted"] * 4
+
+
 def test_cancel_queued_is_immediate_running_is_flagged(store):
     q, _ = store.insert(_job())
     rec, changed = store.request_cancel(q.id)
@@ -235,3 +245,11 @@ def test_job_options_reject_unknown_fields_and_values():
         JobOptions(colour="red")
     with pytest.raises(ValueError, match="warp"):
         JobOptions(warp="spiral")
+
+
+def test_every_setting_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "service.md").read_text()
+    missing = [f"CONGEAL_{n.upper()}" for n in Settings.model_fields if f"`CONGEAL_{n.upper()}`" not in doc]
+    assert not missing, missing
