@@ -25,9 +25,9 @@ __all__ = [
     "now",
 ]
 
-# Methods the API accepts. A contract test checks each is registered by
-# models.methods; add a baseline here when it lands in the core.
-METHODS = ("dprc",)
+# Methods the API accepts: the API cannot ask models.methods (torch) itself, so a
+# contract test checks that this is exactly the core's registry.
+METHODS = ("dprc", "lsc", "pssv", "rasl", "tgrasta")
 WARPS = ("translation", "similarity", "affine", "homography")
 
 

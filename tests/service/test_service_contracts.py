@@ -64,7 +64,10 @@ def test_api_methods_and_warps_exist_in_the_core():
     from models.geometry import get_family
     from models.methods import list_methods
 
-    assert set(METHODS) <= set(list_methods())
+    core = set(list_methods())
+    assert set(METHODS) <= core, f"the API offers methods the core lacks: {set(METHODS) - core}"
+    assert core <= set(METHODS), (f"the core has methods the API does not offer: {core - set(METHODS)}; "
+                                  f"add them to METHODS in service/contracts/records.py")
     for w in WARPS:
         get_family(w)
 

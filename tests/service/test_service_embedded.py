@@ -78,3 +78,31 @@ def test_embedded_cancel_stops_the_training_child(tmp_path):
         done = wait_job(c, jid, timeout=30)
         assert done["status"] == "cancelled"
         assert not pid_alive(pid)
+
+
+def test_congeal_serve_answers_on_its_port(tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONGEAL_")}
+    proc = subprocess.Popen([sys.executable, "-m", "congeal", "serve", "--port", str(port), "--data-dir",
+                             str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                    ready = json.loads(r.read())
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+                time.sleep(0.2)
+        assert ready["status"] == "ready" and ready["mode"] == "embedded"
+        assert (tmp_path / "jobs.sqlite3").is_file()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "embedded" in proc.stdout.read()
