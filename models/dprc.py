@@ -63,16 +63,14 @@ class DPRCConfig:
     batch_size: int = 64
     epochs: int | None = None  # None: enough epochs for ~steps_target steps (10..300)
     steps_target: int = 1500
-    init: str = "moments"  # "moments" | "identity"
+    init: str = "moments"  # "moments" (centroid + scale) | "centroid" | "identity"
     blur_start: float = 0.06  # Gaussian sigma as a fraction of the shorter side
     blur_until: float = 0.7  # fraction of training at which blur reaches 0
     curriculum: tuple[float, float, float, float] = (0.0, 0.1, 0.25, 0.4)
     padding: str = "border"  # "border" (background-aware) | "zeros"
     bound: float = 0.6  # soft bound on the DeSTNet's fused correction (normalised units); 0: none
-    moment_weight: float = 1.0  # weight of the moment-matching regulariser; 0: none
+    moment_weight: float = 0.0  # weight of the moment-matching regulariser; 0: none (see docs)
     c_grad_from: float = 0.3  # fraction of training after which C's gradient reaches the aligner
-    refine_steps: int = 0  # per-image refinement of the final warps (Adam steps); 0: none
-    refine_lr: float = 2e-3
     checkpoint_every_s: float = 20.0
 
     def resolve_epochs(self, n: int) -> int:
@@ -137,7 +135,7 @@ def _moments(x: torch.Tensor, bg: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def moment_init(x: torch.Tensor, ref_centroid: torch.Tensor, ref_radius: torch.Tensor,
-                max_scale: float = 2.5) -> torch.Tensor:
+                max_scale: float = 2.5, scale: bool = True) -> torch.Tensor:
     """Translation + isotropic scale mapping each image's foreground moments onto the reference's.
 
     Returns ``(B, 3, 3)`` ``in_from_out_norm``: ``p_in = c_i + s_i (p_out - c_ref)``,
@@ -145,7 +143,7 @@ def moment_init(x: torch.Tensor, ref_centroid: torch.Tensor, ref_radius: torch.T
     """
     bg = background(x)
     c, r, mass = _moments(x, bg)
-    s = (r / ref_radius).clamp(1 / max_scale, max_scale)
+    s = (r / ref_radius).clamp(1 / max_scale, max_scale) if scale else torch.ones_like(r)
     empty = mass <= 1e-6 * x.shape[-1] * x.shape[-2]
     s = torch.where(empty, torch.ones_like(s), s)
     t = c - s[:, None] * ref_centroid[None, :]
@@ -169,45 +167,6 @@ def moment_penalty(aligned: torch.Tensor, bg: torch.Tensor, ref_c: torch.Tensor,
     """
     c, r, _ = _moments(aligned, bg)
     return ((c - ref_c).abs().sum(1) + (r / ref_r).log().abs()).mean()
-
-
-def refine(x: torch.Tensor, warps: torch.Tensor, ref_img: torch.Tensor, family: str, steps: int,
-           lr: float, bg: torch.Tensor | None, ref_c, ref_r, moment_weight: float, bound: float,
-           ctx: FitContext | None = None, chunk: int = 2048) -> torch.Tensor:
-    """Per-image refinement: Adam on a bounded correction of each warp, minimising D.
-
-    Each image's loss is independent, so all images are refined at once.
-    Returns ``(N, 3, 3)``.
-    """
-    out = []
-    dof = 8 if family == "homography" else G.get_family(family).dof
-    to_m = G.offsets_to_homography if family == "homography" else (lambda q: G.params_to_matrix(q, family))
-    H, W = x.shape[-2:]
-    sigma = 0.5
-    rb = blur(ref_img, sigma)
-    for k in range(0, x.shape[0], chunk):
-        xb, Mb = x[k:k + chunk], warps[k:k + chunk].to(x)
-        bgb = bg[k:k + chunk] if bg is not None else None
-        q = torch.zeros(xb.shape[0], dof, device=x.device, dtype=x.dtype, requires_grad=True)
-        opt = torch.optim.Adam([q], lr=lr)
-        for s in range(steps):
-            if ctx is not None:
-                ctx.check_stop()
-            qq = bound * torch.tanh(q / bound) if bound > 0 else q
-            a = _warp_bg(xb, Mb @ to_m(qq), bgb)
-            per = (blur(a, sigma) - rb).abs().mean(dim=(1, 2, 3))
-            if moment_weight > 0:
-                c, r, _ = _moments(a, bgb if bgb is not None else background(xb))
-                per = per + moment_weight * ((c - ref_c).abs().sum(1) + (r / ref_r).log().abs())
-            opt.zero_grad(set_to_none=True)
-            per.sum().backward()
-            opt.step()
-            if ctx is not None and s % 10 == 0:
-                ctx.report(Progress("refining", step=s, total=steps, loss=float(per.detach().mean())))
-        with torch.no_grad():
-            qq = bound * torch.tanh(q / bound) if bound > 0 else q
-            out.append(Mb @ to_m(qq))
-    return torch.cat(out)
 
 
 def choose_reference(x: torch.Tensor, chunk: int = 1024) -> int:
@@ -251,9 +210,9 @@ class DPRCAligner:
         self.padding = padding
 
     def base(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.init != "moments":
+        if self.init not in ("moments", "centroid"):
             return None
-        return moment_init(x, self.ref_centroid.to(x), self.ref_radius.to(x))
+        return moment_init(x, self.ref_centroid.to(x), self.ref_radius.to(x), scale=self.init == "moments")
 
     @torch.no_grad()
     def align(self, images: torch.Tensor) -> torch.Tensor:
@@ -336,7 +295,7 @@ class DPRC:
         ref_c, ref_r, _ = _moments(ref_img, bg_all[ref:ref + 1])
         ref_c, ref_r = ref_c[0], ref_r[0]
         aligner = DPRCAligner(net, cfg.init, ref_c, ref_r, cfg.padding)
-        base_all = aligner.base(x) if cfg.init == "moments" else None
+        base_all = aligner.base(x)
 
         notes: list[str] = []
         history: list[dict] = []
@@ -403,11 +362,6 @@ class DPRC:
                 last_ckpt = time.time()
 
         warps = self._align_all(aligner, x)
-        if cfg.refine_steps > 0:
-            ctx.report(Progress("refining", total=cfg.refine_steps))
-            warps = refine(x, warps, ref_img, ctx.warp, cfg.refine_steps, cfg.refine_lr,
-                           bg_all if cfg.padding == "border" else None, ref_c, ref_r,
-                           cfg.moment_weight, cfg.bound, ctx)
         return FitResult(in_from_out_norm=warps.float().cpu(), reference_index=ref, aligner=aligner,
                          history=history, notes=notes)
 

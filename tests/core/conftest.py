@@ -39,6 +39,12 @@ def bilinear_backward_warp(img: np.ndarray, H: np.ndarray, out_hw, fill) -> np.n
     return out if img.ndim == 3 else out[..., 0]
 
 
+@pytest.fixture(scope="session")
+def np_warp():
+    """The independent NumPy backward warp, as a fixture (conftest is not importable here)."""
+    return bilinear_backward_warp
+
+
 @pytest.fixture
 def tiny_folder(tmp_path):
     """24 perturbed MNIST '3's as PNGs, plus the sources and perturbations."""

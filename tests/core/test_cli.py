@@ -1,0 +1,109 @@
+"""The `congeal` CLI end to end on a tiny collection, and its errors."""
+import json
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLI = [sys.executable, "-m", "congeal"]
+
+
+def _run(*args, cwd=None):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def aligned_run(tmp_path_factory):
+    """One `congeal align` run shared by the checks below (it is the slow part)."""
+    from models.data import mnist_digits
+    from models.perturb import make_pairs
+
+    root = tmp_path_factory.mktemp("cli")
+    pairs = make_pairs(mnist_digits(5, 12), 0.08, seed=4)
+    d = root / "in"
+    d.mkdir()
+    for i, im in enumerate(pairs.images):
+        Image.fromarray((im[0].numpy() * 255 + 0.5).astype(np.uint8)).save(d / f"digit_{i:02d}.png")
+    out = root / "out"
+    r = _run("align", d, "--out", out, "--epochs", "3", "--device", "cpu", "--seed", "1")
+    return d, out, r
+
+
+def test_align_writes_every_output(aligned_run):
+    d, out, r = aligned_run
+    assert r.returncode == 0, r.stderr
+    assert "24 images aligned" in r.stdout and str(out) in r.stdout
+    names = sorted(p.name for p in d.iterdir())
+    for f in ("transforms.json", "metrics.json", "mean_before.png", "var_before.png", "mean_after.png",
+              "var_after.png", "model/config.json", "model/aligner.safetensors", "model/pipeline.json"):
+        assert (out / f).is_file(), f
+    assert sorted(p.name for p in (out / "aligned").iterdir()) == names  # names preserved
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_images"] == 24 and m["method"] == "dprc" and m["warp"] == "homography"
+    assert m["apsnr_before"] is not None and m["apsnr_after"] is not None
+    assert [e["name"] for e in m["per_image"]] == names
+    assert all(e["residual"] >= 0 for e in m["per_image"])
+    assert m["seconds"] > 0 and m["reference"] in names
+    assert not any(p.name.startswith(".out.tmp") for p in out.parent.iterdir())
+
+
+def test_written_transforms_reproduce_written_images(aligned_run, np_warp):
+    d, out, _ = aligned_run
+    t = json.loads((out / "transforms.json").read_text())
+    assert "aligned-output" in t["convention"] or "aligned output" in t["convention"]
+    for e in t["images"]:
+        H = np.array(e["matrix"])
+        assert H.shape == (3, 3)
+        src = np.asarray(Image.open(d / e["name"]), dtype=np.float64)
+        ref = np.asarray(Image.open(out / e["aligned_file"]), dtype=np.float64)
+        mine = np_warp(src, H, t["output_size"], e["fill"])
+        assert np.abs(np.clip(mine, 0, 255) - ref).max() <= 1.0 + 1e-6, e["name"]
+
+
+def test_apply_aligns_new_images_with_the_trained_model(aligned_run, tmp_path):
+    d, out, _ = aligned_run
+    new = tmp_path / "new.zip"
+    with zipfile.ZipFile(new, "w") as z:
+        for p in sorted(d.iterdir())[:5]:
+            z.write(p, arcname=f"batch/{p.name}")
+    r = _run("apply", out / "model", new, "--out", tmp_path / "applied", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    t_new = json.loads((tmp_path / "applied" / "transforms.json").read_text())
+    t_old = json.loads((out / "transforms.json").read_text())
+    old = {e["name"]: np.array(e["matrix"]) for e in t_old["images"]}
+    # The same images through the same trained aligner give the same warps as training's final pass.
+    for e in t_new["images"]:
+        assert e["name"].startswith("batch/")
+        assert np.allclose(np.array(e["matrix"]), old[e["name"][6:]], atol=1e-4)
+    assert not (tmp_path / "applied" / "model").exists()
+
+
+@pytest.mark.parametrize("setup,args,msg", [
+    (lambda p: None, ["align", "{p}/missing", "--out", "{p}/o"], "no such file"),
+    (lambda p: (p / "e").mkdir(), ["align", "{p}/e", "--out", "{p}/o"], "no images found"),
+    (lambda p: (p / "x.png").write_text("not an image"), ["align", "{p}/x.png", "--out", "{p}/o"], "not a readable image"),
+    (lambda p: Image.fromarray(np.zeros((8, 8), np.uint8)).save(p / "one.png"),
+     ["align", "{p}/one.png", "--out", "{p}/o"], "at least 2 images"),
+    (lambda p: None, ["apply", "{p}", "{p}", "--out", "{p}/o"], "not a trained model"),
+])
+def test_errors_are_one_line_and_write_nothing(tmp_path, setup, args, msg):
+    setup(tmp_path)
+    r = _run(*[a.format(p=tmp_path) for a in args])
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert msg in lines[-1] and lines[-1].startswith("congeal ")
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_flag_and_existing_output(tmp_path, aligned_run):
+    d, out, _ = aligned_run
+    r = _run("align", d, "--out", tmp_path / "o", "--warp", "spline")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = _run("align", d, "--out", out, "--epochs", "1")
+    assert r.returncode == 2 and "not empty" in r.stderr
+    r = _run("align", d, "--out", tmp_path / "o", "--reference", "nope.png", "--epochs", "1")
+    assert r.returncode == 2 and "reference 'nope.png'" in r.stderr
