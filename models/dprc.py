@@ -53,7 +53,7 @@ __all__ = ["DPRCConfig", "DPRC", "DPRCAligner", "choose_reference", "moment_init
 
 @dataclass(frozen=True)
 class DPRCConfig:
-    preset: str = "auto"  # "mnist" | "lfw" | "auto" (mnist up to 48 px a side, else lfw)
+    preset: str = "auto"  # "mnist" | "lfw" | "small" | "auto" (mnist up to 48 px a side, else lfw)
     lam: float = 1.0  # lambda, weight of the complexity term C
     gamma: float = 1.0  # weight of the positional code penalty
     k: int = 1  # exponent of the positional weights

@@ -1,0 +1,147 @@
+"""DPRC: networks at initialisation, the penalty, checkpoints, cancellation, and quality."""
+import json
+
+import pytest
+import torch
+
+from models import geometry as G
+from models.dprc import DPRC, choose_reference, curriculum_family, moment_init
+from models.evaluate import evaluate_warps
+from models.methods import Cancelled, FitContext, load_aligner
+from models.nets import PRESETS, AutoEncoderConfig, DeSTNet, DeSTNetConfig, PenalisedAutoEncoder, positional_weights
+from models.perturb import make_pairs
+
+
+@pytest.mark.parametrize("warp", list(G.WARP_FAMILIES))
+@pytest.mark.parametrize("preset", ["mnist", "lfw", "small"])
+def test_destnet_is_identity_at_initialisation(warp, preset):
+    size = (28, 28) if preset == "mnist" else (40, 36)
+    net = DeSTNet(DeSTNetConfig(image_size=size, warp=warp, **PRESETS[preset]["destnet"]))
+    x = torch.rand(3, 1, *size)
+    assert torch.allclose(net(x), torch.eye(3).expand(3, 3, 3), atol=1e-6)
+    base = G.params_to_matrix(torch.rand(3, 6) * 0.1, "affine")
+    assert torch.allclose(net(x, base), base, atol=1e-6)
+
+
+def test_destnet_stages_see_the_current_warp_and_gradients_reach_every_stage():
+    net = DeSTNet(DeSTNetConfig(warp="affine"))
+    x = torch.rand(4, 1, 28, 28)
+    net(x).sum().backward()
+    for i, st in enumerate(net.stages):
+        assert st.out.weight.grad is not None and st.out.weight.grad.abs().sum() > 0, i
+
+
+def test_positional_weights_match_the_formula():
+    w = positional_weights(4, 2)
+    assert torch.allclose(w, torch.tensor([1.0, 4.0, 9.0, 16.0]) / 30.0)
+    assert torch.allclose(positional_weights(5, 1).sum(), torch.tensor(1.0))
+    ae = PenalisedAutoEncoder(AutoEncoderConfig(code=4, k=2))
+    z = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    assert torch.allclose(ae.penalty(z), torch.tensor([1 / 30, 16 / 30]))
+
+
+def test_autoencoder_shapes_and_code_range():
+    ae = PenalisedAutoEncoder(AutoEncoderConfig(in_channels=3, image_size=(30, 21), code=8))
+    r, z = ae(torch.rand(2, 3, 30, 21))
+    assert r.shape == (2, 3, 30, 21) and z.shape == (2, 8)
+    assert (z > 0).all() and (z < 1).all() and (r >= 0).all() and (r <= 1).all()
+
+
+def test_curriculum_unlocks_families_in_order():
+    sched = (0.0, 0.1, 0.25, 0.4)
+    assert curriculum_family("homography", 0.0, sched) == "translation"
+    assert curriculum_family("homography", 0.2, sched) == "similarity"
+    assert curriculum_family("homography", 0.3, sched) == "affine"
+    assert curriculum_family("homography", 0.5, sched) is None
+    assert curriculum_family("similarity", 0.2, sched) is None
+
+
+def test_moment_init_recovers_a_known_translation_and_scale(digits3):
+    x = digits3[:4]
+    # Shift and shrink known amounts: in_from_out maps output -> input.
+    S = torch.tensor([[0.8, 0, 0.15], [0, 0.8, -0.1], [0, 0, 1]]).expand(4, 3, 3)
+    y = G.warp(x, torch.linalg.inv(S), (28, 28))  # content moved by S
+    from models.dprc import _moments, background
+    c, r, _ = _moments(x, background(x))
+    M = moment_init(y, c[0], r[0])
+    # Undoing with M brings y's first image back onto x[0]'s moments.
+    back = G.warp(y, M, (28, 28))
+    c2, r2, _ = _moments(back, background(back))
+    assert torch.allclose(c2[0], c[0], atol=0.02) and abs(r2[0] / r[0] - 1) < 0.03
+
+
+def test_reference_rule_picks_a_typical_image():
+    x = torch.zeros(5, 1, 16, 16)
+    x[:, :, 6:10, 6:10] = 1.0
+    x[2] = 0
+    x[2, :, 0:3, 0:3] = 1.0  # the odd one out
+    assert choose_reference(x) != 2
+
+
+def _fit(x, tmp, budget=3, stop_after=None, seed=0, **over):
+    steps = {"n": 0}
+
+    def should_stop():
+        steps["n"] += 1
+        return stop_after is not None and steps["n"] > stop_after
+
+    m = DPRC(batch_size=8, checkpoint_every_s=0, preset="small", **over)
+    return m.fit(x, FitContext(warp="homography", seed=seed, budget=budget, checkpoint_dir=tmp,
+                               should_stop=should_stop))
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(digits3, tmp_path):
+    x = make_pairs(digits3[:8], 0.08, seed=0).images  # 16 images: 2 steps per epoch
+    full = _fit(x, tmp_path / "a")
+    with pytest.raises(Cancelled):
+        _fit(x, tmp_path / "b", stop_after=3)  # dies in epoch 2, after epoch 1's checkpoint
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["epoch"] == 1
+    resumed = _fit(x, tmp_path / "b")
+    assert any("resumed from checkpoint at epoch 1" in n for n in resumed.notes)
+    assert torch.allclose(resumed.in_from_out_norm, full.in_from_out_norm, atol=1e-5)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+
+
+def test_corrupt_or_foreign_checkpoint_restarts_with_a_note(digits3, tmp_path):
+    x = make_pairs(digits3[:8], 0.08, seed=0).images
+    _fit(x, tmp_path, budget=1)
+    (tmp_path / "state.safetensors").write_bytes(b"garbage")
+    r = _fit(x, tmp_path, budget=1)
+    assert any("unreadable" in n for n in r.notes)
+    r = _fit(x, tmp_path, budget=1, seed=7)  # other options: not this job's checkpoint
+    assert any("different data or options" in n for n in r.notes)
+
+
+def test_saved_aligner_round_trips(digits3, tmp_path):
+    x = make_pairs(digits3[:8], 0.08, seed=0).images
+    r = _fit(x, None, budget=1)
+    r.aligner.save(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["method"] == "dprc"
+    again = load_aligner(tmp_path)
+    assert torch.allclose(again.align(x), r.aligner.align(x), atol=1e-6)
+
+
+def test_unknown_option_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown dprc option"):
+        DPRC(learning_rate=1)
+
+
+@pytest.mark.slow
+def test_congealing_reduces_the_ground_truth_pair_residual(digits3):
+    """Two perturbed copies of 48 real digits; DPRC must bring the copies closer together.
+
+    Calibrated on CPU (docs/benchmarks.md, 'CI quality test'): the residual falls to
+    about 0.6-0.7 of its value before alignment; we require <= 0.85, and that the
+    aligner keeps the content and beats the exactly-undone APSNR.
+    """
+    pairs = make_pairs(digits3[:48], 0.1, seed=5)
+    res = DPRC(batch_size=32, epochs=50).fit(pairs.images, FitContext(seed=0))
+    ev = evaluate_warps(pairs, res.in_from_out_norm)
+    assert ev.residual_ratio <= 0.85, ev
+    assert ev.content_kept >= 0.95, ev
+    assert ev.apsnr_after >= ev.apsnr_undone, ev
+    # Held-back images of the same collection, aligned by the trained aligner alone.
+    from models.data import mnist_digits
+    held = make_pairs(mnist_digits(3, 16, offset=48), 0.1, seed=6)
+    ev_h = evaluate_warps(held, res.aligner.align(held.images))
+    assert ev_h.residual_ratio <= 0.9, ev_h
