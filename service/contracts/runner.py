@@ -81,7 +81,7 @@ class _Relay:
         self.last: ProgressRecord | None = None
         self.last_work: ProgressRecord | None = None  # last report that counted steps
         self.first_epoch: int | None = None
-        self.resumed_from: int | None = None
+        self._attempt: dict = {}  # fields of the current attempt not yet written
         self._written_at = 0.0
         self._stage: str | None = None
         self._pending = False
@@ -111,33 +111,33 @@ class _Relay:
         elif kind == "progress":
             fields = {k: ev.get(k) for k in ProgressRecord.model_fields if k != "updated_at" and ev.get(k) is not None}
             p = ProgressRecord(**fields)
-            attempt = {}
+            urgent = p.stage != self._stage or p.message is not None
             if p.stage == "training" and p.epoch:
                 if self.first_epoch is None:
-                    self.first_epoch = p.epoch
-                    attempt["first_epoch"] = p.epoch
-                attempt["last_epoch"] = p.epoch
+                    self.first_epoch = self._attempt["first_epoch"] = p.epoch
+                    urgent = True
+                self._attempt["last_epoch"] = p.epoch
             if p.message and p.message.startswith(RESUME_PREFIX):
-                self.resumed_from = p.epoch
-                attempt["resumed_from_epoch"] = p.epoch
+                self._attempt["resumed_from_epoch"] = p.epoch
             self.last = p
             if p.total:
                 self.last_work = p
             # Throttled: a fast method reports every step, the record needs a few a second.
-            urgent = p.stage != self._stage or p.message is not None or "first_epoch" in attempt
             if urgent or time.time() - self._written_at >= _PROGRESS_EVERY_S:
-                self.store.report(self.job_id, self.worker, p, **attempt)
-                self._written_at, self._stage, self._pending = time.time(), p.stage, False
+                self._flush()
             else:
                 self._pending = True
-                if attempt:
-                    self.store.report(self.job_id, self.worker, None, **attempt)
+
+    def _flush(self) -> None:
+        self.store.report(self.job_id, self.worker, self.last, **self._attempt)
+        self._attempt = {}
+        self._written_at, self._stage, self._pending = time.time(), self.last.stage, False
 
     def join(self) -> None:
         self.thread.join(timeout=10)
         if self._pending and self.last is not None:
             try:
-                self.store.report(self.job_id, self.worker, self.last)
+                self._flush()
             except Exception:
                 log.exception("job %s: could not record progress", self.job_id)
 
@@ -370,8 +370,16 @@ class Maintenance:
         self.thread = threading.Thread(target=self._loop, name="congeal-maintenance", daemon=True)
 
     def start(self) -> "Maintenance":
+        try:
+            self._beat()  # at once, so /readyz is right as soon as the worker is up
+        except Exception:
+            log.exception("first heartbeat failed; retrying")
         self.thread.start()
         return self
+
+    def _beat(self) -> None:
+        every = self.settings.reconcile_interval_s
+        self.store.heartbeat(self.name, ttl_s=max(3 * every, 10.0), info={**self.info, "pid": os.getpid()})
 
     def stop(self) -> None:
         self._stop.set()
@@ -381,7 +389,7 @@ class Maintenance:
         every = self.settings.reconcile_interval_s
         while True:
             try:
-                self.store.heartbeat(self.name, ttl_s=max(3 * every, 10.0), info={**self.info, "pid": os.getpid()})
+                self._beat()
                 reconcile(self.store, self.dispatcher)
             except Exception:
                 log.exception("maintenance pass failed; retrying")

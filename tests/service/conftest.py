@@ -57,7 +57,7 @@ def start_worker(tmp_path_factory):
 def worker_env(make_env, start_worker):
     """The session's service configuration with one worker consuming its queues."""
     env = make_env()
-    start_worker(env)
+    env.worker = start_worker(env, name=f"session-{env.tag}")
     return env
 
 
