@@ -97,9 +97,12 @@ class Prepared:
         return self.images[0].numel()
 
 
-def prepare(images: torch.Tensor, max_side: int | None, dtype: torch.dtype = torch.float32) -> Prepared:
-    if images.ndim != 4:
+def prepare(images: torch.Tensor, max_side: int | None) -> Prepared:
+    """Fit-size copy of ``(N, C, H, W)`` images; float32/float64 inputs keep their dtype
+    (half precision is promoted: the Gauss-Newton steps need the mantissa)."""
+    if images.ndim != 4 or images.shape[0] < 1:
         raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
+    dtype = images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
     x = L.resize_max_side(images.to(dtype), max_side)
     return Prepared(x, L.border_fill(x))
 

@@ -24,14 +24,16 @@ def known_warps(family: str, n: int, size: tuple[int, int], scale: float, seed: 
 
 
 def corner_spread(src_from_input: torch.Tensor, in_from_out_norm: torch.Tensor, size) -> float:
-    """Largest distance (source pixels) of any image's aligned corners from their mean.
+    """Mean distance (source pixels) of the images' aligned frame corners from their mean.
 
     A joint alignment that recovers the warps up to one common transform
-    maps every output corner to the same source point: spread 0.
+    maps every output corner to the same source point: spread 0. Frame
+    corners lie far from a centred digit, so they magnify rotation, scale and
+    perspective errors.
     """
     pix = G.pixel_from_normalised(in_from_out_norm.double(), size, size)
     pts = G.transform_points(src_from_input @ pix, G.corners(*size, like=pix))  # (N, 4, 2)
-    return float((pts - pts.mean(0, keepdim=True)).norm(dim=-1).max())
+    return float((pts - pts.mean(0, keepdim=True)).norm(dim=-1).mean())
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +58,14 @@ def warped_copies(digit):
 def spread():
     """:func:`corner_spread` as a fixture (conftest is not importable under importlib mode)."""
     return corner_spread
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The baselines run many small matrix ops; on a shared 2-core runner
+    # two OpenMP threads contend with other processes and run up to 10x
+    # slower than one (measured: 0.9 s vs 7.2 s for one RASL fit).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
