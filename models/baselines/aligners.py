@@ -23,6 +23,7 @@ not a re-fit.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class ApplyConfig:
     iters_per_level: int = 10
     admm_iters: int = 25  # subspace aligners only
     normalise: bool = True  # subspace aligners: unit-norm images, as in the fit
+    basis_blur: float = 0.0  # blur (px) of the images the basis was learned from (t-GRASTA: its last level)
 
 
 def _to_fit_size(images: torch.Tensor, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -93,9 +95,12 @@ class SubspaceAligner:
         U0 = self.basis.to(x.device)
         M = C.identity(x.shape[0], x)
         for sigma in self.cfg.levels:
-            xs = L.gaussian_blur(x, sigma)
+            # Compare like with like: blurring a basis of sigma_b-blurred images
+            # by sqrt(s^2 - sigma_b^2) gives a basis of s-blurred images.
+            s_img = max(sigma, self.cfg.basis_blur)
+            xs = L.gaussian_blur(x, s_img)
             grads = L.image_gradients(xs)
-            U = C.blur_basis(U0, self.shape, sigma)
+            U = C.blur_basis(U0, self.shape, math.sqrt(max(s_img ** 2 - self.cfg.basis_blur ** 2, 0.0)))
             for _ in range(self.cfg.iters_per_level):
                 lin = L.linearise(xs, M, self.family, normalise=self.cfg.normalise, fill=fill, grads=grads)
                 step = C.robust_subspace_step(lin.y, lin.jac, U, iters=self.cfg.admm_iters)

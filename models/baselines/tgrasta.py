@@ -145,7 +145,8 @@ class TGrasta:
                 rep.step(step, li, loss / N, raw.view_as(X), angle=angle)
                 ckpt.save(step, li, k + 1, {"M": M, "U": U})
         aligner = SubspaceAligner(self.name, family, U, tuple(X.shape[1:]),
-                                  ApplyConfig(levels=cfg.levels, iters_per_level=cfg.apply_iters))
+                                  ApplyConfig(levels=cfg.levels, iters_per_level=cfg.apply_iters,
+                                              basis_blur=float(cfg.levels[-1]) if cfg.levels else 0.0))
         if ctx.reference_index is not None:
             notes.append("output frame = the reference image's frame")
         return FitResult(M.float().cpu(), ctx.reference_index, aligner, rep.history, notes)
