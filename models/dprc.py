@@ -71,6 +71,8 @@ class DPRCConfig:
     bound: float = 0.6  # soft bound on the DeSTNet's fused correction (normalised units); 0: none
     moment_weight: float = 0.0  # weight of the moment-matching regulariser; 0: none (see docs)
     c_grad_from: float = 0.3  # fraction of training after which C's gradient reaches the aligner
+    equivariance: float = 1.0  # weight of the self-supervised equivariance loss; 0: off
+    equivariance_sigma: float = 0.08  # size of its random homographies (the perturbation protocol's sigma)
     checkpoint_every_s: float = 20.0
 
     def resolve_epochs(self, n: int) -> int:
@@ -328,6 +330,9 @@ class DPRC:
                 limit = curriculum_family(ctx.warp, frac, cfg.curriculum)
                 Mb = net(xb - bgb if cfg.padding == "border" else xb, base, limit)
                 aligned = _warp_bg(xb, Mb, bgb if cfg.padding == "border" else None)
+                E = torch.zeros((), device=dev)
+                if cfg.equivariance > 0:
+                    E = self._equivariance(net, aligner, xb, bgb, Mb, limit, ctx.seed * 7919 + step)
                 sigma = cfg.blur_start * min(H, W) * max(0.0, 1 - frac / max(cfg.blur_until, 1e-6))
                 D = (blur(aligned, sigma) - blur(ref_img, sigma)).abs().mean()
                 if cfg.moment_weight > 0:
@@ -342,7 +347,7 @@ class DPRC:
                     Cterm = (recon - target).abs().mean() + cfg.gamma * ae.penalty(z).mean()
                 else:  # D only (the paper's ablation): skip the auto-encoder's cost
                     Cterm = torch.zeros((), device=dev)
-                loss = D + cfg.lam * Cterm
+                loss = D + cfg.lam * Cterm + cfg.equivariance * E
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -364,6 +369,28 @@ class DPRC:
         warps = self._align_all(aligner, x)
         return FitResult(in_from_out_norm=warps.float().cpu(), reference_index=ref, aligner=aligner,
                          history=history, notes=notes)
+
+    def _equivariance(self, net, aligner, xb, bgb, Mb, limit, seed) -> torch.Tensor:
+        """Self-supervised consistency: re-warp the batch by random known homographies.
+
+        For ``x'(q) = x(P q)`` a consistent aligner satisfies ``P M(x') = M(x)``
+        (both map the aligned frame onto ``x``). We penalise the mean distance
+        between the two maps at the output frame's corners, in normalised units.
+        This pins down the directions the image distance leaves nearly flat,
+        which are exactly the ones that make two copies of an image disagree.
+        """
+        from .perturb import random_perturbations
+
+        H, W = xb.shape[-2:]
+        g = torch.Generator().manual_seed(int(seed))
+        P_pix = random_perturbations(xb.shape[0], (H, W), self.cfg.equivariance_sigma, g)
+        P = G.normalised_from_pixel(P_pix, (H, W), (H, W)).to(xb)
+        pad = bgb if self.cfg.padding == "border" else None
+        xp = _warp_bg(xb, P, pad)
+        base_p = aligner.base(xp)
+        Mp = net(xp - bgb if self.cfg.padding == "border" else xp, base_p, limit)
+        c = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=xb.dtype, device=xb.device)
+        return (G.transform_points(P @ Mp, c) - G.transform_points(Mb, c)).norm(dim=-1).mean()
 
     @torch.no_grad()
     def _align_all(self, aligner: DPRCAligner, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
