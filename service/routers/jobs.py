@@ -14,7 +14,7 @@ from ..deps import OwnerDep, ServiceState, StateDep, load_job
 from ..jobs import accept_job, multipart_openapi, to_public
 from ..schemas import ErrorPublic, JobCreate, JobPublic, JobsPublic
 
-__all__ = ["router", "dispatch_new", "finished_job"]
+__all__ = ["router", "dispatch_new", "finished_job", "replayed", "IdempotencyKey"]
 
 log = logging.getLogger("congeal.api")
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -29,6 +29,21 @@ _ERRORS = {
 IdempotencyKey = Annotated[str | None, Header(
     min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
     description="repeat a request with the same key to get the same job back instead of a second one")]
+
+
+async def replayed(state: ServiceState, owner: str, key: str | None, kind: JobKind,
+                   model_id: str | None = None) -> JobRecord | None:
+    """The job an earlier request with this idempotency key created, if any.
+
+    A key reused for a different kind of request is an error, not a silent replay.
+    """
+    if not key:
+        return None
+    prior = await run_in_threadpool(state.store.find_idempotent, owner, key)
+    if prior is not None and (prior.kind != kind or prior.model_id != model_id):
+        raise HTTPException(422, [{"type": "idempotency_key_reused", "loc": ["header", "idempotency-key"],
+                                   "msg": f"this key was used for another request (job {prior.id})"}])
+    return prior
 
 
 def dispatch_new(state: ServiceState, rec: JobRecord) -> None:
@@ -56,10 +71,9 @@ async def create_job(request: Request, response: Response, state: StateDep, owne
     """Multipart upload of the images plus the job options as form fields. The body is
     streamed to the artifact store and every image is checked before the job is queued;
     the answer comes at once with the job's id and links."""
-    if idempotency_key:
-        prior = await run_in_threadpool(state.store.find_idempotent, owner, idempotency_key)
-        if prior is not None:
-            return _accepted(request, response, prior, replayed=True)
+    prior = await replayed(state, owner, idempotency_key, JobKind.align)
+    if prior is not None:
+        return _accepted(request, response, prior, replayed=True)
     rec, created = await accept_job(request, state, owner, kind=JobKind.align, options_model=JobCreate,
                                     min_images=2, idempotency_key=idempotency_key)
     if created:

@@ -16,7 +16,7 @@ from ..contracts import JobKind, JobRecord, JobStatus
 from ..deps import OwnerDep, ServiceState, StateDep, load_job
 from ..jobs import accept_job, multipart_openapi, to_public
 from ..schemas import AlignmentPublic, ErrorPublic, JobPublic, ModelPublic, TransformPublic, ts
-from .jobs import IdempotencyKey, dispatch_new
+from .jobs import IdempotencyKey, dispatch_new, replayed
 
 __all__ = ["router", "InferenceCreate"]
 
@@ -78,10 +78,12 @@ async def align_with_model(
     and answered with the transforms; larger ones, or a wait that times out, answer ``202``
     with a job to poll, whose results download like any job's."""
     await run_in_threadpool(_model_job, state, owner, model_id)
-    rec, created = await accept_job(request, state, owner, kind=JobKind.apply, options_model=InferenceCreate,
-                                    min_images=1, model_id=model_id, idempotency_key=idempotency_key)
-    if created:
-        await run_in_threadpool(dispatch_new, state, rec)
+    rec = await replayed(state, owner, idempotency_key, JobKind.apply, model_id)
+    if rec is None:
+        rec, created = await accept_job(request, state, owner, kind=JobKind.apply, options_model=InferenceCreate,
+                                        min_images=1, model_id=model_id, idempotency_key=idempotency_key)
+        if created:
+            await run_in_threadpool(dispatch_new, state, rec)
     s = state.settings
     if wait and rec.n_inputs <= s.sync_inference_max_images:
         deadline = time.monotonic() + s.sync_inference_timeout_s

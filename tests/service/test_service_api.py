@@ -179,6 +179,17 @@ def test_idempotency_key_returns_the_same_job(api, env):
     assert c.json()["id"] != a.json()["id"]
     r = api.post("/jobs", files=_ok_files(), headers={"Idempotency-Key": "x" * 201})
     assert r.status_code == 422 and "idempotency-key" in r.text.lower()
+    # The same key on another kind of request is refused, not answered with the wrong job.
+    from service.contracts import JobKind, JobRecord, JobStatus
+
+    store = env.store()
+    model = JobRecord(id="e" * 32, kind=JobKind.align, status=JobStatus.succeeded,
+                      result={"n_images": 3, "has_model": True})
+    store.insert(model)
+    (env.data_dir / "jobs" / model.id / "output" / "model").mkdir(parents=True)
+    (env.data_dir / "jobs" / model.id / "output" / "model" / "pipeline.json").write_text("{}")
+    r = api.post(f"/models/{model.id}/align", files=_ok_files(1), headers=h)
+    assert r.status_code == 422 and "another request" in r.text
 
 
 def test_list_is_newest_first_and_paginated(api):
