@@ -24,7 +24,6 @@ log = logging.getLogger("congeal.worker")
 settings = Settings()
 app = Celery("congeal")
 app.conf.update(celery_config(settings))
-app.conf.task_default_queue = settings.queue
 
 _runtime: dict = {}
 
