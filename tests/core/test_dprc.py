@@ -135,7 +135,7 @@ def test_congealing_reduces_the_ground_truth_pair_residual(digits3):
     aligner keeps the content and beats the exactly-undone APSNR.
     """
     pairs = make_pairs(digits3[:48], 0.1, seed=5)
-    res = DPRC(batch_size=32, epochs=50).fit(pairs.images, FitContext(seed=0))
+    res = DPRC(preset="small", batch_size=32, epochs=100).fit(pairs.images, FitContext(seed=0))
     ev = evaluate_warps(pairs, res.in_from_out_norm)
     assert ev.residual_ratio <= 0.85, ev
     assert ev.content_kept >= 0.95, ev
