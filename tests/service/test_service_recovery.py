@@ -27,6 +27,10 @@ def test_killed_worker_job_resumes_from_its_checkpoint(make_env, start_worker):
             # is told apart from a fresh one by where it starts.
             return j["status"] == "running" and state.is_file() and (j["attempts"][-1]["last_epoch"] or 0) >= 3
 
+        wait_job(client, jid, until=lambda j: j["status"] != "queued", timeout=120)
+        # A second worker on the same queues, idle while the first one trains: the
+        # usual deployment, and its start-up overlaps the training.
+        start_worker(env, name="rescuer")
         running = wait_job(client, jid, until=has_checkpoint, timeout=180)
         assert running["status"] == "running", running
         child = env.store().get(jid).attempts[-1].pid
@@ -39,9 +43,6 @@ def test_killed_worker_job_resumes_from_its_checkpoint(make_env, start_worker):
         while pid_alive(child) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not pid_alive(child), "the training child outlived its worker"
-        assert client.get(f"/jobs/{jid}").json()["status"] == "running"  # nobody knows yet
-
-        start_worker(env, name="rescuer")
         done = wait_job(client, jid, timeout=240)
 
     assert done["status"] == "succeeded", done
