@@ -243,3 +243,11 @@ def test_an_unexpected_error_is_a_json_500_and_the_service_keeps_serving(env):
         r = c.get("/jobs")
         assert r.status_code == 500 and r.json()["detail"] == "internal server error" and r.json()["error_id"]
         assert c.get("/healthz").status_code == 200
+
+
+def test_job_records_survive_an_api_restart(api, env):
+    job = api.post("/jobs", files=_ok_files()).json()
+    with TestClient(create_app(env.settings())) as fresh:  # a new API process would see the same
+        again = fresh.get(f"/jobs/{job['id']}")
+        assert again.status_code == 200 and again.json()["created_at"] == job["created_at"]
+        assert job["id"] in [j["id"] for j in fresh.get("/jobs", params={"limit": 100}).json()["data"]]
