@@ -145,3 +145,12 @@ def test_congealing_reduces_the_ground_truth_pair_residual(digits3):
     held = make_pairs(mnist_digits(3, 16, offset=48), 0.1, seed=6)
     ev_h = evaluate_warps(held, res.aligner.align(held.images))
     assert ev_h.residual_ratio <= 0.9, ev_h
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_and_apply_on_cuda_match_the_cpu_convention(digits3):
+    x = make_pairs(digits3[:8], 0.08, seed=0).images
+    r = DPRC(preset="small", batch_size=8).fit(x.cuda(), FitContext(budget=1))
+    assert r.in_from_out_norm.device.type == "cpu" and r.in_from_out_norm.shape == (16, 3, 3)
+    assert r.aligner.align(x.cuda()).device.type == "cuda"
