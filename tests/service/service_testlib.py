@@ -58,6 +58,12 @@ class Env:
     def cleanup(self, r: redis.Redis) -> None:
         prefix = self.vars["CONGEAL_KEY_PREFIX"]
         q = self.vars["CONGEAL_QUEUE"]
+        # A SIGKILLed worker's message stays in kombu's shared 'unacked' hash, and a later
+        # consumer of this DB would restore it onto our (deleted) queue: drop it here.
+        for tag, val in r.hscan_iter("unacked"):
+            if q.encode() in val:
+                r.hdel("unacked", tag)
+                r.zrem("unacked_index", tag)
         keys = list(r.scan_iter(match=f"{prefix}:*", count=1000))
         keys += [q, f"{q}.inference"]
         keys += list(r.scan_iter(match=f"_kombu.binding*.{q}*", count=1000))
