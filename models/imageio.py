@@ -38,12 +38,14 @@ from PIL import Image
 
 __all__ = [
     "InputError",
+    "LimitExceeded",
     "LoadLimits",
     "Collection",
     "IMAGE_EXTENSIONS",
     "ARCHIVE_EXTENSIONS",
     "decode_image",
     "load_collection",
+    "scan_collection",
     "working_size",
     "resize_to",
     "save_png",
@@ -57,6 +59,10 @@ _PIL_FORMATS = {"PNG", "JPEG", "TIFF", "BMP", "MPO"}  # MPO: multi-picture JPEG 
 
 class InputError(ValueError):
     """The input cannot be used; the message names the file and the problem."""
+
+
+class LimitExceeded(InputError):
+    """The input is over a configured limit (size, pixels, count, ratio): HTTP 413."""
 
 
 @dataclass(frozen=True)
@@ -150,9 +156,9 @@ def decode_image(data: bytes, name: str, limits: LoadLimits = LoadLimits()) -> n
         InputError: naming ``name`` and what is wrong.
     """
     if len(data) == 0:
-        raise InputError(f"{name}: empty file")
+        raise LimitExceeded(f"{name}: empty file")
     if len(data) > limits.max_file_bytes:
-        raise InputError(f"{name}: file is {len(data)} bytes, above the limit of {limits.max_file_bytes}")
+        raise LimitExceeded(f"{name}: file is {len(data)} bytes, above the limit of {limits.max_file_bytes}")
     with warnings.catch_warnings():
         # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; we want
         # an error, and our own, lower limit checked from the header below.
@@ -160,16 +166,16 @@ def decode_image(data: bytes, name: str, limits: LoadLimits = LoadLimits()) -> n
         try:
             im = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:
-            raise InputError(f"{name}: image too large to decode safely ({e})") from None
+            raise LimitExceeded(f"{name}: image too large to decode safely ({e})") from None
         except Exception:
             raise InputError(f"{name}: not a readable image (unknown or corrupt format)") from None
         if im.format not in _PIL_FORMATS:
             raise InputError(f"{name}: format {im.format} is not accepted; use PNG, JPEG, TIFF or BMP")
         w, h = im.size
         if w < 1 or h < 1:
-            raise InputError(f"{name}: image has no pixels ({w}x{h})")
+            raise LimitExceeded(f"{name}: image has no pixels ({w}x{h})")
         if w * h > limits.max_pixels or max(w, h) > limits.max_side:
-            raise InputError(
+            raise LimitExceeded(
                 f"{name}: {w}x{h} pixels is above the limit "
                 f"({limits.max_pixels} pixels, {limits.max_side} per side); refusing to decode"
             )
@@ -177,7 +183,7 @@ def decode_image(data: bytes, name: str, limits: LoadLimits = LoadLimits()) -> n
             im.load()
             arr = _to_uint8(im)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise InputError(f"{name}: image too large to decode safely ({e})") from None
+            raise LimitExceeded(f"{name}: image too large to decode safely ({e})") from None
         except Exception as e:
             raise InputError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})") from None
     return arr
@@ -200,7 +206,7 @@ def _iter_zip(path: Path, limits: LoadLimits) -> Iterator[tuple[str, bytes]]:
     with zf:
         infos = zf.infolist()
         if len(infos) > limits.max_archive_members:
-            raise InputError(f"{path.name}: {len(infos)} members, above the limit of {limits.max_archive_members}")
+            raise LimitExceeded(f"{path.name}: {len(infos)} members, above the limit of {limits.max_archive_members}")
         total = 0
         for info in infos:
             name = _check_member_path(info.filename, path.name)
@@ -208,12 +214,12 @@ def _iter_zip(path: Path, limits: LoadLimits) -> Iterator[tuple[str, bytes]]:
                 continue
             # Unix symlinks in a zip carry S_IFLNK in the high bits of external_attr.
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise InputError(f"{path.name}: member {name!r} is a symbolic link; links are not accepted")
+                raise LimitExceeded(f"{path.name}: member {name!r} is a symbolic link; links are not accepted")
             total += info.file_size
             if total > limits.max_total_bytes:
-                raise InputError(f"{path.name}: uncompressed size above the limit of {limits.max_total_bytes} bytes")
+                raise LimitExceeded(f"{path.name}: uncompressed size above the limit of {limits.max_total_bytes} bytes")
             if info.file_size > 1024**2 and info.file_size > limits.max_compression_ratio * max(info.compress_size, 1):
-                raise InputError(
+                raise LimitExceeded(
                     f"{path.name}: member {name!r} expands {info.file_size / max(info.compress_size, 1):.0f}x "
                     f"(limit {limits.max_compression_ratio:.0f}x); refusing a possible zip bomb"
                 )
@@ -221,7 +227,7 @@ def _iter_zip(path: Path, limits: LoadLimits) -> Iterator[tuple[str, bytes]]:
                 yield name, b""  # skipped marker
                 continue
             if info.file_size > limits.max_file_bytes:
-                raise InputError(f"{name}: {info.file_size} bytes, above the per-file limit of {limits.max_file_bytes}")
+                raise LimitExceeded(f"{name}: {info.file_size} bytes, above the per-file limit of {limits.max_file_bytes}")
             try:
                 with zf.open(info) as fh:
                     # Read at most the declared size + 1: a lying header cannot make us read more.
@@ -244,22 +250,22 @@ def _iter_tar(path: Path, limits: LoadLimits) -> Iterator[tuple[str, bytes]]:
             for m in tf:
                 count += 1
                 if count > limits.max_archive_members:
-                    raise InputError(f"{path.name}: more than {limits.max_archive_members} members")
+                    raise LimitExceeded(f"{path.name}: more than {limits.max_archive_members} members")
                 name = _check_member_path(m.name, path.name)
                 if m.issym() or m.islnk():
                     raise InputError(f"{path.name}: member {name!r} is a link; links are not accepted")
                 if m.isdir():
                     continue
                 if not m.isfile():
-                    raise InputError(f"{path.name}: member {name!r} is not a regular file")
+                    raise LimitExceeded(f"{path.name}: member {name!r} is not a regular file")
                 total += m.size
                 if total > limits.max_total_bytes:
-                    raise InputError(f"{path.name}: uncompressed size above the limit of {limits.max_total_bytes} bytes")
+                    raise LimitExceeded(f"{path.name}: uncompressed size above the limit of {limits.max_total_bytes} bytes")
                 if _skip_name(name) or not _is_image_name(name):
                     yield name, b""
                     continue
                 if m.size > limits.max_file_bytes:
-                    raise InputError(f"{name}: {m.size} bytes, above the per-file limit of {limits.max_file_bytes}")
+                    raise LimitExceeded(f"{name}: {m.size} bytes, above the per-file limit of {limits.max_file_bytes}")
                 fh = tf.extractfile(m)
                 data = fh.read(m.size) if fh is not None else b""
                 yield name, data
@@ -270,17 +276,17 @@ def _iter_tar(path: Path, limits: LoadLimits) -> Iterator[tuple[str, bytes]]:
 def _iter_folder(root: Path, limits: LoadLimits) -> Iterator[tuple[str, bytes]]:
     files = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
     if len(files) > limits.max_archive_members:
-        raise InputError(f"{root.name}: {len(files)} files, above the limit of {limits.max_archive_members}")
+        raise LimitExceeded(f"{root.name}: {len(files)} files, above the limit of {limits.max_archive_members}")
     for p in files:
         name = p.relative_to(root).as_posix()
         if _skip_name(name) or not _is_image_name(name):
             yield name, b""
             continue
         if p.is_symlink():
-            raise InputError(f"{name}: symbolic links are not accepted")
+            raise LimitExceeded(f"{name}: symbolic links are not accepted")
         size = p.stat().st_size
         if size > limits.max_file_bytes:
-            raise InputError(f"{name}: {size} bytes, above the per-file limit of {limits.max_file_bytes}")
+            raise LimitExceeded(f"{name}: {size} bytes, above the per-file limit of {limits.max_file_bytes}")
         yield name, p.read_bytes()
 
 
@@ -297,11 +303,11 @@ def _from_npy(path: Path, limits: LoadLimits) -> Collection:
     if a.ndim == 4 and a.shape[-1] == 1:
         a = a[..., 0]
     if not (a.ndim == 3 or (a.ndim == 4 and a.shape[-1] == 3)):
-        raise InputError(f"{path.name}: array shape {a.shape} is not (N, H, W), (N, H, W, 1|3) or (N, 1|3, H, W)")
+        raise LimitExceeded(f"{path.name}: array shape {a.shape} is not (N, H, W), (N, H, W, 1|3) or (N, 1|3, H, W)")
     if a.shape[0] > limits.max_images:
-        raise InputError(f"{path.name}: {a.shape[0]} images, above the limit of {limits.max_images}")
+        raise LimitExceeded(f"{path.name}: {a.shape[0]} images, above the limit of {limits.max_images}")
     if a.shape[1] * a.shape[2] > limits.max_pixels:
-        raise InputError(f"{path.name}: images of {a.shape[2]}x{a.shape[1]} pixels are above the limit")
+        raise LimitExceeded(f"{path.name}: images of {a.shape[2]}x{a.shape[1]} pixels are above the limit")
     if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating) or a.dtype == bool):
         raise InputError(f"{path.name}: dtype {a.dtype} is not numeric")
     a = np.asarray(a)
@@ -317,12 +323,46 @@ def _from_npy(path: Path, limits: LoadLimits) -> Collection:
     return Collection(names, [np.ascontiguousarray(x) for x in a])
 
 
+def _iter_decoded(path: Path, limits: LoadLimits, skipped: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """Decode a folder/archive/image one file at a time, checking every limit first."""
+    if path.is_dir():
+        it = _iter_folder(path, limits)
+    elif path.name.lower().endswith(".zip"):
+        it = _iter_zip(path, limits)
+    elif is_archive(path.name):
+        it = _iter_tar(path, limits)
+    elif _is_image_name(path.name):
+        it = iter([(path.name, path.read_bytes())])
+    else:
+        raise InputError(
+            f"{path.name}: not a folder, archive (.zip/.tar[.gz]), .npy or image "
+            f"({'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})"
+        )
+    count = 0
+    for name, data in it:
+        if not data and (_skip_name(name) or not _is_image_name(name)):
+            skipped.append(name)
+            continue
+        count += 1
+        if count > limits.max_images:
+            raise LimitExceeded(f"{path.name}: more than {limits.max_images} images")
+        yield name, decode_image(data, name, limits)
+
+
+def _check_count(path: Path, n: int, limits: LoadLimits) -> None:
+    if n == 0:
+        raise InputError(f"{path.name}: no images found (accepted: {', '.join(IMAGE_EXTENSIONS)})")
+    if n < limits.min_images:
+        raise InputError(f"{path.name}: {n} image(s); at least {limits.min_images} are needed")
+
+
 def load_collection(source: str | os.PathLike, limits: LoadLimits = LoadLimits()) -> Collection:
     """Read a folder, archive, ``.npy`` or single image into a :class:`Collection`.
 
     Raises:
-        InputError: if the input is missing, unreadable, empty, over a limit,
-            or holds a file with an image extension that does not decode.
+        InputError: if the input is missing, unreadable, empty, or holds a file
+            with an image extension that does not decode.
+        LimitExceeded: (a subclass) if it is over one of ``limits``.
     """
     path = Path(source)
     if not path.exists():
@@ -330,34 +370,26 @@ def load_collection(source: str | os.PathLike, limits: LoadLimits = LoadLimits()
     if path.is_file() and path.suffix.lower() == ".npy":
         col = _from_npy(path, limits)
     else:
-        if path.is_dir():
-            it = _iter_folder(path, limits)
-        elif path.name.lower().endswith(".zip"):
-            it = _iter_zip(path, limits)
-        elif is_archive(path.name):
-            it = _iter_tar(path, limits)
-        elif _is_image_name(path.name):
-            it = iter([(path.name, path.read_bytes())])
-        else:
-            raise InputError(
-                f"{path.name}: not a folder, archive (.zip/.tar[.gz]), .npy or image "
-                f"({'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})"
-            )
-        names, images, skipped = [], [], []
-        for name, data in it:
-            if not data and (_skip_name(name) or not _is_image_name(name)):
-                skipped.append(name)
-                continue
-            if len(names) >= limits.max_images:
-                raise InputError(f"{path.name}: more than {limits.max_images} images")
-            images.append(decode_image(data, name, limits))
-            names.append(name)
-        col = Collection(names, images, skipped)
-    if len(col) == 0:
-        raise InputError(f"{path.name}: no images found (accepted: {', '.join(IMAGE_EXTENSIONS)})")
-    if len(col) < limits.min_images:
-        raise InputError(f"{path.name}: {len(col)} image(s); at least {limits.min_images} are needed")
+        skipped: list[str] = []
+        pairs = list(_iter_decoded(path, limits, skipped))
+        col = Collection([n for n, _ in pairs], [a for _, a in pairs], skipped)
+    _check_count(path, len(col), limits)
     return col
+
+
+def scan_collection(source: str | os.PathLike, limits: LoadLimits = LoadLimits()) -> list[tuple[str, tuple[int, ...]]]:
+    """Validate like :func:`load_collection` (every image fully decoded) but keep only
+    ``(name, shape)`` pairs, so a large upload is checked in constant memory."""
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_file() and path.suffix.lower() == ".npy":
+        col = _from_npy(path, limits)
+        out = [(n, im.shape) for n, im in zip(col.names, col.images)]
+    else:
+        out = [(n, a.shape) for n, a in _iter_decoded(path, limits, [])]
+    _check_count(path, len(out), limits)
+    return out
 
 
 def working_size(sizes: list[tuple[int, int]], max_side: int = 128) -> tuple[int, int]:

@@ -155,3 +155,19 @@ def test_working_size_rule():
     assert working_size([(250, 250), (240, 260), (260, 250)], max_side=128) == (128, 128)
     assert working_size([(100, 200)], max_side=50) == (25, 50)
     assert working_size([(3, 3)]) == (8, 8)
+
+
+def test_limits_raise_the_limit_subclass_and_scan_keeps_no_pixels(tmp_path):
+    from models.imageio import LimitExceeded, scan_collection
+
+    for i in range(3):
+        Image.fromarray(_img(i)).save(tmp_path / f"{i}.png")
+    assert scan_collection(tmp_path) == [("0.png", (12, 10)), ("1.png", (12, 10)), ("2.png", (12, 10))]
+    with pytest.raises(LimitExceeded, match="more than 2 images"):
+        scan_collection(tmp_path, LoadLimits(max_images=2))
+    with pytest.raises(LimitExceeded):
+        decode_image(_png_header_only(5000, 5000), "big.png", LoadLimits(max_pixels=1_000_000))
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    with pytest.raises(InputError, match="bad.png") as e:
+        scan_collection(tmp_path)
+    assert not isinstance(e.value, LimitExceeded)
