@@ -10,22 +10,24 @@ with ``p_i = DeSTNet(I_i)`` and ``w_l = l^k / sum l^k``. We average instead of
 summing (a constant scale absorbed by the learning rate).
 
 What we add for robustness (each switchable in :class:`DPRCConfig`, each
-measured in ``docs/benchmarks.md``):
+measured against ground truth in ``docs/benchmarks.md``):
 
 * ``init="moments"``: before the DeSTNet, every image is brought onto the
   reference's frame by translation + isotropic scale from its intensity
   moments (centroid and RMS radius of the foreground). Deterministic and
   content-based, so both copies of one source start at the same place.
-* A coarse-to-fine distance: ``D`` compares Gaussian-blurred images, with the
-  blur annealed from ``blur_start`` (fraction of the image side) to 0. Blur
-  gives overlapping gradients where a sharp ``L1`` prefers pushing a
-  non-overlapping object out of the frame.
-* A warp curriculum: the fused parameters are projected onto translation,
-  then similarity, then affine, then the full family, at fixed fractions of
-  training (``curriculum``).
-* Background-aware padding: samples from outside the image take the image's
-  border median, not 0, so leaving the frame does not fake agreement.
-* Cosine learning-rate decay from ``lr``.
+* ``bound``: the DeSTNet's fused correction is soft-bounded (homographies are
+  predicted as corner offsets, see :func:`models.geometry.offsets_to_homography`).
+  Without it the objective zooms out or slides the object out of the frame.
+* ``equivariance``: a self-supervised consistency loss. Each batch is also
+  re-warped by random known homographies ``P``; the aligner must satisfy
+  ``P M(x') = M(x)``. The image distance is nearly flat in the directions
+  that make two views of one object disagree; this loss fixes them.
+* ``c_grad_from``: C trains the auto-encoder from the start but reaches the
+  aligner only later (an untrained auto-encoder rewards empty images).
+* A coarse-to-fine distance (blur annealed from ``blur_start`` to 0), a warp
+  curriculum (``curriculum``), background-aware padding (``padding``),
+  cosine learning-rate decay.
 
 Reference rule (``reference_index=None``): the image whose blurred version is
 closest (L1) to the blurred mean of the collection: a typical, central member.
@@ -264,6 +266,10 @@ class DPRC:
         if "curriculum" in overrides:
             overrides["curriculum"] = tuple(overrides["curriculum"])
         self.cfg = replace(DPRCConfig(), **overrides)
+        for name, allowed in (("init", ("moments", "centroid", "identity")), ("padding", ("border", "zeros")),
+                              ("preset", ("auto", *PRESETS))):
+            if getattr(self.cfg, name) not in allowed:
+                raise ValueError(f"dprc option {name}={getattr(self.cfg, name)!r}; choose one of {', '.join(allowed)}")
 
     def _nets(self, C: int, size: tuple[int, int], warp: str) -> tuple[DeSTNet, PenalisedAutoEncoder]:
         preset = self.cfg.preset
