@@ -8,6 +8,7 @@ Either way this process never imports torch.
 from __future__ import annotations
 
 import logging
+import sys
 import uuid
 from contextlib import asynccontextmanager
 
@@ -31,7 +32,23 @@ See docs/service.md for the full guide.
 """
 
 
+def check_access(settings: Settings) -> None:
+    """Refuse to serve a shared deployment without keys; say so loudly when open."""
+    if settings.api_key_hashes:
+        log.info("congeal API: %d API key(s) configured", len(settings.api_key_hashes))
+        return
+    if not settings.embedded and not settings.allow_open:
+        raise RuntimeError("CONGEAL_API_KEYS is not set: a Redis-backed deployment needs API keys "
+                           "(or CONGEAL_ALLOW_OPEN=true to serve everyone as 'anonymous'); see docs/service.md")
+    # stderr as well as the log: uvicorn does not show this logger by default, and this must be seen.
+    msg = ("congeal API: OPEN ACCESS - no API keys configured (CONGEAL_API_KEYS); every caller is "
+           "'anonymous' and sees every job. Fine on localhost, not on a network.")
+    log.warning(msg)
+    print(msg, file=sys.stderr, flush=True)
+
+
 def build_state(settings: Settings) -> ServiceState:
+    check_access(settings)
     store = open_store(settings)
     artifacts = ArtifactStore(settings.data_dir)
     artifacts.root.mkdir(parents=True, exist_ok=True)

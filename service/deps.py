@@ -1,11 +1,15 @@
 """FastAPI dependencies, as ``Annotated`` aliases the routers use."""
 from __future__ import annotations
 
+import hashlib
+import hmac
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from starlette.concurrency import run_in_threadpool
 
 from .contracts import ArtifactStore, Dispatcher, JobRecord, JobStore, Settings, valid_job_id
 
@@ -47,10 +51,54 @@ def _state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(_state)]
 
 
-def get_owner() -> str:
-    """Who is calling. One shared owner until API keys arrive; records already carry it,
-    so listing and access checks need no change when this returns a tenant."""
-    return "anonymous"
+ANONYMOUS = "anonymous"
+_RATE_WINDOW_S = 60
+
+
+def _presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return request.headers.get("x-api-key") or None
+
+
+def authenticate(settings: Settings, presented: str | None) -> str | None:
+    """The tenant whose key this is, or None. Every configured hash is compared, in
+    constant time, so timing says nothing about which tenant or how much matched."""
+    digest = hashlib.sha256(presented.encode()).hexdigest() if presented else "-" * 64
+    found = None
+    for tenant, want in settings.api_key_hashes:
+        if hmac.compare_digest(digest, want) and found is None:
+            found = tenant
+    return found
+
+
+def _unauthorized(msg: str) -> HTTPException:
+    return HTTPException(401, msg, headers={"WWW-Authenticate": 'Bearer realm="congeal"'})
+
+
+async def get_owner(request: Request, state: StateDep) -> str:
+    """Who is calling: the tenant of the API key (``Authorization: Bearer <key>`` or
+    ``X-API-Key``), 401 without a valid one. With no keys configured (embedded mode, or
+    ``allow_open``) everyone is ``anonymous``. Each call also counts against the tenant's
+    request rate: 429 with ``Retry-After`` above ``rate_limit_per_minute``."""
+    s = state.settings
+    if s.api_key_hashes:
+        presented = _presented_key(request)
+        if presented is None:
+            raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        owner = authenticate(s, presented)
+        if owner is None:
+            raise _unauthorized("invalid API key")
+    else:
+        owner = ANONYMOUS
+    if s.rate_limit_per_minute:
+        count, reset_s = await run_in_threadpool(state.store.hit, f"req:{owner}", _RATE_WINDOW_S)
+        if count > s.rate_limit_per_minute:
+            raise HTTPException(429, f"rate limit of {s.rate_limit_per_minute} requests per minute exceeded",
+                                headers={"Retry-After": str(max(1, math.ceil(reset_s)))})
+    return owner
 
 
 OwnerDep = Annotated[str, Depends(get_owner)]

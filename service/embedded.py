@@ -33,7 +33,8 @@ class EmbeddedRunner:
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._loop, args=(i,), name=f"congeal-job-{i}", daemon=True)
                          for i in range(settings.embedded_workers)]
-        self._maintenance = Maintenance(store, self, settings, name=self.name, info={"kind": "embedded"})
+        self._maintenance = Maintenance(store, self, settings, name=self.name, info={"kind": "embedded"},
+                                        artifacts=artifacts)
 
     def start(self) -> "EmbeddedRunner":
         for t in self._threads:

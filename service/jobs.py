@@ -37,7 +37,8 @@ def _parse_options(model: type[BaseModel], fields: dict[str, str]) -> BaseModel:
 def _limits(state: ServiceState) -> LoadLimits:
     s = state.settings
     return LoadLimits(max_images=s.max_images_per_job, max_pixels=s.max_pixels_per_image,
-                      max_side=s.max_side_per_image, max_total_bytes=s.max_upload_bytes * 4,
+                      max_side=s.max_side_per_image, max_archive_members=s.max_archive_members,
+                      max_total_bytes=s.max_uncompressed_bytes, max_compression_ratio=s.max_compression_ratio,
                       max_file_bytes=min(LoadLimits().max_file_bytes, s.max_upload_bytes))
 
 
@@ -50,6 +51,12 @@ async def accept_job(request: Request, state: ServiceState, owner: str, *, kind:
     The task is not sent here; the caller dispatches new jobs.
     """
     s = state.settings
+    in_flight = await run_in_threadpool(state.store.count_in_flight, owner)
+    if in_flight >= s.max_jobs_in_flight_per_key:
+        # Checked before the upload is read, so a tenant at its limit costs no disk. Two uploads
+        # racing past the check can both start: the limit is per request, not a lock.
+        raise HTTPException(429, f"{in_flight} jobs queued or running; at most {s.max_jobs_in_flight_per_key} "
+                                 f"per API key: wait for one to finish", headers={"Retry-After": "10"})
     job_id = new_job_id()
     dest = state.artifacts.input_dir(job_id)
     try:

@@ -18,7 +18,8 @@ from python_multipart.multipart import MultipartParseError, MultipartParser, par
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from models.imageio import IMAGE_EXTENSIONS, InputError, LoadLimits, decode_image, is_archive, load_collection
+from models.imageio import (IMAGE_EXTENSIONS, InputError, LimitExceeded, LoadLimits, decode_image, is_archive,
+                            scan_collection)
 
 __all__ = ["UploadError", "Upload", "receive_upload", "inspect_upload", "FILE_FIELD", "input_error_status"]
 
@@ -184,14 +185,9 @@ async def receive_upload(request: Request, dest: Path, *, max_bytes: int, max_fi
     return rx.up
 
 
-def input_error_status(message: str) -> int:
-    """413 for inputs refused for their size (pixel, byte or count limits, bombs), else 422.
-
-    ``models.imageio`` raises one ``InputError`` type; its messages say "limit"
-    or "too large" exactly when a size limit was hit.
-    """
-    low = message.lower()
-    return 413 if ("limit" in low or "too large" in low or "more than" in low) else 422
+def input_error_status(e: InputError) -> int:
+    """413 for inputs refused by a limit (pixels, bytes, counts, bombs), else 422."""
+    return 413 if isinstance(e, LimitExceeded) else 422
 
 
 def inspect_upload(dest: Path, files: list[str], limits: LoadLimits, min_images: int) -> tuple[list[str], str | None]:
@@ -209,20 +205,19 @@ def inspect_upload(dest: Path, files: list[str], limits: LoadLimits, min_images:
             if len(files) > 1:
                 raise UploadError(422, f"send either image files or one archive, not both "
                                        f"({bundles[0]} and {len(files) - 1} other file(s))")
-            col = load_collection(dest / bundles[0], limits)
-            names, archive = col.names, bundles[0]
-            del col
+            # Members are decoded one at a time and dropped: memory stays flat however large the archive.
+            names, archive = [n for n, _ in scan_collection(dest / bundles[0], limits)], bundles[0]
         else:
             if len(files) > limits.max_images:
                 raise UploadError(413, f"{len(files)} images, above the limit of {limits.max_images} per job")
             for f in files:
                 p = dest / f
                 if os.path.getsize(p) > limits.max_file_bytes:
-                    raise InputError(f"{f}: file is above the per-file limit of {limits.max_file_bytes} bytes")
+                    raise LimitExceeded(f"{f}: file is above the per-file limit of {limits.max_file_bytes} bytes")
                 decode_image(p.read_bytes(), f, limits)  # decoded and dropped: only validity matters here
             names, archive = list(files), None
     except InputError as e:
-        raise UploadError(input_error_status(str(e)), str(e)) from None
+        raise UploadError(input_error_status(e), str(e)) from None
     if len(names) < min_images:
         raise UploadError(422, f"{len(names)} image(s): this needs at least {min_images}")
     return names, archive

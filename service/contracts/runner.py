@@ -47,6 +47,8 @@ __all__ = [
     "JobRunner",
     "Maintenance",
     "reconcile",
+    "purge",
+    "sweep_expired",
     "worker_name",
     "RESUME_PREFIX",
 ]
@@ -359,12 +361,37 @@ def reconcile(store: JobStore, dispatcher: Dispatcher) -> list[str]:
     return requeued
 
 
+def purge(store: JobStore, artifacts: ArtifactStore, job_id: str) -> None:
+    """Delete a finished job: its files first, then the record, so a failure half-way leaves
+    a record that a later sweep (or DELETE) finds again, never files nobody can find."""
+    artifacts.remove_job(job_id)
+    store.delete(job_id)
+
+
+def sweep_expired(store: JobStore, artifacts: ArtifactStore, ttl_s: float) -> list[str]:
+    """Purge jobs that ended more than ``ttl_s`` ago. Any number of workers may sweep at
+    once: purging twice is harmless."""
+    gone = []
+    for jid in store.expired_ids(now() - ttl_s):
+        rec = store.get(jid)
+        if rec is not None and not rec.terminal:  # the index is ahead of a requeued record
+            continue
+        purge(store, artifacts, jid)
+        gone.append(jid)
+    if gone:
+        log.info("retention: purged %d job(s) finished more than %.0f s ago", len(gone), ttl_s)
+    return gone
+
+
 class Maintenance:
-    """A worker's background thread: heartbeat for ``/readyz`` and the reconciler."""
+    """A worker's background thread: heartbeat for ``/readyz``, the reconciler, and the
+    retention sweep (every ``sweep_interval_s``, when ``job_ttl_s`` is set)."""
 
     def __init__(self, store: JobStore, dispatcher: Dispatcher, settings: Settings, name: str,
-                 info: dict | None = None):
+                 info: dict | None = None, artifacts: ArtifactStore | None = None):
         self.store, self.dispatcher, self.settings, self.name = store, dispatcher, settings, name
+        self.artifacts = artifacts or ArtifactStore(settings.data_dir)
+        self._last_sweep = float("-inf")
         self.info = info or {}
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="congeal-maintenance", daemon=True)
@@ -391,6 +418,10 @@ class Maintenance:
             try:
                 self._beat()
                 reconcile(self.store, self.dispatcher)
+                ttl = self.settings.job_ttl_s
+                if ttl is not None and time.monotonic() - self._last_sweep >= self.settings.sweep_interval_s:
+                    self._last_sweep = time.monotonic()
+                    sweep_expired(self.store, self.artifacts, ttl)
             except Exception:
                 log.exception("maintenance pass failed; retrying")
             if self._stop.wait(every):

@@ -7,16 +7,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+import hashlib
+import re
+
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "hash_api_key"]
+
+_KEY_ENTRY = re.compile(r"^([A-Za-z0-9_.-]{1,64}):([0-9a-f]{64})$")
+
+
+def hash_api_key(key: str) -> str:
+    """What ``CONGEAL_API_KEYS`` stores for a key: its SHA-256, hex. Keys are long random
+    tokens, so a fast unsalted hash is enough; only the hash ever sits in the config."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class Settings(BaseSettings):
     """Every knob of the service. ``CONGEAL_REDIS_URL`` unset means embedded mode."""
 
-    model_config = SettingsConfigDict(env_prefix="CONGEAL_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a bad setting must not print a secret an operator pasted by mistake.
+    model_config = SettingsConfigDict(env_prefix="CONGEAL_", extra="ignore", frozen=True, hide_input_in_errors=True)
 
     # --- deployment
     redis_url: str | None = Field(
@@ -28,6 +40,20 @@ class Settings(BaseSettings):
     inference_queue: str | None = Field(None, description="queue for inference jobs; default: '<queue>.inference'")
     device: str = Field("auto", description="torch device the training child uses (auto, cpu, cuda, cuda:1)")
     embedded_workers: int = Field(1, ge=1, le=16, description="job threads in embedded mode")
+
+    # --- tenants
+    api_keys: str | None = Field(
+        None, description="comma-separated 'tenant:sha256hex' entries (hash: service.contracts.hash_api_key, "
+                          "or `printf %s KEY | sha256sum`); unset: open access, allowed in embedded mode only "
+                          "(or with allow_open)")
+    allow_open: bool = Field(False, description="Redis mode without api_keys: serve everyone as 'anonymous'")
+    max_jobs_in_flight_per_key: int = Field(8, ge=1, description="queued + running jobs one tenant may have")
+    rate_limit_per_minute: int = Field(1200, ge=0, description="requests per tenant per minute "
+                                                               "(fixed window, kept in Redis); 0: off")
+    job_ttl_s: float | None = Field(
+        7 * 24 * 3600, gt=0, description="finished jobs (record and files) are deleted this long after they "
+                                         "end; unset: kept forever")
+    sweep_interval_s: float = Field(60.0, gt=0, description="how often workers look for expired jobs")
 
     # --- reliability
     visibility_timeout_s: int = Field(
@@ -50,12 +76,35 @@ class Settings(BaseSettings):
     max_images_per_job: int = Field(100_000, ge=1)
     max_pixels_per_image: int = Field(40_000_000, ge=1)
     max_side_per_image: int = Field(16_384, ge=1)
+    max_archive_members: int = Field(250_000, ge=1, description="entries in one uploaded archive")
+    max_uncompressed_bytes: int = Field(4 * 1024**3, ge=1, description="an archive's total expanded size")
+    max_compression_ratio: float = Field(200.0, gt=1, description="expanded/compressed size of an archive member "
+                                                                  "above 1 MiB (zip bombs)")
     max_budget: int = Field(1000, ge=1, description="largest training budget (epochs) a job may ask for")
     sync_inference_max_images: int = Field(64, ge=0, description="inference batches up to this size are "
                                                                  "answered synchronously")
     sync_inference_timeout_s: float = Field(60.0, gt=0, description="how long a synchronous inference "
                                                                     "waits before answering 202 with the job")
     page_size_max: int = Field(100, ge=1)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        for entry in v.split(","):
+            if not _KEY_ENTRY.match(entry.strip()):
+                # Never echo the entry: an operator may have pasted a raw key here by mistake.
+                raise ValueError("api_keys: each entry must be 'tenant:<64 lowercase hex sha256>' "
+                                 "(tenant: letters, digits, '_', '.', '-')")
+        return v
+
+    @property
+    def api_key_hashes(self) -> list[tuple[str, str]]:
+        """``(tenant, sha256 hex)`` pairs; empty when access is open."""
+        if not self.api_keys:
+            return []
+        return [tuple(e.strip().split(":", 1)) for e in self.api_keys.split(",")]  # type: ignore[misc]
 
     @property
     def inference_queue_name(self) -> str:

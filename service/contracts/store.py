@@ -21,6 +21,7 @@ from .records import Attempt, JobRecord, JobStatus, ProgressRecord, now
 
 __all__ = ["JobStore", "RedisJobStore", "SqliteJobStore", "Claim", "open_store"]
 
+_HITS_LOCK = threading.Lock()
 Mutator = Callable[[JobRecord], "JobRecord | None"]
 
 
@@ -73,6 +74,32 @@ class JobStore(ABC):
 
     @abstractmethod
     def live_workers(self) -> list[dict]: ...
+
+    @abstractmethod
+    def count_in_flight(self, owner: str) -> int:
+        """How many of the owner's jobs are queued or running."""
+
+    @abstractmethod
+    def delete(self, job_id: str) -> None:
+        """Forget a job entirely (its files are the artifact store's business)."""
+
+    @abstractmethod
+    def expired_ids(self, finished_before: float, limit: int = 500) -> list[str]:
+        """Terminal jobs that ended before ``finished_before``, oldest first."""
+
+    def hit(self, bucket: str, window_s: int) -> tuple[int, float]:
+        """Count one request against ``bucket`` in the current fixed window.
+        Returns the count so far and the seconds until the window resets.
+        This in-process version serves embedded mode (one process); Redis overrides it."""
+        t = now()
+        window = int(t // window_s)
+        with _HITS_LOCK:
+            hits = self.__dict__.setdefault("_hits", {})
+            key = (bucket, window)
+            hits[key] = hits.get(key, 0) + 1
+            for k in [k for k in hits if k[1] < window]:
+                del hits[k]
+            return hits[key], (window + 1) * window_s - t
 
     def close(self) -> None:  # pragma: no cover - trivial
         pass
@@ -288,6 +315,9 @@ class RedisJobStore(JobStore):
         P:owner:<owner>:jobs       sorted set of ids by creation time
         P:idem:<owner>:<key>       idempotency key -> id
         P:active                   set of ids not yet terminal
+        P:owner:<owner>:active     the same, per owner (jobs-in-flight limit)
+        P:finished                 sorted set of terminal ids by end time (retention sweep)
+        P:rate:<bucket>:<window>   request counter of one fixed window, expires
         P:worker:<name>            worker heartbeat, expires
     """
 
@@ -323,6 +353,7 @@ class RedisJobStore(JobStore):
                     pipe.set(jk, rec.model_dump_json())
                     pipe.zadd(self._k("owner", rec.owner, "jobs"), {rec.id: rec.created_at})
                     pipe.sadd(self._k("active"), rec.id)
+                    pipe.sadd(self._k("owner", rec.owner, "active"), rec.id)
                     if ik:
                         pipe.set(ik, rec.id)
                     pipe.execute()
@@ -353,8 +384,11 @@ class RedisJobStore(JobStore):
                     pipe.set(jk, new.model_dump_json())
                     if new.terminal:
                         pipe.srem(self._k("active"), job_id)
+                        pipe.srem(self._k("owner", new.owner, "active"), job_id)
+                        pipe.zadd(self._k("finished"), {job_id: new.finished_at or now()})
                     else:
                         pipe.sadd(self._k("active"), job_id)
+                        pipe.sadd(self._k("owner", new.owner, "active"), job_id)
                     pipe.execute()
                     return new, True
                 except self._redis_mod.WatchError:
@@ -373,6 +407,38 @@ class RedisJobStore(JobStore):
 
     def active_ids(self) -> list[str]:
         return sorted(i.decode() for i in self.r.smembers(self._k("active")))
+
+    def count_in_flight(self, owner: str) -> int:
+        return self.r.scard(self._k("owner", owner, "active"))
+
+    def delete(self, job_id: str) -> None:
+        rec = self.get(job_id)
+        with self.r.pipeline() as pipe:
+            pipe.delete(self._k("job", job_id))
+            pipe.srem(self._k("active"), job_id)
+            pipe.zrem(self._k("finished"), job_id)
+            if rec is not None:
+                pipe.zrem(self._k("owner", rec.owner, "jobs"), job_id)
+                pipe.srem(self._k("owner", rec.owner, "active"), job_id)
+                if rec.idempotency_key:
+                    pipe.delete(self._k("idem", rec.owner, rec.idempotency_key))
+            pipe.execute()
+
+    def expired_ids(self, finished_before: float, limit: int = 500) -> list[str]:
+        return [i.decode() for i in self.r.zrangebyscore(self._k("finished"), "-inf", finished_before,
+                                                         start=0, num=limit)]
+
+    def hit(self, bucket: str, window_s: int) -> tuple[int, float]:
+        # Fixed window: INCR, and EXPIRE on the first hit only, in one round trip. Every API
+        # process shares the counter, so the limit holds however many replicas serve a tenant.
+        t = now()
+        window = int(t // window_s)
+        with self.r.pipeline() as pipe:
+            key = self._k("rate", bucket, str(window))
+            pipe.incr(key)
+            pipe.expire(key, window_s + 1, nx=True)
+            count, _ = pipe.execute()
+        return int(count), (window + 1) * window_s - t
 
     def heartbeat(self, worker: str, ttl_s: float, info: dict) -> None:
         self.r.set(self._k("worker", worker), json.dumps({**info, "name": worker, "seen_at": now()}),
@@ -483,6 +549,21 @@ class SqliteJobStore(JobStore):
     def active_ids(self) -> list[str]:
         with self._lock:
             return [r[0] for r in self.db.execute("SELECT id FROM jobs WHERE terminal=0 ORDER BY id")]
+
+    def count_in_flight(self, owner: str) -> int:
+        with self._lock:
+            return self.db.execute("SELECT COUNT(*) FROM jobs WHERE owner=? AND terminal=0", (owner,)).fetchone()[0]
+
+    def delete(self, job_id: str) -> None:
+        with self._lock:
+            self.db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+
+    def expired_ids(self, finished_before: float, limit: int = 500) -> list[str]:
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT id FROM jobs WHERE terminal=1 AND json_extract(data, '$.finished_at') < ? "
+                "ORDER BY json_extract(data, '$.finished_at') LIMIT ?", (finished_before, limit)).fetchall()
+        return [r[0] for r in rows]
 
     def heartbeat(self, worker: str, ttl_s: float, info: dict) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..contracts import RESULT_IMAGES, JobKind, JobRecord, JobStatus
+from ..contracts.runner import purge
 from ..deps import OwnerDep, ServiceState, StateDep, load_job
 from ..jobs import accept_job, multipart_openapi, to_public
 from ..schemas import ErrorPublic, JobCreate, JobPublic, JobsPublic
@@ -112,17 +113,21 @@ def get_job(job_id: str, request: Request, state: StateDep, owner: OwnerDep) -> 
 
 
 @router.delete("/{job_id}", status_code=202, response_model=JobPublic, name="cancel_job",
-               responses={404: _ERRORS[404], 409: {"model": ErrorPublic, "description": "the job already ended"}},
-               summary="Cancel a queued or running job")
-def cancel_job(job_id: str, request: Request, state: StateDep, owner: OwnerDep) -> JobPublic:
+               responses={204: {"description": "the job had ended: its record and every file are deleted"},
+                          404: _ERRORS[404]},
+               summary="Cancel a queued or running job; delete a finished one")
+def cancel_job(job_id: str, request: Request, state: StateDep, owner: OwnerDep):
     """A queued job is cancelled at once. A running one is flagged: its worker stops the
-    training process within seconds and the status turns ``cancelled``."""
+    training process within seconds and the status turns ``cancelled`` (202 either way).
+    A job that has already ended (succeeded, failed or cancelled) is purged: its uploads,
+    results and model are deleted with its record, and it answers 204; afterwards it is 404."""
     load_job(state, owner, job_id)
     rec, changed = state.store.request_cancel(job_id)
     if rec is None:
         raise HTTPException(404, f"no job with id {job_id!r}")
     if not changed and rec.terminal:
-        raise HTTPException(409, f"job {job_id} already {rec.status.value}; there is nothing to cancel")
+        purge(state.store, state.artifacts, job_id)
+        return Response(status_code=204)
     return to_public(rec, request)
 
 

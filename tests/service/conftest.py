@@ -10,7 +10,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for service_testlib (importlib import mode)
 
-from service_testlib import REDIS_URL, Env, Worker  # noqa: E402
+from service_testlib import REDIS_URL, Env, Worker, auth  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -67,5 +67,5 @@ def client(worker_env):
 
     from service.app import create_app
 
-    with TestClient(create_app(worker_env.settings())) as c:
+    with TestClient(create_app(worker_env.settings()), headers=auth()) as c:
         yield c

@@ -19,10 +19,18 @@ import redis
 from PIL import Image
 
 from service.contracts import RedisJobStore, Settings
+from service.contracts.settings import hash_api_key
 
 REDIS_URL = os.environ.get("CONGEAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 SAMPLES = sorted((Path(__file__).resolve().parents[2] / "congeal" / "samples").glob("*.png"))
 TERMINAL = {"succeeded", "failed", "cancelled"}
+# Two tenants. Only the hashes go into the service's settings, as an operator would configure it.
+KEYS = {"alice": "ak-alice-5f0c2e9b7d4a41c3", "bob": "ak-bob-91d3b6e0a2c84f7e"}
+API_KEYS = ",".join(f"{t}:{hash_api_key(k)}" for t, k in KEYS.items())
+
+
+def auth(tenant: str = "alice") -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[tenant]}"}
 
 
 class Env:
@@ -44,6 +52,7 @@ class Env:
             "CONGEAL_CANCEL_GRACE_S": "3",
             "CONGEAL_SYNC_INFERENCE_MAX_IMAGES": "4",
             "CONGEAL_SYNC_INFERENCE_TIMEOUT_S": "90",
+            "CONGEAL_API_KEYS": API_KEYS,
         }
         self.vars.update({f"CONGEAL_{k.upper()}": str(v) for k, v in overrides.items()})
 
@@ -53,7 +62,7 @@ class Env:
         return Settings(**kw)
 
     def store(self) -> RedisJobStore:
-        return RedisJobStore(REDIS_URL, self.vars["CONGEAL_KEY_PREFIX"])
+        return RedisJobStore(self.vars["CONGEAL_REDIS_URL"], self.vars["CONGEAL_KEY_PREFIX"])
 
     def cleanup(self, r: redis.Redis) -> None:
         prefix = self.vars["CONGEAL_KEY_PREFIX"]

@@ -14,17 +14,19 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service_testlib import SAMPLES, files_for, png_bytes
+from service_testlib import SAMPLES, auth, files_for, png_bytes
 
 
 @pytest.fixture(scope="module")
 def env(make_env):
-    return make_env(max_upload_bytes=200_000, max_pixels_per_image=10_000, max_budget=50)
+    # No worker consumes this queue, so jobs pile up: the in-flight limit is tested on its own.
+    return make_env(max_upload_bytes=200_000, max_pixels_per_image=10_000, max_budget=50,
+                    max_jobs_in_flight_per_key=10_000)
 
 
 @pytest.fixture(scope="module")
 def api(env):
-    with TestClient(create_app(env.settings()), raise_server_exceptions=False) as c:
+    with TestClient(create_app(env.settings()), raise_server_exceptions=False, headers=auth()) as c:
         yield c
 
 
@@ -183,7 +185,7 @@ def test_idempotency_key_returns_the_same_job(api, env):
     from service.contracts import JobKind, JobRecord, JobStatus
 
     store = env.store()
-    model = JobRecord(id="e" * 32, kind=JobKind.align, status=JobStatus.succeeded,
+    model = JobRecord(id="e" * 32, kind=JobKind.align, owner="alice", status=JobStatus.succeeded,
                       result={"n_images": 3, "has_model": True})
     store.insert(model)
     (env.data_dir / "jobs" / model.id / "output" / "model").mkdir(parents=True)
@@ -209,12 +211,18 @@ def test_cancel_a_queued_job(api, env):
     r = api.delete(f"/jobs/{job['id']}")
     assert r.status_code == 202 and r.json()["status"] == "cancelled"
     assert r.json()["finished_at"] is not None and r.json()["links"]["cancel"] is None
-    again = api.delete(f"/jobs/{job['id']}")
-    assert again.status_code == 409 and "already cancelled" in _detail(again)
     # Its task is still in the broker; when a worker takes it, it must not run.
     from service.contracts.runner import JobRunner
 
     assert JobRunner(env.store(), None, env.settings()).run(job["id"]).startswith("skipped")
+    # DELETE on a job that has ended purges it: record, uploads, everything.
+    assert (env.data_dir / "jobs" / job["id"] / "input").is_dir()
+    again = api.delete(f"/jobs/{job['id']}")
+    assert again.status_code == 204 and not again.content
+    assert not (env.data_dir / "jobs" / job["id"]).exists() and env.store().get(job["id"]) is None
+    assert api.get(f"/jobs/{job['id']}").status_code == 404
+    assert job["id"] not in [j["id"] for j in api.get("/jobs", params={"limit": 100}).json()["data"]]
+    assert api.delete(f"/jobs/{job['id']}").status_code == 404
 
 
 def test_openapi_documents_the_upload_and_every_endpoint(api):
@@ -247,7 +255,56 @@ def test_an_unexpected_error_is_a_json_500_and_the_service_keeps_serving(env):
 
 def test_job_records_survive_an_api_restart(api, env):
     job = api.post("/jobs", files=_ok_files()).json()
-    with TestClient(create_app(env.settings())) as fresh:  # a new API process would see the same
+    with TestClient(create_app(env.settings()), headers=auth()) as fresh:  # a new API process would see the same
         again = fresh.get(f"/jobs/{job['id']}")
         assert again.status_code == 200 and again.json()["created_at"] == job["created_at"]
         assert job["id"] in [j["id"] for j in fresh.get("/jobs", params={"limit": 100}).json()["data"]]
+
+
+# ---------------------------------------------------------------------- tenants
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "Basic abc"},
+                                     {"X-API-Key": "ak-alice-5f0c2e9b7d4a41c"}])  # one character short
+def test_missing_or_wrong_key_is_401(env, headers):
+    with TestClient(create_app(env.settings())) as c:
+        for method, path in (("get", "/jobs"), ("get", "/jobs/0123456789abcdef0123456789abcdef"),
+                             ("post", "/jobs"), ("get", "/models/0123456789abcdef0123456789abcdef")):
+            r = getattr(c, method)(path, headers=headers)
+            assert r.status_code == 401 and "API key" in _detail(r), (path, r.text)
+            assert r.headers["www-authenticate"].startswith("Bearer")
+        assert c.get("/healthz").status_code == 200  # probes need no key
+
+
+def test_another_tenants_job_is_404_and_invisible(api, env):
+    from service_testlib import KEYS
+
+    job = api.post("/jobs", files=_ok_files()).json()
+    assert env.store().get(job["id"]).owner == "alice"
+    bob = {"Authorization": f"Bearer {KEYS['bob']}"}
+    for path in (f"/jobs/{job['id']}", f"/jobs/{job['id']}/transforms", f"/models/{job['id']}"):
+        r = api.get(path, headers=bob)
+        assert r.status_code == 404 and job["id"] in _detail(r), path
+    assert api.delete(f"/jobs/{job['id']}", headers=bob).status_code == 404
+    assert api.post(f"/models/{job['id']}/align", files=_ok_files(1), headers=bob).status_code == 404
+    assert job["id"] not in [j["id"] for j in api.get("/jobs", params={"limit": 100}, headers=bob).json()["data"]]
+    assert api.get(f"/jobs/{job['id']}").json()["status"] == "queued"  # bob's cancel did nothing
+    with TestClient(create_app(env.settings())) as c:  # the other header form, no default header
+        assert c.get(f"/jobs/{job['id']}", headers={"X-API-Key": KEYS["alice"]}).status_code == 200
+        assert c.get(f"/jobs/{job['id']}", headers={"X-API-Key": KEYS["bob"]}).status_code == 404
+
+
+def test_redis_mode_refuses_to_start_open(env):
+    with pytest.raises(RuntimeError, match="CONGEAL_API_KEYS"):
+        with TestClient(create_app(env.settings(api_keys=None))):
+            pass
+    with TestClient(create_app(env.settings(api_keys=None, allow_open=True))) as c:
+        assert c.get("/jobs").status_code == 200
+
+
+def test_malformed_key_config_is_refused_without_echoing_it(env):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as e:
+        env.settings(api_keys="alice:not-a-hash-but-a-raw-secret")
+    assert "raw-secret" not in str(e.value)

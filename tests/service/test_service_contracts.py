@@ -256,3 +256,24 @@ def test_every_setting_is_documented():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "service.md").read_text()
     missing = [f"CONGEAL_{n.upper()}" for n in Settings.model_fields if f"`CONGEAL_{n.upper()}`" not in doc]
     assert not missing, missing
+
+
+def test_retention_sweep_purges_only_jobs_finished_before_the_ttl(store, tmp_path):
+    from service.contracts import ArtifactStore
+    from service.contracts.runner import sweep_expired
+
+    arts = ArtifactStore(tmp_path)
+    old, recent, running = _job(), _job(), _job()
+    for r in (old, recent, running):
+        store.insert(r)
+        arts.input_dir(r.id).mkdir(parents=True)
+        (arts.input_dir(r.id) / "a.png").write_bytes(b"x")
+    for r, age in ((old, 100.0), (recent, 1.0)):
+        store.update(r.id, lambda rec, age=age: rec.model_copy(update={
+            "status": JobStatus.succeeded, "finished_at": time.time() - age}))
+    assert sweep_expired(store, arts, ttl_s=50) == [old.id]
+    assert store.get(old.id) is None and not arts.job_dir(old.id).exists()
+    assert old.id not in [r.id for r in store.list("alice", 0, 100)[0]]
+    assert store.get(recent.id) is not None and arts.job_dir(recent.id).exists()
+    assert store.get(running.id) is not None and arts.job_dir(running.id).exists()
+    assert sweep_expired(store, arts, ttl_s=50) == []  # twice is harmless

@@ -141,7 +141,9 @@ def test_cancel_a_running_job_stops_its_training_process(client, worker_env):
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not pid_alive(pid)
-    assert client.delete(f"/jobs/{jid}").status_code == 409
+    assert (worker_env.data_dir / "jobs" / jid / "input").is_dir()
+    assert client.delete(f"/jobs/{jid}").status_code == 204  # over: a second DELETE purges it
+    assert not (worker_env.data_dir / "jobs" / jid).exists() and client.get(f"/jobs/{jid}").status_code == 404
 
 
 def test_a_job_over_its_time_limit_fails_with_a_readable_error(client):
@@ -156,7 +158,7 @@ def test_inference_with_a_damaged_model_fails_with_a_readable_error(client, trai
     """The artifact store lost a model's weights: the job fails, says why, and nothing crashes."""
     job, _ = trained
     store, data = worker_env.store(), worker_env.data_dir
-    fake = JobRecord(id="f" * 32, kind=JobKind.align, status=JobStatus.succeeded,
+    fake = JobRecord(id="f" * 32, kind=JobKind.align, owner="alice", status=JobStatus.succeeded,
                      result={"n_images": 24, "has_model": True})
     store.insert(fake)
     src, dst = data / "jobs" / job["id"] / "output" / "model", data / "jobs" / fake.id / "output" / "model"

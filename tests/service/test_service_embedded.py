@@ -105,4 +105,21 @@ def test_congeal_serve_answers_on_its_port(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert "embedded" in proc.stdout.read()
+    out = proc.stdout.read()
+    assert "embedded" in out and "OPEN ACCESS" in out  # no keys configured: it says so
+
+
+def test_finished_jobs_expire_with_their_files(tmp_path):
+    """Retention end to end: the runner's periodic sweep deletes a job that ended more than
+    job_ttl_s ago, record and folder."""
+    s = _embedded(tmp_path, job_ttl_s=1, sweep_interval_s=0.5, embedded_workers=1)
+    with TestClient(create_app(s)) as c:
+        jid = c.post("/jobs", files=files_for(SAMPLES[:4]), data={"budget": "500"}).json()["id"]
+        assert c.delete(f"/jobs/{jid}").status_code == 202  # cancelled: queued at once, running within seconds
+        wait_job(c, jid, timeout=30)
+        assert (tmp_path / "jobs" / jid).is_dir()
+        deadline = time.monotonic() + 15
+        while c.get(f"/jobs/{jid}").status_code != 404:
+            assert time.monotonic() < deadline, "the finished job was never swept"
+            time.sleep(0.25)
+        assert not (tmp_path / "jobs" / jid).exists()

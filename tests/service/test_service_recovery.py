@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service_testlib import SAMPLES, files_for, pid_alive, wait_job
+from service_testlib import SAMPLES, auth, files_for, pid_alive, wait_job
 
 pytestmark = pytest.mark.integration
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 def test_killed_worker_job_resumes_from_its_checkpoint(make_env, start_worker):
     env = make_env()  # its own queues: killing this worker disturbs no other test
     first = start_worker(env, name="doomed")
-    with TestClient(create_app(env.settings())) as client:
+    with TestClient(create_app(env.settings()), headers=auth()) as client:
         jid = client.post("/jobs", files=files_for(SAMPLES[:16]), data={"budget": "5"}).json()["id"]
         state = env.data_dir / "jobs" / jid / "checkpoint" / "state.json"
 
