@@ -13,7 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.data import mnist_digits  # noqa: E402

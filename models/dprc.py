@@ -38,16 +38,16 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import geometry as G
 from . import metrics as M
-from .methods import Cancelled, FitContext, FitResult, Progress, register_aligner, register_method
+from .methods import FitContext, FitResult, Progress, register_aligner, register_method
+from .imageops import background, blur
 from .nets import PRESETS, AutoEncoderConfig, DeSTNet, DeSTNetConfig, PenalisedAutoEncoder
 
 __all__ = ["DPRCConfig", "DPRC", "DPRCAligner", "choose_reference", "moment_init", "blur", "curriculum_family"]
@@ -85,32 +85,6 @@ class DPRCConfig:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _gauss_kernel(sigma: float, like: torch.Tensor) -> torch.Tensor:
-    r = max(1, int(math.ceil(3 * sigma)))
-    t = torch.arange(-r, r + 1, dtype=like.dtype, device=like.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    return k / k.sum()
-
-
-def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with replicate padding, ``(B, C, H, W)`` -> same. ``sigma`` in pixels."""
-    if sigma <= 0.05:
-        return x
-    k = _gauss_kernel(sigma, x)
-    r = k.numel() // 2
-    C = x.shape[1]
-    kx = k.view(1, 1, 1, -1).expand(C, 1, 1, -1)
-    ky = k.view(1, 1, -1, 1).expand(C, 1, -1, 1)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kx, groups=C)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), ky, groups=C)
-
-
-def background(x: torch.Tensor) -> torch.Tensor:
-    """Border median per image and channel, ``(B, C, 1, 1)``."""
-    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]], dim=-1)
-    return border.median(dim=-1).values[..., None, None]
 
 
 def _warp_bg(x: torch.Tensor, M_: torch.Tensor, bg: torch.Tensor | None) -> torch.Tensor:
@@ -319,7 +293,6 @@ class DPRC:
         sched_lr = lambda s: cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * s / max(1, total))))  # noqa: E731
         t0, last_ckpt = time.time(), time.time()
         step = start_epoch * steps_per_epoch
-        ref_bg = bg_all[ref:ref + 1]
         for epoch in range(start_epoch, epochs):
             net.train()
             ae.train()

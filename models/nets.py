@@ -15,7 +15,7 @@ the identity; the decoder's ``conv1-S`` seed is reshaped to ``S`` channels at
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

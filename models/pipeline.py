@@ -34,6 +34,7 @@ import torch
 
 from . import geometry as G
 from . import metrics as M
+from .imageops import background
 from .imageio import Collection, InputError, LoadLimits, load_collection, resize_to, save_png, working_size
 from .methods import Cancelled, FitContext, Progress, create_method, load_aligner
 
@@ -117,12 +118,6 @@ def _channels(im: np.ndarray, channels: int) -> np.ndarray:
     if channels == 1 and im.ndim == 3:
         return np.round(im.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
     return im
-
-
-def _border_fill(x: torch.Tensor) -> torch.Tensor:
-    """Per image and channel background estimate: median of the border pixels. ``(N, C)``."""
-    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]], dim=-1)
-    return border.median(dim=-1).values
 
 
 def aligned_file_names(names: list[str]) -> list[str]:
@@ -324,7 +319,7 @@ def _finish(tmp: Path, col: Collection, work: torch.Tensor, in_from_out_norm: to
     work_from_out = G.pixel_from_normalised(in_from_out_norm.detach().double().cpu(), wsize, wsize)
     orig_from_out = torch.stack([_orig_from_work(s, wsize) for s in col.sizes]) @ work_from_out
     orig_from_out = orig_from_out / orig_from_out[:, 2:3, 2:3]
-    fill = _border_fill(work)
+    fill = background(work)[..., 0, 0]  # (N, C)
     aligned = _resample_originals(col, work.shape[1], orig_from_out, wsize, fill)
     return _write_outputs(tmp, col, aligned, work, orig_from_out, fill, meta)
 
