@@ -68,9 +68,10 @@ class RaslConfig:
     target_rank: int = 0  # 0: nuclear norm (RASL); r > 0: PSSV's partial sum
     max_iters: int = 40  # outer iterations over all levels (FitContext.budget overrides)
     outer_tol: float = 1e-3  # stop a level when the objective's relative change is below this
-    inner_max_iters: int = 60
-    inner_tol: float = 1e-6  # |D + J dp - A - E|_F / |D|_F
-    rho: float = 1.25  # growth of the ALM penalty mu
+    inner_max_iters: int = 50
+    # |D + J dp - A - E|_F / |D|_F; float32 images and Jacobians floor it near 1e-6
+    inner_tol: float = 1e-5
+    rho: float = 1.5  # growth of the ALM penalty mu (Lin et al.'s inexact ALM default)
     levels: tuple[float, ...] = (2.0, 1.0)  # Gaussian blur sigmas, fit-size pixels
     level_caps: tuple = ()  # most general update family per level (None/absent: the requested one)
     max_step: float | None = 0.2  # trust region: max corner move per update, normalised units
@@ -132,8 +133,8 @@ def _spectral_norm(X: torch.Tensor, iters: int = 30) -> float:
     return math.sqrt(s)
 
 
-def rasl_inner(D: torch.Tensor, J: torch.Tensor, lam: float, *, keep: int = 0, rho: float = 1.25,
-               max_iters: int = 60, tol: float = 1e-6) -> InnerResult:
+def rasl_inner(D: torch.Tensor, J: torch.Tensor, lam: float, *, keep: int = 0, rho: float = 1.5,
+               max_iters: int = 50, tol: float = 1e-5) -> InnerResult:
     """The convex inner problem, by inexact ALM.
 
     ``min sum_{i>keep} sigma_i(A) + lam |E|_1  s.t.  D + [J_i dp_i] = A + E``.
