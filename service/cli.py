@@ -56,7 +56,8 @@ def _demo(args) -> int:
     from .client import ApiError, Client
 
     logging.basicConfig(level=logging.WARNING)
-    s = _settings(args.data_dir or "congeal-data", redis_url=None)  # embedded, whatever the environment says
+    # Embedded and open, whatever the environment says: the demo serves itself on 127.0.0.1 only.
+    s = _settings(args.data_dir or "congeal-data", redis_url=None, api_keys=None)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.contracts import Settings
-from service_testlib import SAMPLES, files_for, pid_alive, wait_job
+from service_testlib import API_KEYS, SAMPLES, files_for, pid_alive, wait_job
 
 pytestmark = pytest.mark.integration
 
@@ -27,6 +27,7 @@ def test_congeal_demo_aligns_the_sample_over_http(tmp_path):
     """The README's first command: embedded server, real HTTP upload, results on disk."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONGEAL_")}
     env["CONGEAL_REDIS_URL"] = "redis://127.0.0.1:1/0"  # a Redis that does not exist: the demo must not need one
+    env["CONGEAL_API_KEYS"] = API_KEYS  # keys meant for a real server: the local demo stays open
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "congeal", "demo", "--data-dir", str(tmp_path)], env=env,
                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
