@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Request
+from PIL import Image
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -21,11 +22,12 @@ from starlette.requests import ClientDisconnect
 from models.imageio import (IMAGE_EXTENSIONS, InputError, LimitExceeded, LoadLimits, decode_image, is_archive,
                             scan_collection)
 
+from .contracts.settings import IMAGE_FORMAT_EXTENSIONS
+
 __all__ = ["UploadError", "Upload", "receive_upload", "inspect_upload", "FILE_FIELD", "input_error_status"]
 
 FILE_FIELD = "files"
 _FIELD_MAX_BYTES = 64 * 1024
-_ACCEPTED = ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 
 class UploadError(Exception):
@@ -50,7 +52,7 @@ def _text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def _safe_name(raw: str) -> str:
+def _safe_name(raw: str, image_exts: tuple[str, ...] = IMAGE_EXTENSIONS) -> str:
     """The base name of an uploaded file, or an error saying why it cannot be used."""
     name = raw.replace("\\", "/").rsplit("/", 1)[-1].strip()
     if not name:
@@ -59,8 +61,9 @@ def _safe_name(raw: str) -> str:
         raise UploadError(422, f"{raw!r}: file names must be visible (no leading '.'), printable and "
                                f"at most 255 bytes")
     low = name.lower()
-    if not (low.endswith(IMAGE_EXTENSIONS) or is_archive(low) or low.endswith(".npy")):
-        raise UploadError(422, f"{name}: not an image or an archive (accepted: {_ACCEPTED}, "
+    if not (low.endswith(image_exts) or is_archive(low) or low.endswith(".npy")):
+        accepted = ", ".join(e.lstrip(".") for e in image_exts)
+        raise UploadError(422, f"{name}: not an accepted image or an archive (accepted: {accepted}, "
                                f"one .zip/.tar[.gz] archive, or one .npy array)")
     return name
 
@@ -68,8 +71,8 @@ def _safe_name(raw: str) -> str:
 class _Receiver:
     """Callbacks for the push parser: routes each part to a file or a field."""
 
-    def __init__(self, dest: Path, max_bytes: int, max_files: int):
-        self.dest, self.max_bytes, self.max_files = dest, max_bytes, max_files
+    def __init__(self, dest: Path, max_bytes: int, max_files: int, image_exts: tuple[str, ...] = IMAGE_EXTENSIONS):
+        self.dest, self.max_bytes, self.max_files, self.image_exts = dest, max_bytes, max_files, image_exts
         self.up = Upload()
         self.ended = False
         self._hname = self._hval = b""
@@ -103,7 +106,7 @@ class _Receiver:
             if name != FILE_FIELD:
                 raise UploadError(422, [{"loc": ["body", name], "type": "unknown_file_field",
                                          "msg": f"unknown file field {name!r}; send images as '{FILE_FIELD}'"}])
-            fname = _safe_name(_text(opts[b"filename"]))
+            fname = _safe_name(_text(opts[b"filename"]), self.image_exts)
             if len(self.up.files) >= self.max_files:
                 raise UploadError(413, f"more than {self.max_files} files in one upload")
             try:
@@ -153,7 +156,8 @@ class _Receiver:
             self._file = None
 
 
-async def receive_upload(request: Request, dest: Path, *, max_bytes: int, max_files: int) -> Upload:
+async def receive_upload(request: Request, dest: Path, *, max_bytes: int, max_files: int,
+                         image_exts: tuple[str, ...] = IMAGE_EXTENSIONS) -> Upload:
     """Stream a ``multipart/form-data`` body into ``dest``. Raises :class:`UploadError`.
 
     The caller removes ``dest`` on error.
@@ -166,7 +170,7 @@ async def receive_upload(request: Request, dest: Path, *, max_bytes: int, max_fi
     if length and length.isdigit() and int(length) > max_bytes + 64 * 1024:  # + room for part headers
         raise UploadError(413, f"upload is larger than the limit of {max_bytes} bytes")
     dest.mkdir(parents=True, exist_ok=True)
-    rx = _Receiver(dest, max_bytes, max_files)
+    rx = _Receiver(dest, max_bytes, max_files, image_exts)
     rx.parser = MultipartParser(params[b"boundary"], rx.callbacks())
     try:
         async for chunk in request.stream():
@@ -190,7 +194,8 @@ def input_error_status(e: InputError) -> int:
     return 413 if isinstance(e, LimitExceeded) else 422
 
 
-def inspect_upload(dest: Path, files: list[str], limits: LoadLimits, min_images: int) -> tuple[list[str], str | None]:
+def inspect_upload(dest: Path, files: list[str], limits: LoadLimits, min_images: int,
+                   formats: frozenset[str] | None = None) -> tuple[list[str], str | None]:
     """Decode every uploaded image (in a worker thread: this is CPU work).
 
     Returns the collection's image names and, when the upload was a single
@@ -207,6 +212,13 @@ def inspect_upload(dest: Path, files: list[str], limits: LoadLimits, min_images:
                                        f"({bundles[0]} and {len(files) - 1} other file(s))")
             # Members are decoded one at a time and dropped: memory stays flat however large the archive.
             names, archive = [n for n, _ in scan_collection(dest / bundles[0], limits)], bundles[0]
+            if formats is not None and not bundles[0].lower().endswith(".npy"):
+                # Members are checked by name only: models.imageio does not report a member's format.
+                exts = tuple(e for f in formats for e in IMAGE_FORMAT_EXTENSIONS[f])
+                bad = [n for n in names if not n.lower().endswith(exts)]
+                if bad:
+                    raise UploadError(422, f"{bundles[0]}: member {bad[0]!r} is not an accepted format "
+                                           f"({', '.join(sorted(formats))})")
         else:
             if len(files) > limits.max_images:
                 raise UploadError(413, f"{len(files)} images, above the limit of {limits.max_images} per job")
@@ -215,6 +227,12 @@ def inspect_upload(dest: Path, files: list[str], limits: LoadLimits, min_images:
                 if os.path.getsize(p) > limits.max_file_bytes:
                     raise LimitExceeded(f"{f}: file is above the per-file limit of {limits.max_file_bytes} bytes")
                 decode_image(p.read_bytes(), f, limits)  # decoded and dropped: only validity matters here
+                if formats is not None:
+                    with Image.open(p) as im:  # by content: a renamed file does not get through
+                        fmt = (im.format or "").lower()
+                    if fmt not in formats:
+                        raise UploadError(422, f"{f}: format {fmt.upper() or 'unknown'} is not accepted here "
+                                               f"(accepted: {', '.join(sorted(formats))})")
             names, archive = list(files), None
     except InputError as e:
         raise UploadError(input_error_status(e), str(e)) from None
@@ -223,5 +241,6 @@ def inspect_upload(dest: Path, files: list[str], limits: LoadLimits, min_images:
     return names, archive
 
 
-async def check_upload(dest: Path, files: list[str], limits: LoadLimits, min_images: int):
-    return await run_in_threadpool(inspect_upload, dest, files, limits, min_images)
+async def check_upload(dest: Path, files: list[str], limits: LoadLimits, min_images: int,
+                       formats: frozenset[str] | None = None):
+    return await run_in_threadpool(inspect_upload, dest, files, limits, min_images, formats)

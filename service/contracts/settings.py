@@ -5,16 +5,17 @@ artifact store and the limits. No FastAPI here: the worker imports it.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import hashlib
 import re
+from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "hash_api_key"]
 
+# Pillow's format name (lower case) -> the file name endings that announce it.
+IMAGE_FORMAT_EXTENSIONS = {"png": (".png",), "jpeg": (".jpg", ".jpeg"), "tiff": (".tif", ".tiff"), "bmp": (".bmp",)}
 _KEY_ENTRY = re.compile(r"^([A-Za-z0-9_.-]{1,64}):([0-9a-f]{64})$")
 
 
@@ -80,6 +81,8 @@ class Settings(BaseSettings):
     max_uncompressed_bytes: int = Field(4 * 1024**3, ge=1, description="an archive's total expanded size")
     max_compression_ratio: float = Field(200.0, gt=1, description="expanded/compressed size of an archive member "
                                                                   "above 1 MiB (zip bombs)")
+    allowed_formats: str = Field("png,jpeg,tiff,bmp", description="image formats accepted, comma-separated, "
+                                                                 "among png, jpeg, tiff, bmp (checked by content)")
     max_budget: int = Field(1000, ge=1, description="largest training budget (epochs) a job may ask for")
     sync_inference_max_images: int = Field(64, ge=0, description="inference batches up to this size are "
                                                                  "answered synchronously")
@@ -98,6 +101,22 @@ class Settings(BaseSettings):
                 raise ValueError("api_keys: each entry must be 'tenant:<64 lowercase hex sha256>' "
                                  "(tenant: letters, digits, '_', '.', '-')")
         return v
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _check_formats(cls, v: str) -> str:
+        got = {f.strip().lower() for f in v.split(",") if f.strip()}
+        if not got or not got <= set(IMAGE_FORMAT_EXTENSIONS):
+            raise ValueError(f"allowed_formats: a comma-separated subset of {', '.join(IMAGE_FORMAT_EXTENSIONS)}")
+        return ",".join(sorted(got))
+
+    @property
+    def image_formats(self) -> frozenset[str]:
+        return frozenset(self.allowed_formats.split(","))
+
+    @property
+    def image_extensions(self) -> tuple[str, ...]:
+        return tuple(e for f in sorted(self.image_formats) for e in IMAGE_FORMAT_EXTENSIONS[f])
 
     @property
     def api_key_hashes(self) -> list[tuple[str, str]]:

@@ -19,9 +19,9 @@ import time
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from service_testlib import SAMPLES, auth, files_for, wait_job
 
 from service.app import create_app
-from service_testlib import SAMPLES, auth, files_for, wait_job
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ class OwnRedis:
         self.dir, self.port = dir, port
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "OwnRedis":
+    def start(self) -> OwnRedis:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
              "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes"],

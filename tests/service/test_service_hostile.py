@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from service_testlib import SAMPLES, auth, png_bytes
 
 from service.app import create_app
-from service_testlib import SAMPLES, auth, png_bytes
 
 GOOD = SAMPLES[0].read_bytes()
 ESCAPE = f"congeal-escape-{uuid.uuid4().hex[:8]}.png"  # a name no test run could have left behind
@@ -136,7 +136,7 @@ def _assert_healthy(api):
 @pytest.mark.parametrize("case,files,status,words", REFUSED, ids=[c[0] for c in REFUSED])
 def test_hostile_upload_is_refused_cleanly(api, env, case, files, status, words):
     outside = env.data_dir.parent
-    before, before_outside = _tree(env.data_dir), set(p.name for p in outside.iterdir())
+    before, before_outside = _tree(env.data_dir), {p.name for p in outside.iterdir()}
     r = api.post("/jobs", files=[("files", (n, d, "application/octet-stream")) for n, d in files])
     if status is None:
         # A path in a multipart file name is reduced to its base name (documented): the upload is
@@ -151,7 +151,7 @@ def test_hostile_upload_is_refused_cleanly(api, env, case, files, status, words)
         for w in words:
             assert w in detail, (case, detail)
         assert _tree(env.data_dir) == before, "a refused upload left files behind"
-    assert set(p.name for p in outside.iterdir()) == before_outside  # nothing next to the data dir
+    assert {p.name for p in outside.iterdir()} == before_outside  # nothing next to the data dir
     assert not Path("/tmp", ESCAPE).exists() and not (env.data_dir / ESCAPE).exists()
     _assert_healthy(api)
 
@@ -184,3 +184,28 @@ def test_wrong_option_types_are_422_naming_the_field(api, env, field, value):
     assert field in str(r.json()["detail"])
     assert _tree(env.data_dir) == before
     _assert_healthy(api)
+
+
+def test_allowed_formats_are_checked_by_content_and_by_member_name(env):
+    from PIL import Image
+
+    def encoded(fmt: str) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(_gray(16, 16)).save(buf, format=fmt)
+        return buf.getvalue()
+
+    with TestClient(create_app(env.settings(allowed_formats="png")), headers=auth()) as c:
+        def post(files):
+            return c.post("/jobs", files=[("files", (n, d, "application/octet-stream")) for n, d in files])
+
+        r = post([("a.png", GOOD), ("b.jpg", encoded("JPEG"))])
+        assert r.status_code == 422 and "b.jpg" in str(r.json()["detail"]), r.text
+        r = post([("a.png", GOOD), ("b.png", encoded("BMP"))])  # renamed: caught by its content
+        assert r.status_code == 422 and "b.png" in r.json()["detail"] and "BMP" in r.json()["detail"], r.text
+        r = post([("x.zip", _zip({"a.png": GOOD, "b.tif": encoded("TIFF")}))])
+        assert r.status_code == 422 and "b.tif" in r.json()["detail"], r.text
+        r = post([("a.png", GOOD), ("b.png", GOOD)])
+        assert r.status_code == 202, r.text
+        assert c.delete(f"/jobs/{r.json()['id']}").status_code == 202
+    with pytest.raises(ValueError):
+        env.settings(allowed_formats="png,gif")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from service_testlib import SAMPLES, auth, files_for
 
 from service.app import create_app
-from service_testlib import SAMPLES, auth, files_for
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, settings
+from service_testlib import auth
 
-from service.app import create_app  # noqa: E402
-from service_testlib import auth  # noqa: E402
+from service.app import create_app
 
 pytestmark = pytest.mark.integration
 
