@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from .artifacts import ArtifactStore
+from .artifacts import ArtifactStore, valid_job_id
 from .records import JobKind, JobRecord, JobStatus, ProgressRecord, now
 from .settings import Settings
 from .store import JobStore
@@ -380,6 +380,32 @@ def sweep_expired(store: JobStore, artifacts: ArtifactStore, ttl_s: float) -> li
         gone.append(jid)
     if gone:
         log.info("retention: purged %d job(s) finished more than %.0f s ago", len(gone), ttl_s)
+    gone += _sweep_orphan_folders(store, artifacts, max(ttl_s, ORPHAN_FOLDER_GRACE_S))
+    return gone
+
+
+# An upload's folder exists before its record (the record is written once the upload is
+# checked). A folder with no record is an upload cut short by a killed API process; one this
+# old cannot be an upload still streaming in.
+ORPHAN_FOLDER_GRACE_S = 24 * 3600
+
+
+def _sweep_orphan_folders(store: JobStore, artifacts: ArtifactStore, older_than_s: float) -> list[str]:
+    jobs = artifacts.root / "jobs"
+    if not jobs.is_dir():
+        return []
+    cutoff = now() - older_than_s
+    gone = []
+    for d in jobs.iterdir():
+        try:
+            newest = max([d.stat().st_mtime] + [p.stat().st_mtime for p in d.iterdir()])
+        except OSError:
+            continue
+        # store.get raises if the store is down: then nothing is taken for an orphan.
+        if newest < cutoff and valid_job_id(d.name) and store.get(d.name) is None:
+            artifacts.remove_job(d.name)
+            gone.append(d.name)
+            log.warning("retention: removed %s, an upload folder with no job record", d)
     return gone
 
 

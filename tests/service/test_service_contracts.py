@@ -277,3 +277,25 @@ def test_retention_sweep_purges_only_jobs_finished_before_the_ttl(store, tmp_pat
     assert store.get(recent.id) is not None and arts.job_dir(recent.id).exists()
     assert store.get(running.id) is not None and arts.job_dir(running.id).exists()
     assert sweep_expired(store, arts, ttl_s=50) == []  # twice is harmless
+
+
+def test_sweep_removes_an_old_upload_folder_with_no_record_and_nothing_else(store, tmp_path):
+    import os
+
+    from service.contracts import ArtifactStore
+    from service.contracts.runner import ORPHAN_FOLDER_GRACE_S, sweep_expired
+
+    arts = ArtifactStore(tmp_path)
+    kept = _job()
+    store.insert(kept)
+    orphan, fresh = new_job_id(), new_job_id()  # an API killed mid-upload left these behind
+    for jid in (kept.id, orphan, fresh):
+        arts.input_dir(jid).mkdir(parents=True)
+        (arts.input_dir(jid) / "a.png").write_bytes(b"x")
+    old = time.time() - ORPHAN_FOLDER_GRACE_S - 60
+    for jid in (kept.id, orphan):
+        for p in (arts.input_dir(jid) / "a.png", arts.input_dir(jid), arts.job_dir(jid)):
+            os.utime(p, (old, old))
+    assert sweep_expired(store, arts, ttl_s=1) == [orphan]
+    assert not arts.job_dir(orphan).exists()
+    assert arts.job_dir(kept.id).exists() and arts.job_dir(fresh).exists()  # a record; an upload under way
