@@ -77,6 +77,7 @@ class LoadLimits:
     max_total_bytes: int = 4 * 1024**3  # uncompressed, whole archive
     max_compression_ratio: float = 200.0  # per member, for members above 1 MiB
     max_file_bytes: int = 256 * 1024**2
+    allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "TIFF", "BMP")  # checked by content, not name
 
 
 @dataclass
@@ -169,8 +170,10 @@ def decode_image(data: bytes, name: str, limits: LoadLimits = LoadLimits()) -> n
             raise LimitExceeded(f"{name}: image too large to decode safely ({e})") from None
         except Exception:
             raise InputError(f"{name}: not a readable image (unknown or corrupt format)") from None
-        if im.format not in _PIL_FORMATS:
-            raise InputError(f"{name}: format {im.format} is not accepted; use PNG, JPEG, TIFF or BMP")
+        fmt = "JPEG" if im.format == "MPO" else im.format
+        allowed = [f.upper() for f in limits.allowed_formats]
+        if im.format not in _PIL_FORMATS or fmt not in allowed:
+            raise InputError(f"{name}: format {im.format} is not accepted; use {', '.join(allowed)}")
         w, h = im.size
         if w < 1 or h < 1:
             raise LimitExceeded(f"{name}: image has no pixels ({w}x{h})")

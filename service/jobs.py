@@ -39,7 +39,8 @@ def _limits(state: ServiceState) -> LoadLimits:
     return LoadLimits(max_images=s.max_images_per_job, max_pixels=s.max_pixels_per_image,
                       max_side=s.max_side_per_image, max_archive_members=s.max_archive_members,
                       max_total_bytes=s.max_uncompressed_bytes, max_compression_ratio=s.max_compression_ratio,
-                      max_file_bytes=min(LoadLimits().max_file_bytes, s.max_upload_bytes))
+                      max_file_bytes=min(LoadLimits().max_file_bytes, s.max_upload_bytes),
+                      allowed_formats=tuple(sorted(f.upper() for f in s.image_formats)))
 
 
 async def accept_job(request: Request, state: ServiceState, owner: str, *, kind: JobKind,

@@ -171,3 +171,16 @@ def test_limits_raise_the_limit_subclass_and_scan_keeps_no_pixels(tmp_path):
     with pytest.raises(InputError, match="bad.png") as e:
         scan_collection(tmp_path)
     assert not isinstance(e.value, LimitExceeded)
+
+
+def test_allowed_formats_are_checked_by_content_not_name(tmp_path):
+    b = io.BytesIO()
+    Image.fromarray(_img()).save(b, format="TIFF")
+    with pytest.raises(InputError, match="format TIFF is not accepted; use PNG"):
+        decode_image(b.getvalue(), "looks_like.png", LoadLimits(allowed_formats=("PNG",)))
+    p = tmp_path / "a.zip"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("x.png", b.getvalue())
+    with pytest.raises(InputError, match="x.png: format TIFF"):
+        load_collection(p, LoadLimits(allowed_formats=("PNG",)))
+    assert load_collection(p).names == ["x.png"]
