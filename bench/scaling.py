@@ -6,10 +6,11 @@ method aligns each size once; we report seconds (absolute, on ``--device``)
 and seconds normalised to the smallest size, as in the paper's Fig. 3, plus
 the number of outer iterations (steps) the method ran and the APSNR reached.
 A size that raises (e.g. out of memory) is recorded and ends that method's
-sweep. Writes a PNG plot (``--plot``).
+sweep, as does one slower than ``--max-seconds``. Writes a PNG plot (``--plot``).
 
-    python bench/scaling.py --device cpu --n 250,500,1000,2000 --methods rasl,pssv,tgrasta,lsc \
-        --plot docs/baselines_scaling_cpu.png --out bench/results/scaling_cpu.json
+    python bench/scaling.py --device cpu --threads 1 --methods rasl,tgrasta,lsc \
+        --n 250,500,1000,2000,4000,6000 --max-seconds 150 \
+        --plot docs/baselines_scaling_cpu.png --out bench/results/baselines_scaling_cpu.json
     python bench/scaling.py --device cuda --plot docs/baselines_scaling_gpu.png \
         --out bench/results/scaling_gpu.json
 """
@@ -78,6 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="stop growing a method's collection once one run took longer than this")
     ap.add_argument("--plot", default=None, help="PNG path")
     ap.add_argument("--out", default=None, help="results JSON")
     args = ap.parse_args(argv)
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
                   f"x{rec.get('seconds_norm', float('nan')):.2f} steps={run.steps} {run.error or ''}",
                   file=sys.stderr, flush=True)
             BC.write_json(args.out, {"command": cmd, "machine": BC.machine(device), "records": records})
-            if run.error:
+            if run.error or (args.max_seconds and run.seconds > args.max_seconds):
                 break
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()

@@ -31,6 +31,12 @@ Implementation choices (all in :class:`RaslConfig`):
   matmul cost plus one small ``eigh`` per inner iteration.
 * **Coarse to fine:** the budget is split over Gaussian blur levels
   ``levels`` (pixels at the fit size); blur widens the capture range.
+  ``level_caps`` can restrict the update family per level (a warp
+  curriculum); off by default (it did not help on MNIST, see docs/baselines.md).
+* **Trust region** (``max_step``): an update that would move a frame corner
+  more than ``max_step`` (normalised units; 0.2 = 2.7 px at 28 px) is scaled
+  down. RASL as published takes the full linearised step; on thin strokes
+  that step occasionally throws an image out of the frame in one iteration.
 * **Fit size:** images are first downscaled to ``max_side`` (normalised
   warps do not depend on resolution).
 * **Frame anchoring** (``center``): after each update the mean warp
