@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from models import geometry as G
 from models.methods import register_aligner
 
 from . import _common as C

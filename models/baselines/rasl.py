@@ -214,7 +214,6 @@ class RASL:
             M = t["M"].to(X)
             start_level, start_iter, step = meta["level"], meta["level_step"], meta["step"]
             notes.append(f"resumed from checkpoint at step {step}")
-        last = None
         caps = C.level_caps(cfg.level_caps, len(cfg.levels))
         for li, sigma in enumerate(cfg.levels):
             if li < start_level:
@@ -232,7 +231,6 @@ class RASL:
                 M = C.finite_or(L.compose_update(M, dp, fam), M)
                 M = C.anchor(M, family, ctx.reference_index, cfg.center)
                 step += 1
-                last = inner
                 rep.step(step, li, inner.objective, lin.raw.view_as(X), inner_iters=inner.iters,
                          inner_residual=inner.residual, rank=int((inner.singular_values > 0).sum()))
                 ckpt.save(step, li, k + 1, {"M": M})
