@@ -75,6 +75,9 @@ class DPRCConfig:
     c_grad_from: float = 0.3  # fraction of training after which C's gradient reaches the aligner
     equivariance: float = 1.0  # weight of the self-supervised equivariance loss; 0: off
     equivariance_sigma: float = 0.08  # size of its random homographies (the perturbation protocol's sigma)
+    reference_frame: str = "as_is"  # "as_is" | "centred": move the reference's object to the frame centre
+    max_scale: float = 2.5  # clamp of the moment initialisation's scale (and of its inverse)
+    distance: str = "output"  # D compared in the "output" (reference) frame, the "input" frame, or "symmetric"
     checkpoint_every_s: float = 20.0
 
     def resolve_epochs(self, n: int) -> int:
@@ -180,17 +183,19 @@ class DPRCAligner:
     method = "dprc"
 
     def __init__(self, net: DeSTNet, init: str, ref_centroid: torch.Tensor, ref_radius: torch.Tensor,
-                 padding: str = "border"):
+                 padding: str = "border", max_scale: float = 2.5):
         self.net = net.eval()
         self.init = init
         self.ref_centroid = ref_centroid
         self.ref_radius = ref_radius
         self.padding = padding
+        self.max_scale = max_scale
 
     def base(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.init not in ("moments", "centroid"):
             return None
-        return moment_init(x, self.ref_centroid.to(x), self.ref_radius.to(x), scale=self.init == "moments")
+        return moment_init(x, self.ref_centroid.to(x), self.ref_radius.to(x), max_scale=self.max_scale,
+                           scale=self.init == "moments")
 
     @torch.no_grad()
     def align(self, images: torch.Tensor) -> torch.Tensor:
@@ -201,7 +206,7 @@ class DPRCAligner:
     def save(self, model_dir: Path) -> None:
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
-        cfg = {"method": "dprc", "init": self.init, "padding": self.padding,
+        cfg = {"method": "dprc", "init": self.init, "padding": self.padding, "max_scale": self.max_scale,
                "destnet": asdict(self.net.cfg)}
         (model_dir / "config.json").write_text(json.dumps(cfg, indent=1))
         tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
@@ -220,7 +225,7 @@ def _load_dprc(model_dir: Path, device: torch.device) -> DPRCAligner:
     t = load_file(str(Path(model_dir) / "aligner.safetensors"))
     net.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("net.")})
     return DPRCAligner(net.to(device), cfg["init"], t["ref_centroid"].to(device),
-                       t["ref_radius"].to(device)[0], cfg.get("padding", "border"))
+                       t["ref_radius"].to(device)[0], cfg.get("padding", "border"), cfg.get("max_scale", 2.5))
 
 
 # --------------------------------------------------------------------------- method
@@ -241,6 +246,8 @@ class DPRC:
             overrides["curriculum"] = tuple(overrides["curriculum"])
         self.cfg = replace(DPRCConfig(), **overrides)
         for name, allowed in (("init", ("moments", "centroid", "identity")), ("padding", ("border", "zeros")),
+                              ("reference_frame", ("as_is", "centred")),
+                              ("distance", ("output", "input", "symmetric")),
                               ("preset", ("auto", *PRESETS))):
             if getattr(self.cfg, name) not in allowed:
                 raise ValueError(f"dprc option {name}={getattr(self.cfg, name)!r}; choose one of {', '.join(allowed)}")
@@ -276,7 +283,14 @@ class DPRC:
         ref_img = x[ref:ref + 1]
         ref_c, ref_r, _ = _moments(ref_img, bg_all[ref:ref + 1])
         ref_c, ref_r = ref_c[0], ref_r[0]
-        aligner = DPRCAligner(net, cfg.init, ref_c, ref_r, cfg.padding)
+        if cfg.reference_frame == "centred":
+            # A strongly perturbed reference can sit half out of the frame; every
+            # image is then pulled after it. Centring it costs nothing when it is central.
+            T = torch.eye(3, dtype=x.dtype, device=dev)[None].clone()
+            T[0, :2, 2] = ref_c
+            ref_img = _warp_bg(ref_img, T, bg_all[ref:ref + 1])
+            ref_c = torch.zeros_like(ref_c)
+        aligner = DPRCAligner(net, cfg.init, ref_c, ref_r, cfg.padding, cfg.max_scale)
         base_all = aligner.base(x)
 
         notes: list[str] = []
@@ -313,7 +327,7 @@ class DPRC:
                 if cfg.equivariance > 0:
                     E = self._equivariance(net, aligner, xb, bgb, Mb, limit, ctx.seed * 7919 + step)
                 sigma = cfg.blur_start * min(H, W) * max(0.0, 1 - frac / max(cfg.blur_until, 1e-6))
-                D = (blur(aligned, sigma) - blur(ref_img, sigma)).abs().mean()
+                D = self._distance(xb, bgb, aligned, Mb, ref_img, bg_all[ref:ref + 1], sigma)
                 if cfg.moment_weight > 0:
                     D = D + cfg.moment_weight * moment_penalty(aligned, bgb, ref_c, ref_r)
                 if cfg.lam > 0:
@@ -348,6 +362,24 @@ class DPRC:
         warps = self._align_all(aligner, x)
         return FitResult(in_from_out_norm=warps.float().cpu(), reference_index=ref, aligner=aligner,
                          history=history, notes=notes)
+
+    def _distance(self, xb, bgb, aligned, Mb, ref_img, ref_bg, sigma) -> torch.Tensor:
+        """``D``: L1 between the aligned images and the reference, in the chosen frame(s).
+
+        In the output frame (Eq. 5) input content that the aligned frame leaves
+        out costs nothing, so zooming in on a part of the object is cheap. In
+        the input frame the reference is warped onto each image instead
+        (``warp(ref, M^-1)``), and every pixel of the input must be explained.
+        """
+        rb = blur(ref_img, sigma)
+        terms = []
+        if self.cfg.distance in ("output", "symmetric"):
+            terms.append((blur(aligned, sigma) - rb).abs().mean())
+        if self.cfg.distance in ("input", "symmetric"):
+            pad = ref_bg if self.cfg.padding == "border" else None
+            ref_in = _warp_bg(ref_img.expand(xb.shape[0], -1, -1, -1), G.invert(Mb), pad)
+            terms.append((blur(xb, sigma) - blur(ref_in, sigma)).abs().mean())
+        return sum(terms) / len(terms)
 
     def _equivariance(self, net, aligner, xb, bgb, Mb, limit, seed) -> torch.Tensor:
         """Self-supervised consistency: re-warp the batch by random known homographies.

@@ -98,6 +98,23 @@ class InnerResult:
     residual: float
 
 
+def _eigh(Gm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` that falls back to LAPACK when cuSOLVER gives up.
+
+    MNIST's always-black pixels make the Gram matrix exactly rank-deficient with
+    many repeated zero eigenvalues; cuSOLVER's ``syevd`` then sometimes reports
+    non-convergence (seen on an H200 for digits 0 and 9), LAPACK does not.
+    """
+    Gm = 0.5 * (Gm + Gm.T)
+    try:
+        return torch.linalg.eigh(Gm)
+    except torch.linalg.LinAlgError:
+        if Gm.device.type == "cpu":
+            raise
+        evals, V = torch.linalg.eigh(Gm.cpu())
+        return evals.to(Gm.device), V.to(Gm.device)
+
+
 def shrink_singular_values(X: torch.Tensor, tau: float, keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Proximal map of ``tau * sum_{i > keep} sigma_i`` at ``X`` ``(N, m)``.
 
@@ -111,7 +128,7 @@ def shrink_singular_values(X: torch.Tensor, tau: float, keep: int = 0) -> tuple[
     Xd = X.double()
     small_side_rows = N <= m
     Gm = Xd @ Xd.T if small_side_rows else Xd.T @ Xd  # (n, n)
-    evals, V = torch.linalg.eigh(Gm)  # ascending
+    evals, V = _eigh(Gm)  # ascending
     evals, V = evals.flip(0), V.flip(1)
     s = evals.clamp_min(0).sqrt()
     s_new = (s - tau).clamp_min(0)

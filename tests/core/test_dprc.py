@@ -114,9 +114,10 @@ def test_corrupt_or_foreign_checkpoint_restarts_with_a_note(digits3, tmp_path):
 
 def test_saved_aligner_round_trips(digits3, tmp_path):
     x = make_pairs(digits3[:8], 0.08, seed=0).images
-    r = _fit(x, None, budget=1)
+    r = _fit(x, None, budget=1, max_scale=1.5)
     r.aligner.save(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["method"] == "dprc"
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["method"] == "dprc" and cfg["max_scale"] == 1.5
     again = load_aligner(tmp_path)
     assert torch.allclose(again.align(x), r.aligner.align(x), atol=1e-6)
 
@@ -124,6 +125,37 @@ def test_saved_aligner_round_trips(digits3, tmp_path):
 def test_unknown_option_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown dprc option"):
         DPRC(learning_rate=1)
+    with pytest.raises(ValueError, match="distance='both'; choose one of output, input, symmetric"):
+        DPRC(distance="both")
+    with pytest.raises(ValueError, match="reference_frame"):
+        DPRC(reference_frame="middle")
+
+
+def test_input_frame_distance_compares_the_reference_warped_onto_each_image(digits3):
+    ref = digits3[:1]
+    M = G.params_to_matrix(torch.tensor([[0.1, -0.05, 0.05, 0.08, 0.02, -0.03, 0.0, 0.0]]), "homography")
+    x = G.warp(ref, G.invert(M), (28, 28))  # x(q) = ref(M^-1 q): M aligns x onto ref exactly
+    m = DPRC(distance="input", padding="zeros")
+    aligned = G.warp(x, M, (28, 28))
+    assert m._distance(x, None, aligned, M, ref, None, 0.0).item() == pytest.approx(0.0, abs=1e-7)
+    wrong = G.params_to_matrix(torch.tensor([[0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]), "homography")
+    assert m._distance(x, None, G.warp(x, wrong, (28, 28)), wrong, ref, None, 0.0).item() > 0.01
+    out = DPRC(distance="output", padding="zeros")._distance(x, None, aligned, M, ref, None, 0.0).item()
+    both = DPRC(distance="symmetric", padding="zeros")._distance(x, None, aligned, M, ref, None, 0.0).item()
+    assert both == pytest.approx(out / 2, rel=1e-5)
+
+
+def test_centred_reference_frame_centres_every_aligned_object():
+    x = torch.zeros(8, 1, 28, 28)
+    for i in range(8):  # one square per image, all off-centre
+        r, c = 2 + 2 * i, 14 - i
+        x[i, :, r:r + 6, c:c + 6] = 1.0
+    r = _fit(x, None, budget=1, lr=1e-12, reference_frame="centred")  # lr ~0: the moment initialisation alone
+    from models.dprc import _moments, background
+    aligned = G.warp(x, r.in_from_out_norm, (28, 28))
+    c, _, _ = _moments(aligned, background(aligned))
+    assert r.aligner.ref_centroid.abs().max() == 0
+    assert c.abs().max() < 0.03
 
 
 @pytest.mark.slow
