@@ -118,4 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{rep.n_images} images aligned in {time.time() - t0:.1f}s; "
           f"APSNR {fmt(rep.apsnr_before)} -> {fmt(rep.apsnr_after)}; "
           f"{rep.n_outliers} flagged; results in {rep.out_dir}")
+    for w in rep.warnings:
+        print(f"congeal {args.cmd}: warning: {w}", file=sys.stderr)
     return 0

@@ -89,8 +89,35 @@ def content_kept(inputs: torch.Tensor, input_from_out_pix: torch.Tensor,
     """
     bg = inputs.flatten(2).median(dim=2).values[..., None, None]  # (N, C, 1, 1)
     fg = (inputs - bg).clamp_min(0).mean(1, keepdim=True)  # (N, 1, H, W)
+    return mass_kept(fg, input_from_out_pix, out_size)
+
+
+def mass_kept(fg: torch.Tensor, input_from_out_pix: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """Fraction of a non-negative mass map ``fg`` ``(N, 1, H, W)`` that the aligned frame keeps, ``(N,)``.
+
+    ``sum_p fg(T(p)) |det J_T(p)| / sum_q fg(q)``; see :func:`content_kept`.
+    """
     warped = G.warp_pixel(fg, input_from_out_pix, out_size)[:, 0]  # (N, Ho, Wo)
     jac = G.jacobian_determinant(input_from_out_pix, out_size)
     kept = (warped * jac).sum(dim=(1, 2))
     total = fg.sum(dim=(1, 2, 3)).clamp_min(1e-8)
     return (kept / total).clamp(0, 1.5)
+
+
+def framing(images: torch.Tensor, input_from_out_pix: torch.Tensor, out_size: tuple[int, int],
+            bg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ground-truth-free checks of how the aligned frame sits on each input.
+
+    Returns ``(kept, area)``, both ``(N,)``: the fraction of the object's mass
+    (absolute deviation from the background ``bg`` ``(N, C, 1, 1)``, so either
+    polarity) inside the aligned frame, and the input area one output pixel
+    covers at the frame centre (> 1: the object is shown smaller; < 1: larger).
+    The two degenerate optima of congealing objectives, cropping into the object
+    and shrinking it away, show up here while APSNR still rises.
+    """
+    fg = (images - bg).abs().mean(1, keepdim=True)
+    kept = mass_kept(fg, input_from_out_pix, out_size)
+    Ho, Wo = out_size
+    jac = G.jacobian_determinant(input_from_out_pix, out_size)
+    area = jac[:, Ho // 2, Wo // 2]
+    return kept, area

@@ -86,6 +86,7 @@ class AlignReport:
     reference: str | None
     model_dir: str | None
     n_outliers: int
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,8 +155,26 @@ def _resample_originals(col: Collection, channels: int, orig_from_out: torch.Ten
     return out
 
 
+# A job whose median aligned frame keeps less of the objects than this (or shows them at less
+# than a quarter of their area) gets a warning: the benchmark target for content kept.
+KEPT_WARN, AREA_WARN = 0.85, 4.0
+
+
+def _framing_warnings(kept: torch.Tensor, area: torch.Tensor) -> list[str]:
+    out = []
+    if len(kept) and float(kept.median()) < KEPT_WARN:
+        out.append(f"the aligned frames keep a median {float(kept.median()):.2f} of each image's content "
+                   f"(< {KEPT_WARN}): the alignment crops into the objects, and a high APSNR does not mean "
+                   "a good alignment here; for DPRC try method option moment_weight=0.3")
+    if len(area) and float(area.median()) > AREA_WARN:
+        out.append(f"the aligned frames show the objects at 1/{float(area.median()):.1f} of their area: "
+                   "the alignment shrinks them")
+    return out
+
+
 def _write_outputs(tmp: Path, col: Collection, aligned: torch.Tensor, before: torch.Tensor,
-                   orig_from_out: torch.Tensor, fill: torch.Tensor, meta: dict) -> dict:
+                   orig_from_out: torch.Tensor, fill: torch.Tensor, meta: dict,
+                   kept: torch.Tensor, area: torch.Tensor) -> dict:
     """Write images, transforms.json and metrics.json into ``tmp``; returns the metrics dict."""
     out_size = tuple(aligned.shape[-2:])
     files = aligned_file_names(col.names)
@@ -206,9 +225,17 @@ def _write_outputs(tmp: Path, col: Collection, aligned: torch.Tensor, before: to
             "max": float(resid.max()) if len(col) else 0.0,
             "n_outliers": int(flags.sum()),
         },
+        "framing_summary": {
+            "content_kept_median": round(float(kept.median()), 4) if len(col) else None,
+            "content_kept_p10": round(float(torch.quantile(kept.double(), 0.1)), 4) if len(col) else None,
+            "area_scale_median": round(float(area.median()), 4) if len(col) else None,
+            "n_cropped": int((kept < KEPT_WARN).sum()),
+        },
+        "warnings": _framing_warnings(kept, area),
         "per_image": [
-            {"name": n, "residual": round(float(r), 4), "outlier": bool(o)}
-            for n, r, o in zip(col.names, resid, flags)
+            {"name": n, "residual": round(float(r), 4), "outlier": bool(o),
+             "content_kept": round(float(k), 4), "area_scale": round(float(a), 4)}
+            for n, r, o, k, a in zip(col.names, resid, flags, kept, area)
         ],
     }
     return metrics
@@ -310,7 +337,7 @@ def align_collection(source: str | os.PathLike | Collection, out_dir: str | os.P
     report(Progress("done", apsnr=metrics["apsnr_after"]))
     return AlignReport(str(out_dir), len(col), metrics["apsnr_before"], metrics["apsnr_after"],
                        metrics["seconds"], options.method, options.warp, ref_name, model_dir,
-                       metrics["residual_summary"]["n_outliers"])
+                       metrics["residual_summary"]["n_outliers"], metrics["warnings"])
 
 
 def _finish(tmp: Path, col: Collection, work: torch.Tensor, in_from_out_norm: torch.Tensor,
@@ -319,9 +346,12 @@ def _finish(tmp: Path, col: Collection, work: torch.Tensor, in_from_out_norm: to
     work_from_out = G.pixel_from_normalised(in_from_out_norm.detach().double().cpu(), wsize, wsize)
     orig_from_out = torch.stack([_orig_from_work(s, wsize) for s in col.sizes]) @ work_from_out
     orig_from_out = orig_from_out / orig_from_out[:, 2:3, 2:3]
-    fill = background(work)[..., 0, 0]  # (N, C)
+    bg = background(work)
+    fill = bg[..., 0, 0]  # (N, C)
     aligned = _resample_originals(col, work.shape[1], orig_from_out, wsize, fill)
-    return _write_outputs(tmp, col, aligned, work, orig_from_out, fill, meta)
+    # Judged in the working frame, where the aligner's warps live.
+    kept, area = M.framing(work.double(), work_from_out, wsize, bg.double())
+    return _write_outputs(tmp, col, aligned, work, orig_from_out, fill, meta, kept.float(), area.float())
 
 
 def apply_model(model_dir: str | os.PathLike, source: str | os.PathLike | Collection,
@@ -363,4 +393,4 @@ def apply_model(model_dir: str | os.PathLike, source: str | os.PathLike | Collec
     report(Progress("done"))
     return AlignReport(str(out_dir), len(col), metrics["apsnr_before"], metrics["apsnr_after"],
                        metrics["seconds"], pipe["method"], pipe["warp"], None, None,
-                       metrics["residual_summary"]["n_outliers"])
+                       metrics["residual_summary"]["n_outliers"], metrics["warnings"])

@@ -59,6 +59,14 @@ class ResidualSummary(BaseModel):
     n_outliers: int
 
 
+class FramingSummary(BaseModel):
+    content_kept_median: float | None = Field(None, description="median fraction of each image's content "
+                                              "inside its aligned frame")
+    content_kept_p10: float | None = None
+    area_scale_median: float | None = Field(None, description="input area per output pixel at the frame centre")
+    n_cropped: int = Field(0, description="images whose aligned frame keeps less than 0.85 of their content")
+
+
 class MetricsPublic(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -66,6 +74,9 @@ class MetricsPublic(BaseModel):
     apsnr_before: float | None = Field(None, description="APSNR of the unaligned collection, dB")
     apsnr_after: float | None = Field(None, description="APSNR after alignment, dB")
     residual_summary: ResidualSummary | None = None
+    framing_summary: FramingSummary | None = None
+    warnings: list[str] = Field(default_factory=list, description="degenerate alignments detected "
+                                "without ground truth (cropping, shrinking)")
     seconds: float | None = None
     output_size: list[int] | None = None
     reference: str | None = None

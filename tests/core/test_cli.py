@@ -46,6 +46,9 @@ def test_align_writes_every_output(aligned_run):
     assert m["apsnr_before"] is not None and m["apsnr_after"] is not None
     assert [e["name"] for e in m["per_image"]] == names
     assert all(e["residual"] >= 0 for e in m["per_image"])
+    # 3 epochs stay near the moment initialisation: nothing cropped, nothing to warn about.
+    assert m["framing_summary"]["content_kept_median"] > 0.85 and m["warnings"] == []
+    assert all(0 <= e["content_kept"] <= 1.5 and e["area_scale"] > 0 for e in m["per_image"])
     assert m["seconds"] > 0 and m["reference"] in names
     assert not any(p.name.startswith(".out.tmp") for p in out.parent.iterdir())
 
