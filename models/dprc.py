@@ -25,6 +25,9 @@ measured against ground truth in ``docs/benchmarks.md``):
   that make two views of one object disagree; this loss fixes them.
 * ``c_grad_from``: C trains the auto-encoder from the start but reaches the
   aligner only later (an untrained auto-encoder rewards empty images).
+* ``distance``: D in the output frame (Eq. 5, default), the input frame or both.
+  Each frame has its own degenerate optimum (zooming out, zooming in); see
+  ``docs/benchmarks.md``, round 5, for why the default stays Eq. 5.
 * A coarse-to-fine distance (blur annealed from ``blur_start`` to 0), a warp
   curriculum (``curriculum``), background-aware padding (``padding``),
   cosine learning-rate decay.

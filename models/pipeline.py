@@ -165,7 +165,8 @@ def _framing_warnings(kept: torch.Tensor, area: torch.Tensor) -> list[str]:
     if len(kept) and float(kept.median()) < KEPT_WARN:
         out.append(f"the aligned frames keep a median {float(kept.median()):.2f} of each image's content "
                    f"(< {KEPT_WARN}): the alignment crops into the objects, and a high APSNR does not mean "
-                   "a good alignment here; for DPRC try method option moment_weight=0.3")
+                   "a good alignment here; for DPRC the option moment_weight=0.3 (DPRCConfig) keeps the content "
+                   "at some cost in consistency (docs/benchmarks.md, round 5)")
     if len(area) and float(area.median()) > AREA_WARN:
         out.append(f"the aligned frames show the objects at 1/{float(area.median()):.1f} of their area: "
                    "the alignment shrinks them")
