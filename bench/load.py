@@ -20,7 +20,6 @@ import os
 import platform
 import random
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,13 +29,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from service.devserver import start_api  # noqa: E402
 SAMPLES = sorted((ROOT / "congeal" / "samples").glob("*.png"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -142,7 +137,6 @@ def main(argv=None) -> int:
 
     key = secrets.token_urlsafe(24)
     tag = secrets.token_hex(4)
-    port = _free_port()
     with tempfile.TemporaryDirectory(prefix="congeal-load-") as data:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONGEAL_")}
         env.update(CONGEAL_DATA_DIR=data, CONGEAL_API_KEYS=f"bench:{hashlib.sha256(key.encode()).hexdigest()}",
@@ -151,22 +145,11 @@ def main(argv=None) -> int:
         if a.redis_url:
             env.update(CONGEAL_REDIS_URL=a.redis_url, CONGEAL_KEY_PREFIX=f"congeal-load-{tag}",
                        CONGEAL_QUEUE=f"congeal-load-{tag}")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", str(a.uvicorn_workers), "--log-level", "warning", "--no-access-log"],
-            env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"server did not start:\n{server.stderr.read() if server.stderr else ''}")
-                time.sleep(0.2)
+            server, base = start_api(env, workers=a.uvicorn_workers, access_log=False, cwd=ROOT)
+        except RuntimeError as e:
+            raise SystemExit(str(e))
+        try:
             result = asyncio.run(run_clients(base, key, a.pollers, a.uploaders, a.seconds, a.images,
                                              a.upload_every))
         finally:

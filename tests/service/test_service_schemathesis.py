@@ -6,12 +6,7 @@ stay queued). Examples per operation are bounded so the whole module stays under
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -19,6 +14,7 @@ from hypothesis import HealthCheck, settings
 from service_testlib import auth
 
 from service.app import create_app
+from service.devserver import start_api
 
 pytestmark = pytest.mark.integration
 
@@ -29,23 +25,7 @@ schema = schemathesis.openapi.from_dict(create_app().openapi())
 @pytest.fixture(scope="module")
 def server(make_env):
     env = make_env(rate_limit_per_minute=0, max_upload_bytes=1_000_000, max_jobs_in_flight_per_key=1_000_000)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning"],
-                            env={**os.environ, **env.vars}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
-        time.sleep(0.2)
+    proc, base = start_api({**os.environ, **env.vars})
     yield base
     proc.terminate()
     proc.wait(timeout=30)
