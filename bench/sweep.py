@@ -16,7 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.data import mnist_digits  # noqa: E402
-from models.evaluate import run_on_pairs  # noqa: E402
+import torch  # noqa: E402
+
+from models.evaluate import evaluate_warps, run_on_pairs  # noqa: E402
 from models.perturb import make_pairs  # noqa: E402
 
 
@@ -30,6 +32,8 @@ def main() -> None:
     ap.add_argument("--configs", default="[{}]", help="JSON list of DPRCConfig overrides")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="append JSON lines here too")
+    ap.add_argument("--test-passes", default="",
+                    help="also score the trained aligner with these numbers of DeSTNet passes, e.g. 2,3")
     args = ap.parse_args()
     configs = json.loads(args.configs)
     for d in [int(v) for v in args.digits.split(",")]:
@@ -39,12 +43,21 @@ def main() -> None:
             for cfg in configs:
                 cfg = dict(cfg)
                 warp = cfg.pop("warp", args.warp)
-                ev, _ = run_on_pairs(pairs, "dprc", warp=warp, device=args.device, seed=args.seed, options=cfg)
-                line = json.dumps({"digit": d, "sigma": s, "warp": warp, "cfg": cfg, **ev.to_dict()})
-                print(line, flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(line + "\n")
+                ev, res = run_on_pairs(pairs, "dprc", warp=warp, device=args.device, seed=args.seed, options=cfg)
+                rows = [{"digit": d, "sigma": s, "warp": warp, "cfg": cfg, **ev.to_dict(), "notes": res.notes}]
+                for k in [int(v) for v in args.test_passes.split(",") if v]:
+                    with torch.no_grad():
+                        Mk = res.aligner.warps(pairs.images.to(args.device), passes=k).cpu()
+                    evk = evaluate_warps(pairs, Mk)
+                    evk.seconds = ev.seconds
+                    rows.append({"digit": d, "sigma": s, "warp": warp, "cfg": {**cfg, "test_passes": k},
+                                 **evk.to_dict()})
+                for row in rows:
+                    line = json.dumps(row)
+                    print(line, flush=True)
+                    if args.out:
+                        with open(args.out, "a") as f:
+                            f.write(line + "\n")
 
 
 if __name__ == "__main__":

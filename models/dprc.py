@@ -81,6 +81,11 @@ class DPRCConfig:
     reference_frame: str = "as_is"  # "as_is" | "centred": move the reference's object to the frame centre
     max_scale: float = 2.5  # clamp of the moment initialisation's scale (and of its inverse)
     distance: str = "output"  # D compared in the "output" (reference) frame, the "input" frame, or "symmetric"
+    passes: int = 2  # the DeSTNet applied this many times in a row, same weights (trained and at inference)
+    stages: int = 0  # DeSTNet stages; 0: the preset's
+    # When the fit crops (median content kept < metrics.CONTENT_KEPT_MIN), fit again with this
+    # moment_weight and keep the fit that keeps more content; 0: never. See docs/benchmarks.md.
+    reframe: float = 1.0
     checkpoint_every_s: float = 20.0
 
     def resolve_epochs(self, n: int) -> int:
@@ -186,13 +191,14 @@ class DPRCAligner:
     method = "dprc"
 
     def __init__(self, net: DeSTNet, init: str, ref_centroid: torch.Tensor, ref_radius: torch.Tensor,
-                 padding: str = "border", max_scale: float = 2.5):
+                 padding: str = "border", max_scale: float = 2.5, passes: int = 1):
         self.net = net.eval()
         self.init = init
         self.ref_centroid = ref_centroid
         self.ref_radius = ref_radius
         self.padding = padding
         self.max_scale = max_scale
+        self.passes = passes
 
     def base(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.init not in ("moments", "centroid"):
@@ -200,17 +206,29 @@ class DPRCAligner:
         return moment_init(x, self.ref_centroid.to(x), self.ref_radius.to(x), max_scale=self.max_scale,
                            scale=self.init == "moments")
 
+    def warps(self, x: torch.Tensor, limit: str | None = None, passes: int | None = None) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, 3, 3)`` ``in_from_out_norm``, differentiable.
+
+        Each pass after the first starts the DeSTNet from the previous pass's
+        warp (the original image is still resampled once per stage), so a
+        network that corrects a fraction of the misalignment per pass is
+        iterated towards its fixed point.
+        """
+        xin = x - background(x) if self.padding == "border" else x
+        M_ = self.base(x)
+        for _ in range(self.passes if passes is None else passes):
+            M_ = self.net(xin, M_, limit)
+        return M_
+
     @torch.no_grad()
     def align(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
-        xin = x - background(x) if self.padding == "border" else x
-        return self.net(xin, self.base(x))
+        return self.warps(images.float())
 
     def save(self, model_dir: Path) -> None:
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
         cfg = {"method": "dprc", "init": self.init, "padding": self.padding, "max_scale": self.max_scale,
-               "destnet": asdict(self.net.cfg)}
+               "passes": self.passes, "destnet": asdict(self.net.cfg)}
         (model_dir / "config.json").write_text(json.dumps(cfg, indent=1))
         tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         tensors["ref_centroid"] = self.ref_centroid.detach().cpu().float()
@@ -228,7 +246,8 @@ def _load_dprc(model_dir: Path, device: torch.device) -> DPRCAligner:
     t = load_file(str(Path(model_dir) / "aligner.safetensors"))
     net.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("net.")})
     return DPRCAligner(net.to(device), cfg["init"], t["ref_centroid"].to(device),
-                       t["ref_radius"].to(device)[0], cfg.get("padding", "border"), cfg.get("max_scale", 2.5))
+                       t["ref_radius"].to(device)[0], cfg.get("padding", "border"), cfg.get("max_scale", 2.5),
+                       int(cfg.get("passes", 1)))
 
 
 # --------------------------------------------------------------------------- method
@@ -248,6 +267,8 @@ class DPRC:
         if "curriculum" in overrides:
             overrides["curriculum"] = tuple(overrides["curriculum"])
         self.cfg = replace(DPRCConfig(), **overrides)
+        if int(self.cfg.passes) < 1 or int(self.cfg.stages) < 0:
+            raise ValueError(f"dprc options passes={self.cfg.passes} (>= 1) and stages={self.cfg.stages} (>= 0, 0: preset)")
         for name, allowed in (("init", ("moments", "centroid", "identity")), ("padding", ("border", "zeros")),
                               ("reference_frame", ("as_is", "centred")),
                               ("distance", ("output", "input", "symmetric")),
@@ -262,13 +283,44 @@ class DPRC:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)} or auto")
         p = PRESETS[preset]
-        dcfg = DeSTNetConfig(in_channels=C, image_size=size, warp=warp, bound=self.cfg.bound, **p["destnet"])
+        d = dict(p["destnet"])
+        if self.cfg.stages:
+            d["stages"] = int(self.cfg.stages)
+        dcfg = DeSTNetConfig(in_channels=C, image_size=size, warp=warp, bound=self.cfg.bound, **d)
         acfg = AutoEncoderConfig(in_channels=C, image_size=size, code=self.cfg.code, k=self.cfg.k, **p["ae"])
         return DeSTNet(dcfg), PenalisedAutoEncoder(acfg)
 
     def fit(self, images: torch.Tensor, ctx: FitContext) -> FitResult:
-        cfg = self.cfg
         x = images.float()
+        res = self._fit(x, ctx, self.cfg, ctx.checkpoint_dir)
+        if self.cfg.reframe <= 0 or self.cfg.moment_weight > 0:
+            return res
+        kept = self._median_kept(x, res.in_from_out_norm)
+        if kept >= M.CONTENT_KEPT_MIN:
+            return res
+        # The output-frame distance lets the aligner zoom into part of the object
+        # (thin digits, objects half out of the frame). The moment regulariser keeps
+        # the whole object but costs consistency where nothing was cropped, so it is
+        # only paid for where the first fit cropped.
+        ctx.report(Progress("training", message=f"the alignment keeps a median {kept:.2f} of each image's "
+                            f"content; fitting again with moment_weight={self.cfg.reframe}"))
+        ck = None if ctx.checkpoint_dir is None else Path(ctx.checkpoint_dir) / "reframe"
+        res2 = self._fit(x, ctx, replace(self.cfg, moment_weight=self.cfg.reframe), ck)
+        kept2 = self._median_kept(x, res2.in_from_out_norm)
+        note = (f"the first fit kept a median {kept:.2f} of each image's content; a re-fit with "
+                f"moment_weight={self.cfg.reframe} kept {kept2:.2f}")
+        best = res2 if kept2 > kept else res
+        best.notes.append(note + ("; using the re-fit" if best is res2 else "; using the first fit"))
+        return best
+
+    @staticmethod
+    def _median_kept(x: torch.Tensor, in_from_out_norm: torch.Tensor) -> float:
+        size = tuple(x.shape[-2:])
+        pix = G.pixel_from_normalised(in_from_out_norm.double().to(x.device), size, size)
+        kept, _ = M.framing(x.double(), pix, size, background(x).double())
+        return float(kept.median())
+
+    def _fit(self, x: torch.Tensor, ctx: FitContext, cfg: DPRCConfig, checkpoint_dir: Path | None) -> FitResult:
         dev = x.device
         N, C, H, W = x.shape
         G.get_family(ctx.warp)
@@ -293,16 +345,15 @@ class DPRC:
             T[0, :2, 2] = ref_c
             ref_img = _warp_bg(ref_img, T, bg_all[ref:ref + 1])
             ref_c = torch.zeros_like(ref_c)
-        aligner = DPRCAligner(net, cfg.init, ref_c, ref_r, cfg.padding, cfg.max_scale)
-        base_all = aligner.base(x)
+        aligner = DPRCAligner(net, cfg.init, ref_c, ref_r, cfg.padding, cfg.max_scale, cfg.passes)
 
         notes: list[str] = []
         history: list[dict] = []
         start_epoch = 0
         fingerprint = {"n": N, "shape": [C, H, W], "warp": ctx.warp, "seed": ctx.seed,
                        "reference": ref, "config": json.loads(json.dumps(asdict(cfg))), "epochs": epochs}
-        if ctx.checkpoint_dir is not None:
-            start_epoch, history = self._resume(ctx.checkpoint_dir, fingerprint, net, ae, opt, params, notes)
+        if checkpoint_dir is not None:
+            start_epoch, history = self._resume(checkpoint_dir, fingerprint, net, ae, opt, params, notes)
             if start_epoch:
                 ctx.report(Progress("training", step=start_epoch * steps_per_epoch, total=total,
                                     epoch=start_epoch, message=f"resumed from checkpoint at epoch {start_epoch}"))
@@ -322,13 +373,12 @@ class DPRC:
                 for grp in opt.param_groups:
                     grp["lr"] = sched_lr(step)
                 xb, bgb = x[idx], bg_all[idx]
-                base = base_all[idx] if base_all is not None else None
                 limit = curriculum_family(ctx.warp, frac, cfg.curriculum)
-                Mb = net(xb - bgb if cfg.padding == "border" else xb, base, limit)
+                Mb = aligner.warps(xb, limit)
                 aligned = _warp_bg(xb, Mb, bgb if cfg.padding == "border" else None)
                 E = torch.zeros((), device=dev)
                 if cfg.equivariance > 0:
-                    E = self._equivariance(net, aligner, xb, bgb, Mb, limit, ctx.seed * 7919 + step)
+                    E = self._equivariance(aligner, xb, bgb, Mb, limit, ctx.seed * 7919 + step)
                 sigma = cfg.blur_start * min(H, W) * max(0.0, 1 - frac / max(cfg.blur_until, 1e-6))
                 D = self._distance(xb, bgb, aligned, Mb, ref_img, bg_all[ref:ref + 1], sigma)
                 if cfg.moment_weight > 0:
@@ -357,9 +407,9 @@ class DPRC:
                                     eta_s=elapsed / done * (total - step) if done else None))
             history.append({"epoch": epoch + 1, "loss": round(loss.item(), 6), "D": round(D.item(), 6),
                             "C": round(Cterm.item(), 6), "lr": sched_lr(step)})
-            if ctx.checkpoint_dir is not None and (time.time() - last_ckpt >= cfg.checkpoint_every_s
+            if checkpoint_dir is not None and (time.time() - last_ckpt >= cfg.checkpoint_every_s
                                                    or epoch + 1 == epochs):
-                self._save_ckpt(ctx.checkpoint_dir, fingerprint, epoch + 1, history, net, ae, opt, params)
+                self._save_ckpt(checkpoint_dir, fingerprint, epoch + 1, history, net, ae, opt, params)
                 last_ckpt = time.time()
 
         warps = self._align_all(aligner, x)
@@ -384,7 +434,7 @@ class DPRC:
             terms.append((blur(xb, sigma) - blur(ref_in, sigma)).abs().mean())
         return sum(terms) / len(terms)
 
-    def _equivariance(self, net, aligner, xb, bgb, Mb, limit, seed) -> torch.Tensor:
+    def _equivariance(self, aligner, xb, bgb, Mb, limit, seed) -> torch.Tensor:
         """Self-supervised consistency: re-warp the batch by random known homographies.
 
         For ``x'(q) = x(P q)`` a consistent aligner satisfies ``P M(x') = M(x)``
@@ -401,8 +451,7 @@ class DPRC:
         P = G.normalised_from_pixel(P_pix, (H, W), (H, W)).to(xb)
         pad = bgb if self.cfg.padding == "border" else None
         xp = _warp_bg(xb, P, pad)
-        base_p = aligner.base(xp)
-        Mp = net(xp - bgb if self.cfg.padding == "border" else xp, base_p, limit)
+        Mp = aligner.warps(xp, limit)
         c = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=xb.dtype, device=xb.device)
         return (G.transform_points(P @ Mp, c) - G.transform_points(Mb, c)).norm(dim=-1).mean()
 

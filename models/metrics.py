@@ -14,7 +14,11 @@ import torch
 
 from . import geometry as G
 
-__all__ = ["apsnr", "mean_var", "per_image_residual", "pair_residual", "content_kept", "flag_outliers"]
+# The least content an aligned frame should keep of each image (the benchmark's target; below it
+# the product warns, and DPRC fits again with its moment regulariser).
+CONTENT_KEPT_MIN = 0.85
+
+__all__ = ["CONTENT_KEPT_MIN", "apsnr", "mean_var", "per_image_residual", "pair_residual", "content_kept", "flag_outliers"]
 
 
 def apsnr(images: torch.Tensor) -> float:

@@ -157,7 +157,7 @@ def _resample_originals(col: Collection, channels: int, orig_from_out: torch.Ten
 
 # A job whose median aligned frame keeps less of the objects than this (or shows them at less
 # than a quarter of their area) gets a warning: the benchmark target for content kept.
-KEPT_WARN, AREA_WARN = 0.85, 4.0
+KEPT_WARN, AREA_WARN = M.CONTENT_KEPT_MIN, 4.0
 
 
 def _framing_warnings(kept: torch.Tensor, area: torch.Tensor) -> list[str]:
@@ -165,8 +165,9 @@ def _framing_warnings(kept: torch.Tensor, area: torch.Tensor) -> list[str]:
     if len(kept) and float(kept.median()) < KEPT_WARN:
         out.append(f"the aligned frames keep a median {float(kept.median()):.2f} of each image's content "
                    f"(< {KEPT_WARN}): the alignment crops into the objects, and a high APSNR does not mean "
-                   "a good alignment here; for DPRC the option moment_weight=0.3 (DPRCConfig) keeps the content "
-                   "at some cost in consistency (docs/benchmarks.md, round 5)")
+                   "a good alignment here; DPRC has already fitted again with its moment regulariser "
+                   "(option reframe); a larger moment_weight keeps more content at some cost in consistency "
+                   "(docs/benchmarks.md)")
     if len(area) and float(area.median()) > AREA_WARN:
         out.append(f"the aligned frames show the objects at 1/{float(area.median()):.1f} of their area: "
                    "the alignment shrinks them")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models import geometry as G
-from models.dprc import DPRC, choose_reference, curriculum_family, moment_init
+from models.dprc import DPRC, background, choose_reference, curriculum_family, moment_init
 from models.evaluate import evaluate_warps
 from models.methods import Cancelled, FitContext, load_aligner
 from models.nets import PRESETS, AutoEncoderConfig, DeSTNet, DeSTNetConfig, PenalisedAutoEncoder, positional_weights
@@ -120,6 +120,55 @@ def test_saved_aligner_round_trips(digits3, tmp_path):
     assert cfg["method"] == "dprc" and cfg["max_scale"] == 1.5
     again = load_aligner(tmp_path)
     assert torch.allclose(again.align(x), r.aligner.align(x), atol=1e-6)
+
+
+def test_passes_iterate_the_same_network_and_round_trip(digits3, tmp_path):
+    x = make_pairs(digits3[:8], 0.08, seed=0).images
+    r = _fit(x, None, budget=1, passes=2, stages=2)
+    al = r.aligner
+    assert len(al.net.stages) == 2 and al.passes == 2
+    one = al.warps(x, passes=1)
+    xin = x - background(x)
+    assert torch.allclose(al.align(x), al.net(xin, one), atol=1e-6)  # pass 2 starts where pass 1 ended
+    assert torch.allclose(r.in_from_out_norm, al.align(x), atol=1e-5)
+    al.save(tmp_path)
+    again = load_aligner(tmp_path)
+    assert again.passes == 2 and torch.allclose(again.align(x), al.align(x), atol=1e-6)
+    with pytest.raises(ValueError, match="passes=0"):
+        DPRC(passes=0)
+
+
+class _Scripted(DPRC):
+    """DPRC whose fits return given warps: tests the re-fit decision on exact answers."""
+
+    def __init__(self, warps, **kw):
+        super().__init__(**kw)
+        self.warps, self.fits = list(warps), []
+
+    def _fit(self, x, ctx, cfg, checkpoint_dir):
+        from models.methods import FitResult
+        self.fits.append((cfg.moment_weight, checkpoint_dir))
+        return FitResult(in_from_out_norm=self.warps.pop(0).expand(x.shape[0], 3, 3), reference_index=0,
+                         aligner=None, history=[], notes=[])
+
+
+def test_a_fit_that_crops_is_fitted_again_with_the_moment_regulariser(digits3, tmp_path):
+    x = digits3[:6]
+    eye = torch.eye(3)[None]
+    zoom_in = torch.diag(torch.tensor([0.3, 0.3, 1.0]))[None]  # the frame sees the centre 30 %: crops
+    m = _Scripted([eye])
+    assert torch.equal(m.fit(x, FitContext()).in_from_out_norm[0], eye[0]) and len(m.fits) == 1
+    m = _Scripted([zoom_in, eye], reframe=0.5)
+    r = m.fit(x, FitContext(checkpoint_dir=tmp_path))
+    assert m.fits == [(0.0, tmp_path), (0.5, tmp_path / "reframe")]
+    assert torch.equal(r.in_from_out_norm[0], eye[0]) and "using the re-fit" in r.notes[-1]
+    m = _Scripted([zoom_in, zoom_in * torch.tensor([0.5, 0.5, 1.0])[:, None]])  # the re-fit crops more
+    r = m.fit(x, FitContext())
+    assert torch.equal(r.in_from_out_norm[0], zoom_in[0]) and "using the first fit" in r.notes[-1]
+    for kw in ({"reframe": 0}, {"moment_weight": 0.3}):  # off, or the regulariser already on
+        m = _Scripted([zoom_in], **kw)
+        m.fit(x, FitContext())
+        assert len(m.fits) == 1
 
 
 def test_unknown_option_is_a_clear_error():
