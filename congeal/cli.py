@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="name of the reference image (default: chosen automatically)")
     a.add_argument("--epochs", type=int, default=None, help="training budget (default: the method's)")
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, repeatable, e.g. --option passes=3 --option moment_weight=0.3 "
+                        "(DPRCConfig fields for dprc; VALUE is read as JSON when it parses, else as text)")
     a.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     a.add_argument("--max-side", type=int, default=128, help="longest side of the working size")
     a.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -86,6 +89,21 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _method_options(pairs: list[str]) -> dict:
+    import json
+
+    out = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option {item!r}: expected KEY=VALUE, e.g. passes=3")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd in ("serve", "demo"):
@@ -100,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "align":
             opts = AlignOptions(method=args.method, warp=args.warp, reference=args.reference,
                                 budget=args.epochs, seed=args.seed, device=args.device,
-                                max_side=args.max_side)
+                                max_side=args.max_side, method_options=_method_options(args.option))
             rep = align_collection(args.input, args.out, opts,
                                    progress=None if args.quiet else _bar("align"),
                                    overwrite=args.overwrite)

@@ -110,3 +110,20 @@ def test_bad_flag_and_existing_output(tmp_path, aligned_run):
     assert r.returncode == 2 and "not empty" in r.stderr
     r = _run("align", d, "--out", tmp_path / "o", "--reference", "nope.png", "--epochs", "1")
     assert r.returncode == 2 and "reference 'nope.png'" in r.stderr
+    r = _run("align", d, "--out", tmp_path / "o", "--option", "learning_rate=1", "--epochs", "1")
+    assert r.returncode == 2 and "unknown dprc option(s): learning_rate" in r.stderr
+    r = _run("align", d, "--out", tmp_path / "o", "--option", "passes", "--epochs", "1")
+    assert r.returncode == 2 and "expected KEY=VALUE" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_method_options_reach_the_method_and_its_saved_model(tmp_path, aligned_run):
+    d, _, _ = aligned_run
+    out = tmp_path / "o"
+    r = _run("align", d, "--out", out, "--epochs", "1", "--device", "cpu",
+             "--option", "passes=1", "--option", "stages=2", "--option", "init=centroid")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert cfg["passes"] == 1 and cfg["destnet"]["stages"] == 2 and cfg["init"] == "centroid"
+    meta = json.loads((out / "metrics.json").read_text())
+    assert meta["options"]["method_options"] == {"passes": 1, "stages": 2, "init": "centroid"}
