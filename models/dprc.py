@@ -28,6 +28,14 @@ measured against ground truth in ``docs/benchmarks.md``):
 * ``distance``: D in the output frame (Eq. 5, default), the input frame or both.
   Each frame has its own degenerate optimum (zooming out, zooming in); see
   ``docs/benchmarks.md``, round 5, for why the default stays Eq. 5.
+* ``passes``: the DeSTNet is applied this many times in a row with the same
+  weights, each pass starting from the previous pass's warp, in training and at
+  inference. A one-pass aligner under-corrects; a network trained to be
+  iterated corrects most of what is left (round 6 in the benchmarks).
+* ``reframe``: a fit whose aligned frames keep a median of less than
+  ``metrics.CONTENT_KEPT_MIN`` of each image's content (a zoom into the object,
+  checked without ground truth) is fitted again with the moment regulariser at
+  this weight, and the fit that keeps more content is returned.
 * A coarse-to-fine distance (blur annealed from ``blur_start`` to 0), a warp
   curriculum (``curriculum``), background-aware padding (``padding``),
   cosine learning-rate decay.

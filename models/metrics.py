@@ -18,7 +18,7 @@ from . import geometry as G
 # the product warns, and DPRC fits again with its moment regulariser).
 CONTENT_KEPT_MIN = 0.85
 
-__all__ = ["CONTENT_KEPT_MIN", "apsnr", "mean_var", "per_image_residual", "pair_residual", "content_kept", "flag_outliers"]
+__all__ = ["CONTENT_KEPT_MIN", "self_consistency", "apsnr", "mean_var", "per_image_residual", "pair_residual", "content_kept", "flag_outliers"]
 
 
 def apsnr(images: torch.Tensor) -> float:
@@ -125,3 +125,41 @@ def framing(images: torch.Tensor, input_from_out_pix: torch.Tensor, out_size: tu
     jac = G.jacobian_determinant(input_from_out_pix, out_size)
     area = jac[:, Ho // 2, Wo // 2]
     return kept, area
+
+
+def self_consistency(align, images: torch.Tensor, bg: torch.Tensor, sigma: float = 0.1, seed: int = 0,
+                     chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ground-truth-free consistency of a trained aligner, per image.
+
+    Each image is re-warped by a random homography ``P`` drawn from the
+    perturbation protocol at ``sigma`` (``x'(q) = x(P q)``, background-filled),
+    and aligned again. A consistent aligner satisfies ``P M(x') = M(x)``: both
+    map the aligned frame onto ``x``. Returns ``(moved, probe)``, both ``(N,)``
+    in the input's pixels: the mean distance over the output frame's corners
+    between the two maps, and how far ``P`` itself moves the corners (what
+    ``moved`` would be for an aligner that ignores the image). ``moved / probe``
+    estimates the pair residual ratio of :func:`pair_residual` (0: perfectly
+    consistent, 1: no better than not aligning); docs/benchmarks.md compares
+    the two on trained aligners.
+
+    Args:
+        align: ``(B, C, H, W) -> (B, 3, 3)`` normalised ``in_from_out`` warps
+            (an aligner's ``align``; output frame = input frame).
+        images: ``(N, C, H, W)``; ``bg``: ``(N, C, 1, 1)`` background values.
+    """
+    from .perturb import random_perturbations  # perturb imports geometry only; local to keep this module light
+
+    size = tuple(images.shape[-2:])
+    g = torch.Generator().manual_seed(seed)
+    P = random_perturbations(images.shape[0], size, sigma, g)  # (N, 3, 3) float64 pixel
+    c = G.corners(*size, like=P)
+    moved, probe = [], []
+    for k in range(0, images.shape[0], chunk):
+        x, b, Pk = images[k:k + chunk], bg[k:k + chunk], P[k:k + chunk]
+        Pn = G.normalised_from_pixel(Pk, size, size).to(x)
+        xp = G.warp(x - b, Pn, size) + b
+        M0 = G.pixel_from_normalised(align(x).double().cpu(), size, size)
+        Mp = G.pixel_from_normalised(align(xp).double().cpu(), size, size)
+        moved.append((G.transform_points(Pk @ Mp, c) - G.transform_points(M0, c)).norm(dim=-1).mean(-1))
+        probe.append((G.transform_points(Pk, c) - c).norm(dim=-1).mean(-1))
+    return torch.cat(moved), torch.cat(probe)

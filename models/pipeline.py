@@ -174,9 +174,38 @@ def _framing_warnings(kept: torch.Tensor, area: torch.Tensor) -> list[str]:
     return out
 
 
+# Self-consistency probe: each image re-warped by a known random perturbation of this size (a
+# fraction of the side, the benchmark's protocol) and aligned again. Above the warning ratio the
+# aligned frame follows the probe more than half as much as an aligner that ignores the image;
+# trained aligners measured 0.31-0.59 on it, and the one at 0.59 was no better than not aligning
+# against ground truth (docs/benchmarks.md, "Self-consistency").
+CONSISTENCY_SIGMA, CONSISTENCY_WARN = 0.1, 0.5
+
+
+def _consistency_summary(moved: torch.Tensor | None, probe: torch.Tensor | None) -> dict | None:
+    if moved is None or len(moved) == 0:
+        return None
+    return {
+        "probe_sigma": CONSISTENCY_SIGMA,
+        "moved_median_px": round(float(moved.median()), 4),
+        "probe_median_px": round(float(probe.median()), 4),
+        "ratio": round(float(moved.mean() / probe.mean().clamp_min(1e-12)), 4),
+    }
+
+
+def _consistency_warnings(moved: torch.Tensor | None, probe: torch.Tensor | None) -> list[str]:
+    s = _consistency_summary(moved, probe)
+    if s is None or s["ratio"] <= CONSISTENCY_WARN:
+        return []
+    return [f"the aligner is not self-consistent: re-warping each image by a known {CONSISTENCY_SIGMA:.0%} "
+            f"perturbation moves its aligned frame {s['ratio']:.2f} as far as the perturbation itself "
+            f"(> {CONSISTENCY_WARN}); expect two views of one object to be aligned differently"]
+
+
 def _write_outputs(tmp: Path, col: Collection, aligned: torch.Tensor, before: torch.Tensor,
                    orig_from_out: torch.Tensor, fill: torch.Tensor, meta: dict,
-                   kept: torch.Tensor, area: torch.Tensor) -> dict:
+                   kept: torch.Tensor, area: torch.Tensor, moved: torch.Tensor | None = None,
+                   probe: torch.Tensor | None = None) -> dict:
     """Write images, transforms.json and metrics.json into ``tmp``; returns the metrics dict."""
     out_size = tuple(aligned.shape[-2:])
     files = aligned_file_names(col.names)
@@ -233,13 +262,17 @@ def _write_outputs(tmp: Path, col: Collection, aligned: torch.Tensor, before: to
             "area_scale_median": round(float(area.median()), 4) if len(col) else None,
             "n_cropped": int((kept < KEPT_WARN).sum()),
         },
-        "warnings": _framing_warnings(kept, area),
+        "consistency_summary": _consistency_summary(moved, probe),
+        "warnings": _framing_warnings(kept, area) + _consistency_warnings(moved, probe),
         "per_image": [
             {"name": n, "residual": round(float(r), 4), "outlier": bool(o),
              "content_kept": round(float(k), 4), "area_scale": round(float(a), 4)}
             for n, r, o, k, a in zip(col.names, resid, flags, kept, area)
         ],
     }
+    if moved is not None:
+        for e, m_ in zip(metrics["per_image"], moved):
+            e["consistency_px"] = round(float(m_), 4)
     return metrics
 
 
@@ -333,7 +366,8 @@ def align_collection(source: str | os.PathLike | Collection, out_dir: str | os.P
                 {"working_size": list(wsize), "channels": channels, "warp": options.warp,
                  "method": options.method, "max_side": options.max_side}, indent=1))
             model_dir = str(out_dir / "model")
-        metrics = _finish(tmp, col, work, result.in_from_out_norm, wsize, meta)
+        align = None if result.aligner is None else (lambda b: result.aligner.align(b.to(device)))
+        metrics = _finish(tmp, col, work, result.in_from_out_norm, wsize, meta, align)
         metrics["seconds"] = round(time.time() - t0, 3)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
     report(Progress("done", apsnr=metrics["apsnr_after"]))
@@ -343,8 +377,12 @@ def align_collection(source: str | os.PathLike | Collection, out_dir: str | os.P
 
 
 def _finish(tmp: Path, col: Collection, work: torch.Tensor, in_from_out_norm: torch.Tensor,
-            wsize: tuple[int, int], meta: dict) -> dict:
-    """Public transforms, aligned originals and metrics for a fitted collection."""
+            wsize: tuple[int, int], meta: dict, align: Callable | None = None) -> dict:
+    """Public transforms, aligned originals and metrics for a fitted collection.
+
+    ``align``: the trained aligner's ``(B, C, H, W) -> (B, 3, 3)``, for the
+    self-consistency check (skipped when None).
+    """
     work_from_out = G.pixel_from_normalised(in_from_out_norm.detach().double().cpu(), wsize, wsize)
     orig_from_out = torch.stack([_orig_from_work(s, wsize) for s in col.sizes]) @ work_from_out
     orig_from_out = orig_from_out / orig_from_out[:, 2:3, 2:3]
@@ -353,7 +391,12 @@ def _finish(tmp: Path, col: Collection, work: torch.Tensor, in_from_out_norm: to
     aligned = _resample_originals(col, work.shape[1], orig_from_out, wsize, fill)
     # Judged in the working frame, where the aligner's warps live.
     kept, area = M.framing(work.double(), work_from_out, wsize, bg.double())
-    return _write_outputs(tmp, col, aligned, work, orig_from_out, fill, meta, kept.float(), area.float())
+    moved = probe = None
+    if align is not None and len(col) > 0:
+        with torch.no_grad():
+            moved, probe = M.self_consistency(align, work, bg, sigma=CONSISTENCY_SIGMA)
+    return _write_outputs(tmp, col, aligned, work, orig_from_out, fill, meta, kept.float(), area.float(),
+                          moved, probe)
 
 
 def apply_model(model_dir: str | os.PathLike, source: str | os.PathLike | Collection,
@@ -389,7 +432,7 @@ def apply_model(model_dir: str | os.PathLike, source: str | os.PathLike | Collec
             "working_size": list(wsize), "channels": channels, "model_dir": str(model_dir)}
     out_dir = Path(out_dir)
     with _Staging(out_dir, overwrite) as tmp:
-        metrics = _finish(tmp, col, work, torch.cat(warps), wsize, meta)
+        metrics = _finish(tmp, col, work, torch.cat(warps), wsize, meta, lambda b: aligner.align(b.to(dev)))
         metrics["seconds"] = round(time.time() - t0, 3)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
     report(Progress("done"))

@@ -67,6 +67,14 @@ class FramingSummary(BaseModel):
     n_cropped: int = Field(0, description="images whose aligned frame keeps less than 0.85 of their content")
 
 
+class ConsistencySummary(BaseModel):
+    probe_sigma: float = Field(description="size of the known random perturbation each image is re-warped by")
+    moved_median_px: float = Field(description="median distance the aligned frame's corners move under it, px")
+    probe_median_px: float = Field(description="median distance the perturbation itself moves the corners, px")
+    ratio: float = Field(description="mean moved / mean probe: 0 perfectly self-consistent, 1 no better than "
+                                     "not aligning")
+
+
 class MetricsPublic(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -75,6 +83,7 @@ class MetricsPublic(BaseModel):
     apsnr_after: float | None = Field(None, description="APSNR after alignment, dB")
     residual_summary: ResidualSummary | None = None
     framing_summary: FramingSummary | None = None
+    consistency_summary: ConsistencySummary | None = None
     warnings: list[str] = Field(default_factory=list, description="degenerate alignments detected "
                                 "without ground truth (cropping, shrinking)")
     seconds: float | None = None

@@ -457,7 +457,8 @@ class Maintenance:
 def read_summary(output_dir: Path) -> dict:
     """The small result kept in the job record, from the output folder's metrics.json."""
     m = json.loads((output_dir / "metrics.json").read_text())
-    keep = ("n_images", "apsnr_before", "apsnr_after", "residual_summary", "framing_summary", "warnings",
+    keep = ("n_images", "apsnr_before", "apsnr_after", "residual_summary", "framing_summary",
+            "consistency_summary", "warnings",
             "seconds", "output_size", "method", "warp", "reference", "notes", "device")
     out = {k: m.get(k) for k in keep if k in m}
     out["has_model"] = (output_dir / "model" / "pipeline.json").is_file()

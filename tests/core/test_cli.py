@@ -46,8 +46,14 @@ def test_align_writes_every_output(aligned_run):
     assert m["apsnr_before"] is not None and m["apsnr_after"] is not None
     assert [e["name"] for e in m["per_image"]] == names
     assert all(e["residual"] >= 0 for e in m["per_image"])
-    # 3 epochs stay near the moment initialisation: nothing cropped, nothing to warn about.
-    assert m["framing_summary"]["content_kept_median"] > 0.85 and m["warnings"] == []
+    # 3 epochs stay near the moment initialisation: nothing cropped, nothing to warn about framing;
+    # but that initialisation ignores rotation and shear, which the self-consistency probe sees.
+    assert m["framing_summary"]["content_kept_median"] > 0.85
+    c = m["consistency_summary"]
+    assert c["probe_sigma"] == 0.1 and c["probe_median_px"] > 0 and 0 < c["ratio"] < 1.5
+    assert all(e["consistency_px"] >= 0 for e in m["per_image"])
+    assert [w for w in m["warnings"] if "crops" in w or "shrinks" in w] == []
+    assert any("not self-consistent" in w for w in m["warnings"]) == (c["ratio"] > 0.5)
     assert all(0 <= e["content_kept"] <= 1.5 and e["area_scale"] > 0 for e in m["per_image"])
     assert m["seconds"] > 0 and m["reference"] in names
     assert not any(p.name.startswith(".out.tmp") for p in out.parent.iterdir())

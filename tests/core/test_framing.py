@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from models import geometry as G
 from models import metrics as M
 from models.imageops import background
 
@@ -72,3 +73,52 @@ def test_apply_with_a_cropping_aligner_warns(tmp_path):
     assert m["framing_summary"]["area_scale_median"] == pytest.approx(0.16, rel=0.05)  # (1 / 2.5)^2
     assert rep.warnings and rep.warnings == m["warnings"] and "crops into the objects" in m["warnings"][0]
     assert all(0 <= e["content_kept"] <= 1.5 for e in m["per_image"])
+
+
+def _four_dots(n: int, size: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of four Gaussian dots, one per quadrant, jittered; and the dots' template positions.
+
+    The dots stay well inside their quadrants and the frame under the probes, so finding them is exact
+    up to resampling."""
+    g = torch.Generator().manual_seed(seed)
+    tpl = torch.tensor([[12.0, 12.0], [27.0, 12.0], [27.0, 27.0], [12.0, 27.0]])
+    pts = tpl + 1.0 * torch.randn(n, 4, 2, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    d2 = (xx[None, None] - pts[..., 0, None, None]) ** 2 + (yy[None, None] - pts[..., 1, None, None]) ** 2
+    return torch.exp(-d2 / (2 * 1.2 ** 2)).sum(1, keepdim=True), tpl
+
+
+def _dot_aligner(tpl: torch.Tensor, size: int = 40):
+    """Finds each quadrant's dot and maps the template's dots onto them: exactly equivariant."""
+    h = size // 2
+
+    def align(x):
+        f = x[:, 0].double()
+        ys, xs = torch.meshgrid(torch.arange(size, dtype=f.dtype), torch.arange(size, dtype=f.dtype), indexing="ij")
+        found = []
+        for r0, c0 in ((0, 0), (0, h), (h, h), (h, 0)):
+            q = f[:, r0:r0 + h, c0:c0 + h]
+            m = q.sum(dim=(1, 2))
+            found.append(torch.stack([(q * xs[r0:r0 + h, c0:c0 + h]).sum(dim=(1, 2)) / m,
+                                      (q * ys[r0:r0 + h, c0:c0 + h]).sum(dim=(1, 2)) / m], -1))
+        H = G.homography_from_points(tpl.double().expand(x.shape[0], 4, 2), torch.stack(found, 1))
+        return G.normalised_from_pixel(H, (size, size), (size, size))
+
+    return align
+
+
+def test_self_consistency_is_zero_for_an_equivariant_aligner_and_the_probe_for_a_blind_one():
+    x, tpl = _four_dots(12)
+    bg = torch.zeros(12, 1, 1, 1)
+    moved, probe = M.self_consistency(_dot_aligner(tpl), x, bg, sigma=0.03, seed=3)
+    # Not exactly 0: bilinear resampling shifts the dots' centroids by a few hundredths of a pixel, and
+    # the frame's corners lie ~2x further out than the dots. A blind aligner scores 1.
+    assert probe.mean() > 1.0 and moved.mean() / probe.mean() < 0.1
+    blind = lambda b: torch.eye(3, dtype=torch.float64).expand(b.shape[0], 3, 3)  # noqa: E731
+    moved, probe2 = M.self_consistency(blind, x, bg, sigma=0.03, seed=3)
+    assert torch.allclose(moved, probe2) and torch.allclose(probe, probe2)  # the same probes for one seed
+    T = G.params_to_matrix(torch.tensor([[0.1, 0.0, 0.0, 0.2, 0.05, -0.03]]), "affine").double()
+    const = lambda b: T.expand(b.shape[0], 3, 3)  # noqa: E731
+    moved, _ = M.self_consistency(const, x, bg, sigma=0.03, seed=3)
+    assert not torch.allclose(moved, probe2) and (moved > 0).all()

@@ -45,6 +45,7 @@ def test_polling_sees_progress_then_success(trained, worker_env):
     m = job["metrics"]
     assert m["n_images"] == len(TRAIN) and m["apsnr_before"] is not None and m["apsnr_after"] is not None
     assert {"mean", "median", "p95", "max", "n_outliers"} <= set(m["residual_summary"])
+    assert m["consistency_summary"]["probe_sigma"] == 0.1 and m["consistency_summary"]["ratio"] > 0
     assert job["model_id"] == job["id"] and job["links"]["align_with_model"]
     assert [a["outcome"] for a in job["attempts"]] == ["succeeded"]
     assert job["attempts"][0]["worker"].startswith(worker_env.worker.name + "@")  # the separate worker ran it
