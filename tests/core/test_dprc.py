@@ -211,23 +211,23 @@ def test_centred_reference_frame_centres_every_aligned_object():
 def test_congealing_reduces_the_ground_truth_pair_residual(digits3):
     """Two perturbed copies of 48 real digits; DPRC must bring the copies closer together.
 
-    Calibrated on CPU (docs/benchmarks.md, 'CI quality test'): the residual falls to
-    0.42 of its value before alignment (0.49 on held-back digits); we require <= 0.6
-    (<= 0.7 held back), and that the aligner keeps the content and beats the
-    exactly-undone APSNR. Without the equivariance loss a comparable CPU run (60 sources,
-    Table 1 auto-encoder, 60 epochs) ended at 1.55.
+    Calibrated on CPU (docs/benchmarks.md, 'CI quality test'): with the default two
+    passes the residual falls to 0.35 of its value before alignment (0.44 on held-back
+    digits; one pass: 0.42 and 0.49); we require <= 0.5 (<= 0.6 held back), and that the
+    aligner keeps the content and beats the exactly-undone APSNR. Without the equivariance
+    loss a comparable CPU run (60 sources, Table 1 auto-encoder, 60 epochs) ended at 1.55.
     """
     pairs = make_pairs(digits3[:48], 0.1, seed=5)
     res = DPRC(preset="small", batch_size=32, epochs=100).fit(pairs.images, FitContext(seed=0))
     ev = evaluate_warps(pairs, res.in_from_out_norm)
-    assert ev.residual_ratio <= 0.6, ev
+    assert ev.residual_ratio <= 0.5, ev
     assert ev.content_kept >= 0.95, ev
     assert ev.apsnr_after >= ev.apsnr_undone, ev
     # Held-back images of the same collection, aligned by the trained aligner alone.
     from models.data import mnist_digits
     held = make_pairs(mnist_digits(3, 16, offset=48), 0.1, seed=6)
     ev_h = evaluate_warps(held, res.aligner.align(held.images))
-    assert ev_h.residual_ratio <= 0.7, ev_h
+    assert ev_h.residual_ratio <= 0.6, ev_h
 
 
 @pytest.mark.gpu
