@@ -85,7 +85,7 @@ class MetricsPublic(BaseModel):
     framing_summary: FramingSummary | None = None
     consistency_summary: ConsistencySummary | None = None
     warnings: list[str] = Field(default_factory=list, description="degenerate alignments detected "
-                                "without ground truth (cropping, shrinking)")
+                                "without ground truth (cropping, shrinking, an aligner that is not self-consistent)")
     seconds: float | None = None
     output_size: list[int] | None = None
     reference: str | None = None
