@@ -165,9 +165,9 @@ def _framing_warnings(kept: torch.Tensor, area: torch.Tensor) -> list[str]:
     if len(kept) and float(kept.median()) < KEPT_WARN:
         out.append(f"the aligned frames keep a median {float(kept.median()):.2f} of each image's content "
                    f"(< {KEPT_WARN}): the alignment crops into the objects, and a high APSNR does not mean "
-                   "a good alignment here; DPRC has already fitted again with its moment regulariser "
-                   "(option reframe); a larger moment_weight keeps more content at some cost in consistency "
-                   "(docs/benchmarks.md)")
+                   "a good alignment here; DPRC's option reframe (on by default) fits again with its moment "
+                   "regulariser when this happens, and a larger moment_weight keeps more content at some cost "
+                   "in consistency (docs/benchmarks.md)")
     if len(area) and float(area.median()) > AREA_WARN:
         out.append(f"the aligned frames show the objects at 1/{float(area.median()):.1f} of their area: "
                    "the alignment shrinks them")

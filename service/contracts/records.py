@@ -10,7 +10,7 @@ import time
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "JobStatus",
@@ -65,6 +65,27 @@ class JobOptions(BaseModel):
     max_side: int = Field(128, ge=8, le=1024, description="longest side of the working size, pixels")
     time_limit_s: int | None = Field(None, ge=1, description="fail the job if one attempt runs longer; "
                                                              "default and ceiling: the service's limit")
+    # A bounded subset of DPRCConfig (models/dprc.py), for method "dprc" only; the rest stay
+    # server-side. Bounds keep one job's cost predictable.
+    passes: int | None = Field(None, ge=1, le=4, description="dprc: DeSTNet passes (default 2)")
+    moment_weight: float | None = Field(None, ge=0, le=10, description="dprc: moment regulariser weight "
+                                        "(default 0; keeps the content at some cost in consistency)")
+    reframe: float | None = Field(None, ge=0, le=10, description="dprc: moment weight of the automatic re-fit "
+                                  "when the fit crops (default 1; 0: never)")
+
+    @model_validator(mode="after")
+    def _dprc_fields_need_dprc(self) -> "JobOptions":
+        used = [k for k in DPRC_FIELDS if getattr(self, k) is not None]
+        if used and self.method != "dprc":
+            raise ValueError(f"{', '.join(used)} apply to method dprc only, not {self.method}")
+        return self
+
+    def method_options(self) -> dict[str, Any]:
+        """The DPRC options the client set, for ``AlignOptions.method_options``."""
+        return {k: getattr(self, k) for k in DPRC_FIELDS if getattr(self, k) is not None}
+
+
+DPRC_FIELDS = ("passes", "moment_weight", "reframe")
 
 
 class ProgressRecord(BaseModel):

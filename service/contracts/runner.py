@@ -158,7 +158,7 @@ class JobRunner:
 
     def _spec(self, rec: JobRecord, attempt: int) -> dict:
         s, a = self.settings, self.artifacts
-        method_options = {}
+        method_options = rec.options.method_options() if rec.kind == JobKind.align else {}
         if rec.kind == JobKind.align and rec.options.method == "dprc" and s.checkpoint_every_s is not None:
             method_options["checkpoint_every_s"] = s.checkpoint_every_s
         return {

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import time
 import zipfile
@@ -49,6 +50,16 @@ def test_polling_sees_progress_then_success(trained, worker_env):
     assert job["model_id"] == job["id"] and job["links"]["align_with_model"]
     assert [a["outcome"] for a in job["attempts"]] == ["succeeded"]
     assert job["attempts"][0]["worker"].startswith(worker_env.worker.name + "@")  # the separate worker ran it
+
+
+def test_dprc_options_reach_the_worker_and_the_saved_model(client, worker_env):
+    r = client.post("/jobs", files=files_for(TRAIN[:6]), data={"budget": "1", "passes": "1", "reframe": "0"})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert job["options"]["passes"] == 1 and job["options"]["reframe"] == 0
+    cfg = json.loads((worker_env.data_dir / "jobs" / job["id"] / "output" / "model" / "config.json").read_text())
+    assert cfg["passes"] == 1
 
 
 def test_downloaded_transforms_reproduce_the_downloaded_aligned_images(client, trained):
