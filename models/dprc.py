@@ -386,9 +386,9 @@ class DPRC:
                 aligned = _warp_bg(xb, Mb, bgb if cfg.padding == "border" else None)
                 E = torch.zeros((), device=dev)
                 if cfg.equivariance > 0:
-                    E = self._equivariance(aligner, xb, bgb, Mb, limit, ctx.seed * 7919 + step)
+                    E = self._equivariance(cfg, aligner, xb, bgb, Mb, limit, ctx.seed * 7919 + step)
                 sigma = cfg.blur_start * min(H, W) * max(0.0, 1 - frac / max(cfg.blur_until, 1e-6))
-                D = self._distance(xb, bgb, aligned, Mb, ref_img, bg_all[ref:ref + 1], sigma)
+                D = self._distance(cfg, xb, bgb, aligned, Mb, ref_img, bg_all[ref:ref + 1], sigma)
                 if cfg.moment_weight > 0:
                     D = D + cfg.moment_weight * moment_penalty(aligned, bgb, ref_c, ref_r)
                 if cfg.lam > 0:
@@ -424,7 +424,8 @@ class DPRC:
         return FitResult(in_from_out_norm=warps.float().cpu(), reference_index=ref, aligner=aligner,
                          history=history, notes=notes)
 
-    def _distance(self, xb, bgb, aligned, Mb, ref_img, ref_bg, sigma) -> torch.Tensor:
+    @staticmethod
+    def _distance(cfg, xb, bgb, aligned, Mb, ref_img, ref_bg, sigma) -> torch.Tensor:
         """``D``: L1 between the aligned images and the reference, in the chosen frame(s).
 
         In the output frame (Eq. 5) input content that the aligned frame leaves
@@ -434,15 +435,16 @@ class DPRC:
         """
         rb = blur(ref_img, sigma)
         terms = []
-        if self.cfg.distance in ("output", "symmetric"):
+        if cfg.distance in ("output", "symmetric"):
             terms.append((blur(aligned, sigma) - rb).abs().mean())
-        if self.cfg.distance in ("input", "symmetric"):
-            pad = ref_bg if self.cfg.padding == "border" else None
+        if cfg.distance in ("input", "symmetric"):
+            pad = ref_bg if cfg.padding == "border" else None
             ref_in = _warp_bg(ref_img.expand(xb.shape[0], -1, -1, -1), G.invert(Mb), pad)
             terms.append((blur(xb, sigma) - blur(ref_in, sigma)).abs().mean())
         return sum(terms) / len(terms)
 
-    def _equivariance(self, aligner, xb, bgb, Mb, limit, seed) -> torch.Tensor:
+    @staticmethod
+    def _equivariance(cfg, aligner, xb, bgb, Mb, limit, seed) -> torch.Tensor:
         """Self-supervised consistency: re-warp the batch by random known homographies.
 
         For ``x'(q) = x(P q)`` a consistent aligner satisfies ``P M(x') = M(x)``
@@ -455,9 +457,9 @@ class DPRC:
 
         H, W = xb.shape[-2:]
         g = torch.Generator().manual_seed(int(seed))
-        P_pix = random_perturbations(xb.shape[0], (H, W), self.cfg.equivariance_sigma, g)
+        P_pix = random_perturbations(xb.shape[0], (H, W), cfg.equivariance_sigma, g)
         P = G.normalised_from_pixel(P_pix, (H, W), (H, W)).to(xb)
-        pad = bgb if self.cfg.padding == "border" else None
+        pad = bgb if cfg.padding == "border" else None
         xp = _warp_bg(xb, P, pad)
         Mp = aligner.warps(xp, limit)
         c = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=xb.dtype, device=xb.device)

@@ -193,8 +193,7 @@ def _consistency_summary(moved: torch.Tensor | None, probe: torch.Tensor | None)
     }
 
 
-def _consistency_warnings(moved: torch.Tensor | None, probe: torch.Tensor | None) -> list[str]:
-    s = _consistency_summary(moved, probe)
+def _consistency_warnings(s: dict | None) -> list[str]:
     if s is None or s["ratio"] <= CONSISTENCY_WARN:
         return []
     return [f"the aligner is not self-consistent: re-warping each image by a known {CONSISTENCY_SIGMA:.0%} "
@@ -241,6 +240,7 @@ def _write_outputs(tmp: Path, col: Collection, aligned: torch.Tensor, before: to
     finite = lambda v: None if v is None or not math.isfinite(v) else round(v, 4)  # noqa: E731
     a_before = M.apsnr(before) if len(col) > 1 else None
     a_after = M.apsnr(aligned) if len(col) > 1 else None
+    consistency = _consistency_summary(moved, probe)
     metrics = {
         **meta,
         "n_images": len(col),
@@ -262,8 +262,8 @@ def _write_outputs(tmp: Path, col: Collection, aligned: torch.Tensor, before: to
             "area_scale_median": round(float(area.median()), 4) if len(col) else None,
             "n_cropped": int((kept < KEPT_WARN).sum()),
         },
-        "consistency_summary": _consistency_summary(moved, probe),
-        "warnings": _framing_warnings(kept, area) + _consistency_warnings(moved, probe),
+        "consistency_summary": consistency,
+        "warnings": _framing_warnings(kept, area) + _consistency_warnings(consistency),
         "per_image": [
             {"name": n, "residual": round(float(r), 4), "outlier": bool(o),
              "content_kept": round(float(k), 4), "area_scale": round(float(a), 4)}

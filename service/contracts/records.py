@@ -51,6 +51,10 @@ class JobKind(str, Enum):
     apply = "apply"  # align new images with a trained aligner
 
 
+# The DPRC options a client may set (a bounded subset of DPRCConfig in models/dprc.py).
+DPRC_FIELDS = ("passes", "moment_weight", "reframe")
+
+
 class JobOptions(BaseModel):
     """What a client may choose for an alignment job. Unknown fields are an error."""
 
@@ -84,8 +88,6 @@ class JobOptions(BaseModel):
         """The DPRC options the client set, for ``AlignOptions.method_options``."""
         return {k: getattr(self, k) for k in DPRC_FIELDS if getattr(self, k) is not None}
 
-
-DPRC_FIELDS = ("passes", "moment_weight", "reframe")
 
 
 class ProgressRecord(BaseModel):

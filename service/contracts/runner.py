@@ -158,9 +158,11 @@ class JobRunner:
 
     def _spec(self, rec: JobRecord, attempt: int) -> dict:
         s, a = self.settings, self.artifacts
-        method_options = rec.options.method_options() if rec.kind == JobKind.align else {}
-        if rec.kind == JobKind.align and rec.options.method == "dprc" and s.checkpoint_every_s is not None:
-            method_options["checkpoint_every_s"] = s.checkpoint_every_s
+        method_options = {}
+        if rec.kind == JobKind.align:
+            method_options = rec.options.method_options()
+            if rec.options.method == "dprc" and s.checkpoint_every_s is not None:
+                method_options["checkpoint_every_s"] = s.checkpoint_every_s
         return {
             "job_id": rec.id,
             "kind": rec.kind.value,

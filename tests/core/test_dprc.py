@@ -186,11 +186,11 @@ def test_input_frame_distance_compares_the_reference_warped_onto_each_image(digi
     x = G.warp(ref, G.invert(M), (28, 28))  # x(q) = ref(M^-1 q): M aligns x onto ref exactly
     m = DPRC(distance="input", padding="zeros")
     aligned = G.warp(x, M, (28, 28))
-    assert m._distance(x, None, aligned, M, ref, None, 0.0).item() == pytest.approx(0.0, abs=1e-7)
+    assert m._distance(m.cfg, x, None, aligned, M, ref, None, 0.0).item() == pytest.approx(0.0, abs=1e-7)
     wrong = G.params_to_matrix(torch.tensor([[0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]), "homography")
-    assert m._distance(x, None, G.warp(x, wrong, (28, 28)), wrong, ref, None, 0.0).item() > 0.01
-    out = DPRC(distance="output", padding="zeros")._distance(x, None, aligned, M, ref, None, 0.0).item()
-    both = DPRC(distance="symmetric", padding="zeros")._distance(x, None, aligned, M, ref, None, 0.0).item()
+    assert m._distance(m.cfg, x, None, G.warp(x, wrong, (28, 28)), wrong, ref, None, 0.0).item() > 0.01
+    out = DPRC._distance(DPRC(distance="output", padding="zeros").cfg, x, None, aligned, M, ref, None, 0.0).item()
+    both = DPRC._distance(DPRC(distance="symmetric", padding="zeros").cfg, x, None, aligned, M, ref, None, 0.0).item()
     assert both == pytest.approx(out / 2, rel=1e-5)
 
 
