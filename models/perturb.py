@@ -23,16 +23,18 @@ from . import geometry as G
 __all__ = ["random_perturbations", "perturb", "PairedSet", "make_pairs"]
 
 
-def random_perturbations(n: int, size: tuple[int, int], sigma: float,
+def random_perturbations(n: int, size: tuple[int, int], sigma: float | torch.Tensor,
                          generator: torch.Generator | None = None,
                          dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``(n, 3, 3)`` pixel homographies ``src_from_input`` drawn from the protocol.
 
-    ``sigma`` is a fraction of the image side (0.1 for 10 %); for non-square
-    images x noise scales with the width and y noise with the height.
+    ``sigma`` is a fraction of the image side (0.1 for 10 %), one for all or one
+    per homography ``(n,)``; for non-square images x noise scales with the width
+    and y noise with the height.
     """
     H, W = size
-    scale = torch.tensor([W, H], dtype=dtype) * sigma
+    sig = torch.as_tensor(sigma, dtype=dtype).reshape(-1, 1, 1)  # (1 or n, 1, 1)
+    scale = torch.tensor([W, H], dtype=dtype) * sig
     c = G.corners(H, W).to(dtype)
     noise = torch.randn(n, 4, 2, generator=generator, dtype=dtype) * scale
     shift = torch.randn(n, 1, 2, generator=generator, dtype=dtype) * scale

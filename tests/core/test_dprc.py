@@ -138,6 +138,18 @@ def test_passes_iterate_the_same_network_and_round_trip(digits3, tmp_path):
         DPRC(passes=0)
 
 
+def test_width_scales_the_aligner_and_round_trips(digits3, tmp_path):
+    x = digits3[:8]
+    r = _fit(x, None, budget=1, width=2, stages=2)
+    net = r.aligner.net
+    base = PRESETS["mnist"]["destnet"]
+    assert net.cfg.convs == tuple((k, 2 * c, s) for k, c, s in base["convs"]) and net.cfg.hidden == 2 * base["hidden"]
+    r.aligner.save(tmp_path)
+    assert torch.allclose(load_aligner(tmp_path).align(x), r.aligner.align(x), atol=1e-6)
+    with pytest.raises(ValueError, match="width=0"):
+        DPRC(width=0)
+
+
 class _Scripted(DPRC):
     """DPRC whose fits return given warps: tests the re-fit decision on exact answers."""
 
@@ -178,6 +190,45 @@ def test_unknown_option_is_a_clear_error():
         DPRC(distance="both")
     with pytest.raises(ValueError, match="reference_frame"):
         DPRC(reference_frame="middle")
+    with pytest.raises(ValueError, match="equivariance_frame='output'; choose one of input, aligned, both"):
+        DPRC(equivariance_frame="output")
+
+
+class _ConstantAligner:
+    """Maps every image to the same warp ``K``: consistent only if ``K`` is the identity."""
+
+    def __init__(self, K):
+        self.K = K
+
+    def warps(self, x, limit=None):
+        return self.K.to(x).expand(x.shape[0], 3, 3)
+
+
+@pytest.mark.parametrize("frame", ["aligned", "both"])
+def test_aligned_frame_equivariance_asks_an_aligned_image_to_map_to_the_identity(digits3, frame):
+    x = digits3[:6]
+    cfg = DPRC(equivariance_frame=frame, aligned_sigma=0.0, equivariance_sigma=0.0, padding="zeros").cfg
+    eye = torch.eye(3)
+    loss = DPRC._equivariance(cfg, _ConstantAligner(eye), x, None, eye.expand(6, 3, 3), None, 0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-7)
+    # A constant translation by t: the aligned view x(K q) is mapped by K again, K K != K,
+    # and every corner of K K lies |t| (normalised) from K's.
+    t = torch.tensor([0.3, -0.4])
+    K = torch.eye(3)
+    K[:2, 2] = t
+    loss = DPRC._equivariance(cfg, _ConstantAligner(K), x, None, K.expand(6, 3, 3), None, 0)
+    assert loss.item() == pytest.approx(float(t.norm()), rel=1e-5)
+
+
+def test_equivariance_views_of_each_frame_are_scored_by_their_own_warp(digits3):
+    # The identity aligner is consistent with nothing: its loss is the mean corner
+    # displacement of the views' perturbations, positive in both frames.
+    x = digits3[:6]
+    eye = torch.eye(3).expand(6, 3, 3)
+    losses = {f: DPRC._equivariance(DPRC(equivariance_frame=f).cfg, _ConstantAligner(torch.eye(3)), x,
+                                    background(x), eye, None, 3).item() for f in ("input", "aligned", "both")}
+    assert losses["input"] > 0.01 and losses["aligned"] > 0.01
+    assert losses["both"] == pytest.approx(losses["input"] + losses["aligned"], rel=1e-5)
 
 
 def test_input_frame_distance_compares_the_reference_warped_onto_each_image(digits3):
@@ -211,9 +262,10 @@ def test_centred_reference_frame_centres_every_aligned_object():
 def test_congealing_reduces_the_ground_truth_pair_residual(digits3):
     """Two perturbed copies of 48 real digits; DPRC must bring the copies closer together.
 
-    Calibrated on CPU (docs/benchmarks.md, 'CI quality test'): with the default two
-    passes the residual falls to 0.35 of its value before alignment (0.44 on held-back
-    digits; one pass: 0.42 and 0.49); we require <= 0.5 (<= 0.6 held back), and that the
+    Calibrated on CPU (docs/benchmarks.md, 'CI quality test'): with the defaults (two
+    passes, DeSTNet width 4) the residual falls to 0.26 of its value before alignment
+    (0.41 on held-back digits; width 1: 0.35 and 0.44; one pass: 0.42 and 0.49); we
+    require <= 0.4 (<= 0.55 held back), and that the
     aligner keeps the content and beats the exactly-undone APSNR. Without the equivariance
     loss a comparable CPU run (60 sources, Table 1 auto-encoder, 60 epochs) ended at 1.55.
     """
@@ -221,7 +273,7 @@ def test_congealing_reduces_the_ground_truth_pair_residual(digits3):
     res = DPRC(preset="small", batch_size=32, epochs=100).fit(pairs.images, FitContext(seed=0))
     ev = evaluate_warps(pairs, res.in_from_out_norm)
     print("collection:", ev)  # the numbers docs/benchmarks.md quotes (pytest -s)
-    assert ev.residual_ratio <= 0.5, ev
+    assert ev.residual_ratio <= 0.4, ev
     assert ev.content_kept >= 0.95, ev
     assert ev.apsnr_after >= ev.apsnr_undone, ev
     # Held-back images of the same collection, aligned by the trained aligner alone.
@@ -229,7 +281,7 @@ def test_congealing_reduces_the_ground_truth_pair_residual(digits3):
     held = make_pairs(mnist_digits(3, 16, offset=48), 0.1, seed=6)
     ev_h = evaluate_warps(held, res.aligner.align(held.images))
     print("held back:", ev_h)
-    assert ev_h.residual_ratio <= 0.6, ev_h
+    assert ev_h.residual_ratio <= 0.55, ev_h
 
 
 @pytest.mark.gpu

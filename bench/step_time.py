@@ -1,0 +1,53 @@
+"""Seconds per DPRC training step for given configurations (a quick cost check, not a job timing).
+
+Trains each configuration for about ``--steps`` steps (whole epochs) on one
+1,000-image paired collection, without the automatic re-fit, and prints one
+JSON line each. The time includes choosing the reference and the final
+alignment pass, spread over the steps.
+
+    python bench/step_time.py --device cpu --configs '[{}, {"width": 1, "batch_size": 64}]'
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+
+from models.data import mnist_digits  # noqa: E402
+from models.dprc import DPRC  # noqa: E402
+from models.methods import FitContext  # noqa: E402
+from models.perturb import make_pairs  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="[{}]", help="JSON list of DPRCConfig overrides")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--out", default=None, help="append JSON lines here too")
+    args = ap.parse_args()
+    x = make_pairs(mnist_digits(3, 500), 0.1, seed=0).images.to(args.device)
+    for over in json.loads(args.configs):
+        m = DPRC(**{**over, "reframe": 0})
+        per_epoch = -(-x.shape[0] // m.cfg.batch_size)
+        epochs = max(1, args.steps // per_epoch)
+        t0 = time.time()
+        m.fit(x, FitContext(seed=0, budget=epochs))
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        row = {"cfg": over, "device": args.device, "threads": torch.get_num_threads(), "n_images": x.shape[0],
+               "steps": epochs * per_epoch, "seconds": round(dt, 2), "s_per_step": round(dt / (epochs * per_epoch), 4)}
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
