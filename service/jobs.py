@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from models.imageio import LoadLimits
 
 from .contracts import RESULT_IMAGES, JobKind, JobOptions, JobRecord, JobStatus, new_job_id
+from .contracts.store import InFlightLimit
 from .deps import ServiceState
 from .schemas import (AttemptPublic, JobLinks, JobPublic, MetricsPublic, ProgressPublic, ts)
 from .uploads import FILE_FIELD, UploadError, check_upload, receive_upload
@@ -54,10 +55,9 @@ async def accept_job(request: Request, state: ServiceState, owner: str, *, kind:
     s = state.settings
     in_flight = await run_in_threadpool(state.store.count_in_flight, owner)
     if in_flight >= s.max_jobs_in_flight_per_key:
-        # Checked before the upload is read, so a tenant at its limit costs no disk. Two uploads
-        # racing past the check can both start: the limit is per request, not a lock.
-        raise HTTPException(429, f"{in_flight} jobs queued or running; at most {s.max_jobs_in_flight_per_key} "
-                                 f"per API key: wait for one to finish", headers={"Retry-After": "10"})
+        # Checked before the upload is read, so a tenant at its limit costs no disk; checked
+        # again atomically with the insert, so uploads racing past this check cannot both start.
+        raise _too_many(in_flight, s.max_jobs_in_flight_per_key)
     job_id = new_job_id()
     dest = state.artifacts.input_dir(job_id)
     try:
@@ -76,7 +76,10 @@ async def accept_job(request: Request, state: ServiceState, owner: str, *, kind:
         rec = JobRecord(id=job_id, kind=kind, owner=owner, options=job_options, model_id=model_id,
                         n_inputs=len(names), input_bytes=up.total_bytes, input_archive=archive,
                         idempotency_key=idempotency_key)
-        stored, created = await run_in_threadpool(state.store.insert, rec)
+        stored, created = await run_in_threadpool(state.store.insert, rec, s.max_jobs_in_flight_per_key)
+    except InFlightLimit as e:
+        _discard(state, job_id)
+        raise _too_many(e.count, s.max_jobs_in_flight_per_key) from None
     except UploadError as e:
         _discard(state, job_id)
         raise HTTPException(e.status, e.detail) from None
@@ -86,6 +89,11 @@ async def accept_job(request: Request, state: ServiceState, owner: str, *, kind:
     if not created:  # lost an idempotency race to an identical request: keep the winner only
         _discard(state, job_id)
     return stored, created
+
+
+def _too_many(in_flight: int, limit: int) -> HTTPException:
+    return HTTPException(429, f"{in_flight} jobs queued or running; at most {limit} per API key: "
+                              f"wait for one to finish", headers={"Retry-After": "10"})
 
 
 def _discard(state: ServiceState, job_id: str) -> None:

@@ -19,7 +19,15 @@ from typing import Callable
 
 from .records import Attempt, JobRecord, JobStatus, ProgressRecord, now
 
-__all__ = ["JobStore", "RedisJobStore", "SqliteJobStore", "Claim", "open_store"]
+__all__ = ["JobStore", "RedisJobStore", "SqliteJobStore", "Claim", "InFlightLimit", "open_store"]
+
+
+class InFlightLimit(Exception):
+    """``insert`` refused: the owner already has ``count`` jobs queued or running."""
+
+    def __init__(self, count: int):
+        super().__init__(f"{count} jobs in flight")
+        self.count = count
 
 _HITS_LOCK = threading.Lock()
 Mutator = Callable[[JobRecord], "JobRecord | None"]
@@ -42,9 +50,14 @@ class JobStore(ABC):
         """Raise if the store cannot be reached."""
 
     @abstractmethod
-    def insert(self, rec: JobRecord) -> tuple[JobRecord, bool]:
+    def insert(self, rec: JobRecord, max_in_flight: int | None = None) -> tuple[JobRecord, bool]:
         """Store a new record. With ``rec.idempotency_key`` set and a job already
-        holding that key for that owner, store nothing and return ``(that job, False)``."""
+        holding that key for that owner, store nothing and return ``(that job, False)``.
+
+        With ``max_in_flight``, raise :class:`InFlightLimit` instead of storing when
+        the owner already has that many jobs not yet terminal; the count and the
+        insert are one atomic step, so racing uploads cannot both pass the limit.
+        """
 
     @abstractmethod
     def get(self, job_id: str) -> JobRecord | None: ...
@@ -335,9 +348,10 @@ class RedisJobStore(JobStore):
     def ping(self) -> None:
         self.r.ping()
 
-    def insert(self, rec: JobRecord) -> tuple[JobRecord, bool]:
+    def insert(self, rec: JobRecord, max_in_flight: int | None = None) -> tuple[JobRecord, bool]:
         jk = self._k("job", rec.id)
         ik = self._k("idem", rec.owner, rec.idempotency_key) if rec.idempotency_key else None
+        ak = self._k("owner", rec.owner, "active")
         with self.r.pipeline() as pipe:
             while True:
                 try:
@@ -349,11 +363,17 @@ class RedisJobStore(JobStore):
                             other = self.get(existing.decode())
                             if other is not None:
                                 return other, False
+                    if max_in_flight is not None:
+                        pipe.watch(ak)  # a racing insert changes the set: this transaction retries
+                        count = pipe.scard(ak)
+                        if count >= max_in_flight:
+                            pipe.unwatch()
+                            raise InFlightLimit(count)
                     pipe.multi()
                     pipe.set(jk, rec.model_dump_json())
                     pipe.zadd(self._k("owner", rec.owner, "jobs"), {rec.id: rec.created_at})
                     pipe.sadd(self._k("active"), rec.id)
-                    pipe.sadd(self._k("owner", rec.owner, "active"), rec.id)
+                    pipe.sadd(ak, rec.id)
                     if ik:
                         pipe.set(ik, rec.id)
                     pipe.execute()
@@ -487,7 +507,7 @@ class SqliteJobStore(JobStore):
         with self._lock:
             self.db.execute("SELECT 1").fetchone()
 
-    def insert(self, rec: JobRecord) -> tuple[JobRecord, bool]:
+    def insert(self, rec: JobRecord, max_in_flight: int | None = None) -> tuple[JobRecord, bool]:
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -497,12 +517,20 @@ class SqliteJobStore(JobStore):
                     if row:
                         self.db.execute("COMMIT")
                         return JobRecord.model_validate_json(row[0]), False
+                if max_in_flight is not None:
+                    count = self.db.execute("SELECT COUNT(*) FROM jobs WHERE owner=? AND terminal=0",
+                                            (rec.owner,)).fetchone()[0]
+                    if count >= max_in_flight:
+                        self.db.execute("COMMIT")
+                        raise InFlightLimit(count)
                 self.db.execute(
                     "INSERT INTO jobs (id, owner, created_at, terminal, idem_key, data) VALUES (?,?,?,?,?,?)",
                     (rec.id, rec.owner, rec.created_at, int(rec.terminal), rec.idempotency_key,
                      rec.model_dump_json()))
                 self.db.execute("COMMIT")
                 return rec, True
+            except InFlightLimit:  # refused after a clean COMMIT of nothing
+                raise
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise

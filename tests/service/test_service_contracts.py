@@ -299,3 +299,27 @@ def test_sweep_removes_an_old_upload_folder_with_no_record_and_nothing_else(stor
     assert sweep_expired(store, arts, ttl_s=1) == [orphan]
     assert not arts.job_dir(orphan).exists()
     assert arts.job_dir(kept.id).exists() and arts.job_dir(fresh).exists()  # a record; an upload under way
+
+
+def test_the_in_flight_limit_is_atomic_with_the_insert(store):
+    # Eight uploads racing for a limit of three: exactly three are stored, the rest are
+    # refused with the count they saw; an idempotent replay is still answered at the limit.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.contracts.store import InFlightLimit
+
+    first, _ = store.insert(_job(key="k"), max_in_flight=3)
+
+    def attempt(_):
+        try:
+            return store.insert(_job(), max_in_flight=3)[1]
+        except InFlightLimit as e:
+            assert e.count == 3
+            return False
+
+    with ThreadPoolExecutor(8) as pool:
+        created = list(pool.map(attempt, range(8)))
+    assert sum(created) == 2 and store.count_in_flight("alice") == 3
+    again, created_again = store.insert(_job(key="k"), max_in_flight=3)
+    assert again.id == first.id and not created_again
+    assert store.insert(_job(owner="bob"), max_in_flight=3)[1]  # per owner
