@@ -52,7 +52,7 @@ class JobKind(str, Enum):
 
 
 # The DPRC options a client may set (a bounded subset of DPRCConfig in models/dprc.py).
-DPRC_FIELDS = ("passes", "moment_weight", "reframe")
+DPRC_FIELDS = ("passes", "moment_weight", "reframe", "width", "batch_size")
 
 
 class JobOptions(BaseModel):
@@ -76,6 +76,9 @@ class JobOptions(BaseModel):
                                         "(default 0; keeps the content at some cost in consistency)")
     reframe: float | None = Field(None, ge=0, le=10, description="dprc: moment weight of the automatic re-fit "
                                   "when the fit crops (default 1; 0: never)")
+    width: float | None = Field(None, ge=0.25, le=8, description="dprc: DeSTNet width multiplier (default 4; "
+                                "1: Table 1's aligner, cheaper on a CPU)")
+    batch_size: int | None = Field(None, ge=8, le=1024, description="dprc: training batch size (default 256)")
 
     @model_validator(mode="after")
     def _dprc_fields_need_dprc(self) -> "JobOptions":

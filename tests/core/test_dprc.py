@@ -291,3 +291,18 @@ def test_fit_and_apply_on_cuda_match_the_cpu_convention(digits3):
     r = DPRC(preset="small", batch_size=8).fit(x.cuda(), FitContext(budget=1))
     assert r.in_from_out_norm.device.type == "cpu" and r.in_from_out_norm.shape == (16, 3, 3)
     assert r.aligner.align(x.cuda()).device.type == "cuda"
+
+
+def test_the_api_fields_for_dprc_name_real_options_and_state_their_defaults():
+    # The service may not import torch, so service/contracts/records.py restates these;
+    # this keeps its names and the defaults its descriptions quote in step with DPRCConfig.
+    import re
+
+    from models.dprc import DPRCConfig
+    from service.contracts.records import DPRC_FIELDS, JobOptions
+
+    defaults = DPRCConfig()
+    for name in DPRC_FIELDS:
+        assert hasattr(defaults, name), name
+        quoted = re.search(r"default ([0-9.]+)", JobOptions.model_fields[name].description).group(1)
+        assert float(quoted) == float(getattr(defaults, name)), (name, quoted)

@@ -53,13 +53,15 @@ def test_polling_sees_progress_then_success(trained, worker_env):
 
 
 def test_dprc_options_reach_the_worker_and_the_saved_model(client, worker_env):
-    r = client.post("/jobs", files=files_for(TRAIN[:6]), data={"budget": "1", "passes": "1", "reframe": "0"})
+    r = client.post("/jobs", files=files_for(TRAIN[:12]), data={"budget": "1", "passes": "1", "reframe": "0",
+                                                                   "width": "1", "batch_size": "8"})
     assert r.status_code == 202, r.text
     job = wait_job(client, r.json()["id"])
     assert job["status"] == "succeeded", job
-    assert job["options"]["passes"] == 1 and job["options"]["reframe"] == 0
+    assert job["options"]["passes"] == 1 and job["options"]["reframe"] == 0 and job["options"]["width"] == 1
+    assert job["progress"]["total"] == 2  # one epoch of 12 images in batches of 8 (256: one step)
     cfg = json.loads((worker_env.data_dir / "jobs" / job["id"] / "output" / "model" / "config.json").read_text())
-    assert cfg["passes"] == 1
+    assert cfg["passes"] == 1 and cfg["destnet"]["hidden"] == 48  # width 1: Table 1's regressor
 
 
 def test_downloaded_transforms_reproduce_the_downloaded_aligned_images(client, trained):
