@@ -94,10 +94,11 @@ async def get_owner(request: Request, state: StateDep) -> str:
     else:
         owner = ANONYMOUS
     if s.rate_limit_per_minute:
-        count, reset_s = await run_in_threadpool(state.store.hit, f"req:{owner}", _RATE_WINDOW_S)
-        if count > s.rate_limit_per_minute:
+        ok, wait_s = await run_in_threadpool(state.store.hit, f"req:{owner}", s.rate_limit_per_minute,
+                                             _RATE_WINDOW_S)
+        if not ok:
             raise HTTPException(429, f"rate limit of {s.rate_limit_per_minute} requests per minute exceeded",
-                                headers={"Retry-After": str(max(1, math.ceil(reset_s)))})
+                                headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
     return owner
 
 

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     allow_open: bool = Field(False, description="Redis mode without api_keys: serve everyone as 'anonymous'")
     max_jobs_in_flight_per_key: int = Field(8, ge=1, description="queued + running jobs one tenant may have")
     rate_limit_per_minute: int = Field(1200, ge=0, description="requests per tenant per minute "
-                                                               "(fixed window, kept in Redis); 0: off")
+                                                               "(sliding 60 s window, kept in Redis); 0: off")
     job_ttl_s: float | None = Field(
         7 * 24 * 3600, gt=0, description="finished jobs (record and files) are deleted this long after they "
                                          "end; unset: kept forever")

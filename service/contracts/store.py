@@ -100,19 +100,27 @@ class JobStore(ABC):
     def expired_ids(self, finished_before: float, limit: int = 500) -> list[str]:
         """Terminal jobs that ended before ``finished_before``, oldest first."""
 
-    def hit(self, bucket: str, window_s: int) -> tuple[int, float]:
-        """Count one request against ``bucket`` in the current fixed window.
-        Returns the count so far and the seconds until the window resets.
-        This in-process version serves embedded mode (one process); Redis overrides it."""
+    def hit(self, bucket: str, limit: int, window_s: float) -> tuple[bool, float]:
+        """Admit one request against ``bucket`` if fewer than ``limit`` were admitted in
+        the last ``window_s`` seconds (a sliding window: no burst across a boundary).
+
+        Returns whether it was admitted and, if not, the seconds until one more would be.
+        This in-process version serves embedded mode (one process); Redis overrides it.
+        """
+        import collections
+
         t = now()
-        window = int(t // window_s)
         with _HITS_LOCK:
-            hits = self.__dict__.setdefault("_hits", {})
-            key = (bucket, window)
-            hits[key] = hits.get(key, 0) + 1
-            for k in [k for k in hits if k[1] < window]:
-                del hits[k]
-            return hits[key], (window + 1) * window_s - t
+            logs = self.__dict__.setdefault("_hits", {})
+            log = logs.setdefault(bucket, collections.deque())
+            while log and log[0] <= t - window_s:
+                log.popleft()
+            for b in [b for b, q in logs.items() if not q and b != bucket]:
+                del logs[b]
+            if len(log) < limit:
+                log.append(t)
+                return True, 0.0
+            return False, log[0] + window_s - t
 
     def close(self) -> None:  # pragma: no cover - trivial
         pass
@@ -330,7 +338,7 @@ class RedisJobStore(JobStore):
         P:active                   set of ids not yet terminal
         P:owner:<owner>:active     the same, per owner (jobs-in-flight limit)
         P:finished                 sorted set of terminal ids by end time (retention sweep)
-        P:rate:<bucket>:<window>   request counter of one fixed window, expires
+        P:rate:<bucket>            admitted request times of the last window (sorted set), expires
         P:worker:<name>            worker heartbeat, expires
     """
 
@@ -448,17 +456,30 @@ class RedisJobStore(JobStore):
         return [i.decode() for i in self.r.zrangebyscore(self._k("finished"), "-inf", finished_before,
                                                          start=0, num=limit)]
 
-    def hit(self, bucket: str, window_s: int) -> tuple[int, float]:
-        # Fixed window: INCR, and EXPIRE on the first hit only, in one round trip. Every API
-        # process shares the counter, so the limit holds however many replicas serve a tenant.
-        t = now()
-        window = int(t // window_s)
-        with self.r.pipeline() as pipe:
-            key = self._k("rate", bucket, str(window))
-            pipe.incr(key)
-            pipe.expire(key, window_s + 1, nx=True)
-            count, _ = pipe.execute()
-        return int(count), (window + 1) * window_s - t
+    # Sliding-window log: one sorted set of admitted request times per bucket, trimmed and
+    # checked in one script, so every API process shares it atomically. Redis's own clock is
+    # the only clock, so replicas with skewed clocks still agree.
+    _HIT_SCRIPT = """
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+    local window, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+    if redis.call('ZCARD', KEYS[1]) < limit then
+        redis.call('ZADD', KEYS[1], now, ARGV[3])
+        redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000) + 1000)
+        return {1, '0'}
+    end
+    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    return {0, tostring(tonumber(oldest[2]) + window - now)}
+    """
+
+    def hit(self, bucket: str, limit: int, window_s: float) -> tuple[bool, float]:
+        import uuid
+
+        if not hasattr(self, "_hit"):
+            self._hit = self.r.register_script(self._HIT_SCRIPT)
+        ok, wait = self._hit(keys=[self._k("rate", bucket)], args=[window_s, limit, uuid.uuid4().hex])
+        return bool(ok), float(wait)
 
     def heartbeat(self, worker: str, ttl_s: float, info: dict) -> None:
         self.r.set(self._k("worker", worker), json.dumps({**info, "name": worker, "seen_at": now()}),
