@@ -120,13 +120,9 @@ def register_aligner(method: str):
 
 
 def _ensure_builtin() -> None:
-    # Importing the modules runs their @register_method decorators.
-    from . import dprc  # noqa: F401
-    try:
-        from . import baselines  # noqa: F401
-    except ImportError as e:  # pragma: no cover - only while baselines are absent
-        if "baselines" not in str(e):
-            raise
+    # Importing the modules runs their @register_method decorators (imported here, not at
+    # the top, because they import this module).
+    from . import baselines, dprc  # noqa: F401
 
 
 def list_methods() -> list[str]:
