@@ -196,6 +196,57 @@ class Checkpoint:
         return meta, tensors
 
 
+# --------------------------------------------------------------------------- one fit's start
+
+@dataclass
+class FitStart:
+    """What every baseline fit begins with: its config, the prepared collection, the
+    coarse-to-fine schedule, progress and checkpoint plumbing, and where to resume.
+
+    ``M``: ``(N, 3, 3)`` warps at the fit size (the checkpoint's, or the identity);
+    ``saved``: the checkpoint's other tensors (a method's own state), on the images' device.
+    """
+
+    cfg: Any
+    family: str
+    prep: Prepared
+    budgets: list[int]
+    caps: list
+    rep: Reporter
+    ckpt: Checkpoint
+    M: torch.Tensor
+    start_level: int = 0
+    start_iter: int = 0
+    step: int = 0
+    resumed: bool = False
+    saved: dict = dataclasses.field(default_factory=dict)
+
+    def first_iter(self, level: int) -> int:
+        """Where level ``level``'s loop starts (the checkpoint's position on its own level)."""
+        return self.start_iter if level == self.start_level else 0
+
+
+def start_fit(method, images: torch.Tensor, ctx: FitContext) -> FitStart:
+    """``method`` has ``name`` and ``config`` (with ``max_side``, ``max_iters``, ``levels``,
+    ``level_caps``); ``ctx.options`` override the config for this fit."""
+    cfg = merge_config(method.config, ctx.options, method.name)
+    G.get_family(ctx.warp)
+    prep = prepare(images, cfg.max_side)
+    n = prep.images.shape[0]
+    budget = ctx.budget if ctx.budget is not None else cfg.max_iters
+    budgets = level_budgets(budget, len(cfg.levels))
+    st = FitStart(cfg, ctx.warp, prep, budgets, level_caps(cfg.level_caps, len(cfg.levels)),
+                  Reporter(ctx, sum(budgets)), Checkpoint(ctx, method.name, n, ctx.warp),
+                  identity(n, prep.images))
+    if (got := st.ckpt.load()) is not None:
+        meta, t = got
+        st.M = t.pop("M").to(prep.images)
+        st.start_level, st.start_iter, st.step = meta["level"], meta["level_step"], meta["step"]
+        st.saved = {k: v.to(prep.images) for k, v in t.items()}
+        st.resumed = True
+    return st
+
+
 # --------------------------------------------------------------------------- robust subspace step
 
 @dataclass

@@ -74,32 +74,20 @@ class LSC:
 
     def fit(self, images: torch.Tensor, ctx: FitContext) -> FitResult:
         """``images``: ``(N, C, H, W)`` in [0, 1] on the target device."""
-        cfg = C.merge_config(self.config, ctx.options, self.name)
-        family = ctx.warp
-        G.get_family(family)
-        prep = C.prepare(images, cfg.max_side)
-        X, fill = prep.images, prep.fill
+        start = C.start_fit(self, images, ctx)
+        cfg, family, rep, ckpt, M, step = start.cfg, start.family, start.rep, start.ckpt, start.M, start.step
+        X, fill = start.prep.images, start.prep.fill
         N = X.shape[0]
-        budget = ctx.budget if ctx.budget is not None else cfg.max_iters
-        budgets = C.level_budgets(budget, len(cfg.levels))
-        rep = C.Reporter(ctx, sum(budgets))
-        ckpt = C.Checkpoint(ctx, self.name, N, family)
-        M = C.identity(N, X)
-        start_level, start_iter, step = 0, 0, 0
-        notes = [f"fit size {prep.size[0]}x{prep.size[1]}", "updates: inverse compositional to the mean"]
-        if (got := ckpt.load()) is not None:
-            meta, t = got
-            M = t["M"].to(X)
-            start_level, start_iter, step = meta["level"], meta["level_step"], meta["step"]
+        notes = [f"fit size {start.prep.size[0]}x{start.prep.size[1]}", "updates: inverse compositional to the mean"]
+        if start.resumed:
             notes.append(f"resumed from checkpoint at step {step}")
         scale = N / max(N - 1, 1)
-        caps = C.level_caps(cfg.level_caps, len(cfg.levels))
         for li, sigma in enumerate(cfg.levels):
-            if li < start_level:
+            if li < start.start_level:
                 continue
-            fam = C.level_family(family, caps[li])
+            fam = C.level_family(family, start.caps[li])
             Xl = L.gaussian_blur(X, sigma)
-            for k in range(start_iter if li == start_level else 0, budgets[li]):
+            for k in range(start.first_iter(li), start.budgets[li]):
                 ctx.check_stop()
                 raw = L.warp_flat(Xl, M, fill)  # (N, m)
                 y = raw / raw.norm(dim=1, keepdim=True).clamp_min(1e-12) if cfg.normalise else raw

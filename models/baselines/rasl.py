@@ -56,7 +56,6 @@ from dataclasses import dataclass
 
 import torch
 
-from models import geometry as G
 from models.methods import FitContext, FitResult, register_method
 
 from . import _common as C
@@ -211,35 +210,22 @@ class RASL:
 
     def fit(self, images: torch.Tensor, ctx: FitContext) -> FitResult:
         """``images``: ``(N, C, H, W)`` in [0, 1] on the target device."""
-        cfg = C.merge_config(self.config, ctx.options, self.name)
-        family = ctx.warp
-        G.get_family(family)
-        prep = C.prepare(images, cfg.max_side)
-        X, fill = prep.images, prep.fill  # (N, C, h, w), (N, C)
-        N = X.shape[0]
-        lam = cfg.lam if cfg.lam is not None else 1.0 / math.sqrt(prep.m)
-        budget = ctx.budget if ctx.budget is not None else cfg.max_iters
-        budgets = C.level_budgets(budget, len(cfg.levels))
-        rep = C.Reporter(ctx, sum(budgets))
-        ckpt = C.Checkpoint(ctx, self.name, N, family)
-        M = C.identity(N, X)
-        start_level, start_iter, step = 0, 0, 0
-        notes = [f"lambda={lam:.4g}", f"fit size {prep.size[0]}x{prep.size[1]}",
+        start = C.start_fit(self, images, ctx)
+        cfg, family, rep, ckpt, M, step = start.cfg, start.family, start.rep, start.ckpt, start.M, start.step
+        X, fill = start.prep.images, start.prep.fill  # (N, C, h, w), (N, C)
+        lam = cfg.lam if cfg.lam is not None else 1.0 / math.sqrt(start.prep.m)
+        notes = [f"lambda={lam:.4g}", f"fit size {start.prep.size[0]}x{start.prep.size[1]}",
                  "normalisation: exact Jacobian of v/|v|", "updates: forward compositional"]
-        if (got := ckpt.load()) is not None:
-            meta, t = got
-            M = t["M"].to(X)
-            start_level, start_iter, step = meta["level"], meta["level_step"], meta["step"]
+        if start.resumed:
             notes.append(f"resumed from checkpoint at step {step}")
-        caps = C.level_caps(cfg.level_caps, len(cfg.levels))
         for li, sigma in enumerate(cfg.levels):
-            if li < start_level:
+            if li < start.start_level:
                 continue
-            fam = C.level_family(family, caps[li])
+            fam = C.level_family(family, start.caps[li])
             Xl = L.gaussian_blur(X, sigma)
             grads = L.image_gradients(Xl)
             prev = math.inf
-            for k in range(start_iter if li == start_level else 0, budgets[li]):
+            for k in range(start.first_iter(li), start.budgets[li]):
                 ctx.check_stop()
                 lin = L.linearise(Xl, M, fam, normalise=True, fill=fill, grads=grads)
                 inner = rasl_inner(lin.y, lin.jac, lam, keep=cfg.target_rank, rho=cfg.rho,

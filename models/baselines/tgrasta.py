@@ -40,7 +40,6 @@ from dataclasses import dataclass
 
 import torch
 
-from models import geometry as G
 from models.methods import FitContext, FitResult, register_method
 
 from . import _common as C
@@ -94,39 +93,27 @@ class TGrasta:
 
     def fit(self, images: torch.Tensor, ctx: FitContext) -> FitResult:
         """``images``: ``(N, C, H, W)`` in [0, 1] on the target device."""
-        cfg = C.merge_config(self.config, ctx.options, self.name)
-        family = ctx.warp
-        G.get_family(family)
-        prep = C.prepare(images, cfg.max_side)
-        X, fill = prep.images, prep.fill
+        start = C.start_fit(self, images, ctx)
+        cfg, family, rep, ckpt, M, step = start.cfg, start.family, start.rep, start.ckpt, start.M, start.step
+        X, fill = start.prep.images, start.prep.fill
         N = X.shape[0]
-        d = max(1, min(cfg.subspace_dim, prep.m))
+        d = max(1, min(cfg.subspace_dim, start.prep.m))
         B = max(1, min(cfg.batch_size, N))
-        budget = ctx.budget if ctx.budget is not None else cfg.max_iters
-        budgets = C.level_budgets(budget, len(cfg.levels))
-        rep = C.Reporter(ctx, sum(budgets))
-        ckpt = C.Checkpoint(ctx, self.name, N, family)
         gen = torch.Generator(device="cpu").manual_seed(int(ctx.seed))
-        M = C.identity(N, X)
-        U = None
-        start_level, start_iter, step = 0, 0, 0
-        notes = [f"subspace dim {d}, batch {B}", f"fit size {prep.size[0]}x{prep.size[1]}"]
-        if (got := ckpt.load()) is not None:
-            meta, t = got
-            M, U = t["M"].to(X), t["U"].to(X)
-            start_level, start_iter, step = meta["level"], meta["level_step"], meta["step"]
+        U = start.saved.get("U")
+        notes = [f"subspace dim {d}, batch {B}", f"fit size {start.prep.size[0]}x{start.prep.size[1]}"]
+        if start.resumed:
             notes.append(f"resumed from checkpoint at pass {step}")
-        caps = C.level_caps(cfg.level_caps, len(cfg.levels))
         for li, sigma in enumerate(cfg.levels):
-            if li < start_level:
+            if li < start.start_level:
                 continue
-            fam = C.level_family(family, caps[li])
+            fam = C.level_family(family, start.caps[li])
             Xl = L.gaussian_blur(X, sigma)
-            for k in range(start_iter if li == start_level else 0, budgets[li]):
+            for k in range(start.first_iter(li), start.budgets[li]):
                 ctx.check_stop()
                 perm = torch.randperm(N, generator=gen).to(X.device)
                 angle = cfg.step_size / math.sqrt(1.0 + step)
-                loss, raw = 0.0, torch.empty(N, prep.m, dtype=X.dtype, device=X.device)
+                loss, raw = 0.0, torch.empty(N, start.prep.m, dtype=X.dtype, device=X.device)
                 for s in range(0, N, B):
                     idx = perm[s:s + B]
                     xb = Xl[idx]
