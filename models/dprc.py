@@ -38,7 +38,8 @@ measured against ground truth in ``docs/benchmarks.md``):
   this weight, and the fit that keeps more content is returned.
 * ``width``: Table 1's MNIST DeSTNet has 4 and 8 conv channels; the default
   multiplies them (and the regressor) by 4, trained on batches of 256, which
-  lowered the residual on every digit (round 7 in the benchmarks).
+  lowered the residual on every digit (round 7 in the benchmarks). The LFW
+  aligner (64-256 channels) keeps its width.
 * ``equivariance_frame``: the equivariance views can also be made from each
   image's current aligned frame; measured worse, off by default.
 * A coarse-to-fine distance (blur annealed from ``blur_start`` to 0), a warp
@@ -66,7 +67,9 @@ from .methods import FitContext, FitResult, Progress, register_aligner, register
 from .imageops import background, blur
 from .nets import PRESETS, AutoEncoderConfig, DeSTNet, DeSTNetConfig, PenalisedAutoEncoder
 
-__all__ = ["DPRCConfig", "DPRC", "DPRCAligner", "choose_reference", "moment_init", "blur", "curriculum_family"]
+DEFAULT_WIDTH = {"mnist": 4.0, "small": 4.0, "lfw": 1.0}
+
+__all__ = ["DEFAULT_WIDTH", "DPRCConfig", "DPRC", "DPRCAligner", "choose_reference", "moment_init", "blur", "curriculum_family"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,10 @@ class DPRCConfig:
     distance: str = "output"  # D compared in the "output" (reference) frame, the "input" frame, or "symmetric"
     passes: int = 2  # the DeSTNet applied this many times in a row, same weights (trained and at inference)
     stages: int = 0  # DeSTNet stages; 0: the preset's
-    width: float = 4.0  # multiplies the DeSTNet's conv channels and regressor width (1: Table 1's)
+    # Multiplies the DeSTNet's conv channels and regressor width (1: Table 1's); None: the
+    # preset's DEFAULT_WIDTH (4 for the 4-and-8-channel MNIST aligners, measured in round 7;
+    # 1 for LFW's, which has 64-256 channels already and was not measured wider).
+    width: float | None = None
     # When the fit crops (median content kept < metrics.CONTENT_KEPT_MIN), fit again with this
     # moment_weight and keep the fit that keeps more content; 0: never. See docs/benchmarks.md.
     reframe: float = 1.0
@@ -285,7 +291,8 @@ class DPRC:
         if "curriculum" in overrides:
             overrides["curriculum"] = tuple(overrides["curriculum"])
         self.cfg = replace(DPRCConfig(), **overrides)
-        if int(self.cfg.passes) < 1 or int(self.cfg.stages) < 0 or not self.cfg.width > 0:
+        if int(self.cfg.passes) < 1 or int(self.cfg.stages) < 0 or (self.cfg.width is not None
+                                                                      and not self.cfg.width > 0):
             raise ValueError(f"dprc options passes={self.cfg.passes} (>= 1), stages={self.cfg.stages} (>= 0, 0: preset) "
                              f"and width={self.cfg.width} (> 0)")
         for name, allowed in (("init", ("moments", "centroid", "identity")), ("padding", ("border", "zeros")),
@@ -306,9 +313,10 @@ class DPRC:
         d = dict(p["destnet"])
         if self.cfg.stages:
             d["stages"] = int(self.cfg.stages)
-        if self.cfg.width != 1:
-            d["convs"] = tuple((k, max(1, round(ch * self.cfg.width)), s) for k, ch, s in d["convs"])
-            d["hidden"] = round(d["hidden"] * self.cfg.width)
+        width = self.cfg.width if self.cfg.width is not None else DEFAULT_WIDTH[preset]
+        if width != 1:
+            d["convs"] = tuple((k, max(1, round(ch * width)), s) for k, ch, s in d["convs"])
+            d["hidden"] = round(d["hidden"] * width)
         dcfg = DeSTNetConfig(in_channels=C, image_size=size, warp=warp, bound=self.cfg.bound, **d)
         acfg = AutoEncoderConfig(in_channels=C, image_size=size, code=self.cfg.code, k=self.cfg.k, **p["ae"])
         return DeSTNet(dcfg), PenalisedAutoEncoder(acfg)
@@ -481,6 +489,7 @@ class DPRC:
           warps), whatever the collection's own misalignment, so they can be
           as large as the collection's spread; each image draws its size from
           ``[0, cfg.aligned_sigma]`` so small ones still teach precision.
+          Measured worse than ``"input"`` (round 7 in the benchmarks).
         """
         from .perturb import random_perturbations
 

@@ -148,6 +148,11 @@ def test_width_scales_the_aligner_and_round_trips(digits3, tmp_path):
     assert torch.allclose(load_aligner(tmp_path).align(x), r.aligner.align(x), atol=1e-6)
     with pytest.raises(ValueError, match="width=0"):
         DPRC(width=0)
+    # By default the 4-and-8-channel MNIST aligners are widened, the LFW one is not.
+    mnist, _ = DPRC()._nets(1, (28, 28), "homography")
+    lfw, _ = DPRC()._nets(1, (64, 64), "homography")
+    assert mnist.cfg.convs[0][1] == 4 * PRESETS["mnist"]["destnet"]["convs"][0][1]
+    assert lfw.cfg.convs == PRESETS["lfw"]["destnet"]["convs"]
 
 
 class _Scripted(DPRC):
@@ -298,11 +303,15 @@ def test_the_api_fields_for_dprc_name_real_options_and_state_their_defaults():
     # this keeps its names and the defaults its descriptions quote in step with DPRCConfig.
     import re
 
-    from models.dprc import DPRCConfig
+    from models.dprc import DEFAULT_WIDTH, DPRCConfig
     from service.contracts.records import DPRC_FIELDS, JobOptions
 
     defaults = DPRCConfig()
     for name in DPRC_FIELDS:
         assert hasattr(defaults, name), name
         quoted = re.search(r"default ([0-9.]+)", JobOptions.model_fields[name].description).group(1)
-        assert float(quoted) == float(getattr(defaults, name)), (name, quoted)
+        value = getattr(defaults, name)
+        if name == "width":  # None: the preset's; the API quotes the MNIST-size aligner's
+            assert value is None
+            value = DEFAULT_WIDTH["mnist"]
+        assert float(quoted) == float(value), (name, quoted)
