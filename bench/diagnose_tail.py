@@ -25,28 +25,6 @@ from models.evaluate import run_on_pairs  # noqa: E402
 from models.perturb import make_pairs  # noqa: E402
 
 
-def visible_fraction(src: torch.Tensor, src_from_input: torch.Tensor) -> torch.Tensor:
-    """``(N,)`` share of each source's intensity mass that its perturbed copy's frame contains."""
-    N, _, H, W = src.shape
-    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
-    p = torch.stack([xs.flatten(), ys.flatten(), torch.ones(H * W, dtype=torch.float64)], 1)  # source pixels
-    q = torch.einsum("nij,pj->npi", torch.linalg.inv(src_from_input), p)  # where they land in the copy
-    w = q[..., 2]
-    u, v = q[..., 0] / w, q[..., 1] / w
-    inside = (w > 0) & (u >= -0.5) & (u <= W - 0.5) & (v >= -0.5) & (v <= H - 0.5)
-    f = src.double().flatten(1)
-    return (f * inside).sum(1) / f.sum(1).clamp_min(1e-12)
-
-
-def magnification(src_from_input: torch.Tensor, pts: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """``(N, K)`` local linear scale (sqrt |det J|) of ``src_from_input`` at input points ``(N, K, 2)``."""
-    a = G.transform_points(src_from_input, pts)
-    bx = G.transform_points(src_from_input, pts + torch.tensor([eps, 0.0], dtype=pts.dtype))
-    by = G.transform_points(src_from_input, pts + torch.tensor([0.0, eps], dtype=pts.dtype))
-    J = torch.stack([(bx - a) / eps, (by - a) / eps], -1)
-    return torch.linalg.det(J).abs().sqrt()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--digit", type=int, default=9)
@@ -74,9 +52,9 @@ def main() -> None:
           + " / ".join(f"{v:.1f}" for v in q.tolist()) + f" (before: mean {before.mean():.2f})")
     print(f"the worst 5 % of pairs ({len(top)}) carry {100 * after[top].sum() / after.sum():.0f} % of the mean")
     corners = G.transform_points(pix, G.corners(*size).double().expand(2 * N, 4, 2))
-    mag = magnification(Wab, corners).amax(1)
+    mag = G.jacobian_determinant_at(Wab, corners).sqrt().amax(1)  # source px per input px, linear
     mag = torch.maximum(mag[:N], mag[N:])
-    vis = visible_fraction(torch.cat([src, src]), Wab)
+    vis = M.content_kept(torch.cat([src, src]).double(), Wab, size)  # the source mass the copy's frame keeps
     vis = torch.minimum(vis[:N], vis[N:])
     print(f"perturbation's magnification at the aligned corners (median): worst 5 % {mag[top].median():.1f}x, "
           f"other pairs {mag[rest].median():.1f}x")

@@ -123,10 +123,8 @@ class DPRCConfig:
 
 
 def _warp_bg(x: torch.Tensor, M_: torch.Tensor, bg: torch.Tensor | None) -> torch.Tensor:
-    size = tuple(x.shape[-2:])
-    if bg is None:
-        return G.warp(x, M_, size)
-    return G.warp(x - bg, M_, size) + bg
+    """Same-size warp; outside the input: ``bg`` ``(B, C, 1, 1)``, or 0 when None."""
+    return G.warp(x, M_, tuple(x.shape[-2:]), fill=bg)
 
 
 def _moments(x: torch.Tensor, bg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

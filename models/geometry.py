@@ -45,6 +45,7 @@ __all__ = [
     "warp",
     "warp_pixel",
     "jacobian_determinant",
+    "jacobian_determinant_at",
     "offsets_to_homography",
     "homography_to_offsets",
 ]
@@ -260,7 +261,7 @@ def _grid(in_from_out_norm: torch.Tensor, out_size: tuple[int, int]) -> torch.Te
 
 
 def warp(image: torch.Tensor, in_from_out_norm: torch.Tensor, out_size: tuple[int, int],
-         *, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
+         *, mode: str = "bilinear", padding_mode: str = "zeros", fill: torch.Tensor | None = None) -> torch.Tensor:
     """Resample ``image`` through backward homographies in normalised coordinates.
 
     Args:
@@ -268,11 +269,15 @@ def warp(image: torch.Tensor, in_from_out_norm: torch.Tensor, out_size: tuple[in
         in_from_out_norm: ``(B, 3, 3)``.
         out_size: ``(Ho, Wo)``.
         padding_mode: ``grid_sample``'s; ``"zeros"`` fills outside with 0.
+        fill: ``(B, C, 1, 1)`` (or broadcastable) values for samples outside the
+            input instead of 0, e.g. each image's background; ``"zeros"`` padding only.
     Returns:
         ``(B, C, Ho, Wo)``.
     """
     grid = _grid(in_from_out_norm.to(image.dtype), out_size)
-    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    if fill is None:
+        return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    return F.grid_sample(image - fill, grid, mode=mode, padding_mode=padding_mode, align_corners=True) + fill
 
 
 def warp_pixel(image: torch.Tensor, in_from_out_pix: torch.Tensor, out_size: tuple[int, int],
@@ -294,13 +299,23 @@ def jacobian_determinant(in_from_out_pix: torch.Tensor, out_size: tuple[int, int
         ``(B, Ho, Wo)``.
     """
     Ho, Wo = out_size
-    M = in_from_out_pix / in_from_out_pix[:, 2:3, 2:3]
-    ys = torch.arange(Ho, dtype=M.dtype, device=M.device)
-    xs = torch.arange(Wo, dtype=M.dtype, device=M.device)
+    ys = torch.arange(Ho, dtype=in_from_out_pix.dtype, device=in_from_out_pix.device)
+    xs = torch.arange(Wo, dtype=in_from_out_pix.dtype, device=in_from_out_pix.device)
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    w = (M[:, 2, 0, None, None] * gx + M[:, 2, 1, None, None] * gy + 1.0)
+    pts = torch.stack([gx.flatten(), gy.flatten()], -1).expand(in_from_out_pix.shape[0], -1, -1)
+    return jacobian_determinant_at(in_from_out_pix, pts).view(-1, Ho, Wo)
+
+
+def jacobian_determinant_at(in_from_out: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+    """``|det J|`` of ``(B, 3, 3)`` homographies at their own input points ``(B, K, 2)``, ``(B, K)``.
+
+    The area one unit of the domain covers in the range, in whatever units the
+    matrices use (pixels for pixel matrices).
+    """
+    M = in_from_out / in_from_out[:, 2:3, 2:3]
+    w = M[:, 2, 0, None] * pts[..., 0] + M[:, 2, 1, None] * pts[..., 1] + 1.0
     # For x' = (a.x)/w the Jacobian determinant is det(M) / w^3.
-    return (torch.linalg.det(M)[:, None, None] / w.pow(3)).abs()
+    return (torch.linalg.det(M)[:, None] / w.pow(3)).abs()
 
 
 _UNIT_CORNERS = ((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0))

@@ -157,7 +157,7 @@ def self_consistency(align, images: torch.Tensor, bg: torch.Tensor, sigma: float
     for k in range(0, images.shape[0], chunk):
         x, b, Pk = images[k:k + chunk], bg[k:k + chunk], P[k:k + chunk]
         Pn = G.normalised_from_pixel(Pk, size, size).to(x)
-        xp = G.warp(x - b, Pn, size) + b
+        xp = G.warp(x, Pn, size, fill=b)
         M0 = G.pixel_from_normalised(align(x).double().cpu(), size, size)
         Mp = G.pixel_from_normalised(align(xp).double().cpu(), size, size)
         moved.append((G.transform_points(Pk @ Mp, c) - G.transform_points(M0, c)).norm(dim=-1).mean(-1))

@@ -118,6 +118,21 @@ def test_jacobian_determinant_of_scaling_and_homography():
     f = lambda px, py: G.transform_points(H, torch.tensor([[px, py]], dtype=torch.float64))[0, 0]  # noqa: E731
     J = torch.stack([(f(x + eps, y) - f(x - eps, y)) / (2 * eps), (f(x, y + eps) - f(x, y - eps)) / (2 * eps)], 1)
     assert abs(G.jacobian_determinant(H, (4, 5))[0, 2, 3].item() - torch.linalg.det(J).abs().item()) < 1e-6
+    # At arbitrary (non-grid) points, the same finite-difference answer.
+    x, y = 1.7, -2.3
+    J = torch.stack([(f(x + eps, y) - f(x - eps, y)) / (2 * eps), (f(x, y + eps) - f(x, y - eps)) / (2 * eps)], 1)
+    at = G.jacobian_determinant_at(H, torch.tensor([[[x, y]]], dtype=torch.float64))
+    assert at.shape == (1, 1) and abs(at.item() - torch.linalg.det(J).abs().item()) < 1e-6
+
+
+def test_warp_fills_outside_with_the_given_background():
+    img = torch.full((2, 1, 4, 4), 0.5, dtype=torch.float64)
+    shift = G.normalised_from_pixel(torch.tensor([[[1.0, 0, 10], [0, 1.0, 0], [0, 0, 1]]], dtype=torch.float64)
+                                    .expand(2, 3, 3), (4, 4), (4, 4))  # samples 10 px to the right: all outside
+    fill = torch.tensor([0.2, 0.9], dtype=torch.float64).view(2, 1, 1, 1)
+    out = G.warp(img, shift, (4, 4), fill=fill)
+    assert torch.allclose(out, fill.expand(2, 1, 4, 4))
+    assert torch.equal(G.warp(img, torch.eye(3, dtype=torch.float64).expand(2, 3, 3), (4, 4), fill=fill), img)
 
 
 def test_warp_gradcheck_float64():
