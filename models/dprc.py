@@ -98,7 +98,10 @@ class DPRCConfig:
     # (each image seen from its current aligned frame, then re-warped), or "both".
     equivariance_frame: str = "input"
     aligned_sigma: float = 0.15  # "aligned" views: per-image size drawn uniformly from [0, aligned_sigma]
-    reference_frame: str = "as_is"  # "as_is" | "centred": move the reference's object to the frame centre
+    # "as_is" | "centred": the reference's object moved to the frame centre | "normalised": centred
+    # and scaled to the collection's median object size (a strongly perturbed reference can be
+    # far larger or smaller than the typical object; every image would be scaled after it)
+    reference_frame: str = "as_is"
     max_scale: float = 2.5  # clamp of the moment initialisation's scale (and of its inverse)
     distance: str = "output"  # D compared in the "output" (reference) frame, the "input" frame, or "symmetric"
     passes: int = 2  # the DeSTNet applied this many times in a row, same weights (trained and at inference)
@@ -178,6 +181,12 @@ def moment_penalty(aligned: torch.Tensor, bg: torch.Tensor, ref_c: torch.Tensor,
     """
     c, r, _ = _moments(aligned, bg)
     return ((c - ref_c).abs().sum(1) + (r / ref_r).log().abs()).mean()
+
+
+def _median_radius(x: torch.Tensor, bg: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Median foreground RMS radius of a collection ``(N, C, H, W)``, normalised units, 0-d."""
+    r = torch.cat([_moments(x[k:k + chunk], bg[k:k + chunk])[1] for k in range(0, x.shape[0], chunk)])
+    return r.median()
 
 
 def choose_reference(x: torch.Tensor, chunk: int = 1024) -> int:
@@ -294,7 +303,7 @@ class DPRC:
             raise ValueError(f"dprc options passes={self.cfg.passes} (>= 1), stages={self.cfg.stages} (>= 0, 0: preset) "
                              f"and width={self.cfg.width} (> 0)")
         for name, allowed in (("init", ("moments", "centroid", "identity")), ("padding", ("border", "zeros")),
-                              ("reference_frame", ("as_is", "centred")),
+                              ("reference_frame", ("as_is", "centred", "normalised")),
                               ("distance", ("output", "input", "symmetric")),
                               ("equivariance_frame", ("input", "aligned", "both")),
                               ("preset", ("auto", *PRESETS))):
@@ -367,13 +376,17 @@ class DPRC:
         ref_img = x[ref:ref + 1]
         ref_c, ref_r, _ = _moments(ref_img, bg_all[ref:ref + 1])
         ref_c, ref_r = ref_c[0], ref_r[0]
-        if cfg.reference_frame == "centred":
+        if cfg.reference_frame in ("centred", "normalised"):
             # A strongly perturbed reference can sit half out of the frame; every
             # image is then pulled after it. Centring it costs nothing when it is central.
+            scale = 1.0
+            if cfg.reference_frame == "normalised":
+                scale = min(max(float(ref_r / _median_radius(x, bg_all)), 1 / cfg.max_scale), cfg.max_scale)
             T = torch.eye(3, dtype=x.dtype, device=dev)[None].clone()
+            T[0, 0, 0] = T[0, 1, 1] = scale
             T[0, :2, 2] = ref_c
             ref_img = _warp_bg(ref_img, T, bg_all[ref:ref + 1])
-            ref_c = torch.zeros_like(ref_c)
+            ref_c, ref_r = torch.zeros_like(ref_c), ref_r / scale
         aligner = DPRCAligner(net, cfg.init, ref_c, ref_r, cfg.padding, cfg.max_scale, cfg.passes)
 
         notes: list[str] = []

@@ -263,6 +263,24 @@ def test_centred_reference_frame_centres_every_aligned_object():
     assert c.abs().max() < 0.03
 
 
+def test_normalised_reference_frame_brings_every_object_to_the_median_size():
+    x = torch.zeros(9, 1, 28, 28)
+    sides = [4, 6, 8, 10, 12, 14, 6, 8, 16]
+    for i, a in enumerate(sides):  # squares of several sizes, off-centre
+        r, c = 3 + i, 20 - a - i // 2
+        x[i, :, r:r + a, c:c + a] = 1.0
+    from models.dprc import _moments, background
+    _, radius, _ = _moments(x, background(x))
+    for ref in (0, 8):  # the smallest and the largest object as the reference
+        m = DPRC(batch_size=8, preset="small", lr=1e-12, reference_frame="normalised", reframe=0)
+        r = m.fit(x, FitContext(warp="homography", budget=1, reference_index=ref))
+        aligned = G.warp(x, r.in_from_out_norm, (28, 28))
+        c, ra, _ = _moments(aligned, background(aligned))
+        assert r.aligner.ref_radius.item() == pytest.approx(radius.median().item(), rel=1e-5)
+        assert (ra / radius.median() - 1).abs().max() < 0.08  # bilinear resampling of the 4 px square: +7 %
+        assert c.abs().max() < 0.03
+
+
 @pytest.mark.slow
 def test_congealing_reduces_the_ground_truth_pair_residual(digits3):
     """Two perturbed copies of 48 real digits; DPRC must bring the copies closer together.
