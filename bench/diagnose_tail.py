@@ -7,6 +7,9 @@ perturbation magnifies distances at the aligned frame's corners (a pixel of the 
 this many pixels of the source: the pair residual is measured in source pixels).
 
     python bench/diagnose_tail.py --digit 9 --sigma 0.2 --configs '{"preset":"small","width":1,"batch_size":64}'
+
+``--warps FILE`` scores warps saved by ``bench/sweep.py --save-warps`` (same digit, sigma and
+``--n``) instead of fitting here.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch  # noqa: E402
 from models import geometry as G  # noqa: E402
 from models import metrics as M  # noqa: E402
 from models.data import mnist_digits  # noqa: E402
-from models.evaluate import run_on_pairs  # noqa: E402
+from models.evaluate import evaluate_warps, run_on_pairs  # noqa: E402
 from models.perturb import make_pairs  # noqa: E402
 
 
@@ -32,14 +35,21 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--configs", default="{}", help="DPRCConfig overrides (JSON object)")
+    ap.add_argument("--warps", default=None, help="saved in_from_out_norm warps to score instead of fitting")
     args = ap.parse_args()
     src = mnist_digits(args.digit, args.n)
     pairs = make_pairs(src, args.sigma, seed=1000 * args.digit + int(round(args.sigma * 100)))
-    ev, res = run_on_pairs(pairs, "dprc", device=args.device, options=json.loads(args.configs))
-    print(json.dumps({"digit": args.digit, "sigma": args.sigma, "cfg": json.loads(args.configs), **ev.to_dict(),
-                      "notes": res.notes}))
+    if args.warps:
+        warps = torch.load(args.warps)
+        ev = evaluate_warps(pairs, warps)
+        print(json.dumps({"digit": args.digit, "sigma": args.sigma, "warps": args.warps, **ev.to_dict()}))
+    else:
+        ev, res = run_on_pairs(pairs, "dprc", device=args.device, options=json.loads(args.configs))
+        warps = res.in_from_out_norm
+        print(json.dumps({"digit": args.digit, "sigma": args.sigma, "cfg": json.loads(args.configs), **ev.to_dict(),
+                          "notes": res.notes}))
     N, size = pairs.n_sources, tuple(pairs.images.shape[-2:])
-    pix = G.pixel_from_normalised(res.in_from_out_norm.double(), size, size)
+    pix = G.pixel_from_normalised(warps.double(), size, size)
     Wab = pairs.src_from_input
     eye = torch.eye(3, dtype=torch.float64).expand(N, 3, 3)
     after = M.pair_residual(Wab[:N], Wab[N:], pix[:N], pix[N:], size)
@@ -58,6 +68,14 @@ def main() -> None:
     vis = torch.minimum(vis[:N], vis[N:])
     print(f"perturbation's magnification at the aligned corners (median): worst 5 % {mag[top].median():.1f}x, "
           f"other pairs {mag[rest].median():.1f}x")
+    # How far the aligner itself sends the aligned frame's corners, in input frames (1 = the input's edge).
+    unit = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
+    reach = G.transform_points(warps.double(), unit.expand(2 * N, 4, 2))
+    reach = reach.abs().amax(dim=(1, 2))
+    reach = torch.maximum(reach[:N], reach[N:])
+    print(f"aligner's reach, the farthest aligned corner in input half-widths (median): worst 5 % "
+          f"{reach[top].median():.2f}, other pairs {reach[rest].median():.2f}; pairs beyond 3: "
+          f"{int((reach[top] > 3).sum())} of the worst, {int((reach[rest] > 3).sum())} of the others")
     print(f"share of the source the less visible copy shows (median): worst 5 % {vis[top].median():.2f}, "
           f"other pairs {vis[rest].median():.2f}")
     for t in (0.5, 0.9, 0.99):

@@ -37,16 +37,22 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="append JSON lines here too")
     ap.add_argument("--test-passes", default="",
                     help="also score the trained aligner with these numbers of DeSTNet passes, e.g. 2,3")
+    ap.add_argument("--save-warps", default=None,
+                    help="folder: save each run's in_from_out_norm warps (2N, 3, 3) as warps_d<D>_s<S>_c<K>.pt, "
+                         "for bench/diagnose_tail.py --warps")
     args = ap.parse_args()
     configs = json.loads(args.configs)
     for d in [int(v) for v in args.digits.split(",")]:
         src = mnist_digits(d, args.n)
         for s in [float(v) for v in args.sigmas.split(",")]:
             pairs = make_pairs(src, s, seed=1000 * d + int(round(s * 100)))
-            for cfg in configs:
+            for ci, cfg in enumerate(configs):
                 cfg = dict(cfg)
                 warp = cfg.pop("warp", args.warp)
                 ev, res = run_on_pairs(pairs, "dprc", warp=warp, device=args.device, seed=args.seed, options=cfg)
+                if args.save_warps:
+                    Path(args.save_warps).mkdir(parents=True, exist_ok=True)
+                    torch.save(res.in_from_out_norm, Path(args.save_warps) / f"warps_d{d}_s{s:g}_c{ci}.pt")
                 with torch.no_grad():  # the product's ground-truth-free estimate, beside the truth
                     moved, probe = self_consistency(lambda b: res.aligner.align(b.to(args.device)), pairs.images,
                                                     background(pairs.images), sigma=CONSISTENCY_SIGMA)
