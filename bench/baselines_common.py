@@ -209,3 +209,13 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=1))
+
+
+def emit_rows(rows: list[dict], path: str | None) -> None:
+    """Print each row as one JSON line, and append it to ``path`` (JSON lines) when given."""
+    for row in rows:
+        line = json.dumps(row)
+        print(line, flush=True)
+        if path:
+            with open(path, "a") as f:
+                f.write(line + "\n")

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import baselines_common as BC  # noqa: E402
 from models import geometry as G  # noqa: E402
-from models.data import mnist_digits  # noqa: E402
 from models.evaluate import evaluate_warps, run_on_pairs  # noqa: E402
 from models.imageops import background, blur  # noqa: E402
-from models.perturb import make_pairs  # noqa: E402
 
 
 @dataclass
@@ -83,8 +83,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     opts = json.loads(args.options)
-    pairs = make_pairs(mnist_digits(args.digit, args.n), args.sigma,
-                       seed=1000 * args.digit + int(round(args.sigma * 100)))
+    pairs = BC.pairs_for(args.digit, args.sigma, args.n)
     ev, res = run_on_pairs(pairs, "dprc", options=opts)
     rows = [{"digit": args.digit, "sigma": args.sigma, "cfg": opts, "refine": None, **ev.to_dict()}]
     for v in json.loads(args.variants):
@@ -94,11 +93,7 @@ def main() -> None:
         evr = evaluate_warps(pairs, Mr)
         evr.seconds = time.time() - t0
         rows.append({"digit": args.digit, "sigma": args.sigma, "cfg": opts, "refine": v, **evr.to_dict()})
-    for row in rows:
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    BC.emit_rows(rows, args.out)
 
 
 if __name__ == "__main__":

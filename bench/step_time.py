@@ -15,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import baselines_common as BC  # noqa: E402
 import torch  # noqa: E402
 
 from models.data import mnist_digits  # noqa: E402
@@ -43,10 +45,7 @@ def main() -> None:
         dt = time.time() - t0
         row = {"cfg": over, "device": args.device, "threads": torch.get_num_threads(), "n_images": x.shape[0],
                "steps": epochs * per_epoch, "seconds": round(dt, 2), "s_per_step": round(dt / (epochs * per_epoch), 4)}
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        BC.emit_rows([row], args.out)
 
 
 if __name__ == "__main__":

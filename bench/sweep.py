@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import baselines_common as BC  # noqa: E402
 from models.data import mnist_digits  # noqa: E402
 import torch  # noqa: E402
 
@@ -65,13 +67,7 @@ def main() -> None:
                     evk.seconds = ev.seconds
                     rows.append({"digit": d, "sigma": s, "warp": warp, "cfg": {**cfg, "test_passes": k},
                                  **evk.to_dict()})
-                for row in rows:
-                    line = json.dumps(row)
-                    print(line, flush=True)
-                    if args.out:
-                        with open(args.out, "a") as f:
-                            f.write(line + "\n")
-
+                BC.emit_rows(rows, args.out)
 
 if __name__ == "__main__":
     main()
