@@ -18,14 +18,16 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import baselines_common as BC  # noqa: E402
 import torch  # noqa: E402
+from protocol_visibility import pair_visibility  # noqa: E402
 
 from models import geometry as G  # noqa: E402
 from models import metrics as M  # noqa: E402
 from models.data import mnist_digits  # noqa: E402
 from models.evaluate import evaluate_warps, run_on_pairs  # noqa: E402
-from models.perturb import make_pairs  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +40,7 @@ def main() -> None:
     ap.add_argument("--warps", default=None, help="saved in_from_out_norm warps to score instead of fitting")
     args = ap.parse_args()
     src = mnist_digits(args.digit, args.n)
-    pairs = make_pairs(src, args.sigma, seed=1000 * args.digit + int(round(args.sigma * 100)))
+    pairs = BC.pairs_for(args.digit, args.sigma, args.n)
     if args.warps:
         warps = torch.load(args.warps)
         ev = evaluate_warps(pairs, warps)
@@ -64,8 +66,7 @@ def main() -> None:
     corners = G.transform_points(pix, G.corners(*size).double().expand(2 * N, 4, 2))
     mag = G.jacobian_determinant_at(Wab, corners).sqrt().amax(1)  # source px per input px, linear
     mag = torch.maximum(mag[:N], mag[N:])
-    vis = M.content_kept(torch.cat([src, src]).double(), Wab, size)  # the source mass the copy's frame keeps
-    vis = torch.minimum(vis[:N], vis[N:])
+    vis = pair_visibility(src, pairs)
     print(f"perturbation's magnification at the aligned corners (median): worst 5 % {mag[top].median():.1f}x, "
           f"other pairs {mag[rest].median():.1f}x")
     # How far the aligner itself sends the aligned frame's corners, in input frames (1 = the input's edge).

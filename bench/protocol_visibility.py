@@ -14,17 +14,18 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import baselines_common as BC  # noqa: E402
 import torch  # noqa: E402
 
 from models import metrics as M  # noqa: E402
 from models.data import mnist_digits  # noqa: E402
-from models.perturb import make_pairs  # noqa: E402
+from models.perturb import PairedSet  # noqa: E402
 
 
-def pair_visibility(src: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
-    """``(N,)`` share of each source the less visible of its two copies shows (same pairs as bench/sweep.py)."""
-    pairs = make_pairs(src, sigma, seed=seed)
+def pair_visibility(src: torch.Tensor, pairs: PairedSet) -> torch.Tensor:
+    """``(N,)`` share of each source ``(N, C, H, W)`` that the less visible of its two copies in ``pairs`` shows."""
     N, size = pairs.n_sources, tuple(src.shape[-2:])
     vis = M.content_kept(torch.cat([src, src]).double(), pairs.src_from_input, size)
     return torch.minimum(vis[:N], vis[N:])
@@ -43,7 +44,7 @@ def main() -> None:
     for s in [float(v) for v in args.sigmas.split(",")]:
         allv = []
         for d in [int(v) for v in args.digits.split(",")]:
-            v = pair_visibility(mnist_digits(d, args.n), s, seed=1000 * d + int(round(s * 100)))
+            v = pair_visibility(mnist_digits(d, args.n), BC.pairs_for(d, s, args.n))
             allv.append(v)
             rows.append({"digit": d, "sigma": s, "median": round(float(v.median()), 4),
                          "both_ge_0.9": round(float((v >= 0.9).double().mean()), 4),

@@ -9,6 +9,7 @@ the worker both use them.
 """
 from __future__ import annotations
 
+import collections
 import json
 import sqlite3
 import threading
@@ -28,6 +29,7 @@ class InFlightLimit(Exception):
     def __init__(self, count: int):
         super().__init__(f"{count} jobs in flight")
         self.count = count
+
 
 _HITS_LOCK = threading.Lock()
 Mutator = Callable[[JobRecord], "JobRecord | None"]
@@ -107,8 +109,6 @@ class JobStore(ABC):
         Returns whether it was admitted and, if not, the seconds until one more would be.
         This in-process version serves embedded mode (one process); Redis overrides it.
         """
-        import collections
-
         t = now()
         with _HITS_LOCK:
             logs = self.__dict__.setdefault("_hits", {})
