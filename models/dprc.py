@@ -377,8 +377,9 @@ class DPRC:
         ref_c, ref_r, _ = _moments(ref_img, bg_all[ref:ref + 1])
         ref_c, ref_r = ref_c[0], ref_r[0]
         if cfg.reference_frame in ("centred", "normalised"):
-            # A strongly perturbed reference can sit half out of the frame; every
-            # image is then pulled after it. Centring it costs nothing when it is central.
+            # A strongly perturbed reference can sit half out of the frame, or be far larger
+            # or smaller than the typical object; every image is pulled after it. Centring
+            # (and scaling to the median size) costs nothing when the reference is typical.
             scale = 1.0
             if cfg.reference_frame == "normalised":
                 scale = min(max(float(ref_r / _median_radius(x, bg_all)), 1 / cfg.max_scale), cfg.max_scale)
