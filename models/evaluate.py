@@ -29,6 +29,7 @@ class PairEval:
     apsnr_undone: float  # the perturbation exactly undone
     content_kept: float  # mean fraction of foreground mass kept (target >= 0.85)
     content_kept_p10: float
+    frame_size_median: float  # the aligned frame's linear size in the source (1: the source's own)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -49,6 +50,7 @@ def evaluate_warps(pairs: PairedSet, in_from_out_norm: torch.Tensor) -> PairEval
     aligned = G.warp(x, Mn, size)
     undone = G.warp_pixel(x, torch.linalg.inv(pairs.src_from_input), size)
     kept = M.content_kept(x, pix, size)
+    sizes = M.frame_size(pairs.src_from_input.double() @ pix, size)
     return PairEval(
         n_images=x.shape[0],
         residual_before=float(before.mean()),
@@ -60,6 +62,7 @@ def evaluate_warps(pairs: PairedSet, in_from_out_norm: torch.Tensor) -> PairEval
         apsnr_undone=M.apsnr(undone),
         content_kept=float(kept.mean()),
         content_kept_p10=float(torch.quantile(kept, 0.1)),
+        frame_size_median=float(sizes.median()),
     )
 
 

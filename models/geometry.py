@@ -224,6 +224,12 @@ def corners(height: int, width: int, *, like: torch.Tensor | None = None) -> tor
                          [0.0, height - 1.0]], **kw)
 
 
+def polygon_area(points: torch.Tensor) -> torch.Tensor:
+    """Unsigned area of polygons given by their vertices in order (shoelace), ``(..., K, 2)`` -> ``(...)``."""
+    x, y = points[..., 0], points[..., 1]
+    return 0.5 * (x * y.roll(-1, dims=-1) - x.roll(-1, dims=-1) * y).sum(-1).abs()
+
+
 def homography_from_points(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """The homography mapping four ``src`` points onto four ``dst`` points (DLT).
 

@@ -18,7 +18,8 @@ from . import geometry as G
 # the product warns, and DPRC fits again with its moment regulariser).
 CONTENT_KEPT_MIN = 0.85
 
-__all__ = ["CONTENT_KEPT_MIN", "self_consistency", "apsnr", "mean_var", "per_image_residual", "pair_residual", "content_kept", "flag_outliers"]
+__all__ = ["CONTENT_KEPT_MIN", "self_consistency", "apsnr", "mean_var", "per_image_residual", "pair_residual", "frame_size", "content_kept",
+           "flag_outliers"]
 
 
 def apsnr(images: torch.Tensor) -> float:
@@ -74,6 +75,20 @@ def pair_residual(src_from_input_a: torch.Tensor, src_from_input_b: torch.Tensor
     pa = G.transform_points(src_from_input_a @ input_from_out_a, c)
     pb = G.transform_points(src_from_input_b @ input_from_out_b, c)
     return (pa - pb).norm(dim=-1).mean(dim=-1)
+
+
+def frame_size(src_from_out: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """Linear size of each aligned frame in the source, relative to the frame itself: ``(N,)``.
+
+    ``sqrt(area of the mapped corner quadrilateral / area of the frame's own)``; 1 keeps the
+    source's scale, below 1 is a zoom into it, above 1 a zoom out. The pair residual is measured at
+    the mapped corners, so it grows with this size for the same misalignment.
+
+    Args:
+        src_from_out: ``(N, 3, 3)`` pixel homographies, aligned-output pixel -> source pixel.
+    """
+    c = G.corners(*out_size, like=src_from_out)
+    return (G.polygon_area(G.transform_points(src_from_out, c)) / G.polygon_area(c)).sqrt()
 
 
 def content_kept(inputs: torch.Tensor, input_from_out_pix: torch.Tensor,

@@ -197,6 +197,8 @@ def test_unknown_option_is_a_clear_error():
         DPRC(reference_frame="middle")
     with pytest.raises(ValueError, match="equivariance_frame='output'; choose one of input, aligned, both"):
         DPRC(equivariance_frame="output")
+    with pytest.raises(ValueError, match="equivariance_units='pixels'; choose one of input, frame"):
+        DPRC(equivariance_units="pixels")
 
 
 class _ConstantAligner:
@@ -234,6 +236,22 @@ def test_equivariance_views_of_each_frame_are_scored_by_their_own_warp(digits3):
                                     background(x), eye, None, 3).item() for f in ("input", "aligned", "both")}
     assert losses["input"] > 0.01 and losses["aligned"] > 0.01
     assert losses["both"] == pytest.approx(losses["input"] + losses["aligned"], rel=1e-5)
+
+
+@pytest.mark.parametrize("s", [0.5, 1.0, 2.0])
+def test_equivariance_in_frame_units_does_not_change_with_a_common_zoom(digits3, s):
+    # Aligned frames zoomed by s (S), a constant aligner T(t) re-applied on the aligned view:
+    # every corner of S T(t) lies s|t| from S's in the input, |t| in units of the frame's size.
+    x = digits3[:6]
+    S = torch.diag(torch.tensor([s, s, 1.0])).expand(6, 3, 3)
+    t = torch.tensor([0.3, -0.4])
+    K = torch.eye(3)
+    K[:2, 2] = t
+    losses = {u: DPRC._equivariance(DPRC(equivariance_frame="aligned", aligned_sigma=0.0, padding="zeros",
+                                         equivariance_units=u).cfg, _ConstantAligner(K), x, None, S, None, 0).item()
+              for u in ("input", "frame")}
+    assert losses["input"] == pytest.approx(s * float(t.norm()), rel=1e-5)
+    assert losses["frame"] == pytest.approx(float(t.norm()), rel=1e-5)
 
 
 def test_input_frame_distance_compares_the_reference_warped_onto_each_image(digits3):

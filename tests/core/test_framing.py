@@ -41,6 +41,19 @@ def test_framing_against_exact_zooms(dark):
     assert torch.allclose(area, torch.full((2,), 4.0, dtype=area.dtype), atol=1e-9)
 
 
+def test_frame_size_against_exact_zooms_and_a_known_quadrilateral():
+    for s in (0.5, 1.0, 2.0):
+        assert torch.allclose(M.frame_size(_scale_about_centre(s), (32, 32)), torch.full((2,), s, dtype=torch.float64))
+    shift = torch.eye(3, dtype=torch.float64)
+    shift[:2, 2] = torch.tensor([7.0, -3.0])
+    assert M.frame_size(shift[None], (32, 32)).item() == pytest.approx(1.0)
+    # Frame corners (0,0),(31,0),(31,31),(0,31) onto a trapezoid of area (62 + 31) / 2 * 31.
+    c = G.corners(32, 32, like=shift)[None]
+    quad = torch.tensor([[[0.0, 0.0], [62.0, 0.0], [46.5, 31.0], [15.5, 31.0]]], dtype=torch.float64)
+    H = G.homography_from_points(c, quad)
+    assert M.frame_size(H, (32, 32)).item() == pytest.approx((46.5 * 31 / 31**2) ** 0.5, rel=1e-9)
+
+
 def test_warnings_name_the_degenerate_mode():
     from models.pipeline import _framing_warnings
 
