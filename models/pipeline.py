@@ -174,6 +174,14 @@ def _framing_warnings(kept: torch.Tensor, area: torch.Tensor) -> list[str]:
     return out
 
 
+def _edge_warnings(touching: torch.Tensor | None) -> list[str]:
+    if touching is None or len(touching) == 0 or float(touching.double().mean()) < 0.5:
+        return []
+    return [f"{int(touching.sum())} of {len(touching)} images have their object touching the image border: "
+            "part of each may lie outside its image, and two images cut differently cannot be aligned "
+            "consistently (per_image[].touches_edge lists them; docs/benchmarks.md, \"Objects cut by the border\")"]
+
+
 # Self-consistency probe: each image re-warped by a known random perturbation of this size (a
 # fraction of the side, the benchmark's protocol) and aligned again. Above the warning ratio the
 # aligned frame follows the probe more than half as much as an aligner that ignores the image;
@@ -203,9 +211,14 @@ def _consistency_warnings(s: dict | None) -> list[str]:
 
 def _write_outputs(tmp: Path, col: Collection, aligned: torch.Tensor, before: torch.Tensor,
                    orig_from_out: torch.Tensor, fill: torch.Tensor, meta: dict,
-                   kept: torch.Tensor, area: torch.Tensor, moved: torch.Tensor | None = None,
+                   kept: torch.Tensor, area: torch.Tensor, contact: torch.Tensor,
+                   touching: torch.Tensor | None, moved: torch.Tensor | None = None,
                    probe: torch.Tensor | None = None) -> dict:
-    """Write images, transforms.json and metrics.json into ``tmp``; returns the metrics dict."""
+    """Write images, transforms.json and metrics.json into ``tmp``; returns the metrics dict.
+
+    ``touching``: per-image border flags, or None where the collection's borders are not plain
+    (the check is off).
+    """
     out_size = tuple(aligned.shape[-2:])
     files = aligned_file_names(col.names)
     for f, img in zip(files, aligned):
@@ -261,13 +274,15 @@ def _write_outputs(tmp: Path, col: Collection, aligned: torch.Tensor, before: to
             "content_kept_p10": round(float(torch.quantile(kept.double(), 0.1)), 4) if len(col) else None,
             "area_scale_median": round(float(area.median()), 4) if len(col) else None,
             "n_cropped": int((kept < KEPT_WARN).sum()),
+            "n_touching_edge": None if touching is None else int(touching.sum()),
         },
         "consistency_summary": consistency,
-        "warnings": _framing_warnings(kept, area) + _consistency_warnings(consistency),
+        "warnings": _framing_warnings(kept, area) + _edge_warnings(touching) + _consistency_warnings(consistency),
         "per_image": [
             {"name": n, "residual": round(float(r), 4), "outlier": bool(o),
-             "content_kept": round(float(k), 4), "area_scale": round(float(a), 4)}
-            for n, r, o, k, a in zip(col.names, resid, flags, kept, area)
+             "content_kept": round(float(k), 4), "area_scale": round(float(a), 4),
+             "edge_contact": round(float(c), 4), "touches_edge": None if touching is None else bool(touching[i])}
+            for i, (n, r, o, k, a, c) in enumerate(zip(col.names, resid, flags, kept, area, contact))
         ],
     }
     if moved is not None:
@@ -391,12 +406,16 @@ def _finish(tmp: Path, col: Collection, work: torch.Tensor, in_from_out_norm: to
     aligned = _resample_originals(col, work.shape[1], orig_from_out, wsize, fill)
     # Judged in the working frame, where the aligner's warps live.
     kept, area = M.framing(work.double(), work_from_out, wsize, bg.double())
+    # Border contact says "cut by the border" only where borders are background; on collections
+    # whose content fills the frame (most images' borders not plain) the flags are left out.
+    contact, plain = M.edge_contact(work.double(), bg.double())
+    touching = contact >= M.EDGE_CONTACT_MIN if len(col) and float(plain.double().mean()) >= 0.5 else None
     moved = probe = None
     if align is not None and len(col) > 0:
         with torch.no_grad():
             moved, probe = M.self_consistency(align, work, bg, sigma=CONSISTENCY_SIGMA)
     return _write_outputs(tmp, col, aligned, work, orig_from_out, fill, meta, kept.float(), area.float(),
-                          moved, probe)
+                          contact.float(), touching, moved, probe)
 
 
 def apply_model(model_dir: str | os.PathLike, source: str | os.PathLike | Collection,

@@ -65,6 +65,9 @@ class FramingSummary(BaseModel):
     content_kept_p10: float | None = None
     area_scale_median: float | None = Field(None, description="input area per output pixel at the frame centre")
     n_cropped: int = Field(0, description="images whose aligned frame keeps less than 0.85 of their content")
+    n_touching_edge: int | None = Field(None, description="images whose object touches their own border (part "
+                                        "of it may lie outside the image); null where the images' borders are "
+                                        "not plain background and the check is off")
 
 
 class ConsistencySummary(BaseModel):

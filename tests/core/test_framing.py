@@ -64,20 +64,25 @@ def test_warnings_name_the_degenerate_mode():
     assert "shrinks" in w
 
 
-def test_apply_with_a_cropping_aligner_warns(tmp_path):
-    """A real (untrained) DPRC aligner whose moment reference is huge zooms 2.5x into every digit."""
-    from models.data import mnist_digits
+def _untrained_model(folder, ref_radius: float):
+    """A real (untrained) DPRC aligner for 28 px images: the moment initialisation alone."""
     from models.dprc import DPRCAligner
     from models.nets import DeSTNet, DeSTNetConfig, PRESETS
-    from models.pipeline import apply_model
 
     net = DeSTNet(DeSTNetConfig(in_channels=1, image_size=(28, 28), warp="homography", bound=0.6,
                                 **PRESETS["small"]["destnet"]))
-    aligner = DPRCAligner(net, "moments", torch.zeros(2), torch.tensor(10.0))
-    model = tmp_path / "model"
-    aligner.save(model)
-    (model / "pipeline.json").write_text(json.dumps({"working_size": [28, 28], "channels": 1,
-                                                     "warp": "homography", "method": "dprc", "max_side": 28}))
+    DPRCAligner(net, "moments", torch.zeros(2), torch.tensor(ref_radius)).save(folder)
+    (folder / "pipeline.json").write_text(json.dumps({"working_size": [28, 28], "channels": 1,
+                                                      "warp": "homography", "method": "dprc", "max_side": 28}))
+    return folder
+
+
+def test_apply_with_a_cropping_aligner_warns(tmp_path):
+    """An aligner whose moment reference is huge zooms 2.5x into every digit."""
+    from models.data import mnist_digits
+    from models.pipeline import apply_model
+
+    model = _untrained_model(tmp_path / "model", 10.0)
     x = (mnist_digits(3, 6).numpy()[:, 0] * 255).astype("uint8")
     np.save(tmp_path / "d.npy", x)
     rep = apply_model(model, tmp_path / "d.npy", tmp_path / "out", device="cpu")
@@ -86,6 +91,41 @@ def test_apply_with_a_cropping_aligner_warns(tmp_path):
     assert m["framing_summary"]["area_scale_median"] == pytest.approx(0.16, rel=0.05)  # (1 / 2.5)^2
     assert rep.warnings and rep.warnings == m["warnings"] and "crops into the objects" in m["warnings"][0]
     assert all(0 <= e["content_kept"] <= 1.5 for e in m["per_image"])
+
+
+def test_edge_contact_against_exact_answers():
+    x = torch.zeros(3, 1, 32, 32, dtype=torch.float64)
+    x[0, :, 10:20, 11:21] = 1.0  # clear of the border
+    x[1, :, 10:20, 0:10] = 1.0  # touches the left border along 10 pixels
+    x[2] = torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(0))  # texture up to the border
+    contact, plain = M.edge_contact(x, background(x))
+    assert contact[0].item() == 0.0
+    # 10 of the ring's 124 pixels are foreground, 100 of the image's 1024.
+    assert contact[1].item() == pytest.approx((10 / 124) / (100 / 1024))
+    assert plain.tolist() == [True, True, False]
+
+
+def test_border_flags_name_the_cut_images_and_stay_off_on_textured_collections(tmp_path):
+    from models.data import mnist_digits
+    from models.pipeline import apply_model
+
+    model = _untrained_model(tmp_path / "model", 0.45)
+    x = (mnist_digits(3, 6).numpy()[:, 0] * 255).astype("uint8")
+    x[:4] = np.roll(x[:4], 7, axis=2)  # four digits moved 7 px right: three reach the border, the narrow one does not
+    np.save(tmp_path / "d.npy", x)
+    apply_model(model, tmp_path / "d.npy", tmp_path / "out", device="cpu")
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [e["touches_edge"] for e in m["per_image"]] == [True, False, True, True, False, False]
+    assert m["framing_summary"]["n_touching_edge"] == 3
+    assert any("3 of 6 images have their object touching the image border" in w for w in m["warnings"])
+
+    noise = (np.random.default_rng(0).random((6, 28, 28)) * 255).astype("uint8")
+    np.save(tmp_path / "n.npy", noise)
+    apply_model(model, tmp_path / "n.npy", tmp_path / "out_n", device="cpu")
+    m = json.loads((tmp_path / "out_n" / "metrics.json").read_text())
+    assert m["framing_summary"]["n_touching_edge"] is None
+    assert all(e["touches_edge"] is None and e["edge_contact"] > 0.5 for e in m["per_image"])
+    assert not any("touching the image border" in w for w in m["warnings"])
 
 
 def _four_dots(n: int, size: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
