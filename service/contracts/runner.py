@@ -413,7 +413,13 @@ def _sweep_orphan_folders(store: JobStore, artifacts: ArtifactStore, older_than_
 
 class Maintenance:
     """A worker's background thread: heartbeat for ``/readyz``, the reconciler, and the
-    retention sweep (every ``sweep_interval_s``, when ``job_ttl_s`` is set)."""
+    retention sweep (every ``sweep_interval_s``, when ``job_ttl_s`` is set).
+
+    Every worker beats; one at a time (the holder of the store's ``maintenance`` lease, three
+    intervals long and renewed on each pass) reconciles and sweeps, so the store is scanned once
+    per interval however many workers there are. A leader that dies is replaced within three
+    intervals. Both duties stay safe to run twice (a lease can lapse mid-pass).
+    """
 
     def __init__(self, store: JobStore, dispatcher: Dispatcher, settings: Settings, name: str,
                  info: dict | None = None, artifacts: ArtifactStore | None = None):
@@ -445,11 +451,12 @@ class Maintenance:
         while True:
             try:
                 self._beat()
-                reconcile(self.store, self.dispatcher)
-                ttl = self.settings.job_ttl_s
-                if ttl is not None and time.monotonic() - self._last_sweep >= self.settings.sweep_interval_s:
-                    self._last_sweep = time.monotonic()
-                    sweep_expired(self.store, self.artifacts, ttl)
+                if self.store.lead("maintenance", self.name, ttl_s=3 * every):
+                    reconcile(self.store, self.dispatcher)
+                    ttl = self.settings.job_ttl_s
+                    if ttl is not None and time.monotonic() - self._last_sweep >= self.settings.sweep_interval_s:
+                        self._last_sweep = time.monotonic()
+                        sweep_expired(self.store, self.artifacts, ttl)
             except Exception:
                 log.exception("maintenance pass failed; retrying")
             if self._stop.wait(every):

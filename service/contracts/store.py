@@ -91,6 +91,12 @@ class JobStore(ABC):
     def live_workers(self) -> list[dict]: ...
 
     @abstractmethod
+    def lead(self, role: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew a ``ttl_s`` lease on ``role`` for ``holder``; False while another
+        holder's lease runs. Lets one of many workers do a periodic duty; the duties it guards
+        must stay safe to run twice, since a lease can lapse mid-duty."""
+
+    @abstractmethod
     def count_in_flight(self, owner: str) -> int:
         """How many of the owner's jobs are queued or running."""
 
@@ -340,6 +346,15 @@ class RedisJobStore(JobStore):
         P:finished                 sorted set of terminal ids by end time (retention sweep)
         P:rate:<bucket>            admitted request times of the last window (sorted set), expires
         P:worker:<name>            worker heartbeat, expires
+        P:lead:<role>              the holder of a periodic duty's lease, expires
+    """
+
+    # Take the lease if free or ours (renewing it), in one step on the server.
+    _LEAD_SCRIPT = """
+    local cur = redis.call('GET', KEYS[1])
+    if cur and cur ~= ARGV[1] then return 0 end
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return 1
     """
 
     def __init__(self, url: str, key_prefix: str = "congeal"):
@@ -485,6 +500,11 @@ class RedisJobStore(JobStore):
         self.r.set(self._k("worker", worker), json.dumps({**info, "name": worker, "seen_at": now()}),
                    px=max(1, int(ttl_s * 1000)))
 
+    def lead(self, role: str, holder: str, ttl_s: float) -> bool:
+        if not hasattr(self, "_lead"):
+            self._lead = self.r.register_script(self._LEAD_SCRIPT)
+        return bool(self._lead(keys=[self._k("lead", role)], args=[holder, max(1, int(ttl_s * 1000))]))
+
     def live_workers(self) -> list[dict]:
         keys = list(self.r.scan_iter(match=self._k("worker", "*"), count=500))
         raws = self.r.mget(keys) if keys else []
@@ -521,6 +541,7 @@ class SqliteJobStore(JobStore):
                 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs (owner, idem_key)
                     WHERE idem_key IS NOT NULL;
                 CREATE TABLE IF NOT EXISTS workers (name TEXT PRIMARY KEY, expires_at REAL, info TEXT);
+                CREATE TABLE IF NOT EXISTS leases (role TEXT PRIMARY KEY, holder TEXT, expires_at REAL);
                 """
             )
 
@@ -618,6 +639,22 @@ class SqliteJobStore(JobStore):
         with self._lock:
             self.db.execute("INSERT OR REPLACE INTO workers (name, expires_at, info) VALUES (?,?,?)",
                             (worker, now() + ttl_s, json.dumps({**info, "name": worker, "seen_at": now()})))
+
+    def lead(self, role: str, holder: str, ttl_s: float) -> bool:
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                t = now()
+                row = self.db.execute("SELECT holder, expires_at FROM leases WHERE role=?", (role,)).fetchone()
+                ok = row is None or row[0] == holder or row[1] <= t
+                if ok:
+                    self.db.execute("INSERT OR REPLACE INTO leases (role, holder, expires_at) VALUES (?,?,?)",
+                                    (role, holder, t + ttl_s))
+                self.db.execute("COMMIT")
+                return ok
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
 
     def live_workers(self) -> list[dict]:
         with self._lock:

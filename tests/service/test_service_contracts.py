@@ -243,6 +243,16 @@ def test_worker_heartbeats_expire(store):
     assert "w-live" in names and "w-gone" not in names
 
 
+def test_one_holder_leads_a_duty_until_its_lease_lapses(store):
+    assert store.lead("maintenance", "w1", ttl_s=0.3)
+    assert not store.lead("maintenance", "w2", ttl_s=0.3)
+    assert store.lead("maintenance", "w1", ttl_s=0.3)  # renewed by its holder
+    assert store.lead("other-duty", "w2", ttl_s=0.3)  # roles are independent
+    time.sleep(0.45)
+    assert store.lead("maintenance", "w2", ttl_s=30)  # w1 stopped renewing
+    assert not store.lead("maintenance", "w1", ttl_s=30)
+
+
 def test_job_options_reject_unknown_fields_and_values():
     with pytest.raises(ValueError, match="colour"):
         JobOptions(colour="red")
