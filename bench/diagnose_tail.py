@@ -70,7 +70,7 @@ def main() -> None:
     print(f"perturbation's magnification at the aligned corners (median): worst 5 % {mag[top].median():.1f}x, "
           f"other pairs {mag[rest].median():.1f}x")
     # How far the aligner itself sends the aligned frame's corners, in input frames (1 = the input's edge).
-    unit = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
+    unit = G.unit_corners(like=warps.double())
     reach = G.transform_points(warps.double(), unit.expand(2 * N, 4, 2))
     reach = reach.abs().amax(dim=(1, 2))
     reach = torch.maximum(reach[:N], reach[N:])

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from models.evaluate import evaluate_warps, run_on_pairs  # noqa: E402
 from models.imageops import background  # noqa: E402
-from models.metrics import self_consistency  # noqa: E402
+from models.metrics import consistency_ratio, self_consistency  # noqa: E402
 from models.pipeline import CONSISTENCY_SIGMA  # noqa: E402
 from models.perturb import make_pairs  # noqa: E402
 
@@ -59,7 +59,7 @@ def main() -> None:
                     moved, probe = self_consistency(lambda b: res.aligner.align(b.to(args.device)), pairs.images,
                                                     background(pairs.images), sigma=CONSISTENCY_SIGMA)
                 rows = [{"digit": d, "sigma": s, "warp": warp, "cfg": cfg, **ev.to_dict(), "notes": res.notes,
-                         "self_consistency_ratio": round(float(moved.mean() / probe.mean()), 4)}]
+                         "self_consistency_ratio": round(consistency_ratio(moved, probe), 4)}]
                 for k in [int(v) for v in args.test_passes.split(",") if v]:
                     with torch.no_grad():
                         Mk = res.aligner.warps(pairs.images.to(args.device), passes=k).cpu()

@@ -520,7 +520,7 @@ class DPRC:
         H, W = xb.shape[-2:]
         B = xb.shape[0]
         pad = bgb if cfg.padding == "border" else None
-        c = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=xb.dtype, device=xb.device)
+        c = G.unit_corners(like=xb)
         target = G.transform_points(Mb, c)  # (B, 4, 2)
         if cfg.equivariance_units == "frame":
             # Linear size of each aligned frame in the input, 1 for the identity: the square root of

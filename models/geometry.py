@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "unit_corners",
     "WarpFamily",
     "WARP_FAMILIES",
     "get_family",
@@ -41,6 +42,7 @@ __all__ = [
     "normalised_from_pixel",
     "transform_points",
     "corners",
+    "polygon_area",
     "homography_from_points",
     "warp",
     "warp_pixel",
@@ -324,7 +326,10 @@ def jacobian_determinant_at(in_from_out: torch.Tensor, pts: torch.Tensor) -> tor
     return (torch.linalg.det(M)[:, None] / w.pow(3)).abs()
 
 
-_UNIT_CORNERS = ((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0))
+def unit_corners(*, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Corners of the normalised frame, ``(4, 2)``: TL, TR, BR, BL = ``(-1, -1) ... (-1, 1)``."""
+    kw = {"dtype": like.dtype, "device": like.device} if like is not None else {}
+    return torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], **kw)
 
 
 def offsets_to_homography(d: torch.Tensor) -> torch.Tensor:
@@ -337,12 +342,12 @@ def offsets_to_homography(d: torch.Tensor) -> torch.Tensor:
     gradient steps of one size are balanced across parameters. ``d = 0`` is
     the identity.
     """
-    c = torch.tensor(_UNIT_CORNERS, dtype=d.dtype, device=d.device).expand(d.shape[0], 4, 2)
+    c = unit_corners(like=d).expand(d.shape[0], 4, 2)
     return homography_from_points(c, c + d.view(-1, 4, 2))
 
 
 def homography_to_offsets(M: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`offsets_to_homography`, ``(B, 3, 3) -> (B, 8)``."""
-    c = torch.tensor(_UNIT_CORNERS, dtype=M.dtype, device=M.device)
+    c = unit_corners(like=M)
     return (transform_points(M, c) - c).reshape(-1, 8)
 

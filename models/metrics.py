@@ -23,7 +23,7 @@ CONTENT_KEPT_MIN = 0.85
 EDGE_CONTACT_MIN = 0.1
 
 __all__ = ["CONTENT_KEPT_MIN", "EDGE_CONTACT_MIN", "self_consistency", "apsnr", "mean_var", "per_image_residual",
-           "pair_residual", "frame_size", "content_kept", "edge_contact", "flag_outliers"]
+           "pair_residual", "frame_size", "content_kept", "edge_contact", "flag_outliers", "consistency_ratio"]
 
 
 def apsnr(images: torch.Tensor) -> float:
@@ -171,6 +171,12 @@ def framing(images: torch.Tensor, input_from_out_pix: torch.Tensor, out_size: tu
     jac = G.jacobian_determinant(input_from_out_pix, out_size)
     area = jac[:, Ho // 2, Wo // 2]
     return kept, area
+
+
+def consistency_ratio(moved: torch.Tensor, probe: torch.Tensor) -> float:
+    """The collection's self-consistency ratio from :func:`self_consistency`'s output: mean
+    ``moved`` over mean ``probe`` (0: perfectly self-consistent, 1: no better than not aligning)."""
+    return float(moved.mean() / probe.mean().clamp_min(1e-12))
 
 
 def self_consistency(align, images: torch.Tensor, bg: torch.Tensor, sigma: float = 0.1, seed: int = 0,

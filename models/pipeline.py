@@ -197,7 +197,7 @@ def _consistency_summary(moved: torch.Tensor | None, probe: torch.Tensor | None)
         "probe_sigma": CONSISTENCY_SIGMA,
         "moved_median_px": round(float(moved.median()), 4),
         "probe_median_px": round(float(probe.median()), 4),
-        "ratio": round(float(moved.mean() / probe.mean().clamp_min(1e-12)), 4),
+        "ratio": round(M.consistency_ratio(moved, probe), 4),
     }
 
 

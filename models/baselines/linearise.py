@@ -255,7 +255,7 @@ def clip_step(dp: torch.Tensor, family: str, max_disp: float | None) -> torch.Te
     """
     if max_disp is None or max_disp <= 0:
         return dp
-    c = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=dp.dtype, device=dp.device)
+    c = G.unit_corners(like=dp)
     # A homography's corner motion is not linear in dp: rescale a few times.
     for _ in range(4):
         moved = G.transform_points(G.params_to_matrix(dp, family), c)  # (B, 4, 2)

@@ -62,7 +62,7 @@ class LscConfig:
 
 
 def _corner_move(dp: torch.Tensor, family: str) -> torch.Tensor:
-    c = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=dp.dtype, device=dp.device)
+    c = G.unit_corners(like=dp)
     return (G.transform_points(G.params_to_matrix(dp, family), c) - c).norm(dim=-1).mean(dim=1)
 
 
