@@ -418,7 +418,8 @@ class Maintenance:
     Every worker beats; one at a time (the holder of the store's ``maintenance`` lease, three
     intervals long and renewed on each pass) reconciles and sweeps, so the store is scanned once
     per interval however many workers there are. A leader that dies is replaced within three
-    intervals. Both duties stay safe to run twice (a lease can lapse mid-pass).
+    intervals, one that stops gives the lease up at once. Both duties stay safe to run twice (a
+    lease can lapse mid-pass).
     """
 
     def __init__(self, store: JobStore, dispatcher: Dispatcher, settings: Settings, name: str,
@@ -445,6 +446,10 @@ class Maintenance:
     def stop(self) -> None:
         self._stop.set()
         self.thread.join(timeout=10)
+        try:  # an orderly shutdown hands the duty on at once instead of after the lease lapses
+            self.store.resign("maintenance", self.name)
+        except Exception:
+            log.exception("could not give up the maintenance lease; it lapses on its own")
 
     def _loop(self) -> None:
         every = self.settings.reconcile_interval_s

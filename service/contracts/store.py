@@ -97,6 +97,10 @@ class JobStore(ABC):
         must stay safe to run twice, since a lease can lapse mid-duty."""
 
     @abstractmethod
+    def resign(self, role: str, holder: str) -> None:
+        """Give up ``holder``'s lease on ``role`` now (nothing if another holds it)."""
+
+    @abstractmethod
     def count_in_flight(self, owner: str) -> int:
         """How many of the owner's jobs are queued or running."""
 
@@ -356,6 +360,10 @@ class RedisJobStore(JobStore):
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
     return 1
     """
+    _RESIGN_SCRIPT = """
+    if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+    return 0
+    """
 
     def __init__(self, url: str, key_prefix: str = "congeal"):
         import redis  # imported here so the embedded mode never needs the package at all
@@ -504,6 +512,11 @@ class RedisJobStore(JobStore):
         if not hasattr(self, "_lead"):
             self._lead = self.r.register_script(self._LEAD_SCRIPT)
         return bool(self._lead(keys=[self._k("lead", role)], args=[holder, max(1, int(ttl_s * 1000))]))
+
+    def resign(self, role: str, holder: str) -> None:
+        if not hasattr(self, "_resign"):
+            self._resign = self.r.register_script(self._RESIGN_SCRIPT)
+        self._resign(keys=[self._k("lead", role)], args=[holder])
 
     def live_workers(self) -> list[dict]:
         keys = list(self.r.scan_iter(match=self._k("worker", "*"), count=500))
@@ -655,6 +668,10 @@ class SqliteJobStore(JobStore):
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+
+    def resign(self, role: str, holder: str) -> None:
+        with self._lock:
+            self.db.execute("DELETE FROM leases WHERE role=? AND holder=?", (role, holder))
 
     def live_workers(self) -> list[dict]:
         with self._lock:

@@ -251,6 +251,10 @@ def test_one_holder_leads_a_duty_until_its_lease_lapses(store):
     time.sleep(0.45)
     assert store.lead("maintenance", "w2", ttl_s=30)  # w1 stopped renewing
     assert not store.lead("maintenance", "w1", ttl_s=30)
+    store.resign("maintenance", "w1")  # not the holder: changes nothing
+    assert not store.lead("maintenance", "w1", ttl_s=30)
+    store.resign("maintenance", "w2")
+    assert store.lead("maintenance", "w1", ttl_s=30)
 
 
 def test_job_options_reject_unknown_fields_and_values():
