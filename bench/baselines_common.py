@@ -53,7 +53,7 @@ def parse_list(s: str, cast=str) -> list:
 
 
 def pairs_for(digit: int, sigma: float, n_sources: int) -> PairedSet:
-    """The paired collection of ``2 n_sources`` images; seed rule of ``bench/sweep.py``."""
+    """The benchmark's paired collection of ``2 n_sources`` images (one seed per digit and sigma)."""
     return make_pairs(mnist_digits(digit, n_sources), sigma, seed=1000 * digit + int(round(sigma * 100)))
 
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import baselines_common as BC  # noqa: E402
 import torch  # noqa: E402
+from protocol_visibility import copy_visibility  # noqa: E402
 
 from models import geometry as G  # noqa: E402
 from models import metrics as M  # noqa: E402
@@ -62,7 +63,7 @@ def main() -> None:
             pairs = BC.pairs_for(d, s, args.n)
             x = pairs.images.double()
             contact, plain = M.edge_contact(x, background(x))
-            shown = M.content_kept(torch.cat([src, src]).double(), pairs.src_from_input, tuple(src.shape[-2:]))
+            shown = copy_visibility(src, pairs)
             scores.append(contact)
             truth.append(shown < 0.99)
             plains.append(plain)

@@ -24,11 +24,15 @@ from models.data import mnist_digits  # noqa: E402
 from models.perturb import PairedSet  # noqa: E402
 
 
+def copy_visibility(src: torch.Tensor, pairs: PairedSet) -> torch.Tensor:
+    """``(2N,)`` share of each source ``(N, C, H, W)`` that each copy in ``pairs`` shows."""
+    return M.content_kept(torch.cat([src, src]).double(), pairs.src_from_input, tuple(src.shape[-2:]))
+
+
 def pair_visibility(src: torch.Tensor, pairs: PairedSet) -> torch.Tensor:
     """``(N,)`` share of each source ``(N, C, H, W)`` that the less visible of its two copies in ``pairs`` shows."""
-    N, size = pairs.n_sources, tuple(src.shape[-2:])
-    vis = M.content_kept(torch.cat([src, src]).double(), pairs.src_from_input, size)
-    return torch.minimum(vis[:N], vis[N:])
+    vis = copy_visibility(src, pairs)
+    return torch.minimum(vis[:pairs.n_sources], vis[pairs.n_sources:])
 
 
 def main() -> None:

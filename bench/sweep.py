@@ -17,14 +17,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import baselines_common as BC  # noqa: E402
-from models.data import mnist_digits  # noqa: E402
 import torch  # noqa: E402
 
 from models.evaluate import evaluate_warps, run_on_pairs  # noqa: E402
 from models.imageops import background  # noqa: E402
 from models.metrics import consistency_ratio, self_consistency  # noqa: E402
 from models.pipeline import CONSISTENCY_SIGMA  # noqa: E402
-from models.perturb import make_pairs  # noqa: E402
 
 
 def main() -> None:
@@ -45,9 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     configs = json.loads(args.configs)
     for d in [int(v) for v in args.digits.split(",")]:
-        src = mnist_digits(d, args.n)
         for s in [float(v) for v in args.sigmas.split(",")]:
-            pairs = make_pairs(src, s, seed=1000 * d + int(round(s * 100)))
+            pairs = BC.pairs_for(d, s, args.n)
             for ci, cfg in enumerate(configs):
                 cfg = dict(cfg)
                 warp = cfg.pop("warp", args.warp)
@@ -68,6 +65,7 @@ def main() -> None:
                     rows.append({"digit": d, "sigma": s, "warp": warp, "cfg": {**cfg, "test_passes": k},
                                  **evk.to_dict()})
                 BC.emit_rows(rows, args.out)
+
 
 if __name__ == "__main__":
     main()
