@@ -49,11 +49,7 @@ COLS = [("sigma", "sigma", ".2f"), ("method", "method", ""), ("n", "n_images", "
 
 def subset(pairs: PairedSet, n: int) -> PairedSet:
     """The first ``n`` sources of a paired set (both copies of each)."""
-    N = pairs.n_sources
-    if n >= N:
-        return pairs
-    idx = torch.cat([torch.arange(n), N + torch.arange(n)])
-    return PairedSet(pairs.images[idx], pairs.src_from_input[idx], n)
+    return pairs if n >= pairs.n_sources else pairs.select(torch.arange(n))
 
 
 def summarise(records: list[dict]) -> list[dict]:

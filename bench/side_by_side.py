@@ -37,17 +37,27 @@ def load_baselines(path: str) -> list[dict]:
 
 
 def targets_table(rows: list[dict]) -> str:
+    """Per digit and sigma against the issue's targets; rows that carry the object residual
+    (``bench/sweep.py`` from the seventh session on) get its ratios in two more columns."""
+    obj = any(r.get("object_residual_ratio") is not None for r in rows)
+    extra = " object residual ratio | object median after / before |" if obj else ""
     out = ["| digit | σ | residual before → after (px) | ratio (≤ 0.2) | median after / before | "
-           "content kept (≥ 0.85) | APSNR after ≥ undone | s |", "|" + "---|" * 8]
+           "content kept (≥ 0.85) | APSNR after ≥ undone | s |" + extra, "|" + "---|" * (10 if obj else 8)]
     for r in sorted(rows, key=lambda r: (r["sigma"], r["digit"])):
         ok = lambda b: "✓" if b else "✗"  # noqa: E731
+        cells = ""
+        if obj:
+            o = r.get("object_residual_ratio")
+            cells = (f" {o:.3f} | {r['object_residual_after_median'] / max(r['object_residual_before'], 1e-9):.3f} |"
+                     if o is not None else " – | – |")
+        undone = r["apsnr_undone"]
         out.append(
             f"| {r['digit']} | {r['sigma']:.1f} | {r['residual_before']:.2f} → {r['residual_after']:.2f} | "
             f"{r['residual_ratio']:.3f} {ok(r['residual_ratio'] <= 0.2)} | "
-            f"{r['residual_after_median'] / r['residual_before']:.3f} | "
+            f"{r['residual_after_median'] / max(r['residual_before'], 1e-9):.3f} | "
             f"{r['content_kept']:.3f} {ok(r['content_kept'] >= 0.85)} | "
-            f"{r['apsnr_after']:.2f} vs {r['apsnr_undone']:.2f} {ok(r['apsnr_after'] >= r['apsnr_undone'])} | "
-            f"{r['seconds']:.0f} |")
+            f"{r['apsnr_after']:.2f} vs {undone:.2f} {ok(r['apsnr_after'] >= undone)} | "
+            f"{r['seconds']:.0f} |" + cells)
     return "\n".join(out)
 
 

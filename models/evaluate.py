@@ -30,6 +30,12 @@ class PairEval:
     content_kept: float  # mean fraction of foreground mass kept (target >= 0.85)
     content_kept_p10: float
     frame_size_median: float  # the aligned frame's linear size in the source (1: the source's own)
+    # The pair residual at the source object's own pixels (metrics.object_residual: independent of
+    # the aligned frame, so a zoom cannot lower it); None when the pairs do not carry their sources.
+    object_residual_before: float | None = None
+    object_residual_after: float | None = None
+    object_residual_after_median: float | None = None
+    object_residual_ratio: float | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -50,7 +56,16 @@ def evaluate_warps(pairs: PairedSet, in_from_out_norm: torch.Tensor) -> PairEval
     aligned = G.warp(x, Mn, size)
     undone = G.warp_pixel(x, torch.linalg.inv(pairs.src_from_input), size)
     kept = M.content_kept(x, pix, size)
-    sizes = M.frame_size(pairs.src_from_input.double() @ pix, size)
+    src_from_out = pairs.src_from_input.double() @ pix
+    sizes = M.frame_size(src_from_out, size)
+    obj = {}
+    if pairs.sources is not None:
+        mass = M.foreground_mass(pairs.sources.double())[:, 0]
+        ob = M.object_residual(pairs.src_from_input[:N].double(), pairs.src_from_input[N:].double(), mass)
+        oa = M.object_residual(src_from_out[:N], src_from_out[N:], mass)
+        obj = dict(object_residual_before=float(ob.mean()), object_residual_after=float(oa.mean()),
+                   object_residual_after_median=float(oa.median()),
+                   object_residual_ratio=float(oa.mean() / ob.mean().clamp_min(1e-9)))
     return PairEval(
         n_images=x.shape[0],
         residual_before=float(before.mean()),
@@ -63,6 +78,7 @@ def evaluate_warps(pairs: PairedSet, in_from_out_norm: torch.Tensor) -> PairEval
         content_kept=float(kept.mean()),
         content_kept_p10=float(torch.quantile(kept, 0.1)),
         frame_size_median=float(sizes.median()),
+        **obj,
     )
 
 

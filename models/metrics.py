@@ -23,7 +23,8 @@ CONTENT_KEPT_MIN = 0.85
 EDGE_CONTACT_MIN = 0.1
 
 __all__ = ["CONTENT_KEPT_MIN", "EDGE_CONTACT_MIN", "self_consistency", "apsnr", "mean_var", "per_image_residual",
-           "pair_residual", "frame_size", "content_kept", "edge_contact", "flag_outliers", "consistency_ratio"]
+           "pair_residual", "object_residual", "frame_size", "content_kept", "foreground_mass", "edge_contact",
+           "flag_outliers", "consistency_ratio"]
 
 
 def apsnr(images: torch.Tensor) -> float:
@@ -81,6 +82,37 @@ def pair_residual(src_from_input_a: torch.Tensor, src_from_input_b: torch.Tensor
     return (pa - pb).norm(dim=-1).mean(dim=-1)
 
 
+def object_residual(src_from_out_a: torch.Tensor, src_from_out_b: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Ground-truth consistency of two copies at the object's own pixels, independent of the frame.
+
+    ``R = src_from_out_b @ inv(src_from_out_a)`` carries a source pixel into copy ``a``'s aligned
+    frame and back out through copy ``b``'s; a consistent pair gives ``R = I``. The residual is
+    ``|R(p) - p|`` in source pixels averaged over the source pixels ``p`` weighted by ``mass``
+    (the object's intensity), symmetrised over ``R`` and ``inv(R)``.
+
+    Unlike :func:`pair_residual`, which is measured at the aligned frame's corners, it does not
+    change when both warps change frame (``src_from_out_* @ F`` for any common ``F``): zooming
+    in or out cannot lower it, and the frame's corners, often far from the object, do not weigh
+    in. Pixel centres are at integer coordinates (``align_corners=True`` convention).
+
+    Args:
+        src_from_out_*: ``(N, 3, 3)`` pixel homographies, aligned-output pixel -> source pixel.
+        mass: ``(N, H, W)`` non-negative weights on the source's pixels (not all zero).
+    Returns:
+        ``(N,)`` residuals in source pixels.
+    """
+    N, H, W = mass.shape
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=mass.dtype, device=mass.device),
+                            torch.arange(W, dtype=mass.dtype, device=mass.device), indexing="ij")
+    p = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)  # (H*W, 2)
+    R = src_from_out_b @ torch.linalg.inv(src_from_out_a)
+    w = mass.reshape(N, -1)
+    w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    there = (G.transform_points(R, p) - p).norm(dim=-1)
+    back = (G.transform_points(torch.linalg.inv(R), p) - p).norm(dim=-1)
+    return 0.5 * ((there + back) * w).sum(dim=1)
+
+
 def frame_size(src_from_out: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
     """Linear size of each aligned frame in the source, relative to the frame itself: ``(N,)``.
 
@@ -110,9 +142,14 @@ def content_kept(inputs: torch.Tensor, input_from_out_pix: torch.Tensor,
     Returns:
         ``(N,)`` in [0, ~1].
     """
-    bg = inputs.flatten(2).median(dim=2).values[..., None, None]  # (N, C, 1, 1)
-    fg = (inputs - bg).clamp_min(0).mean(1, keepdim=True)  # (N, 1, H, W)
-    return mass_kept(fg, input_from_out_pix, out_size)
+    return mass_kept(foreground_mass(inputs), input_from_out_pix, out_size)
+
+
+def foreground_mass(images: torch.Tensor) -> torch.Tensor:
+    """The object's mass map ``(N, 1, H, W)``: intensity above each image's median (its background),
+    averaged over channels. ``images``: ``(N, C, H, W)``."""
+    bg = images.flatten(2).median(dim=2).values[..., None, None]  # (N, C, 1, 1)
+    return (images - bg).clamp_min(0).mean(1, keepdim=True)
 
 
 def mass_kept(fg: torch.Tensor, input_from_out_pix: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:

@@ -55,12 +55,19 @@ class PairedSet:
     images: torch.Tensor  # (2N, C, H, W)
     src_from_input: torch.Tensor  # (2N, 3, 3) float64
     n_sources: int
+    sources: torch.Tensor | None = None  # (N, C, H, W): the unperturbed images, where known
 
     def split(self, in_from_out: torch.Tensor) -> tuple:
         """(src_a, src_b, warp_a, warp_b) for :func:`models.metrics.pair_residual`."""
         N = self.n_sources
         s = self.src_from_input
         return s[:N], s[N:], in_from_out[:N], in_from_out[N:]
+
+    def select(self, keep: torch.Tensor) -> "PairedSet":
+        """The pairs of the sources indexed by ``keep`` ``(K,)``, both copies of each, in that order."""
+        idx = torch.cat([keep, self.n_sources + keep])
+        src = self.sources[keep] if self.sources is not None else None
+        return PairedSet(self.images[idx], self.src_from_input[idx], len(keep), src)
 
 
 def make_pairs(sources: torch.Tensor, sigma: float, seed: int = 0) -> PairedSet:
@@ -69,4 +76,4 @@ def make_pairs(sources: torch.Tensor, sigma: float, seed: int = 0) -> PairedSet:
     N = sources.shape[0]
     W = random_perturbations(2 * N, tuple(sources.shape[-2:]), sigma, g)
     both = torch.cat([sources, sources])
-    return PairedSet(perturb(both.double(), W).float().clamp(0, 1), W, N)
+    return PairedSet(perturb(both.double(), W).float().clamp(0, 1), W, N, sources)
