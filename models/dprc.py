@@ -74,7 +74,8 @@ from .nets import PRESETS, AutoEncoderConfig, DeSTNet, DeSTNetConfig, PenalisedA
 
 DEFAULT_WIDTH = {"mnist": 4.0, "small": 4.0, "lfw": 1.0}
 
-__all__ = ["DEFAULT_WIDTH", "DPRCConfig", "DPRC", "DPRCAligner", "choose_reference", "moment_init", "blur", "curriculum_family"]
+__all__ = ["DEFAULT_WIDTH", "DPRCConfig", "DPRC", "DPRCAligner", "choose_reference", "moment_init", "blur",
+           "curriculum_family", "guarded_step", "MAX_BAD_STEPS"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,32 @@ class DPRCConfig:
 
 
 # --------------------------------------------------------------------------- helpers
+
+# A step whose loss or gradient is not finite is skipped (a homography composed over two passes
+# and the equivariance view can send an image's frame through the line at infinity); this many in
+# a row means the parameters themselves are broken, and the fit stops.
+MAX_BAD_STEPS = 20
+
+
+def _finite(v: float, digits: int = 6) -> float | None:
+    return round(v, digits) if math.isfinite(v) else None
+
+
+def guarded_step(loss: torch.Tensor, params: list[torch.Tensor], opt: torch.optim.Optimizer) -> tuple[bool, float]:
+    """Back-propagate ``loss`` and step ``opt`` only if the loss and the gradient are finite.
+
+    Returns ``(taken, loss value)``; a skipped step leaves the parameters and the optimiser's
+    moments untouched. One device sync, which also reads the loss for progress reports.
+    """
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # the total norm; nothing is clipped
+    value, norm = torch.stack([loss.detach().float(), norm.float()]).tolist()
+    if math.isfinite(value) and math.isfinite(norm):
+        opt.step()
+        return True, value
+    opt.zero_grad(set_to_none=True)
+    return False, value
 
 
 def _warp_bg(x: torch.Tensor, M_: torch.Tensor, bg: torch.Tensor | None) -> torch.Tensor:
@@ -353,7 +380,13 @@ class DPRC:
         ctx.report(Progress("training", message=f"the alignment keeps a median {kept:.2f} of each image's "
                             f"content; fitting again with moment_weight={self.cfg.reframe}"))
         ck = None if ctx.checkpoint_dir is None else Path(ctx.checkpoint_dir) / "reframe"
-        res2 = self._fit(x, ctx, replace(self.cfg, moment_weight=self.cfg.reframe), ck)
+        try:
+            res2 = self._fit(x, ctx, replace(self.cfg, moment_weight=self.cfg.reframe), ck)
+        except FloatingPointError as e:
+            # The re-fit is a second opinion; its failure must not lose the first fit.
+            res.notes.append(f"the first fit kept a median {kept:.2f} of each image's content; a re-fit with "
+                             f"moment_weight={self.cfg.reframe} failed ({e}); using the first fit")
+            return res
         kept2 = self._median_kept(x, res2.in_from_out_norm)
         note = (f"the first fit kept a median {kept:.2f} of each image's content; a re-fit with "
                 f"moment_weight={self.cfg.reframe} kept {kept2:.2f}")
@@ -411,6 +444,7 @@ class DPRC:
                 ctx.report(Progress("training", step=start_epoch * steps_per_epoch, total=total,
                                     epoch=start_epoch, message=f"resumed from checkpoint at epoch {start_epoch}"))
 
+        skipped = bad_run = 0
         sched_lr = lambda s: cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * s / max(1, total))))  # noqa: E731
         t0, last_ckpt = time.time(), time.time()
         step = start_epoch * steps_per_epoch
@@ -447,24 +481,31 @@ class DPRC:
                 else:  # D only (the paper's ablation): skip the auto-encoder's cost
                     Cterm = torch.zeros((), device=dev)
                 loss = D + cfg.lam * Cterm + cfg.equivariance * E
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
                 step += 1
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"training diverged at step {step} (loss {loss.item()})")
+                taken, value = guarded_step(loss, params, opt)
+                if taken:
+                    bad_run = 0
+                else:
+                    skipped, bad_run = skipped + 1, bad_run + 1
+                    if bad_run >= MAX_BAD_STEPS:
+                        raise FloatingPointError(f"training diverged: {bad_run} steps in a row up to step {step} "
+                                                 f"had a non-finite loss or gradient (loss {value})")
                 elapsed = time.time() - t0
                 done = step - start_epoch * steps_per_epoch
-                ctx.report(Progress("training", step=step, total=total, epoch=epoch + 1, loss=loss.item(),
-                                    apsnr=M.apsnr(aligned.detach()) if len(idx) > 1 else None,
+                ctx.report(Progress("training", step=step, total=total, epoch=epoch + 1, loss=value if taken else None,
+                                    apsnr=M.apsnr(aligned.detach()) if taken and len(idx) > 1 else None,
                                     eta_s=elapsed / done * (total - step) if done else None))
-            history.append({"epoch": epoch + 1, "loss": round(loss.item(), 6), "D": round(D.item(), 6),
-                            "C": round(Cterm.item(), 6), "lr": sched_lr(step)})
+            # The epoch's last batch; a skipped one's non-finite values are recorded as null (JSON has no inf).
+            history.append({"epoch": epoch + 1, "loss": _finite(value), "D": _finite(D.item()),
+                            "C": _finite(Cterm.item()), "lr": sched_lr(step)})
             if checkpoint_dir is not None and (time.time() - last_ckpt >= cfg.checkpoint_every_s
                                                    or epoch + 1 == epochs):
                 self._save_ckpt(checkpoint_dir, fingerprint, epoch + 1, history, net, ae, opt, params)
                 last_ckpt = time.time()
 
+        if skipped:
+            notes.append(f"{skipped} of {total} training steps were skipped: their loss or gradient was not finite "
+                         "(a warp of some image in the batch reached the line at infinity)")
         warps = self._align_all(aligner, x)
         return FitResult(in_from_out_norm=warps.float().cpu(), reference_index=ref, aligner=aligner,
                          history=history, notes=notes)

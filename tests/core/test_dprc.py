@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models import geometry as G
-from models.dprc import DPRC, background, choose_reference, curriculum_family, moment_init
+from models.dprc import DPRC, background, choose_reference, curriculum_family, guarded_step, moment_init
 from models.evaluate import evaluate_warps
 from models.methods import Cancelled, FitContext, load_aligner
 from models.nets import PRESETS, AutoEncoderConfig, DeSTNet, DeSTNetConfig, PenalisedAutoEncoder, positional_weights
@@ -165,7 +165,10 @@ class _Scripted(DPRC):
     def _fit(self, x, ctx, cfg, checkpoint_dir):
         from models.methods import FitResult
         self.fits.append((cfg.moment_weight, checkpoint_dir))
-        return FitResult(in_from_out_norm=self.warps.pop(0).expand(x.shape[0], 3, 3), reference_index=0,
+        w = self.warps.pop(0)
+        if isinstance(w, Exception):
+            raise w
+        return FitResult(in_from_out_norm=w.expand(x.shape[0], 3, 3), reference_index=0,
                          aligner=None, history=[], notes=[])
 
 
@@ -186,6 +189,39 @@ def test_a_fit_that_crops_is_fitted_again_with_the_moment_regulariser(digits3, t
         m = _Scripted([zoom_in], **kw)
         m.fit(x, FitContext())
         assert len(m.fits) == 1
+
+
+def test_a_re_fit_that_diverges_keeps_the_first_fit(digits3):
+    zoom_in = torch.diag(torch.tensor([0.3, 0.3, 1.0]))[None]
+    m = _Scripted([zoom_in, FloatingPointError("training diverged")])
+    r = m.fit(digits3[:6], FitContext())
+    assert len(m.fits) == 2 and torch.equal(r.in_from_out_norm[0], zoom_in[0])
+    assert "failed (training diverged); using the first fit" in r.notes[-1]
+    m = _Scripted([FloatingPointError("training diverged")])  # the first fit has nothing to fall back on
+    with pytest.raises(FloatingPointError):
+        m.fit(digits3[:6], FitContext())
+
+
+def test_a_step_with_a_non_finite_loss_or_gradient_changes_nothing():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    params = list(net.parameters())
+    opt = torch.optim.Adam(params, lr=0.1)
+    x = torch.randn(8, 3)
+    taken, value = guarded_step(net(x).square().mean(), params, opt)
+    assert taken and value > 0
+    before = [p.detach().clone() for p in params]
+    state = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    bad_loss = net(x).mean() * float("inf")
+    zero_loss_inf_grad = net(x).mean() * 0 + torch.sqrt(params[1] * 0).sum()  # loss 0, d/db sqrt(0) = inf
+    for loss in (bad_loss, zero_loss_inf_grad):
+        taken, value = guarded_step(loss, params, opt)
+        assert not taken
+        assert all(torch.equal(p, q) for p, q in zip(params, before))
+        assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
+    assert value == 0.0
+    taken, _ = guarded_step(net(x).square().mean(), params, opt)
+    assert taken and not torch.equal(params[0], before[0])
 
 
 def test_unknown_option_is_a_clear_error():
