@@ -78,7 +78,7 @@ def compare_table(rows: list[dict]) -> str:
             wins = sum(1 for d, w in best.items() if w == m)
             out.append(
                 f"| {s:.1f} | {m} | {len(rs)} | {mean('residual_before'):.2f} | {mean('residual_after'):.2f} | "
-                f"{mean('residual_after_median'):.2f} | {mean('residual_after') / mean('residual_before'):.2f} | "
+                f"{mean('residual_after_median'):.2f} | {mean('residual_after') / max(mean('residual_before'), 1e-9):.2f} | "
                 f"{mean('content_kept'):.3f} | {mean('apsnr_after'):.2f} ({mean('apsnr_undone'):.2f}) | "
                 f"{wins}/{len(best)} | {mean('seconds'):.0f} |")
     return "\n".join(out)
