@@ -152,7 +152,7 @@ def guarded_step(loss: torch.Tensor, params: list[torch.Tensor], opt: torch.opti
     """
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # the total norm; nothing is clipped
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     value, norm = torch.stack([loss.detach().float(), norm.float()]).tolist()
     if math.isfinite(value) and math.isfinite(norm):
         opt.step()
