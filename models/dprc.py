@@ -505,7 +505,7 @@ class DPRC:
 
         if skipped:
             notes.append(f"{skipped} of {total} training steps were skipped: their loss or gradient was not finite "
-                         "(a warp of some image in the batch reached the line at infinity)")
+                         "(for instance a warp of some image in the batch reaching the line at infinity)")
         warps = self._align_all(aligner, x)
         return FitResult(in_from_out_norm=warps.float().cpu(), reference_index=ref, aligner=aligner,
                          history=history, notes=notes)
