@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -50,6 +51,16 @@ PYPI = "rasl-pypi"  # the outside reference's name in --methods
 
 def parse_list(s: str, cast=str) -> list:
     return [cast(v) for v in s.split(",") if v.strip()]
+
+
+# Warps saved by bench/sweep.py --save-warps: one file per run, named by digit, sigma and config index.
+WARPS_NAME = re.compile(r"warps_d(\d+)_s([0-9.]+)_c(\d+)\.pt$")
+
+
+def warps_path(folder: str | Path, digit: int, sigma: float, config_index: int = 0) -> Path:
+    """Where ``bench/sweep.py --save-warps`` puts one run's ``(2N, 3, 3)`` warps (read back by
+    ``diagnose_tail.py``, ``edge_contact.py`` and ``rescore_warps.py``; ``WARPS_NAME`` parses it)."""
+    return Path(folder) / f"warps_d{digit}_s{sigma:g}_c{config_index}.pt"
 
 
 def pairs_for(digit: int, sigma: float, n_sources: int) -> PairedSet:

@@ -70,7 +70,7 @@ def main() -> None:
             flagged = contact >= args.threshold
             N = pairs.n_sources
             for folder in folders:
-                f = folder / f"warps_d{d}_s{s:g}_c0.pt"
+                f = BC.warps_path(folder, d, s)
                 if not f.exists():
                     continue
                 pix = G.pixel_from_normalised(torch.load(f).double(), x.shape[-2:], x.shape[-2:])

@@ -12,7 +12,6 @@ copies both still show at least that share of their digit.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -24,9 +23,6 @@ from protocol_visibility import pair_visibility  # noqa: E402
 
 from models.evaluate import evaluate_warps  # noqa: E402
 
-NAME = re.compile(r"warps_d(\d+)_s([0-9.]+)_c(\d+)\.pt$")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folders", nargs="+")
@@ -37,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     for folder in args.folders:
         for f in sorted(Path(folder).glob("warps_*.pt")):
-            m = NAME.search(f.name)
+            m = BC.WARPS_NAME.search(f.name)
             if not m:
                 continue
             d, s, k = int(m[1]), float(m[2]), int(m[3])

@@ -51,7 +51,7 @@ def main() -> None:
                 ev, res = run_on_pairs(pairs, "dprc", warp=warp, device=args.device, seed=args.seed, options=cfg)
                 if args.save_warps:
                     Path(args.save_warps).mkdir(parents=True, exist_ok=True)
-                    torch.save(res.in_from_out_norm, Path(args.save_warps) / f"warps_d{d}_s{s:g}_c{ci}.pt")
+                    torch.save(res.in_from_out_norm, BC.warps_path(args.save_warps, d, s, ci))
                 with torch.no_grad():  # the product's ground-truth-free estimate, beside the truth
                     moved, probe = self_consistency(lambda b: res.aligner.align(b.to(args.device)), pairs.images,
                                                     background(pairs.images), sigma=CONSISTENCY_SIGMA)
