@@ -48,6 +48,7 @@ __all__ = [
     "warp_pixel",
     "jacobian_determinant",
     "jacobian_determinant_at",
+    "square_to_quad",
     "offsets_to_homography",
     "homography_to_offsets",
 ]
@@ -332,6 +333,37 @@ def unit_corners(*, like: torch.Tensor | None = None) -> torch.Tensor:
     return torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], **kw)
 
 
+def square_to_quad(quad: torch.Tensor) -> torch.Tensor:
+    """The homography mapping the normalised frame's corners onto quadrilaterals, in closed form.
+
+    Args:
+        quad: ``(B, 4, 2)`` images of the corners TL, TR, BR, BL of ``[-1, 1]^2``.
+    Returns:
+        ``(B, 3, 3)`` with ``H[2, 2] = 1``; the same matrix as
+        ``homography_from_points(unit_corners(), quad)``.
+
+    Heckbert's unit-square-to-quadrilateral solution, composed with the map from ``[-1, 1]^2``
+    onto the unit square. Elementwise arithmetic only: unlike a linear solve it never waits on
+    the device for an error check, so it can run inside a captured CUDA graph, and it is cheaper
+    for the small batches of 3x3 matrices the aligner makes at every stage.
+    """
+    x0, x1, x2, x3 = quad[..., 0].unbind(-1)  # TL, TR, BR, BL: unit-square corners (0,0) (1,0) (1,1) (0,1)
+    y0, y1, y2, y3 = quad[..., 1].unbind(-1)
+    dx1, dx2, dx3 = x1 - x2, x3 - x2, x0 - x1 + x2 - x3
+    dy1, dy2, dy3 = y1 - y2, y3 - y2, y0 - y1 + y2 - y3
+    det = dx1 * dy2 - dx2 * dy1
+    g = (dx3 * dy2 - dx2 * dy3) / det
+    h = (dx1 * dy3 - dx3 * dy1) / det
+    a, b, c = x1 - x0 + g * x1, x3 - x0 + h * x3, x0
+    d, e, f = y1 - y0 + g * y1, y3 - y0 + h * y3, y0
+    o = torch.ones_like(a)
+    unit_from_square = torch.stack([a, b, c, d, e, f, g, h, o], dim=-1).view(-1, 3, 3)
+    # [-1, 1]^2 -> [0, 1]^2: u = (x + 1) / 2; then rescale so that H[2, 2] = 1.
+    H = unit_from_square @ torch.tensor([[0.5, 0.0, 0.5], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0]],
+                                        dtype=quad.dtype, device=quad.device)
+    return H / H[:, 2:3, 2:3]
+
+
 def offsets_to_homography(d: torch.Tensor) -> torch.Tensor:
     """4-point parametrisation: corner offsets -> normalised homography.
 
@@ -342,8 +374,7 @@ def offsets_to_homography(d: torch.Tensor) -> torch.Tensor:
     gradient steps of one size are balanced across parameters. ``d = 0`` is
     the identity.
     """
-    c = unit_corners(like=d).expand(d.shape[0], 4, 2)
-    return homography_from_points(c, c + d.view(-1, 4, 2))
+    return square_to_quad(unit_corners(like=d) + d.view(-1, 4, 2))
 
 
 def homography_to_offsets(M: torch.Tensor) -> torch.Tensor:
