@@ -162,8 +162,9 @@ def compose(*Ms: torch.Tensor) -> torch.Tensor:
 
 
 def invert(M: torch.Tensor) -> torch.Tensor:
-    """Batched 3x3 inverse, ``(B, 3, 3) -> (B, 3, 3)``."""
-    return torch.linalg.inv(M)
+    """Batched 3x3 inverse, ``(B, 3, 3) -> (B, 3, 3)``. Singular inputs give non-finite
+    entries rather than an error: the error check would make the device wait for the host."""
+    return torch.linalg.inv_ex(M)[0]
 
 
 def normaliser(height: int, width: int, *, like: torch.Tensor | None = None,

@@ -59,6 +59,10 @@ class FitContext:
     checkpoint_dir: Path | None = None  # where to write/resume checkpoints
     should_stop: Callable[[], bool] | None = None
     options: dict[str, Any] = field(default_factory=dict)  # method-specific
+    # A distributed fit (torch.distributed initialised by the launcher): this process's rank and
+    # the number of processes; the images given to ``fit`` are this rank's equal, contiguous shard.
+    rank: int = 0
+    world: int = 1
 
     def report(self, p: Progress) -> None:
         if self.progress is not None:
@@ -88,6 +92,7 @@ class FitResult:
     aligner: Aligner | None = None
     history: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    plan: dict | None = None  # the training schedule chosen (models.schedule.Plan.to_dict())
 
 
 class AlignmentMethod(Protocol):
