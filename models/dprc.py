@@ -510,6 +510,8 @@ class DPRC:
                      f"peak learning rate {plan.lr:.3g}; aligner {cfg.preset} preset at width {cfg.width:g}, "
                      f"{cfg.precision} arithmetic on {dev.type}"
                      + (" with a captured CUDA graph" if runner.graph is not None else ""))
+        # The job's warps come from the same float32 forward pass as `congeal apply` on a saved model.
+        set_compute_dtype(net, None)
         warps = self._align_all(aligner, x)
         return FitResult(in_from_out_norm=warps.float().cpu(), reference_index=ref, aligner=aligner,
                          history=history, notes=notes, plan=plan.to_dict())

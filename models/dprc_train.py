@@ -310,13 +310,15 @@ class StepRunner:
 
     def __init__(self, model: nn.Module, objective: Objective, opt: torch.optim.Optimizer,
                  params: list[torch.Tensor], data: TrainData, family: str, block: int, b: int,
-                 noise_z: int, use_graph: bool, world: int = 1, notes: list[str] | None = None):
+                 noise_z: int, use_graph: bool, world: int = 1, notes: list[str] | None = None,
+                 knobs_on_device: bool | None = None):
         dev = data.x.device
         self.model, self.objective, self.opt, self.params, self.data = model, objective, opt, params, data
         self.family, self.block, self.world = family, block, world
         self.notes = notes if notes is not None else []
         self.use_graph = use_graph and dev.type == "cuda" and world == 1
-        self.device_knobs = dev.type == "cuda"  # reading a GPU value on the host would sync every step
+        # On a GPU the knobs stay on the device (reading one on the host would sync every step).
+        self.device_knobs = dev.type == "cuda" if knobs_on_device is None else knobs_on_device
         self.graph: torch.cuda.CUDAGraph | None = None
         self.buf = _Buffers(
             idx=torch.zeros(block, b, dtype=torch.long, device=dev),

@@ -34,7 +34,9 @@ def _compute(x: torch.Tensor, dtype: torch.dtype | None):
     homography and sampling grid stays in float32 outside these blocks (autocast would run
     their matrix products in bfloat16 too, which moves sampling points by ~0.05 px at 28 px).
     """
-    return torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    # No weight-cast cache: its casts would outlive a captured CUDA graph's memory pool.
+    return torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
+                          cache_enabled=False)
 
 
 def set_compute_dtype(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:

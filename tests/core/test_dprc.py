@@ -409,3 +409,22 @@ def test_the_api_fields_for_dprc_name_real_options_and_state_their_defaults():
             value = auto_batch(1000, "cuda")
             assert auto_batch(1000, "cpu") == 64 and auto_batch(10**6, "cuda") == 4096
         assert float(quoted) == float(value), (name, quoted)
+
+
+def test_device_side_knobs_train_exactly_like_host_side_ones(digits3, monkeypatch):
+    """On a GPU the schedule's values (blur width, warp family, C's gate) are tensors read inside the
+    step, so one captured graph serves the whole schedule; on a CPU they are Python values. Both
+    paths must train the same network: run the GPU path on the CPU through the curriculum's phases."""
+    import functools
+
+    import models.dprc as D
+    from models.dprc_train import StepRunner
+
+    x = make_pairs(digits3[:8], 0.08, seed=0).images
+    opts = dict(batch_size=8, preset="small", reframe=0, curriculum=(0.0, 0.2, 0.4, 0.6), c_grad_from=0.5,
+                blur_until=0.5)
+    host = DPRC(**opts).fit(x, FitContext(budget=6))
+    monkeypatch.setattr(D, "StepRunner", functools.partial(StepRunner, knobs_on_device=True))
+    dev = DPRC(**opts).fit(x, FitContext(budget=6))
+    assert torch.allclose(host.in_from_out_norm, dev.in_from_out_norm, atol=1e-5)
+    assert not torch.allclose(host.in_from_out_norm, torch.eye(3).expand(16, 3, 3), atol=1e-3)
