@@ -229,7 +229,7 @@ def _views(z: torch.Tensor, sigma, size: tuple[int, int]) -> torch.Tensor:
     normalised units. ``sigma``: a number or ``(B,)``.
     """
     H, W = size
-    scale = torch.tensor([W * 2.0 / max(W - 1, 1), H * 2.0 / max(H - 1, 1)], dtype=z.dtype, device=z.device)
+    scale = G.constant((W * 2.0 / max(W - 1, 1), H * 2.0 / max(H - 1, 1)), like=z)
     sig = sigma[:, None, None] if torch.is_tensor(sigma) else sigma
     d = (z[:, :8].view(-1, 4, 2) + z[:, 8:10].view(-1, 1, 2)) * scale * sig  # (B, 4, 2)
     return G.offsets_to_homography(d.reshape(-1, 8))

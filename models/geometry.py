@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "constant",
     "unit_corners",
     "WarpFamily",
     "WARP_FAMILIES",
@@ -76,6 +77,27 @@ WARP_FAMILIES: dict[str, WarpFamily] = {
         WarpFamily("homography", 8, 3),
     )
 }
+
+
+_CONSTANTS: dict = {}
+
+
+def constant(values, *, like: torch.Tensor | None = None, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    """A small constant tensor (nested tuples of numbers), made once per dtype and device.
+
+    Copying Python numbers to a GPU is a host-to-device transfer, which a CUDA graph cannot
+    capture; after the first call (the warm-up) the cached tensor is reused instead. Never
+    modify the result in place.
+    """
+    if like is not None:
+        dtype, device = like.dtype, like.device
+    dtype = dtype or torch.get_default_dtype()
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    key = (values, dtype, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return t
 
 
 def get_family(name: str) -> WarpFamily:
@@ -178,8 +200,7 @@ def normaliser(height: int, width: int, *, like: torch.Tensor | None = None,
         dtype, device = like.dtype, like.device
     sx = 2.0 / (width - 1) if width > 1 else 2.0
     sy = 2.0 / (height - 1) if height > 1 else 2.0
-    return torch.tensor([[sx, 0.0, -1.0], [0.0, sy, -1.0], [0.0, 0.0, 1.0]],
-                        dtype=dtype or torch.get_default_dtype(), device=device)
+    return constant(((sx, 0.0, -1.0), (0.0, sy, -1.0), (0.0, 0.0, 1.0)), dtype=dtype, device=device)
 
 
 def pixel_from_normalised(in_from_out_norm: torch.Tensor, in_size: tuple[int, int],
@@ -223,9 +244,7 @@ def transform_points(M: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
 
 def corners(height: int, width: int, *, like: torch.Tensor | None = None) -> torch.Tensor:
     """Pixel coordinates of the four corner-pixel centres, ``(4, 2)``: TL, TR, BR, BL."""
-    kw = {"dtype": like.dtype, "device": like.device} if like is not None else {}
-    return torch.tensor([[0.0, 0.0], [width - 1.0, 0.0], [width - 1.0, height - 1.0],
-                         [0.0, height - 1.0]], **kw)
+    return constant(((0.0, 0.0), (width - 1.0, 0.0), (width - 1.0, height - 1.0), (0.0, height - 1.0)), like=like)
 
 
 def polygon_area(points: torch.Tensor) -> torch.Tensor:
@@ -330,8 +349,7 @@ def jacobian_determinant_at(in_from_out: torch.Tensor, pts: torch.Tensor) -> tor
 
 def unit_corners(*, like: torch.Tensor | None = None) -> torch.Tensor:
     """Corners of the normalised frame, ``(4, 2)``: TL, TR, BR, BL = ``(-1, -1) ... (-1, 1)``."""
-    kw = {"dtype": like.dtype, "device": like.device} if like is not None else {}
-    return torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], **kw)
+    return constant(((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0)), like=like)
 
 
 def square_to_quad(quad: torch.Tensor) -> torch.Tensor:
@@ -360,8 +378,7 @@ def square_to_quad(quad: torch.Tensor) -> torch.Tensor:
     o = torch.ones_like(a)
     unit_from_square = torch.stack([a, b, c, d, e, f, g, h, o], dim=-1).view(-1, 3, 3)
     # [-1, 1]^2 -> [0, 1]^2: u = (x + 1) / 2; then rescale so that H[2, 2] = 1.
-    H = unit_from_square @ torch.tensor([[0.5, 0.0, 0.5], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0]],
-                                        dtype=quad.dtype, device=quad.device)
+    H = unit_from_square @ constant(((0.5, 0.0, 0.5), (0.0, 0.5, 0.5), (0.0, 0.0, 1.0)), like=quad)
     return H / H[:, 2:3, 2:3]
 
 

@@ -428,3 +428,50 @@ def test_device_side_knobs_train_exactly_like_host_side_ones(digits3, monkeypatc
     dev = DPRC(**opts).fit(x, FitContext(budget=6))
     assert torch.allclose(host.in_from_out_norm, dev.in_from_out_norm, atol=1e-5)
     assert not torch.allclose(host.in_from_out_norm, torch.eye(3).expand(16, 3, 3), atol=1e-3)
+
+
+def test_a_training_step_neither_waits_for_the_device_nor_copies_host_data_to_it(digits3):
+    """What a captured CUDA graph cannot hold: a read of a device value on the host (``item``,
+    ``tolist``, ``bool``, a copy to the CPU) or a tensor made from Python numbers (a host-to-device
+    copy). A capture with either fails (and the trainer falls back to slow eager steps, as it did on
+    the GPU in the eighth session), so the step run the GPU's way (knobs on the device) is checked
+    for them on the CPU, after one warm-up step fills the constant caches."""
+    from torch.overrides import TorchFunctionMode
+
+    import models.dprc_train as T
+
+    class Watch(TorchFunctionMode):
+        bad = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.cpu, torch.Tensor.numpy,
+               torch.tensor, torch.as_tensor, torch.Tensor.__int__, torch.Tensor.__float__}
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in self.bad:
+                self.seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    x = make_pairs(digits3[:8], 0.08, seed=0).images
+    runners = []
+    real = T.StepRunner
+
+    def capture(*a, **kw):
+        runners.append(real(*a, **{**kw, "knobs_on_device": True}))
+        return runners[-1]
+
+    import models.dprc as D
+
+    orig = D.StepRunner
+    D.StepRunner = capture
+    try:
+        DPRC(batch_size=8, preset="small", reframe=0, equivariance_frame="both").fit(x, FitContext(budget=1))
+    finally:
+        D.StepRunner = orig
+    r = runners[0]
+    r.buf.counter.zero_()
+    r._step()  # warm-up: fills geometry's constant cache
+    with Watch() as w:
+        r._step()
+    assert w.seen == []
