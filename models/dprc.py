@@ -466,9 +466,14 @@ class DPRC:
             start, history = self._resume(checkpoint_dir, fingerprint, net, ae, opt, params, notes)
             if start:
                 ctx.report(Progress("training", step=start, total=plan.steps, epoch=int(start * plan.batch_size / n_all),
-                                    message=f"resumed from checkpoint at step {start}"))
+                                    message=f"resumed from checkpoint at step {start} "
+                                            f"(epoch {int(start * plan.batch_size / n_all)})"))
 
-        block = 64 if dev.type == "cuda" else 8
+        # Steps per block: on a GPU enough that the host's once-a-block sync costs nothing; on a
+        # CPU, where reading a value costs nothing, one (progress, checkpoints and cancellation at
+        # every step, as before).
+        block = 64 if dev.type == "cuda" else 1
+        every = max(1, plan.steps // 200)  # history: about 200 points
         runner = StepRunner(model, objective, opt, params, data, ctx.warp, block, plan.batch_size // ctx.world,
                             noise_width(cfg), use_graph=cfg.graphs, world=ctx.world, notes=notes)
         stream = _IndexStream(N, ctx.seed * ctx.world + ctx.rank if ctx.world > 1 else ctx.seed)
@@ -491,8 +496,10 @@ class DPRC:
                 if not sk:
                     last_loss = res.loss[j]
             step += k
-            history.append({"step": step, "loss": _finite(res.loss[-1]), "D": _finite(res.D[-1]),
-                            "C": _finite(res.C[-1]), "lr": plan.lr_at(step - 1)})
+            if step % every < k or step == plan.steps:
+                history.append({"step": step, "epoch": round(step * plan.batch_size / n_all, 3),
+                                "loss": _finite(res.loss[-1]), "D": _finite(res.D[-1]),
+                                "C": _finite(res.C[-1]), "lr": plan.lr_at(step - 1)})
             ctx.report(Progress("training", step=step, total=plan.steps, epoch=int(step * plan.batch_size / n_all),
                                 loss=last_loss,
                                 apsnr=M.apsnr(res.last_aligned) if res.last_aligned is not None and
@@ -500,7 +507,8 @@ class DPRC:
                                 eta_s=elapsed_eta(t0, step - start, plan.steps - step)))
             if checkpoint_dir is not None and ctx.rank == 0 and (
                     time.time() - last_ckpt >= cfg.checkpoint_every_s or step == plan.steps):
-                self._save_ckpt(checkpoint_dir, fingerprint, step, history, net, ae, opt, params)
+                self._save_ckpt(checkpoint_dir, fingerprint, step, int(step * plan.batch_size / n_all), history,
+                                net, ae, opt, params)
                 last_ckpt = time.time()
 
         if skipped:
@@ -526,7 +534,7 @@ class DPRC:
     # Safetensors + JSON only: a checkpoint is never unpickled.
 
     @staticmethod
-    def _save_ckpt(d: Path, fp: dict, step: int, history: list, net, ae, opt, params) -> None:
+    def _save_ckpt(d: Path, fp: dict, step: int, epoch: int, history: list, net, ae, opt, params) -> None:
         d = Path(d)
         d.mkdir(parents=True, exist_ok=True)
         t = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
@@ -539,7 +547,7 @@ class DPRC:
                 t[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
         tmp_t, tmp_j = d / "state.safetensors.tmp", d / "state.json.tmp"
         save_file(t, str(tmp_t))
-        tmp_j.write_text(json.dumps({"step": step, "fingerprint": fp, "history": history}))
+        tmp_j.write_text(json.dumps({"step": step, "epoch": epoch, "fingerprint": fp, "history": history}))
         # Tensors first, then the JSON that points at them: a crash between the two
         # renames leaves the previous checkpoint's JSON, which the fingerprint check still accepts.
         os.replace(tmp_t, d / "state.safetensors")
@@ -577,7 +585,7 @@ class DPRC:
                         "exp_avg_sq": torch.empty_like(p).copy_(t[f"opt.{i}.exp_avg_sq"]),
                     }
             step = int(meta["step"])
-            notes.append(f"resumed from checkpoint at step {step}")
+            notes.append(f"resumed from checkpoint at step {step} (epoch {meta.get('epoch', 0)})")
             return step, list(meta.get("history", []))
         except Exception as e:  # corrupt or truncated: never fatal, never silent
             notes.append(f"checkpoint unreadable ({type(e).__name__}); started from scratch")

@@ -58,7 +58,7 @@ log = logging.getLogger("congeal.runner")
 CHILD_MODULE = "worker.run_job"
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
 # How models.dprc announces a resume in its progress message.
-RESUME_PREFIX = "resumed from checkpoint at epoch"
+RESUME_PREFIX = "resumed from checkpoint at step"
 _PROGRESS_EVERY_S = 0.5
 
 
@@ -81,7 +81,7 @@ class _Relay:
         self.summary: dict | None = None
         self.error: dict | None = None
         self.last: ProgressRecord | None = None
-        self.last_work: ProgressRecord | None = None  # last report that counted steps
+        self.last_work: ProgressRecord | None = None  # last training report (it counts steps)
         self.first_epoch: int | None = None
         self._attempt: dict = {}  # fields of the current attempt not yet written
         self._written_at = 0.0
@@ -122,7 +122,7 @@ class _Relay:
             if p.message and p.message.startswith(RESUME_PREFIX):
                 self._attempt["resumed_from_epoch"] = p.epoch
             self.last = p
-            if p.total:
+            if p.total and p.stage == "training":
                 self.last_work = p
             # Throttled: a fast method reports every step, the record needs a few a second.
             if urgent or time.time() - self._written_at >= _PROGRESS_EVERY_S:

@@ -92,15 +92,16 @@ def _fit(x, tmp, budget=9, stop_after=None, seed=0, **over):
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(digits3, tmp_path):
-    x = make_pairs(digits3[:8], 0.08, seed=0).images  # 16 images: 2 steps per epoch, 6 in all
+    x = make_pairs(digits3[:8], 0.08, seed=0).images  # 16 images: 2 steps per epoch, 18 in all
     full = _fit(x, tmp_path / "a")
     with pytest.raises(Cancelled):
-        _fit(x, tmp_path / "b", stop_after=11)  # dies in the second block of 8 steps, after the first's checkpoint
-    assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 8
+        _fit(x, tmp_path / "b", stop_after=11)  # stopped before step 12, after step 11's checkpoint
+    saved = json.loads((tmp_path / "b" / "state.json").read_text())
+    assert saved["step"] == 11 and saved["epoch"] == 5
     resumed = _fit(x, tmp_path / "b")
-    assert any("resumed from checkpoint at step 8" in n for n in resumed.notes)
+    assert any("resumed from checkpoint at step 11 (epoch 5)" in n for n in resumed.notes)
     assert torch.allclose(resumed.in_from_out_norm, full.in_from_out_norm, atol=1e-5)
-    assert [h["step"] for h in resumed.history] == [h["step"] for h in full.history] == [8, 16, 18]
+    assert resumed.history == full.history and [h["step"] for h in full.history] == list(range(1, 19))
 
 
 def test_corrupt_or_foreign_checkpoint_restarts_with_a_note(digits3, tmp_path):
