@@ -125,6 +125,16 @@ class SynthChunk:
 # ---------------------------------------------------------------- pure pieces
 
 
+def _native_grid_sample():
+    """A context in which ``grid_sample`` uses PyTorch's own kernel rather than cuDNN's.
+
+    cuDNN's grid sampler refuses large batches (``CUDNN_STATUS_NOT_SUPPORTED``, pytorch/pytorch#88380;
+    seen here on an H200 with torch 2.11 at 16,384 28x28 images); the native kernel has no limit.
+    """
+    return torch.backends.cudnn.flags(enabled=False)
+
+
+
 def smoothing_matrix(n: int, sigma: float, *, truncate: float = 4.0, dtype=torch.float32,
                      device=None) -> torch.Tensor:
     """``(n, n)`` matrix of 1-D Gaussian smoothing with reflecting borders.
@@ -177,7 +187,8 @@ def elastic_warp(images: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
     gx = (xs + field[:, 0]) * (2.0 / max(W - 1, 1)) - 1.0  # (B, H, W)
     gy = (ys + field[:, 1]) * (2.0 / max(H - 1, 1)) - 1.0
     grid = torch.stack([gx, gy], dim=-1)  # (B, H, W, 2)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    with _native_grid_sample():
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
 def morph(images: torch.Tensor, op: torch.Tensor, element: str = "cross",
@@ -192,15 +203,21 @@ def morph(images: torch.Tensor, op: torch.Tensor, element: str = "cross",
     Returns:
         ``(B, C, H, W)``.
     """
-    H, W = images.shape[-2:]
-    pad = F.pad(images, (1, 1, 1, 1))
-    shifted = torch.stack([pad[..., 1 + dy:1 + dy + H, 1 + dx:1 + dx + W] for dy, dx in _ELEMENTS[element]])
-    op = op.view(-1, 1, 1, 1)
-    out = torch.where(op == _MORPH_DILATE, shifted.amax(0), images)
-    out = torch.where(op == _MORPH_ERODE, shifted.amin(0), out)
-    if amount is None:
-        return out
-    return images + amount.to(images.dtype).view(-1, 1, 1, 1) * (out - images)
+    out = images.clone()
+    for code, reduce in ((_MORPH_DILATE, torch.maximum), (_MORPH_ERODE, torch.minimum)):
+        sel = torch.nonzero(op == code)[:, 0]  # only the images that get this operation
+        if len(sel) == 0:
+            continue
+        x = images[sel]
+        H, W = x.shape[-2:]
+        pad = F.pad(x, (1, 1, 1, 1))
+        y = x
+        for dy, dx in _ELEMENTS[element]:
+            y = reduce(y, pad[..., 1 + dy:1 + dy + H, 1 + dx:1 + dx + W])
+        if amount is not None:
+            y = x + amount[sel].to(x.dtype).view(-1, 1, 1, 1) * (y - x)
+        out[sel] = y
+    return out
 
 
 def deform(bases: torch.Tensor, noise: torch.Tensor, op: torch.Tensor, amount: torch.Tensor,
@@ -237,23 +254,24 @@ def source_draws(cfg: SynthConfig, start: int, stop: int, size: tuple[int, int],
     :func:`morph`'s ``op`` and ``amount``, each ``(n,)``."""
     H, W = size
     lo_a, hi_a = cfg.strength
-    noise, ops, amounts = [], [], []
+    n = max(stop - start, 0)
+    noise = torch.empty((n, 2, H, W), dtype=dtype, device=device)
+    r = torch.empty(n, dtype=torch.float64, device=device)
+    a = torch.empty(n, dtype=dtype, device=device)
     for b in _blocks(start, stop):
         g = _block_generator(cfg.seed, _STREAM_SOURCES, b, device)
-        u = torch.rand((BLOCK, 2, H, W), generator=g, dtype=dtype, device=device)
-        r = torch.rand((BLOCK,), generator=g, dtype=torch.float64, device=device)
-        a = torch.rand((BLOCK,), generator=g, dtype=dtype, device=device)
         lo, hi = max(start - b * BLOCK, 0), min(stop - b * BLOCK, BLOCK)
-        noise.append(u[lo:hi] * 2 - 1)
-        op = torch.full((hi - lo,), _MORPH_NONE, dtype=torch.int64, device=device)
-        op[r[lo:hi] < cfg.thicken] = _MORPH_DILATE
-        op[(r[lo:hi] >= cfg.thicken) & (r[lo:hi] < cfg.thicken + cfg.thin)] = _MORPH_ERODE
-        ops.append(op)
-        amounts.append(lo_a + (hi_a - lo_a) * a[lo:hi])
-    if not noise:
-        return (torch.empty((0, 2, H, W), dtype=dtype, device=device), torch.empty(0, dtype=torch.int64, device=device),
-                torch.empty(0, dtype=dtype, device=device))
-    return torch.cat(noise), torch.cat(ops), torch.cat(amounts)
+        at = b * BLOCK + lo - start
+        if hi - lo == BLOCK:  # a whole block: drawn in place
+            torch.rand((BLOCK, 2, H, W), generator=g, dtype=dtype, device=device, out=noise[at:at + BLOCK])
+        else:
+            noise[at:at + hi - lo] = torch.rand((BLOCK, 2, H, W), generator=g, dtype=dtype, device=device)[lo:hi]
+        r[at:at + hi - lo] = torch.rand((BLOCK,), generator=g, dtype=torch.float64, device=device)[lo:hi]
+        a[at:at + hi - lo] = torch.rand((BLOCK,), generator=g, dtype=dtype, device=device)[lo:hi]
+    op = torch.full((n,), _MORPH_NONE, dtype=torch.int64, device=device)
+    op[r < cfg.thicken] = _MORPH_DILATE
+    op[(r >= cfg.thicken) & (r < cfg.thicken + cfg.thin)] = _MORPH_ERODE
+    return noise.mul_(2).sub_(1), op, lo_a + (hi_a - lo_a) * a
 
 
 def misalignments(cfg: SynthConfig, start: int, stop: int, size: tuple[int, int]) -> torch.Tensor:
@@ -291,7 +309,8 @@ def synth_sources(bases: torch.Tensor, start: int, stop: int, cfg: SynthConfig) 
 
 
 def _misaligned(sources: torch.Tensor, src_from_input: torch.Tensor) -> torch.Tensor:
-    return perturb(sources, src_from_input.to(device=sources.device, dtype=sources.dtype)).clamp(0, 1)
+    with _native_grid_sample():
+        return perturb(sources, src_from_input.to(device=sources.device, dtype=sources.dtype)).clamp(0, 1)
 
 
 def synth_block(bases: torch.Tensor, n_sources: int, start: int, stop: int, cfg: SynthConfig) -> SourceBlock:
