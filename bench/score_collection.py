@@ -1,6 +1,6 @@
 """Score a job's transforms against a synthetic collection's ground truth, streamed in chunks.
 
-    python bench/score_collection.py DIR TRANSFORMS.npy [--chunk 8192] [--device cuda]
+    python bench/score_collection.py DIR TRANSFORMS.npy [--device cuda] [--chunk SOURCES]
 
 ``DIR`` is a folder written by ``bench/make_collection.py``; ``TRANSFORMS.npy`` holds the job's
 ``(N, 3, 3)`` pixel transforms in the product's convention (aligned-output pixel -> input pixel,
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("collection")
     ap.add_argument("transforms")
-    ap.add_argument("--chunk", type=int, default=8192, help="sources per step")
+    ap.add_argument("--chunk", type=int, default=None, help="sources per step (default 1024 on a CPU, 65536 on a GPU)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     try:

@@ -262,3 +262,35 @@ def test_the_command_lines_write_and_score_a_collection(tmp_path, capsys, monkey
     assert "not an empty folder" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npy", "col", "t.npy"]
+
+
+class _Recorder:
+    """Rows of an array, recording the largest read (the scorer must never read more than a chunk)."""
+
+    def __init__(self, a):
+        self.a, self.largest = a, 0
+
+    def __len__(self):
+        return len(self.a)
+
+    @property
+    def shape(self):
+        return self.a.shape
+
+    def __getitem__(self, s):
+        out = self.a[s]
+        self.largest = max(self.largest, len(out))
+        return out
+
+
+def test_memory_is_bounded_by_the_chunk(small_collection, bases, tmp_path, monkeypatch):
+    col = small_collection
+    reads = [_Recorder(col.images), _Recorder(col.src_from_input), _Recorder(_job_warps(col).numpy()),
+             _Recorder(col.sources)]
+    evaluate_collection(*reads[:3], sources=reads[3], chunk=6)
+    assert max(r.largest for r in reads) == 6
+    steps = []
+    real = Y.synth_block
+    monkeypatch.setattr(Y, "synth_block", lambda *a, **k: steps.append(a[3] - a[2]) or real(*a, **k))
+    Y.write_collection(tmp_path / "c", bases, 1000, Y.SynthConfig(), chunk=64)
+    assert max(steps) == 32 and sum(steps) == 500  # 32 sources = 64 images a step
