@@ -46,6 +46,7 @@ __all__ = [
     "polygon_area",
     "homography_from_points",
     "warp",
+    "sample_grid",
     "warp_pixel",
     "jacobian_determinant",
     "jacobian_determinant_at",
@@ -305,8 +306,21 @@ def warp(image: torch.Tensor, in_from_out_norm: torch.Tensor, out_size: tuple[in
     """
     grid = _grid(in_from_out_norm.to(image.dtype), out_size)
     if fill is None:
-        return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-    return F.grid_sample(image - fill, grid, mode=mode, padding_mode=padding_mode, align_corners=True) + fill
+        return sample_grid(image, grid, mode, padding_mode)
+    return sample_grid(image - fill, grid, mode, padding_mode) + fill
+
+
+_MODES = {"bilinear": 0, "nearest": 1, "bicubic": 2}
+_PADDING = {"zeros": 0, "border": 1, "reflection": 2}
+
+
+def sample_grid(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """``grid_sample`` with ``align_corners=True``, always through PyTorch's own kernel.
+
+    ``F.grid_sample`` hands this exact configuration to cuDNN's sampler on a GPU, which refuses
+    large batches (``CUDNN_STATUS_NOT_SUPPORTED`` from about 16k 28 px images; pytorch#88380).
+    """
+    return torch.grid_sampler_2d(image, grid, _MODES[mode], _PADDING[padding_mode], True)
 
 
 def warp_pixel(image: torch.Tensor, in_from_out_pix: torch.Tensor, out_size: tuple[int, int],

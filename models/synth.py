@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import geometry as G
 from .perturb import PairedSet, perturb, random_perturbations
 
 __all__ = ["BLOCK", "SynthConfig", "SourceBlock", "SynthChunk", "Collection", "ShardedArray",
@@ -126,16 +127,6 @@ class SynthChunk:
 # ---------------------------------------------------------------- pure pieces
 
 
-def _native_grid_sample():
-    """A context in which ``grid_sample`` uses PyTorch's own kernel rather than cuDNN's.
-
-    cuDNN's grid sampler refuses large batches (``CUDNN_STATUS_NOT_SUPPORTED``, pytorch/pytorch#88380;
-    seen here on an H200 with torch 2.11 at 16,384 28x28 images); the native kernel has no limit.
-    """
-    return torch.backends.cudnn.flags(enabled=False)
-
-
-
 def smoothing_matrix(n: int, sigma: float, *, truncate: float = 4.0, dtype=torch.float32,
                      device=None) -> torch.Tensor:
     """``(n, n)`` matrix of 1-D Gaussian smoothing with reflecting borders.
@@ -188,8 +179,7 @@ def elastic_warp(images: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
     gx = (xs + field[:, 0]) * (2.0 / max(W - 1, 1)) - 1.0  # (B, H, W)
     gy = (ys + field[:, 1]) * (2.0 / max(H - 1, 1)) - 1.0
     grid = torch.stack([gx, gy], dim=-1)  # (B, H, W, 2)
-    with _native_grid_sample():
-        return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return G.sample_grid(images, grid, "bilinear", "zeros")  # PyTorch's kernel: cuDNN's refuses large batches
 
 
 def morph(images: torch.Tensor, op: torch.Tensor, element: str = "cross",
@@ -310,8 +300,7 @@ def synth_sources(bases: torch.Tensor, start: int, stop: int, cfg: SynthConfig) 
 
 
 def _misaligned(sources: torch.Tensor, src_from_input: torch.Tensor) -> torch.Tensor:
-    with _native_grid_sample():
-        return perturb(sources, src_from_input.to(device=sources.device, dtype=sources.dtype)).clamp(0, 1)
+    return perturb(sources, src_from_input.to(device=sources.device, dtype=sources.dtype)).clamp(0, 1)
 
 
 def synth_block(bases: torch.Tensor, n_sources: int, start: int, stop: int, cfg: SynthConfig) -> SourceBlock:
