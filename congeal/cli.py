@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(DPRCConfig fields for dprc; VALUE is read as JSON when it parses, else as text)")
     a.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     a.add_argument("--max-side", type=int, default=128, help="longest side of the working size")
+    a.add_argument("--gpus", type=int, default=1,
+                   help="train one job over this many GPUs of this host (torchrun + DistributedDataParallel); "
+                        "with --device cpu, over this many CPU processes (gloo)")
     a.add_argument("--aligned", default="auto", choices=["auto", "png", "npy", "none"],
                    help="aligned images: one PNG each, uint8 .npy shards, or none (auto: png up to 10,000 "
                         "images, none above; transforms.npy always has every image's matrix)")
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             opts = AlignOptions(method=args.method, warp=args.warp, reference=args.reference,
                                 budget=args.epochs, seed=args.seed, device=args.device,
                                 max_side=args.max_side, method_options=_method_options(args.option),
-                                aligned=args.aligned)
+                                aligned=args.aligned, gpus=args.gpus)
             rep = align_collection(args.input, args.out, opts,
                                    progress=None if args.quiet else _bar("align"),
                                    overwrite=args.overwrite)

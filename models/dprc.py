@@ -68,8 +68,9 @@ from safetensors.torch import load_file, save_file
 
 from . import geometry as G
 from . import metrics as M
-from .methods import FitContext, FitResult, Progress, register_aligner, register_method
+from .methods import FitContext, FitResult, Progress, register_aligner, register_method, shard_bounds
 from . import schedule as P_
+from .distributed import all_gather_rows
 from .dprc_train import (MAX_BAD_STEPS, Objective, StepRunner, TrainData, _IndexStream, as_float, curriculum_rank,
                          elapsed_eta, make_optimizer, make_tables, noise_width)
 from .imageops import background, blur
@@ -194,11 +195,11 @@ def moment_penalty(aligned: torch.Tensor, bg: torch.Tensor, ref_c: torch.Tensor,
     return ((c - ref_c).abs().sum(1) + (r / ref_r).log().abs()).mean()
 
 
-def choose_reference(x: torch.Tensor, chunk: int = 4096, world: int = 1) -> int:
+def choose_reference(x: torch.Tensor, chunk: int = 4096, world: int = 1, start: int = 0) -> int:
     """Index of the image whose blurred version is L1-closest to the blurred mean.
 
-    ``x`` ``(N, C, H, W)`` uint8 or float. With ``world > 1`` it is this process's shard of a
-    collection split into equal contiguous shards, and the index is global.
+    ``x`` ``(N, C, H, W)`` uint8 or float. With ``world > 1`` it is this process's shard of the
+    collection, whose first image has the global index ``start``, and the index is global.
     """
     sigma = 0.06 * min(x.shape[-2:])
     mean = torch.zeros((1, *x.shape[1:]), dtype=torch.float32, device=x.device)
@@ -216,14 +217,9 @@ def choose_reference(x: torch.Tensor, chunk: int = 4096, world: int = 1) -> int:
     best = int(d.argmin())
     if world <= 1:
         return best
-    import torch.distributed as dist
-
-    rank = dist.get_rank()
     # The global minimum, ties to the lowest index: (distance, index) compared across processes.
-    pair = torch.tensor([float(d[best]), float(rank * x.shape[0] + best)], dtype=torch.float64, device=x.device)
-    parts = [torch.empty_like(pair) for _ in range(world)]
-    dist.all_gather(parts, pair)
-    return int(min((float(p[0]), float(p[1])) for p in parts)[1])
+    pairs = all_gather_rows(torch.tensor([[float(d[best]), float(start + best)]], dtype=torch.float64), x.device)
+    return int(min((float(p[0]), float(p[1])) for p in pairs)[1])
 
 
 def curriculum_family(family: str, frac: float, schedule) -> str | None:
@@ -412,7 +408,7 @@ class DPRC:
             kept.append(M.framing(x, pix, size, data.bg[k:k + chunk].double())[0].cpu())
         kept = torch.cat(kept).float()
         if ctx is not None and ctx.world > 1:
-            kept = _all_gather_cat(kept, data.x.device)
+            kept = all_gather_rows(kept, data.x.device)
         return float(kept.median())
 
     def _fit(self, data: TrainData, ctx: FitContext, cfg: DPRCConfig, checkpoint_dir: Path | None) -> FitResult:
@@ -427,7 +423,7 @@ class DPRC:
         net = net.to(dev, memory_format=torch.channels_last)
         ae = ae.to(dev, memory_format=torch.channels_last)
         params = list(net.parameters()) + list(ae.parameters())
-        n_all = N * ctx.world if ctx.world > 1 else N  # shards are equal (the launcher splits so)
+        n_all = ctx.n_total if ctx.world > 1 else N
         plan = P_.plan(n_all, dev.type, batch_size=cfg.batch_size, steps=cfg.steps,
                        epochs=cfg.epochs if ctx.budget is None else ctx.budget, steps_target=cfg.steps_target,
                        max_epochs=cfg.max_epochs, lr=cfg.lr, lr_final=cfg.lr_final, warmup=cfg.warmup,
@@ -455,7 +451,7 @@ class DPRC:
         if ctx.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             model = DDP(objective, device_ids=[dev.index] if dev.type == "cuda" else None,
-                        find_unused_parameters=cfg.lam <= 0)
+                        find_unused_parameters=cfg.lam <= 0, broadcast_buffers=False)
 
         notes: list[str] = []
         history: list[dict] = []
@@ -517,6 +513,7 @@ class DPRC:
         notes.append(f"schedule: {plan.batch_size} images a step, {plan.steps} steps ({plan.epochs:.1f} epochs), "
                      f"peak learning rate {plan.lr:.3g}; aligner {cfg.preset} preset at width {cfg.width:g}, "
                      f"{cfg.precision} arithmetic on {dev.type}"
+                     + (f", {ctx.world} processes" if ctx.world > 1 else "")
                      + (" with a captured CUDA graph" if runner.graph is not None else ""))
         # The job's warps come from the same float32 forward pass as `congeal apply` on a saved model.
         set_compute_dtype(net, None)
@@ -600,27 +597,22 @@ def _backgrounds(x: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     return torch.cat([background(as_float(x[k:k + chunk])) for k in range(0, x.shape[0], chunk)])
 
 
-def _all_gather_cat(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(t.to(dev)) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.to(dev))
-    return torch.cat([p.cpu() for p in parts])
-
-
 def _reference(data: TrainData, ctx: FitContext) -> tuple[torch.Tensor, int, torch.Tensor]:
     """The reference image ``(1, C, H, W)`` float, its global index, and its background ``(1, C, 1, 1)``."""
     x = data.x
     if ctx.reference_index is not None:
         ref = int(ctx.reference_index)
     else:
-        ref = choose_reference(x, world=ctx.world)
+        ref = choose_reference(x, world=ctx.world, start=ctx.shard_start)
     if ctx.world <= 1:
         return as_float(x[ref:ref + 1]), ref, data.bg[ref:ref + 1]
+    import bisect
+
     import torch.distributed as dist
 
-    # Shards are contiguous and equal: the process holding index ``ref`` sends the image.
-    owner, local = divmod(ref, x.shape[0])
+    bounds = shard_bounds(ctx.n_total, ctx.world)
+    owner = bisect.bisect_right(bounds, ref) - 1
+    local = ref - bounds[owner]
     img = as_float(x[local:local + 1]).clone() if ctx.rank == owner else torch.zeros_like(as_float(x[:1]))
     bg = data.bg[local:local + 1].clone() if ctx.rank == owner else torch.zeros_like(data.bg[:1])
     dist.broadcast(img, src=owner)
@@ -633,5 +625,5 @@ def _median_radius(data: TrainData, ctx: FitContext, chunk: int = 4096) -> torch
     r = torch.cat([_moments(as_float(data.x[k:k + chunk]), data.bg[k:k + chunk])[1]
                    for k in range(0, len(data), chunk)])
     if ctx.world > 1:
-        r = _all_gather_cat(r, data.x.device)
+        r = all_gather_rows(r, data.x.device)
     return r.median()

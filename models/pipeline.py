@@ -46,7 +46,7 @@ from . import geometry as G
 from . import metrics as M
 from .imageio import Collection, InputError, LoadLimits, save_png, working_size
 from .imageops import background
-from .methods import Cancelled, FitContext, Progress, create_method, load_aligner
+from .methods import Cancelled, FitContext, Progress, create_method, load_aligner, shard_bounds
 from .sources import CollectionSource, Source, open_source
 
 __all__ = [
@@ -97,6 +97,8 @@ class AlignOptions:
     # "png" (one file per image), "npy" (uint8 shards of ALIGNED_SHARD images), "none", or
     # "auto": png up to SMALL_JOB_MAX images, none above.
     aligned: str = "auto"
+    # Processes of one job, one per GPU (models.distributed); with device "cpu", CPU processes over gloo.
+    gpus: int = 1
 
 
 @dataclass
@@ -298,6 +300,7 @@ class _Work:
     bg: np.ndarray
     size: tuple[int, int]
     scratch: Path | None = None
+    start: int = 0  # global index of x[0]
 
     def close(self) -> None:
         if self.scratch is not None:
@@ -310,8 +313,10 @@ def _chunk_for(size: tuple[int, int], channels: int, target_bytes: int = 64 * 10
 
 
 def _ingest(src: Source, size: tuple[int, int], channels: int, scratch_parent: Path,
-            report: Callable[[Progress], None], should_stop) -> _Work:
-    N = src.n
+            report: Callable[[Progress], None], should_stop, start: int = 0, stop: int | None = None) -> _Work:
+    """Images ``start:stop`` of the source at the working size (``_Work.start`` says where they begin)."""
+    stop = src.n if stop is None else stop
+    N = stop - start
     nbytes = N * channels * size[0] * size[1]
     scratch = None
     if nbytes <= HOST_WORK_BYTES:
@@ -322,17 +327,18 @@ def _ingest(src: Source, size: tuple[int, int], channels: int, scratch_parent: P
         x = np.lib.format.open_memmap(scratch / "work.npy", mode="w+", dtype=np.uint8, shape=(N, channels, *size))
     bg = np.empty((N, channels), dtype=np.float32)
     chunk = _chunk_for(size, channels)
-    for k, images in src.chunks(chunk):
+    for k, images in src.chunks(chunk, start, stop):
         if should_stop is not None and should_stop():
             raise Cancelled("cancelled")
         w = _to_work(images, size, channels)
-        x[k:k + len(w)] = w
-        bg[k:k + len(w)] = background(torch.from_numpy(w).float().div_(255))[..., 0, 0].numpy()
-        report(Progress("loading", step=k + len(w), total=N, message="reading images"))
+        i = k - start
+        x[i:i + len(w)] = w
+        bg[i:i + len(w)] = background(torch.from_numpy(w).float().div_(255))[..., 0, 0].numpy()
+        report(Progress("loading", step=i + len(w), total=N, message="reading images"))
     if scratch is not None:
         x.flush()
         x = np.load(scratch / "work.npy", mmap_mode="r")
-    return _Work(x, bg, size, scratch)
+    return _Work(x, bg, size, scratch, start)
 
 
 def _to_device(a: np.ndarray, dev: torch.device, chunk: int = 1 << 20) -> torch.Tensor:
@@ -359,13 +365,27 @@ def align_collection(source: str | os.PathLike | Collection | Source, out_dir: s
                      progress: Callable[[Progress], None] | None = None,
                      checkpoint_dir: str | os.PathLike | None = None,
                      should_stop: Callable[[], bool] | None = None,
-                     limits: LoadLimits = LoadLimits(), overwrite: bool = False) -> AlignReport:
+                     limits: LoadLimits = LoadLimits(), overwrite: bool = False,
+                     rank: int = 0, world: int = 1) -> AlignReport | None:
     """Congeal a collection and write the output folder (layout in the module docstring).
+
+    ``world > 1``: this is process ``rank`` of a distributed job (``torch.distributed`` initialised;
+    :mod:`models.distributed` launches it): it trains on its shard and rank 0 writes the outputs;
+    other ranks return None.
 
     Raises:
         InputError: unreadable/empty input, fewer than 2 images, unknown reference.
         Cancelled: ``should_stop()`` became true.
     """
+    if options.gpus > 1 and world == 1:
+        if isinstance(source, (Collection, Source)):
+            raise InputError("a job over several processes reads its input from a path")
+        from .distributed import launch
+
+        return launch(source, out_dir, options, options.gpus, progress=progress, checkpoint_dir=checkpoint_dir,
+                      limits=limits, overwrite=overwrite, should_stop=should_stop)
+    if options.gpus < 1:
+        raise InputError(f"gpus={options.gpus}: at least 1")
     t0 = time.time()
     report = progress or (lambda p: None)
     report(Progress("loading", message="reading images"))
@@ -390,20 +410,31 @@ def align_collection(source: str | os.PathLike | Collection | Source, out_dir: s
     wsize = working_size(sizes, options.max_side)
     out_dir = Path(out_dir)
     method = create_method(options.method, **options.method_options)
-    work = _ingest(src, wsize, channels, out_dir.parent, report, should_stop)
+    if world > 1 and options.method != "dprc":
+        raise InputError(f"method {options.method} runs in one process; only dprc trains over several GPUs")
+    lo, hi = shard_bounds(len(src), world)[rank:rank + 2]
+    # Rank 0 reads everything: it writes every output. The others read their shard.
+    work = _ingest(src, wsize, channels, out_dir.parent, report, should_stop,
+                   *((0, len(src)) if rank == 0 else (lo, hi)))
     try:
         ctx = FitContext(
             warp=options.warp, reference_index=ref_index, seed=options.seed, budget=options.budget,
             progress=report, checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
-            should_stop=should_stop,
+            should_stop=should_stop, rank=rank, world=world, n_total=len(src),
         )
-        x_dev = _to_device(work.x, device)
-        bg_dev = torch.from_numpy(work.bg)[..., None, None].to(device)
+        x_dev = _to_device(work.x[lo - work.start:hi - work.start], device)
+        bg_dev = torch.from_numpy(work.bg[lo - work.start:hi - work.start])[..., None, None].to(device)
         if options.method == "dprc":
             result = method.fit(x_dev, ctx, bg=bg_dev)
         else:
             result = method.fit(x_dev.float().div_(255), ctx)
         del x_dev
+        if world > 1:
+            from .distributed import all_gather_rows
+
+            result.in_from_out_norm = all_gather_rows(result.in_from_out_norm, device)
+            if rank != 0:
+                return None
         if should_stop is not None and should_stop():
             raise Cancelled("cancelled")
         report(Progress("writing", message="writing outputs"))
