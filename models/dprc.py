@@ -92,7 +92,7 @@ class DPRCConfig:
     lr: float = 1e-3
     lr_final: float = 0.02  # cosine decay to lr * lr_final
     # Schedule (models/schedule.py): None = chosen from the device and the collection.
-    batch_size: int | None = None  # GPU: 256 up to 8k images, growing to 4,096; CPU: 64
+    batch_size: int | None = None  # GPU: 256 up to 8k images, growing to 1,024; CPU: 64
     epochs: int | None = None  # an explicit budget in epochs (overrides steps)
     steps: int | None = None  # an explicit number of steps
     steps_target: int | None = None  # steps of a collection large enough to fill them; None: GPU 1500, CPU 600

@@ -4,10 +4,12 @@ Training length is counted in *images seen* (``steps x batch``), not in epochs, 
 10-million-image job does not pay ten epochs and a 50-image job does not pay a fixed step
 count. The rule (every number is a :class:`models.dprc.DPRCConfig` field, so a job can override it):
 
-* **batch**: on a GPU it grows with the collection, ``clamp(2^floor(log2(N / 16)), 256, 4096)``:
-  256 up to 8,191 images (the batch the quality tables were measured with), 4,096 from
-  65,536 images up, where one step fills the card. On a CPU it is 64: a step's cost there is
-  proportional to the batch, and more, smaller steps learn more per second.
+* **batch**: on a GPU it grows with the collection, ``clamp(2^floor(log2(N / 16)), 256, 1024)``:
+  256 up to 8,191 images (the batch the quality tables were measured with), 1,024 from 16,384
+  images up. A 28 px step of 1,024 already keeps an H200 busy (its time grows about linearly
+  above that: docs/benchmarks.md, "Speed"), so a larger batch would only lengthen a job at a
+  fixed step count. On a CPU it is 64: a step's cost there is proportional to the batch, and
+  more, smaller steps learn more per second.
 * **steps**: ``min(steps_target, ceil(max_epochs N / batch))``: the same number of steps for
   every collection large enough to fill it (the network learns a function of the images, and at
   a fixed step count a larger batch only lowers the gradient noise), fewer for a small one, whose
@@ -61,7 +63,7 @@ class Plan:
                 "lr_final": self.lr_final, "warmup_steps": self.warmup_steps}
 
 
-def auto_batch(n: int, device_type: str, gpu_min: int = 256, gpu_max: int = 4096, cpu: int = 64) -> int:
+def auto_batch(n: int, device_type: str, gpu_min: int = 256, gpu_max: int = 1024, cpu: int = 64) -> int:
     """The default batch for ``n`` images on a device of this type (``"cuda"``, ``"cpu"``, ...)."""
     if device_type != "cuda":
         return cpu

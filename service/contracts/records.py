@@ -80,7 +80,7 @@ class JobOptions(BaseModel):
                                 "GPU for images up to 48 px, whose Table 1 aligner is narrow; 1 above and on a CPU; "
                                 "1: Table 1's aligner)")
     batch_size: int | None = Field(None, ge=8, le=8192, description="dprc: training batch size (default 256 on a GPU "
-                                   "up to 8,191 images, doubling with the collection up to 4,096; 64 on a CPU)")
+                                   "up to 8,191 images, doubling with the collection up to 1,024; 64 on a CPU)")
 
     @model_validator(mode="after")
     def _dprc_fields_need_dprc(self) -> "JobOptions":

@@ -408,7 +408,7 @@ def test_the_api_fields_for_dprc_name_real_options_and_state_their_defaults():
         if name == "batch_size":  # chosen by the schedule
             assert defaults.batch_size is None
             value = auto_batch(1000, "cuda")
-            assert auto_batch(1000, "cpu") == 64 and auto_batch(10**6, "cuda") == 4096
+            assert auto_batch(1000, "cpu") == 64 and auto_batch(10**6, "cuda") == 1024
         assert float(quoted) == float(value), (name, quoted)
 
 
