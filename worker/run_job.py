@@ -21,6 +21,7 @@ import traceback
 import zipfile
 from pathlib import Path
 
+from service.contracts.artifacts import ARRAY_RESULT_FILES
 from service.contracts.runner import EXIT_CANCELLED, EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, read_summary
 
 _PR_SET_PDEATHSIG = 1
@@ -53,8 +54,14 @@ def _finite(v):
 
 
 def _zip_aligned(out_dir: Path, zip_path: Path) -> None:
-    """All aligned images in one archive, under their names in transforms.json."""
+    """All aligned images in one archive, under their names in transforms.json.
+
+    Large jobs' transforms.json lists no images (the job output contract): their aligned images,
+    if any, are shards or PNGs by the million, and no zip is built for them.
+    """
     transforms = json.loads((out_dir / "transforms.json").read_text())
+    if "images" not in transforms:
+        return
     tmp = zip_path.with_name(zip_path.name + ".tmp")
     # PNGs are already compressed: storing them is as small and much faster.
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
@@ -94,7 +101,8 @@ def run(spec: dict, events: _Events, should_stop) -> int:
         if should_stop():
             raise Cancelled("cancelled")
         _zip_aligned(out, Path(spec["aligned_zip"]))
-        events.send({"type": "result", "summary": read_summary(out)})
+        arrays = [n for n in ARRAY_RESULT_FILES if (out / n).is_file()]
+        events.send({"type": "result", "summary": {**read_summary(out), "array_files": arrays}})
         return EXIT_OK
     except Cancelled:
         events.send({"type": "error", "kind": "cancelled", "message": "cancelled"})
