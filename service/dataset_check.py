@@ -92,6 +92,9 @@ def check(spec: dict) -> dict:
                     channels = 3
     except InputError as e:
         names_tmp.unlink(missing_ok=True)
+        if "MemoryError" in str(e):
+            # models.imageio reports a decoder's MemoryError as a corrupt image; here it is the cap.
+            raise MemoryError(str(e)) from None
         return {"ok": False, "status": 413 if isinstance(e, LimitExceeded) else 422, "error": str(e)}
     os.replace(names_tmp, spec["names_out"])
     return {"ok": True, "n_images": n, "image_size": size if uniform else None, "channels": channels}
@@ -100,13 +103,16 @@ def check(spec: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
+    import models.imageio  # noqa: F401  (imported before the cap: the cap is for the data, not the code)
+    import PIL.Image  # noqa: F401
+
     _limit_memory(int(spec["memory_bytes"]))
     try:
         result = check(spec)
     except MemoryError:
         result = {"ok": False, "status": 413,
-                  "error": f"reading it needs more than {spec['memory_bytes']} bytes of memory "
-                           f"(CONGEAL_DATASET_CHECK_MEMORY_BYTES)"}
+                  "error": f"reading it needs more than the {spec['memory_bytes']} bytes of memory a dataset's "
+                           f"check may use (CONGEAL_DATASET_CHECK_MEMORY_BYTES)"}
     print(json.dumps(result), flush=True)
     return 0
 

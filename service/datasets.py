@@ -55,6 +55,9 @@ WRITE_LEASE_S = 30.0  # a chunk's writer that sent nothing for this long loses t
 CHECK_LEASE_S = 30.0  # likewise a validation whose API process died
 _RENEW_S = 10.0
 _BLOCK = 1 << 20  # bytes gathered before one write: bounds what a chunk holds in memory
+# One thread: the check decodes one image at a time, and BLAS thread pools reserve memory the
+# RLIMIT_DATA cap would count.
+_CHECK_ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 _RANGE = re.compile(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)")
 
 
@@ -382,7 +385,7 @@ class DatasetChecker:
             with open(d / "check.log", "ab") as logf:
                 proc = subprocess.Popen([self.python, "-m", "service.dataset_check", str(spec_path)],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf,
-                                        start_new_session=True)
+                                        start_new_session=True, env=_CHECK_ENV)
             result = self._wait(proc, dataset_id, token)
             if result is not None:
                 self._finish(dataset_id, token, result)
@@ -395,7 +398,7 @@ class DatasetChecker:
         try:
             while True:
                 try:
-                    proc.wait(timeout=0.2)
+                    proc.wait(timeout=min(0.2, limit / 4))
                     break
                 except subprocess.TimeoutExpired:
                     pass

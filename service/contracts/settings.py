@@ -105,7 +105,7 @@ class Settings(BaseSettings):
                                 "used (created, uploaded to, named by a job); unset: job_ttl_s")
     dataset_check_timeout_s: float = Field(3600.0, gt=0, description="longest validation of one dataset")
     dataset_check_memory_bytes: int = Field(
-        4 * 1024**3, ge=64 * 1024**2, description="memory (RLIMIT_DATA) of the process that validates a "
+        4 * 1024**3, ge=128 * 1024**2, description="memory (RLIMIT_DATA) of the process that validates a "
                                                   "dataset; mapped files do not count")
     max_dataset_checks: int = Field(2, ge=1, description="datasets validated at once per API process")
 
