@@ -1,4 +1,4 @@
-"""Validating a dataset: ``python -m service.dataset_check SPEC_JSON``, one process per dataset.
+"""Validating a dataset: ``python -m service.dataset_check SPEC_JSON [PARENT_PID]``, one process per dataset.
 
 Started by :class:`service.datasets.DatasetChecker` when a client completes a dataset. It runs
 apart from the API process so that what a multi-GB collection costs to read can be bounded and
@@ -20,12 +20,26 @@ import hashlib
 import json
 import os
 import resource
+import signal
 import sys
 from pathlib import Path
 
 __all__ = ["check", "main"]
 
 _BLOCK = 1 << 20
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL from the kernel when the API process that started us dies (Linux): its check
+    lease then lapses and a new ``complete`` starts the check again, with no orphan still at it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(1)
 
 
 def _limit_memory(n_bytes: int) -> None:
@@ -102,6 +116,8 @@ def check(spec: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) > 1:
+        _die_with_parent(int(argv[1]))
     spec = json.loads(Path(argv[0]).read_text())
     import models.imageio  # noqa: F401  (imported before the cap: the cap is for the data, not the code)
     import PIL.Image  # noqa: F401

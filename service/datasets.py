@@ -46,14 +46,12 @@ __all__ = [
     "to_public",
     "file_public",
     "WRITE_LEASE_S",
-    "CHECK_LEASE_S",
 ]
 
 log = logging.getLogger("congeal.datasets")
 
 WRITE_LEASE_S = 30.0  # a chunk's writer that sent nothing for this long loses the file
-CHECK_LEASE_S = 30.0  # likewise a validation whose API process died
-_RENEW_S = 10.0
+_RENEW_S = 10.0  # a third of it
 _BLOCK = 1 << 20  # bytes gathered before one write: bounds what a chunk holds in memory
 # One thread: the check decodes one image at a time, and BLAS thread pools reserve memory the
 # RLIMIT_DATA cap would count.
@@ -247,7 +245,8 @@ async def receive_chunk(request: Request, store: DatasetStore, artifacts: Artifa
 # ---------------------------------------------------------------------- completion and validation
 
 
-def complete_dataset(store: DatasetStore, owner: str, dataset_id: str, token: str) -> tuple[DatasetRecord, bool]:
+def complete_dataset(store: DatasetStore, owner: str, dataset_id: str, token: str,
+                     lease_s: float) -> tuple[DatasetRecord, bool]:
     """Freeze the uploads and mark the dataset ``validating`` (taking its check lease).
 
     Returns the record and whether a validation must start now (``False``: it was ready, or a
@@ -275,7 +274,7 @@ def complete_dataset(store: DatasetStore, owner: str, dataset_id: str, token: st
             raise HTTPException(409, f"{busy[0]}: a chunk is still being written")
         out["start"] = True
         return rec.model_copy(update={"state": DatasetState.validating, "check_holder": token,
-                                      "check_until": t + CHECK_LEASE_S, "completed_at": t, "updated_at": t,
+                                      "check_until": t + lease_s, "completed_at": t, "updated_at": t,
                                       "last_used_at": t, "error": None, "error_status": None}), None
 
     rec, _, _ = store.transact(dataset_id, fn, None)
@@ -287,7 +286,8 @@ def complete_dataset(store: DatasetStore, owner: str, dataset_id: str, token: st
 class DatasetChecker:
     """Validates completed datasets on threads, at most ``max_dataset_checks`` at once, each in
     its own ``python -m service.dataset_check`` process. While it runs (or waits for its turn)
-    the thread renews the dataset's check lease; an API process that dies lets it lapse, and
+    the thread renews the dataset's check lease (``lease_ttl_s``, like a job's); an API process
+    that dies takes its check process with it and lets the lease lapse, and
     ``POST /datasets/{id}/complete`` then starts the validation again."""
 
     def __init__(self, store: DatasetStore, artifacts: ArtifactStore, settings: Settings,
@@ -320,7 +320,7 @@ class DatasetChecker:
         def fn(rec: DatasetRecord) -> DatasetRecord | None:
             if rec.check_holder != token or rec.state != DatasetState.validating:
                 return None
-            return rec.model_copy(update={"check_until": now() + CHECK_LEASE_S})
+            return rec.model_copy(update={"check_until": now() + self.settings.lease_ttl_s})
 
         return self.store.update(dataset_id, fn)[1]
 
@@ -370,7 +370,7 @@ class DatasetChecker:
             log.exception("dataset %s: the check failed; completing it again retries", dataset_id)
 
     def _check(self, dataset_id: str, token: str) -> None:
-        while not self._slots.acquire(timeout=_RENEW_S):
+        while not self._slots.acquire(timeout=self.settings.lease_ttl_s / 3):
             if self._stop.is_set() or not self._renew(dataset_id, token):
                 return
         try:
@@ -383,7 +383,7 @@ class DatasetChecker:
             spec_path = d / "check.json"
             spec_path.write_text(json.dumps(self._spec(rec, self.store.files(dataset_id))))
             with open(d / "check.log", "ab") as logf:
-                proc = subprocess.Popen([self.python, "-m", "service.dataset_check", str(spec_path)],
+                proc = subprocess.Popen([self.python, "-m", "service.dataset_check", str(spec_path), str(os.getpid())],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf,
                                         start_new_session=True, env=_CHECK_ENV)
             result = self._wait(proc, dataset_id, token)
@@ -409,7 +409,7 @@ class DatasetChecker:
                     return {"ok": False, "status": 413,
                             "error": f"validating it took longer than {limit:.0f} s (CONGEAL_DATASET_CHECK_TIMEOUT_S)"}
                 if t >= next_renew:
-                    next_renew = t + _RENEW_S
+                    next_renew = t + self.settings.lease_ttl_s / 3
                     try:
                         if not self._renew(dataset_id, token):
                             return None  # deleted, or another check took over

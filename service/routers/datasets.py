@@ -123,8 +123,9 @@ async def create_dataset(request: Request, response: Response, state: StateDep, 
     try:
         body = DatasetCreate.model_validate_json(raw)
     except ValidationError as e:
-        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])}
-                                      for err in e.errors(include_url=False, include_context=False)]) from None
+        # Without the input: it may be bytes that are not UTF-8, which no JSON answer can echo.
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in
+                                      e.errors(include_url=False, include_context=False, include_input=False)]) from None
     rec = await run_in_threadpool(_create, state, owner, body)
     files = await run_in_threadpool(state.datasets.files, rec.id)
     pub = to_public(rec, request, state.settings, files)
@@ -198,7 +199,7 @@ def complete(dataset_id: str, request: Request, response: Response, state: State
     it starts the validation again."""
     load_dataset(state.datasets, owner, dataset_id)
     token = uuid.uuid4().hex
-    rec, start = complete_dataset(state.datasets, owner, dataset_id, token)
+    rec, start = complete_dataset(state.datasets, owner, dataset_id, token, state.settings.lease_ttl_s)
     if start:
         state.checker.start(dataset_id, token)
     if rec.state.value == "ready":

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from service_testlib import SAMPLES, auth, png_bytes, wait_job
+from service_testlib import SAMPLES, auth, pid_alive, png_bytes, wait_job
 
 from service.app import create_app
 from service.client import ApiError, Client
 from service.contracts import Settings
+from service.contracts.datasets import RedisDatasetStore
 from service.devserver import start_api
 
 pytestmark = pytest.mark.integration
@@ -213,8 +214,9 @@ def test_bad_declarations_are_422_naming_the_field(api, files, field_text):
 def test_a_declaration_that_is_not_json_is_415(api):
     r = api.post("/datasets", data={"files": "a.png"})
     assert r.status_code == 415 and "JSON" in r.json()["detail"]
-    r = api.post("/datasets", content=b"{not json", headers={"Content-Type": "application/json"})
-    assert r.status_code == 422
+    for raw in (b"{not json", b"\xff\xfe\x80", b'{"files": [{"name": "\xff.png"}]}'):  # not even UTF-8
+        r = api.post("/datasets", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, (raw, r.text)
 
 
 def test_another_tenants_dataset_is_404_everywhere(api, env):
@@ -465,6 +467,68 @@ def test_a_multi_mb_npy_in_small_chunks_keeps_the_api_memory_flat(server, tmp_pa
     assert done["state"] == "ready" and done["n_images"] == 80_000, done
     assert (env.data_dir / "datasets" / ds["id"] / "files" / "big.npy").stat().st_size == size
     assert growth_mb < 16, growth_mb  # the bound stated in docs/reliability.md; the file is 63 MB
+
+
+def _check_processes(dataset_id: str) -> list[int]:
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"service.dataset_check" in cmd and any(dataset_id.encode() in c for c in cmd):
+                pids.append(int(d))
+    return pids
+
+
+def test_an_api_killed_while_validating_leaves_a_dataset_that_completing_again_finishes(make_env, tmp_path):
+    env = make_env(rate_limit_per_minute=0)  # lease_ttl_s 4 s (service_testlib.Env)
+    # 30 grey 6000 x 6000 PNGs: 1.4 MB to upload, about 6 s to decode one after the other.
+    paths = []
+    for i in range(30):
+        p = tmp_path / f"big{i:02d}.png"
+        p.write_bytes(png_bytes(np.full((6000, 6000), i, np.uint8)))
+        paths.append(p)
+    proc, base = start_api({**os.environ, **env.vars})
+    try:
+        cli = Client(base, headers=auth())
+        ds = cli.create_dataset(paths)
+        cli.upload_dataset_files(ds["id"], paths)
+        cli.request("POST", f"/datasets/{ds['id']}/complete")
+        deadline = time.monotonic() + 20
+        while not (checks := _check_processes(ds["id"])):
+            assert time.monotonic() < deadline, "no check process started"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.kill()  # SIGKILL: no chance to record anything
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 5
+    while any(pid_alive(p) for p in checks):  # the check dies with its API process
+        assert time.monotonic() < deadline, "the check process outlived the API"
+        time.sleep(0.05)
+    left = RedisDatasetStore(env.vars["CONGEAL_REDIS_URL"], env.vars["CONGEAL_KEY_PREFIX"]).get(ds["id"])
+    assert left.state == "validating"  # what the dead API left: a lease that will lapse
+    proc, base = start_api({**os.environ, **env.vars})  # a new API process
+    try:
+        cli = Client(base, headers=auth())
+        t0 = time.monotonic()
+        deadline = t0 + 90
+        while True:  # completing again is harmless while the old lease runs, and restarts it once lapsed
+            cli.request("POST", f"/datasets/{ds['id']}/complete")
+            d = cli.get(f"/datasets/{ds['id']}")
+            if d["state"] != "validating":
+                break
+            assert time.monotonic() < deadline, d
+            time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert d["state"] == "ready" and d["n_images"] == 30, (d["state"], d["error"])
 
 
 # ---------------------------------------------------------------------- jobs through the real worker
