@@ -30,9 +30,8 @@ from fastapi import HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from .contracts import ArtifactStore, Settings
-from .contracts.datasets import (DatasetFile, DatasetRecord, DatasetState, DatasetStore, DatasetUnavailable,
-                                 jobs_in_flight)
+from .contracts import ArtifactStore, Settings, valid_dataset_id
+from .contracts.datasets import DatasetFile, DatasetRecord, DatasetState, DatasetStore, jobs_in_flight
 from .contracts.records import now
 from .contracts.settings import IMAGE_FORMAT_EXTENSIONS
 from .schemas import DatasetFilePublic, DatasetLinks, DatasetPublic, ts
@@ -61,8 +60,6 @@ _RANGE = re.compile(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)")
 
 def load_dataset(store: DatasetStore, owner: str, dataset_id: str) -> DatasetRecord:
     """The caller's dataset, or 404: another tenant's is reported missing, not forbidden."""
-    from .contracts import valid_dataset_id
-
     rec = store.get(dataset_id) if valid_dataset_id(dataset_id) else None
     if rec is None or rec.owner != owner or rec.deleting:
         raise HTTPException(404, f"no dataset with id {dataset_id!r}")
@@ -456,7 +453,3 @@ def to_public(rec: DatasetRecord, request: Request, settings: Settings, files: d
         jobs_in_flight=None if jobs is None else jobs_in_flight(rec, jobs),
         links=links,
     )
-
-
-def unavailable(e: DatasetUnavailable) -> HTTPException:
-    return HTTPException(e.status, e.message)

@@ -125,8 +125,11 @@ async def _dataset_input(state: ServiceState, owner: str, dataset_id: str, job_i
 def _lists_name(names_txt, name: str) -> bool:
     """Whether ``name`` is a line of the dataset's names file (streamed: it may list millions)."""
     want = name + "\n"
-    with open(names_txt, encoding="utf-8") as f:
-        return any(line == want for line in f)
+    try:
+        with open(names_txt, encoding="utf-8") as f:
+            return any(line == want for line in f)
+    except OSError:  # written when the dataset became ready; gone only with the dataset
+        return False
 
 
 def _too_many(in_flight: int, limit: int) -> HTTPException:

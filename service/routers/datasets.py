@@ -124,8 +124,8 @@ async def create_dataset(request: Request, response: Response, state: StateDep, 
         body = DatasetCreate.model_validate_json(raw)
     except ValidationError as e:
         # Without the input: it may be bytes that are not UTF-8, which no JSON answer can echo.
-        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in
-                                      e.errors(include_url=False, include_context=False, include_input=False)]) from None
+        errors = e.errors(include_url=False, include_context=False, include_input=False)
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in errors]) from None
     rec = await run_in_threadpool(_create, state, owner, body)
     files = await run_in_threadpool(state.datasets.files, rec.id)
     pub = to_public(rec, request, state.settings, files)

@@ -66,9 +66,9 @@ def test_file_updates_are_atomic_under_contention(stores):
 
     def bump(_):
         for _ in range(25):
-            ds.transact(rec.id, lambda r, f: (r.model_copy(update={"bytes_declared": r.bytes_declared + 1}),
-                                              {"a.png": f["a.png"].model_copy(update={"received": f["a.png"].received + 1})}),
-                        ["a.png"])
+            ds.transact(rec.id, lambda r, f: (
+                r.model_copy(update={"bytes_declared": r.bytes_declared + 1}),
+                {"a.png": f["a.png"].model_copy(update={"received": f["a.png"].received + 1})}), ["a.png"])
 
     with ThreadPoolExecutor(6) as pool:
         list(pool.map(bump, range(6)))
