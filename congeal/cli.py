@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     a = sub.add_parser("align", help="congeal a collection and train an aligner")
-    a.add_argument("input", help="folder, .zip/.tar[.gz] archive, .npy array or image files")
+    a.add_argument("input", help="folder of images, .zip/.tar[.gz] archive, .npy/.npz array, a folder of .npy/.npz "
+                                 "or archive shards, or an image file")
     a.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     a.add_argument("--method", default="dprc", help="alignment method (default: dprc)")
     a.add_argument("--warp", default="homography",
@@ -67,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
                         "(DPRCConfig fields for dprc; VALUE is read as JSON when it parses, else as text)")
     a.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     a.add_argument("--max-side", type=int, default=128, help="longest side of the working size")
+    a.add_argument("--gpus", type=int, default=1,
+                   help="train one job over this many GPUs of this host (torchrun + DistributedDataParallel); "
+                        "with --device cpu, over this many CPU processes (gloo)")
+    a.add_argument("--aligned", default="auto", choices=["auto", "png", "npy", "none"],
+                   help="aligned images: one PNG each, uint8 .npy shards, or none (auto: png up to 10,000 "
+                        "images, none above; transforms.npy always has every image's matrix)")
     a.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -75,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="auto")
+    p.add_argument("--aligned", default="auto", choices=["auto", "png", "npy", "none"])
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
@@ -118,14 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "align":
             opts = AlignOptions(method=args.method, warp=args.warp, reference=args.reference,
                                 budget=args.epochs, seed=args.seed, device=args.device,
-                                max_side=args.max_side, method_options=_method_options(args.option))
+                                max_side=args.max_side, method_options=_method_options(args.option),
+                                aligned=args.aligned, gpus=args.gpus)
             rep = align_collection(args.input, args.out, opts,
                                    progress=None if args.quiet else _bar("align"),
                                    overwrite=args.overwrite)
         else:
             rep = apply_model(args.model_dir, args.input, args.out, device=args.device,
                               progress=None if args.quiet else _bar("apply"),
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, aligned=args.aligned)
     except (InputError, FileNotFoundError, ValueError) as e:
         print(f"congeal {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -68,14 +68,18 @@ from safetensors.torch import load_file, save_file
 
 from . import geometry as G
 from . import metrics as M
-from .methods import FitContext, FitResult, Progress, register_aligner, register_method
+from .methods import FitContext, FitResult, Progress, register_aligner, register_method, shard_bounds
+from . import schedule as P_
+from .distributed import all_gather_rows
+from .dprc_train import (MAX_BAD_STEPS, Objective, StepRunner, TrainData, _IndexStream, as_float, curriculum_rank,
+                         elapsed_eta, make_optimizer, make_tables, noise_width)
 from .imageops import background, blur
-from .nets import PRESETS, AutoEncoderConfig, DeSTNet, DeSTNetConfig, PenalisedAutoEncoder
+from .nets import PRESETS, AutoEncoderConfig, DeSTNet, DeSTNetConfig, PenalisedAutoEncoder, set_compute_dtype
 
 DEFAULT_WIDTH = {"mnist": 4.0, "small": 4.0, "lfw": 1.0}
 
 __all__ = ["DEFAULT_WIDTH", "DPRCConfig", "DPRC", "DPRCAligner", "choose_reference", "moment_init", "blur",
-           "curriculum_family", "guarded_step", "MAX_BAD_STEPS"]
+           "background", "curriculum_family", "MAX_BAD_STEPS"]
 
 
 @dataclass(frozen=True)
@@ -87,9 +91,15 @@ class DPRCConfig:
     code: int = 64  # |z|
     lr: float = 1e-3
     lr_final: float = 0.02  # cosine decay to lr * lr_final
-    batch_size: int = 256  # Table 1 does not say; 256 measured better than 64 (round 7 in the benchmarks)
-    epochs: int | None = None  # None: enough epochs for ~steps_target steps (10..300)
-    steps_target: int = 1500
+    # Schedule (models/schedule.py): None = chosen from the device and the collection.
+    batch_size: int | None = None  # GPU: 256 up to 8k images, growing to 1,024; CPU: 64
+    epochs: int | None = None  # an explicit budget in epochs (overrides steps)
+    steps: int | None = None  # an explicit number of steps
+    steps_target: int | None = None  # steps of a collection large enough to fill them; None: GPU 1500, CPU 600
+    max_epochs: int = 300  # a small collection trains at most this many epochs
+    warmup: float = 0.05  # linear learning-rate warm-up (fraction of training), batches above 256 only
+    precision: str = "auto"  # network arithmetic: "auto" (bfloat16 on CUDA, float32 elsewhere) | "float32" | "bfloat16"
+    graphs: bool = True  # capture the training step as one CUDA graph (single GPU)
     init: str = "moments"  # "moments" (centroid + scale) | "centroid" | "identity"
     blur_start: float = 0.06  # Gaussian sigma as a fraction of the shorter side
     blur_until: float = 0.7  # fraction of training at which blur reaches 0
@@ -125,45 +135,11 @@ class DPRCConfig:
     reframe: float = 1.0
     checkpoint_every_s: float = 20.0
 
-    def resolve_epochs(self, n: int) -> int:
-        if self.epochs is not None:
-            return max(1, int(self.epochs))
-        steps_per_epoch = max(1, math.ceil(n / self.batch_size))
-        return int(min(300, max(10, math.ceil(self.steps_target / steps_per_epoch))))
-
 
 # --------------------------------------------------------------------------- helpers
 
-# A step whose loss or gradient is not finite is skipped (a homography composed over two passes
-# and the equivariance view can send an image's frame through the line at infinity); this many in
-# a row means the parameters themselves are broken, and the fit stops.
-MAX_BAD_STEPS = 20
-
-
-def _finite(v: float, digits: int = 6) -> float | None:
-    return round(v, digits) if math.isfinite(v) else None
-
-
-def guarded_step(loss: torch.Tensor, params: list[torch.Tensor], opt: torch.optim.Optimizer) -> tuple[bool, float]:
-    """Back-propagate ``loss`` and step ``opt`` only if the loss and the gradient are finite.
-
-    Returns ``(taken, loss value)``; a skipped step leaves the parameters and the optimiser's
-    moments untouched. One device sync, which also reads the loss for progress reports.
-    """
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    value, norm = torch.stack([loss.detach().float(), norm.float()]).tolist()
-    if math.isfinite(value) and math.isfinite(norm):
-        opt.step()
-        return True, value
-    opt.zero_grad(set_to_none=True)
-    return False, value
-
-
-def _warp_bg(x: torch.Tensor, M_: torch.Tensor, bg: torch.Tensor | None) -> torch.Tensor:
-    """Same-size warp; outside the input: ``bg`` ``(B, C, 1, 1)``, or 0 when None."""
-    return G.warp(x, M_, tuple(x.shape[-2:]), fill=bg)
+def _finite(v: float | None, digits: int = 6) -> float | None:
+    return round(v, digits) if v is not None and math.isfinite(v) else None
 
 
 def _moments(x: torch.Tensor, bg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -219,22 +195,31 @@ def moment_penalty(aligned: torch.Tensor, bg: torch.Tensor, ref_c: torch.Tensor,
     return ((c - ref_c).abs().sum(1) + (r / ref_r).log().abs()).mean()
 
 
-def _median_radius(x: torch.Tensor, bg: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Median foreground RMS radius of a collection ``(N, C, H, W)``, normalised units, 0-d."""
-    r = torch.cat([_moments(x[k:k + chunk], bg[k:k + chunk])[1] for k in range(0, x.shape[0], chunk)])
-    return r.median()
+def choose_reference(x: torch.Tensor, chunk: int = 4096, world: int = 1, start: int = 0) -> int:
+    """Index of the image whose blurred version is L1-closest to the blurred mean.
 
-
-def choose_reference(x: torch.Tensor, chunk: int = 1024) -> int:
-    """Index of the image whose blurred version is L1-closest to the blurred mean."""
+    ``x`` ``(N, C, H, W)`` uint8 or float. With ``world > 1`` it is this process's shard of the
+    collection, whose first image has the global index ``start``, and the index is global.
+    """
     sigma = 0.06 * min(x.shape[-2:])
-    mean = torch.zeros_like(x[:1])
+    mean = torch.zeros((1, *x.shape[1:]), dtype=torch.float32, device=x.device)
     for k in range(0, x.shape[0], chunk):
-        mean += blur(x[k:k + chunk], sigma).sum(0, keepdim=True)
-    mean /= x.shape[0]
-    d = torch.cat([(blur(x[k:k + chunk], sigma) - mean).abs().mean(dim=(1, 2, 3))
+        mean += blur(as_float(x[k:k + chunk]), sigma).sum(0, keepdim=True)
+    n = torch.tensor(float(x.shape[0]), device=x.device)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(mean)
+        dist.all_reduce(n)
+    mean /= n
+    d = torch.cat([(blur(as_float(x[k:k + chunk]), sigma) - mean).abs().mean(dim=(1, 2, 3))
                    for k in range(0, x.shape[0], chunk)])
-    return int(d.argmin())
+    best = int(d.argmin())
+    if world <= 1:
+        return best
+    # The global minimum, ties to the lowest index: (distance, index) compared across processes.
+    pairs = all_gather_rows(torch.tensor([[float(d[best]), float(start + best)]], dtype=torch.float64), x.device)
+    return int(min((float(p[0]), float(p[1])) for p in pairs)[1])
 
 
 def curriculum_family(family: str, frac: float, schedule) -> str | None:
@@ -243,10 +228,8 @@ def curriculum_family(family: str, frac: float, schedule) -> str | None:
     ``schedule[r]`` is the fraction of training at which the family of rank
     ``r`` (translation, similarity, affine, homography) unlocks.
     """
-    names = ["translation", "similarity", "affine", "homography"]
-    unlocked = max(i for i, t in enumerate(schedule) if frac >= t)
-    target = G.get_family(family)
-    return None if unlocked >= target.rank else names[unlocked]
+    r = curriculum_rank(family, frac, schedule)
+    return None if r >= G.get_family(family).rank else ["translation", "similarity", "affine", "homography"][r]
 
 
 # --------------------------------------------------------------------------- aligner
@@ -289,7 +272,8 @@ class DPRCAligner:
 
     @torch.no_grad()
     def align(self, images: torch.Tensor) -> torch.Tensor:
-        return self.warps(images.float())
+        """``(B, C, H, W)`` uint8 or float images -> ``(B, 3, 3)`` ``in_from_out_norm``."""
+        return self.warps(as_float(images))
 
     def save(self, model_dir: Path) -> None:
         model_dir = Path(model_dir)
@@ -347,30 +331,48 @@ class DPRC:
             if getattr(self.cfg, name) not in allowed:
                 raise ValueError(f"dprc option {name}={getattr(self.cfg, name)!r}; choose one of {', '.join(allowed)}")
 
-    def _nets(self, C: int, size: tuple[int, int], warp: str) -> tuple[DeSTNet, PenalisedAutoEncoder]:
-        preset = self.cfg.preset
+    def resolved(self, device_type: str, size: tuple[int, int]) -> DPRCConfig:
+        """The configuration with every device- and size-dependent default made concrete.
+
+        On a GPU: Table 1's auto-encoder (``mnist`` up to 48 px a side, ``lfw`` above), the MNIST
+        DeSTNet at 4x its width, 1,500 steps. On a CPU: the narrow ``small`` auto-encoder up to 48 px,
+        Table 1's DeSTNet width, 600 steps of 64 (docs/benchmarks.md, "On a CPU": the GPU defaults
+        take ~40 min for 1,000 images on 2 cores). An option the job sets is kept as set.
+        """
+        cfg = self.cfg
+        cpu = device_type != "cuda"
+        preset = cfg.preset
         if preset == "auto":
-            preset = "mnist" if max(size) <= 48 else "lfw"
+            preset = ("small" if cpu else "mnist") if max(size) <= 48 else "lfw"
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)} or auto")
-        p = PRESETS[preset]
+        width = cfg.width if cfg.width is not None else (1.0 if cpu else DEFAULT_WIDTH[preset])
+        steps_target = cfg.steps_target if cfg.steps_target is not None else (600 if cpu else 1500)
+        precision = cfg.precision if cfg.precision != "auto" else ("float32" if cpu else "bfloat16")
+        return replace(cfg, preset=preset, width=width, steps_target=steps_target, precision=precision)
+
+    def _nets(self, C: int, size: tuple[int, int], warp: str, cfg: DPRCConfig) -> tuple[DeSTNet, PenalisedAutoEncoder]:
+        """The two networks of a resolved configuration (:meth:`resolved`)."""
+        p = PRESETS[cfg.preset]
         d = dict(p["destnet"])
-        if self.cfg.stages:
-            d["stages"] = int(self.cfg.stages)
-        width = self.cfg.width if self.cfg.width is not None else DEFAULT_WIDTH[preset]
-        if width != 1:
-            d["convs"] = tuple((k, max(1, round(ch * width)), s) for k, ch, s in d["convs"])
-            d["hidden"] = round(d["hidden"] * width)
-        dcfg = DeSTNetConfig(in_channels=C, image_size=size, warp=warp, bound=self.cfg.bound, **d)
-        acfg = AutoEncoderConfig(in_channels=C, image_size=size, code=self.cfg.code, k=self.cfg.k, **p["ae"])
+        if cfg.stages:
+            d["stages"] = int(cfg.stages)
+        if cfg.width != 1:
+            d["convs"] = tuple((k, max(1, round(ch * cfg.width)), s) for k, ch, s in d["convs"])
+            d["hidden"] = round(d["hidden"] * cfg.width)
+        dcfg = DeSTNetConfig(in_channels=C, image_size=size, warp=warp, bound=cfg.bound, **d)
+        acfg = AutoEncoderConfig(in_channels=C, image_size=size, code=cfg.code, k=cfg.k, **p["ae"])
         return DeSTNet(dcfg), PenalisedAutoEncoder(acfg)
 
-    def fit(self, images: torch.Tensor, ctx: FitContext) -> FitResult:
-        x = images.float()
-        res = self._fit(x, ctx, self.cfg, ctx.checkpoint_dir)
-        if self.cfg.reframe <= 0 or self.cfg.moment_weight > 0:
+    def fit(self, images: torch.Tensor, ctx: FitContext, bg: torch.Tensor | None = None) -> FitResult:
+        """``images``: ``(N, C, H, W)`` uint8 (0-255) or float (0-1) on the training device, this
+        process's shard in a distributed job; ``bg``: their backgrounds ``(N, C, 1, 1)`` if known."""
+        data = TrainData(images, _backgrounds(images) if bg is None else bg.to(images.device))
+        cfg = self.resolved(images.device.type, tuple(images.shape[-2:]))
+        res = self._fit(data, ctx, cfg, ctx.checkpoint_dir)
+        if cfg.reframe <= 0 or cfg.moment_weight > 0:
             return res
-        kept = self._median_kept(x, res.in_from_out_norm)
+        kept = self._median_kept(data, res.in_from_out_norm, ctx)
         if kept >= M.CONTENT_KEPT_MIN:
             return res
         # The output-frame distance lets the aligner zoom into part of the object
@@ -378,46 +380,58 @@ class DPRC:
         # the whole object but costs consistency where nothing was cropped, so it is
         # only paid for where the first fit cropped.
         ctx.report(Progress("training", message=f"the alignment keeps a median {kept:.2f} of each image's "
-                            f"content; fitting again with moment_weight={self.cfg.reframe}"))
+                            f"content; fitting again with moment_weight={cfg.reframe}"))
         ck = None if ctx.checkpoint_dir is None else Path(ctx.checkpoint_dir) / "reframe"
         try:
-            res2 = self._fit(x, ctx, replace(self.cfg, moment_weight=self.cfg.reframe), ck)
+            res2 = self._fit(data, ctx, replace(cfg, moment_weight=cfg.reframe), ck)
         except FloatingPointError as e:
             # The re-fit is a second opinion; its failure must not lose the first fit.
             res.notes.append(f"the first fit kept a median {kept:.2f} of each image's content; a re-fit with "
-                             f"moment_weight={self.cfg.reframe} failed ({e}); using the first fit")
+                             f"moment_weight={cfg.reframe} failed ({e}); using the first fit")
             return res
-        kept2 = self._median_kept(x, res2.in_from_out_norm)
+        kept2 = self._median_kept(data, res2.in_from_out_norm, ctx)
         note = (f"the first fit kept a median {kept:.2f} of each image's content; a re-fit with "
-                f"moment_weight={self.cfg.reframe} kept {kept2:.2f}")
+                f"moment_weight={cfg.reframe} kept {kept2:.2f}")
         best = res2 if kept2 > kept else res
         best.notes.append(note + ("; using the re-fit" if best is res2 else "; using the first fit"))
         return best
 
     @staticmethod
-    def _median_kept(x: torch.Tensor, in_from_out_norm: torch.Tensor) -> float:
-        size = tuple(x.shape[-2:])
-        pix = G.pixel_from_normalised(in_from_out_norm.double().to(x.device), size, size)
-        kept, _ = M.framing(x.double(), pix, size, background(x).double())
+    def _median_kept(data: TrainData, in_from_out_norm: torch.Tensor, ctx: FitContext | None = None,
+                     chunk: int = 8192) -> float:
+        """Median content kept over the collection (every process's shard in a distributed job)."""
+        size = tuple(data.x.shape[-2:])
+        kept = []
+        for k in range(0, len(data), chunk):
+            x = as_float(data.x[k:k + chunk]).double()
+            pix = G.pixel_from_normalised(in_from_out_norm[k:k + chunk].double().to(x.device), size, size)
+            kept.append(M.framing(x, pix, size, data.bg[k:k + chunk].double())[0].cpu())
+        kept = torch.cat(kept).float()
+        if ctx is not None and ctx.world > 1:
+            kept = all_gather_rows(kept, data.x.device)
         return float(kept.median())
 
-    def _fit(self, x: torch.Tensor, ctx: FitContext, cfg: DPRCConfig, checkpoint_dir: Path | None) -> FitResult:
+    def _fit(self, data: TrainData, ctx: FitContext, cfg: DPRCConfig, checkpoint_dir: Path | None) -> FitResult:
+        x, bg_all = data.x, data.bg
         dev = x.device
         N, C, H, W = x.shape
         G.get_family(ctx.warp)
         torch.manual_seed(ctx.seed)
-        net, ae = self._nets(C, (H, W), ctx.warp)
-        net, ae = net.to(dev), ae.to(dev)
+        net, ae = self._nets(C, (H, W), ctx.warp, cfg)
+        amp = torch.bfloat16 if cfg.precision == "bfloat16" else None
+        net, ae = set_compute_dtype(net, amp), set_compute_dtype(ae, amp)
+        net = net.to(dev, memory_format=torch.channels_last)
+        ae = ae.to(dev, memory_format=torch.channels_last)
         params = list(net.parameters()) + list(ae.parameters())
-        opt = torch.optim.Adam(params, lr=cfg.lr)
-        epochs = cfg.resolve_epochs(N) if ctx.budget is None else max(1, int(ctx.budget))
-        steps_per_epoch = max(1, math.ceil(N / cfg.batch_size))
-        total = epochs * steps_per_epoch
+        n_all = ctx.n_total if ctx.world > 1 else N
+        plan = P_.plan(n_all, dev.type, batch_size=cfg.batch_size, steps=cfg.steps,
+                       epochs=cfg.epochs if ctx.budget is None else ctx.budget, steps_target=cfg.steps_target,
+                       max_epochs=cfg.max_epochs, lr=cfg.lr, lr_final=cfg.lr_final, warmup=cfg.warmup,
+                       world=ctx.world)
+        opt = make_optimizer(params, plan.lr, dev)
 
-        ref = choose_reference(x) if ctx.reference_index is None else int(ctx.reference_index)
-        bg_all = background(x)  # (N, C, 1, 1)
-        ref_img = x[ref:ref + 1]
-        ref_c, ref_r, _ = _moments(ref_img, bg_all[ref:ref + 1])
+        ref_img, ref, ref_bg = _reference(data, ctx)
+        ref_c, ref_r, _ = _moments(ref_img, ref_bg)
         ref_c, ref_r = ref_c[0], ref_r[0]
         if cfg.reference_frame in ("centred", "normalised"):
             # A strongly perturbed reference can sit half out of the frame, or be far larger
@@ -425,180 +439,99 @@ class DPRC:
             # (and scaling to the median size) costs nothing when the reference is typical.
             scale = 1.0
             if cfg.reference_frame == "normalised":
-                scale = min(max(float(ref_r / _median_radius(x, bg_all)), 1 / cfg.max_scale), cfg.max_scale)
-            T = torch.eye(3, dtype=x.dtype, device=dev)[None].clone()
+                scale = min(max(float(ref_r / _median_radius(data, ctx)), 1 / cfg.max_scale), cfg.max_scale)
+            T = torch.eye(3, dtype=ref_img.dtype, device=dev)[None].clone()
             T[0, 0, 0] = T[0, 1, 1] = scale
             T[0, :2, 2] = ref_c
-            ref_img = _warp_bg(ref_img, T, bg_all[ref:ref + 1])
+            ref_img = G.warp(ref_img, T, (H, W), fill=ref_bg)
             ref_c, ref_r = torch.zeros_like(ref_c), ref_r / scale
         aligner = DPRCAligner(net, cfg.init, ref_c, ref_r, cfg.padding, cfg.max_scale, cfg.passes)
+        objective = Objective(aligner, ae, cfg, ref_img, ref_bg, ref_c, ref_r, cfg.blur_start * min(H, W))
+        model = objective
+        if ctx.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            model = DDP(objective, device_ids=[dev.index] if dev.type == "cuda" else None,
+                        find_unused_parameters=cfg.lam <= 0, broadcast_buffers=False)
 
         notes: list[str] = []
         history: list[dict] = []
-        start_epoch = 0
-        fingerprint = {"n": N, "shape": [C, H, W], "warp": ctx.warp, "seed": ctx.seed,
-                       "reference": ref, "config": json.loads(json.dumps(asdict(cfg))), "epochs": epochs}
+        fingerprint = {"n": n_all, "shape": [C, H, W], "warp": ctx.warp, "seed": ctx.seed, "world": ctx.world,
+                       "reference": ref, "config": json.loads(json.dumps(asdict(cfg))), "plan": plan.to_dict()}
+        start = 0
         if checkpoint_dir is not None:
-            start_epoch, history = self._resume(checkpoint_dir, fingerprint, net, ae, opt, params, notes)
-            if start_epoch:
-                ctx.report(Progress("training", step=start_epoch * steps_per_epoch, total=total,
-                                    epoch=start_epoch, message=f"resumed from checkpoint at epoch {start_epoch}"))
+            start, history = self._resume(checkpoint_dir, fingerprint, net, ae, opt, params, notes)
+            if start:
+                ctx.report(Progress("training", step=start, total=plan.steps, epoch=int(start * plan.batch_size / n_all),
+                                    message=f"resumed from checkpoint at step {start} "
+                                            f"(epoch {int(start * plan.batch_size / n_all)})"))
 
+        # Steps per block: on a GPU enough that the host's once-a-block sync costs nothing; on a
+        # CPU, where reading a value costs nothing, one (progress, checkpoints and cancellation at
+        # every step, as before).
+        block = 64 if dev.type == "cuda" else 1
+        every = max(1, plan.steps // 200)  # history: about 200 points
+        runner = StepRunner(model, objective, opt, params, data, ctx.warp, block, plan.batch_size // ctx.world,
+                            noise_width(cfg), use_graph=cfg.graphs, world=ctx.world, notes=notes)
+        stream = _IndexStream(N, ctx.seed * ctx.world + ctx.rank if ctx.world > 1 else ctx.seed)
+        net.train()
+        ae.train()
         skipped = bad_run = 0
-        sched_lr = lambda s: cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * s / max(1, total))))  # noqa: E731
         t0, last_ckpt = time.time(), time.time()
-        step = start_epoch * steps_per_epoch
-        for epoch in range(start_epoch, epochs):
-            net.train()
-            ae.train()
-            g = torch.Generator().manual_seed(ctx.seed * 100_003 + epoch)
-            perm = torch.randperm(N, generator=g).to(dev)
-            for b in range(steps_per_epoch):
-                ctx.check_stop()
-                idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                frac = step / max(1, total)
-                for grp in opt.param_groups:
-                    grp["lr"] = sched_lr(step)
-                xb, bgb = x[idx], bg_all[idx]
-                limit = curriculum_family(ctx.warp, frac, cfg.curriculum)
-                Mb = aligner.warps(xb, limit)
-                aligned = _warp_bg(xb, Mb, bgb if cfg.padding == "border" else None)
-                E = torch.zeros((), device=dev)
-                if cfg.equivariance > 0:
-                    E = self._equivariance(cfg, aligner, xb, bgb, Mb, limit, ctx.seed * 7919 + step)
-                sigma = cfg.blur_start * min(H, W) * max(0.0, 1 - frac / max(cfg.blur_until, 1e-6))
-                D = self._distance(cfg, xb, bgb, aligned, Mb, ref_img, bg_all[ref:ref + 1], sigma)
-                if cfg.moment_weight > 0:
-                    D = D + cfg.moment_weight * moment_penalty(aligned, bgb, ref_c, ref_r)
-                if cfg.lam > 0:
-                    # Early on the auto-encoder reconstructs nothing well, and an empty
-                    # image is the cheapest to reconstruct: C alone would shrink the
-                    # images. So C trains the AE from the start but reaches the aligner
-                    # only once the alignment has taken shape.
-                    recon, z = ae(aligned if frac >= cfg.c_grad_from else aligned.detach())
-                    target = aligned if frac >= cfg.c_grad_from else aligned.detach()
-                    Cterm = (recon - target).abs().mean() + cfg.gamma * ae.penalty(z).mean()
-                else:  # D only (the paper's ablation): skip the auto-encoder's cost
-                    Cterm = torch.zeros((), device=dev)
-                loss = D + cfg.lam * Cterm + cfg.equivariance * E
-                step += 1
-                taken, value = guarded_step(loss, params, opt)
-                if taken:
-                    bad_run = 0
-                else:
-                    skipped, bad_run = skipped + 1, bad_run + 1
-                    if bad_run >= MAX_BAD_STEPS:
-                        raise FloatingPointError(f"training diverged: {bad_run} steps in a row up to step {step} "
-                                                 f"had a non-finite loss or gradient (loss {value})")
-                elapsed = time.time() - t0
-                done = step - start_epoch * steps_per_epoch
-                ctx.report(Progress("training", step=step, total=total, epoch=epoch + 1, loss=value if taken else None,
-                                    apsnr=M.apsnr(aligned.detach()) if taken and len(idx) > 1 else None,
-                                    eta_s=elapsed / done * (total - step) if done else None))
-            # The epoch's last batch; a skipped one's non-finite values are recorded as null (JSON has no inf).
-            history.append({"epoch": epoch + 1, "loss": _finite(value), "D": _finite(D.item()),
-                            "C": _finite(Cterm.item()), "lr": sched_lr(step)})
-            if checkpoint_dir is not None and (time.time() - last_ckpt >= cfg.checkpoint_every_s
-                                                   or epoch + 1 == epochs):
-                self._save_ckpt(checkpoint_dir, fingerprint, epoch + 1, history, net, ae, opt, params)
+        last_loss = None
+        step = start
+        while step < plan.steps:
+            k = min(block, plan.steps - step)
+            tables = make_tables(step, k, plan, cfg, ctx.warp, (H, W), stream, ctx.seed, ctx.rank, ctx.world)
+            res = runner.run(tables, ctx.check_stop)
+            for j, sk in enumerate(res.skipped):
+                skipped += sk
+                bad_run = bad_run + 1 if sk else 0
+                if bad_run >= MAX_BAD_STEPS:
+                    raise FloatingPointError(f"training diverged: {bad_run} steps in a row up to step {step + j + 1} "
+                                             f"had a non-finite loss or gradient")
+                if not sk:
+                    last_loss = res.loss[j]
+            step += k
+            if step % every < k or step == plan.steps:
+                history.append({"step": step, "epoch": round(step * plan.batch_size / n_all, 3),
+                                "loss": _finite(res.loss[-1]), "D": _finite(res.D[-1]),
+                                "C": _finite(res.C[-1]), "lr": plan.lr_at(step - 1)})
+            ctx.report(Progress("training", step=step, total=plan.steps, epoch=int(step * plan.batch_size / n_all),
+                                loss=last_loss,
+                                apsnr=M.apsnr(res.last_aligned) if res.last_aligned is not None and
+                                res.last_aligned.shape[0] > 1 else None,
+                                eta_s=elapsed_eta(t0, step - start, plan.steps - step)))
+            if checkpoint_dir is not None and ctx.rank == 0 and (
+                    time.time() - last_ckpt >= cfg.checkpoint_every_s or step == plan.steps):
+                self._save_ckpt(checkpoint_dir, fingerprint, step, int(step * plan.batch_size / n_all), history,
+                                net, ae, opt, params)
                 last_ckpt = time.time()
 
         if skipped:
-            notes.append(f"{skipped} of {total} training steps were skipped: their loss or gradient was not finite "
-                         "(for instance a warp of some image in the batch reaching the line at infinity)")
+            notes.append(f"{skipped} of {plan.steps} training steps were skipped: their loss or gradient was not "
+                         "finite (for instance a warp of some image in the batch reaching the line at infinity)")
+        notes.append(f"schedule: {plan.batch_size} images a step, {plan.steps} steps ({plan.epochs:.1f} epochs), "
+                     f"peak learning rate {plan.lr:.3g}; aligner {cfg.preset} preset at width {cfg.width:g}, "
+                     f"{cfg.precision} arithmetic on {dev.type}"
+                     + (f", {ctx.world} processes" if ctx.world > 1 else "")
+                     + (" with a captured CUDA graph" if runner.graph is not None else ""))
+        # The job's warps come from the same float32 forward pass as `congeal apply` on a saved model.
+        set_compute_dtype(net, None)
         warps = self._align_all(aligner, x)
         return FitResult(in_from_out_norm=warps.float().cpu(), reference_index=ref, aligner=aligner,
-                         history=history, notes=notes)
-
-    @staticmethod
-    def _distance(cfg, xb, bgb, aligned, Mb, ref_img, ref_bg, sigma) -> torch.Tensor:
-        """``D``: L1 between the aligned images and the reference, in the chosen frame(s).
-
-        In the output frame (Eq. 5) input content that the aligned frame leaves
-        out costs nothing, so zooming in on a part of the object is cheap. In
-        the input frame the reference is warped onto each image instead
-        (``warp(ref, M^-1)``), and every pixel of the input must be explained.
-        """
-        rb = blur(ref_img, sigma)
-        terms = []
-        if cfg.distance in ("output", "symmetric"):
-            terms.append((blur(aligned, sigma) - rb).abs().mean())
-        if cfg.distance in ("input", "symmetric"):
-            pad = ref_bg if cfg.padding == "border" else None
-            ref_in = _warp_bg(ref_img.expand(xb.shape[0], -1, -1, -1), G.invert(Mb), pad)
-            terms.append((blur(xb, sigma) - blur(ref_in, sigma)).abs().mean())
-        return sum(terms) / len(terms)
-
-    @staticmethod
-    def _equivariance(cfg, aligner, xb, bgb, Mb, limit, seed) -> torch.Tensor:
-        """Self-supervised consistency: re-warp the batch by random known homographies.
-
-        For ``x'(q) = x(A q)`` a consistent aligner satisfies ``A M(x') = M(x)``
-        (both map the aligned frame onto ``x``). We penalise the mean distance
-        between the two maps at the output frame's corners, in normalised input
-        units, or with ``cfg.equivariance_units == "frame"`` divided by each
-        aligned frame's size in the input (then a common zoom does not lower it).
-        This pins down the directions the image distance leaves nearly flat,
-        which are exactly the ones that make two copies of an image disagree.
-
-        Two kinds of view ``A`` (``cfg.equivariance_frame``):
-
-        * ``"input"``: ``A = P``, the image re-warped where it is. Its
-          perturbations add to the collection's own, so large ``P`` push
-          already-displaced objects out of the frame.
-        * ``"aligned"``: ``A = M(x) P`` with ``M(x)`` held fixed: the image as
-          its current alignment sees it, then perturbed. The condition becomes
-          ``P M(x') = I``: an aligned image maps to the identity (``P = I``),
-          and a perturbation of the aligned frame is undone. These views look
-          like the collection itself (aligned content under protocol-like
-          warps), whatever the collection's own misalignment, so they can be
-          as large as the collection's spread; each image draws its size from
-          ``[0, cfg.aligned_sigma]`` so small ones still teach precision.
-          Measured worse than ``"input"`` (round 7 in the benchmarks).
-        """
-        from .perturb import random_perturbations
-
-        H, W = xb.shape[-2:]
-        B = xb.shape[0]
-        pad = bgb if cfg.padding == "border" else None
-        c = G.unit_corners(like=xb)
-        target = G.transform_points(Mb, c)  # (B, 4, 2)
-        if cfg.equivariance_units == "frame":
-            # Linear size of each aligned frame in the input, 1 for the identity: the square root of
-            # the quadrilateral's area over the unit frame's 4. It carries gradient, so a common zoom
-            # leaves the loss unchanged instead of lowering it. (Holding the image's own warp fixed
-            # instead, as the views' target, removes the zoom-in pull too but lets D's zoom-out win:
-            # round 9 in the benchmarks.)
-            size = (G.polygon_area(target) / 4).clamp_min(1e-4).sqrt()
-        else:
-            size = torch.ones(B, dtype=xb.dtype, device=xb.device)
-
-        def dist(A_, Mp_):
-            return ((G.transform_points(A_ @ Mp_, c) - target).norm(dim=-1).mean(1) / size).mean()
-
-        terms = []
-        if cfg.equivariance_frame in ("input", "both"):
-            g = torch.Generator().manual_seed(int(seed))
-            P_pix = random_perturbations(B, (H, W), cfg.equivariance_sigma, g)
-            P = G.normalised_from_pixel(P_pix, (H, W), (H, W)).to(xb)
-            terms.append(dist(P, aligner.warps(_warp_bg(xb, P, pad), limit)))
-        if cfg.equivariance_frame in ("aligned", "both"):
-            g = torch.Generator().manual_seed(int(seed) + 1_000_003)  # its own draws: "both" = input + aligned
-            sig = torch.rand(B, generator=g, dtype=torch.float64) * cfg.aligned_sigma
-            P_pix = random_perturbations(B, (H, W), sig, g)
-            A = Mb.detach() @ G.normalised_from_pixel(P_pix, (H, W), (H, W)).to(xb)
-            terms.append(dist(A, aligner.warps(_warp_bg(xb, A, pad), limit)))
-        return sum(terms)
+                         history=history, notes=notes, plan=plan.to_dict())
 
     @torch.no_grad()
-    def _align_all(self, aligner: DPRCAligner, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        return torch.cat([aligner.align(x[k:k + chunk]) for k in range(0, x.shape[0], chunk)])
+    def _align_all(self, aligner: DPRCAligner, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        chunk = chunk or (16384 if x.device.type == "cuda" else 1024)
+        aligner.net.eval()
+        return torch.cat([aligner.align(x[k:k + chunk]).cpu() for k in range(0, x.shape[0], chunk)])
 
     # ------------------------------------------------------------------ checkpoints
     # Safetensors + JSON only: a checkpoint is never unpickled.
 
     @staticmethod
-    def _save_ckpt(d: Path, fp: dict, epoch: int, history: list, net, ae, opt, params) -> None:
+    def _save_ckpt(d: Path, fp: dict, step: int, epoch: int, history: list, net, ae, opt, params) -> None:
         d = Path(d)
         d.mkdir(parents=True, exist_ok=True)
         t = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
@@ -611,9 +544,9 @@ class DPRC:
                 t[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
         tmp_t, tmp_j = d / "state.safetensors.tmp", d / "state.json.tmp"
         save_file(t, str(tmp_t))
-        tmp_j.write_text(json.dumps({"epoch": epoch, "fingerprint": fp, "history": history}))
+        tmp_j.write_text(json.dumps({"step": step, "epoch": epoch, "fingerprint": fp, "history": history}))
         # Tensors first, then the JSON that points at them: a crash between the two
-        # renames leaves the previous epoch's JSON, which the fingerprint check still accepts.
+        # renames leaves the previous checkpoint's JSON, which the fingerprint check still accepts.
         os.replace(tmp_t, d / "state.safetensors")
         os.replace(tmp_j, d / "state.json")
 
@@ -641,14 +574,56 @@ class DPRC:
             dev = next(net.parameters()).device
             for i, p in enumerate(params):
                 if f"opt.{i}.exp_avg" in t:
+                    # The moments take the parameter's memory layout (channels-last convolutions):
+                    # fused Adam walks parameter, gradient and moments as one flat range.
                     opt.state[p] = {
-                        "step": t[f"opt.{i}.step"][0].clone(),
-                        "exp_avg": t[f"opt.{i}.exp_avg"].to(dev),
-                        "exp_avg_sq": t[f"opt.{i}.exp_avg_sq"].to(dev),
+                        "step": t[f"opt.{i}.step"][0].clone().to(dev),
+                        "exp_avg": torch.empty_like(p).copy_(t[f"opt.{i}.exp_avg"]),
+                        "exp_avg_sq": torch.empty_like(p).copy_(t[f"opt.{i}.exp_avg_sq"]),
                     }
-            epoch = int(meta["epoch"])
-            notes.append(f"resumed from checkpoint at epoch {epoch}")
-            return epoch, list(meta.get("history", []))
+            step = int(meta["step"])
+            notes.append(f"resumed from checkpoint at step {step} (epoch {meta.get('epoch', 0)})")
+            return step, list(meta.get("history", []))
         except Exception as e:  # corrupt or truncated: never fatal, never silent
             notes.append(f"checkpoint unreadable ({type(e).__name__}); started from scratch")
             return 0, []
+
+
+# --------------------------------------------------------------------------- collection-wide statistics
+# Over every process's shard in a distributed job (all-reduces), over the data otherwise.
+
+
+def _backgrounds(x: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    return torch.cat([background(as_float(x[k:k + chunk])) for k in range(0, x.shape[0], chunk)])
+
+
+def _reference(data: TrainData, ctx: FitContext) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The reference image ``(1, C, H, W)`` float, its global index, and its background ``(1, C, 1, 1)``."""
+    x = data.x
+    if ctx.reference_index is not None:
+        ref = int(ctx.reference_index)
+    else:
+        ref = choose_reference(x, world=ctx.world, start=ctx.shard_start)
+    if ctx.world <= 1:
+        return as_float(x[ref:ref + 1]), ref, data.bg[ref:ref + 1]
+    import bisect
+
+    import torch.distributed as dist
+
+    bounds = shard_bounds(ctx.n_total, ctx.world)
+    owner = bisect.bisect_right(bounds, ref) - 1
+    local = ref - bounds[owner]
+    img = as_float(x[local:local + 1]).clone() if ctx.rank == owner else torch.zeros_like(as_float(x[:1]))
+    bg = data.bg[local:local + 1].clone() if ctx.rank == owner else torch.zeros_like(data.bg[:1])
+    dist.broadcast(img, src=owner)
+    dist.broadcast(bg, src=owner)
+    return img, ref, bg
+
+
+def _median_radius(data: TrainData, ctx: FitContext, chunk: int = 4096) -> torch.Tensor:
+    """Median foreground RMS radius of the collection, normalised units, 0-d."""
+    r = torch.cat([_moments(as_float(data.x[k:k + chunk]), data.bg[k:k + chunk])[1]
+                   for k in range(0, len(data), chunk)])
+    if ctx.world > 1:
+        r = all_gather_rows(r, data.x.device)
+    return r.median()

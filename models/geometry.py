@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "constant",
     "unit_corners",
     "WarpFamily",
     "WARP_FAMILIES",
@@ -45,9 +46,11 @@ __all__ = [
     "polygon_area",
     "homography_from_points",
     "warp",
+    "sample_grid",
     "warp_pixel",
     "jacobian_determinant",
     "jacobian_determinant_at",
+    "square_to_quad",
     "offsets_to_homography",
     "homography_to_offsets",
 ]
@@ -75,6 +78,27 @@ WARP_FAMILIES: dict[str, WarpFamily] = {
         WarpFamily("homography", 8, 3),
     )
 }
+
+
+_CONSTANTS: dict = {}
+
+
+def constant(values, *, like: torch.Tensor | None = None, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    """A small constant tensor (nested tuples of numbers), made once per dtype and device.
+
+    Copying Python numbers to a GPU is a host-to-device transfer, which a CUDA graph cannot
+    capture; after the first call (the warm-up) the cached tensor is reused instead. Never
+    modify the result in place.
+    """
+    if like is not None:
+        dtype, device = like.dtype, like.device
+    dtype = dtype or torch.get_default_dtype()
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    key = (values, dtype, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return t
 
 
 def get_family(name: str) -> WarpFamily:
@@ -161,8 +185,9 @@ def compose(*Ms: torch.Tensor) -> torch.Tensor:
 
 
 def invert(M: torch.Tensor) -> torch.Tensor:
-    """Batched 3x3 inverse, ``(B, 3, 3) -> (B, 3, 3)``."""
-    return torch.linalg.inv(M)
+    """Batched 3x3 inverse, ``(B, 3, 3) -> (B, 3, 3)``. Singular inputs give non-finite
+    entries rather than an error: the error check would make the device wait for the host."""
+    return torch.linalg.inv_ex(M)[0]
 
 
 def normaliser(height: int, width: int, *, like: torch.Tensor | None = None,
@@ -176,8 +201,7 @@ def normaliser(height: int, width: int, *, like: torch.Tensor | None = None,
         dtype, device = like.dtype, like.device
     sx = 2.0 / (width - 1) if width > 1 else 2.0
     sy = 2.0 / (height - 1) if height > 1 else 2.0
-    return torch.tensor([[sx, 0.0, -1.0], [0.0, sy, -1.0], [0.0, 0.0, 1.0]],
-                        dtype=dtype or torch.get_default_dtype(), device=device)
+    return constant(((sx, 0.0, -1.0), (0.0, sy, -1.0), (0.0, 0.0, 1.0)), dtype=dtype, device=device)
 
 
 def pixel_from_normalised(in_from_out_norm: torch.Tensor, in_size: tuple[int, int],
@@ -221,9 +245,7 @@ def transform_points(M: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
 
 def corners(height: int, width: int, *, like: torch.Tensor | None = None) -> torch.Tensor:
     """Pixel coordinates of the four corner-pixel centres, ``(4, 2)``: TL, TR, BR, BL."""
-    kw = {"dtype": like.dtype, "device": like.device} if like is not None else {}
-    return torch.tensor([[0.0, 0.0], [width - 1.0, 0.0], [width - 1.0, height - 1.0],
-                         [0.0, height - 1.0]], **kw)
+    return constant(((0.0, 0.0), (width - 1.0, 0.0), (width - 1.0, height - 1.0), (0.0, height - 1.0)), like=like)
 
 
 def polygon_area(points: torch.Tensor) -> torch.Tensor:
@@ -284,8 +306,21 @@ def warp(image: torch.Tensor, in_from_out_norm: torch.Tensor, out_size: tuple[in
     """
     grid = _grid(in_from_out_norm.to(image.dtype), out_size)
     if fill is None:
-        return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-    return F.grid_sample(image - fill, grid, mode=mode, padding_mode=padding_mode, align_corners=True) + fill
+        return sample_grid(image, grid, mode, padding_mode)
+    return sample_grid(image - fill, grid, mode, padding_mode) + fill
+
+
+_MODES = {"bilinear": 0, "nearest": 1, "bicubic": 2}
+_PADDING = {"zeros": 0, "border": 1, "reflection": 2}
+
+
+def sample_grid(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """``grid_sample`` with ``align_corners=True``, always through PyTorch's own kernel.
+
+    ``F.grid_sample`` hands this exact configuration to cuDNN's sampler on a GPU, which refuses
+    large batches (``CUDNN_STATUS_NOT_SUPPORTED`` from about 16k 28 px images; pytorch#88380).
+    """
+    return torch.grid_sampler_2d(image, grid, _MODES[mode], _PADDING[padding_mode], True)
 
 
 def warp_pixel(image: torch.Tensor, in_from_out_pix: torch.Tensor, out_size: tuple[int, int],
@@ -328,8 +363,37 @@ def jacobian_determinant_at(in_from_out: torch.Tensor, pts: torch.Tensor) -> tor
 
 def unit_corners(*, like: torch.Tensor | None = None) -> torch.Tensor:
     """Corners of the normalised frame, ``(4, 2)``: TL, TR, BR, BL = ``(-1, -1) ... (-1, 1)``."""
-    kw = {"dtype": like.dtype, "device": like.device} if like is not None else {}
-    return torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], **kw)
+    return constant(((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0)), like=like)
+
+
+def square_to_quad(quad: torch.Tensor) -> torch.Tensor:
+    """The homography mapping the normalised frame's corners onto quadrilaterals, in closed form.
+
+    Args:
+        quad: ``(B, 4, 2)`` images of the corners TL, TR, BR, BL of ``[-1, 1]^2``.
+    Returns:
+        ``(B, 3, 3)`` with ``H[2, 2] = 1``; the same matrix as
+        ``homography_from_points(unit_corners(), quad)``.
+
+    Heckbert's unit-square-to-quadrilateral solution, composed with the map from ``[-1, 1]^2``
+    onto the unit square. Elementwise arithmetic only: unlike a linear solve it never waits on
+    the device for an error check, so it can run inside a captured CUDA graph, and it is cheaper
+    for the small batches of 3x3 matrices the aligner makes at every stage.
+    """
+    x0, x1, x2, x3 = quad[..., 0].unbind(-1)  # TL, TR, BR, BL: unit-square corners (0,0) (1,0) (1,1) (0,1)
+    y0, y1, y2, y3 = quad[..., 1].unbind(-1)
+    dx1, dx2, dx3 = x1 - x2, x3 - x2, x0 - x1 + x2 - x3
+    dy1, dy2, dy3 = y1 - y2, y3 - y2, y0 - y1 + y2 - y3
+    det = dx1 * dy2 - dx2 * dy1
+    g = (dx3 * dy2 - dx2 * dy3) / det
+    h = (dx1 * dy3 - dx3 * dy1) / det
+    a, b, c = x1 - x0 + g * x1, x3 - x0 + h * x3, x0
+    d, e, f = y1 - y0 + g * y1, y3 - y0 + h * y3, y0
+    o = torch.ones_like(a)
+    unit_from_square = torch.stack([a, b, c, d, e, f, g, h, o], dim=-1).view(-1, 3, 3)
+    # [-1, 1]^2 -> [0, 1]^2: u = (x + 1) / 2; then rescale so that H[2, 2] = 1.
+    H = unit_from_square @ constant(((0.5, 0.0, 0.5), (0.0, 0.5, 0.5), (0.0, 0.0, 1.0)), like=quad)
+    return H / H[:, 2:3, 2:3]
 
 
 def offsets_to_homography(d: torch.Tensor) -> torch.Tensor:
@@ -342,8 +406,7 @@ def offsets_to_homography(d: torch.Tensor) -> torch.Tensor:
     gradient steps of one size are balanced across parameters. ``d = 0`` is
     the identity.
     """
-    c = unit_corners(like=d).expand(d.shape[0], 4, 2)
-    return homography_from_points(c, c + d.view(-1, 4, 2))
+    return square_to_quad(unit_corners(like=d) + d.view(-1, 4, 2))
 
 
 def homography_to_offsets(M: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,7 @@ class LimitExceeded(InputError):
 class LoadLimits:
     """Bounds on what a collection may cost to read. All are configurable."""
 
-    max_images: int = 200_000
+    max_images: int = 100_000_000  # a job's images; the real bound is memory and disk (docs/benchmarks.md)
     min_images: int = 1
     max_pixels: int = 40_000_000  # per image, checked from the header
     max_side: int = 16_384
@@ -294,36 +294,12 @@ def _iter_folder(root: Path, limits: LoadLimits) -> Iterator[tuple[str, bytes]]:
 
 
 def _from_npy(path: Path, limits: LoadLimits) -> Collection:
-    try:
-        # allow_pickle=False: an object array in a user's file must never run code.
-        a = np.load(path, allow_pickle=False, mmap_mode="r")
-    except ValueError as e:
-        raise InputError(f"{path.name}: not a plain numeric .npy array ({e})") from None
-    except Exception as e:
-        raise InputError(f"{path.name}: not a readable .npy file ({e})") from None
-    if a.ndim == 4 and a.shape[1] in (1, 3) and a.shape[-1] not in (1, 3):
-        a = np.moveaxis(a, 1, -1)
-    if a.ndim == 4 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if not (a.ndim == 3 or (a.ndim == 4 and a.shape[-1] == 3)):
-        raise LimitExceeded(f"{path.name}: array shape {a.shape} is not (N, H, W), (N, H, W, 1|3) or (N, 1|3, H, W)")
-    if a.shape[0] > limits.max_images:
-        raise LimitExceeded(f"{path.name}: {a.shape[0]} images, above the limit of {limits.max_images}")
-    if a.shape[1] * a.shape[2] > limits.max_pixels:
-        raise LimitExceeded(f"{path.name}: images of {a.shape[2]}x{a.shape[1]} pixels are above the limit")
-    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating) or a.dtype == bool):
-        raise InputError(f"{path.name}: dtype {a.dtype} is not numeric")
-    a = np.asarray(a)
-    if np.issubdtype(a.dtype, np.floating):
-        if not np.isfinite(a).all():
-            raise InputError(f"{path.name}: array holds NaN or infinite values")
-        scale = 255.0 if a.max(initial=0.0) <= 1.0 else 1.0
-        a = np.clip(a * scale + 0.5, 0, 255).astype(np.uint8)
-    else:
-        a = np.clip(a, 0, 255).astype(np.uint8)
-    width = max(6, len(str(a.shape[0] - 1)))
-    names = [f"{i:0{width}d}.png" for i in range(a.shape[0])]
-    return Collection(names, [np.ascontiguousarray(x) for x in a])
+    """A ``.npy`` / ``.npz`` read whole into a :class:`Collection` (see :mod:`models.sources`)."""
+    from .sources import open_source  # sources builds on this module
+
+    src = open_source(path, limits)
+    arr = src.read(0, src.n)
+    return Collection(src.names(), [np.ascontiguousarray(x) for x in arr])
 
 
 def _iter_decoded(path: Path, limits: LoadLimits, skipped: list[str]) -> Iterator[tuple[str, np.ndarray]]:
@@ -370,7 +346,7 @@ def load_collection(source: str | os.PathLike, limits: LoadLimits = LoadLimits()
     path = Path(source)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
-    if path.is_file() and path.suffix.lower() == ".npy":
+    if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
         col = _from_npy(path, limits)
     else:
         skipped: list[str] = []
@@ -381,16 +357,24 @@ def load_collection(source: str | os.PathLike, limits: LoadLimits = LoadLimits()
 
 
 def scan_collection(source: str | os.PathLike, limits: LoadLimits = LoadLimits()) -> list[tuple[str, tuple[int, ...]]]:
-    """Validate like :func:`load_collection` (every image fully decoded) but keep only
-    ``(name, shape)`` pairs, so a large upload is checked in constant memory."""
+    """Validate like :func:`load_collection` (every image fully decoded, every array value
+    checked) but keep only ``(name, shape)`` pairs: memory stays bounded by one image, one array
+    chunk or one archive shard, however large the upload. Accepts everything
+    :func:`models.sources.open_source` does (arrays and folders of shards too)."""
+    from .sources import ArraySource, ArchiveShardsSource, _shard_files, open_source
+
     path = Path(source)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
-    if path.is_file() and path.suffix.lower() == ".npy":
-        col = _from_npy(path, limits)
-        out = [(n, im.shape) for n, im in zip(col.names, col.images)]
-    else:
-        out = [(n, a.shape) for n, a in _iter_decoded(path, limits, [])]
+    sharded = path.is_dir() and any(_shard_files(path))
+    if (path.is_file() and path.suffix.lower() in (".npy", ".npz")) or sharded:
+        src = open_source(path, limits)
+        if isinstance(src, (ArraySource, ArchiveShardsSource)):
+            shape = None if src.uniform_size is None else (*src.uniform_size, *((3,) if src.channels == 3 else ()))
+            sizes = None if shape is not None else src.sizes()
+            return [(n, shape if shape is not None else tuple(int(v) for v in sizes[i]))
+                    for i, n in enumerate(src.names())]
+    out = [(n, a.shape) for n, a in _iter_decoded(path, limits, [])]
     _check_count(path, len(out), limits)
     return out
 

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["blur", "background"]
+__all__ = ["blur", "blur_radius", "background"]
 
 
 def _gauss_kernel(sigma: float, like: torch.Tensor) -> torch.Tensor:
@@ -28,6 +28,22 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     ky = k.view(1, 1, -1, 1).expand(C, 1, -1, 1)
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kx, groups=C)
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), ky, groups=C)
+
+
+def blur_radius(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """:func:`blur` with the width given as a tensor and a fixed kernel radius, ``(B, C, H, W)`` -> same.
+
+    The kernel's shape never changes, only its weights, so one captured CUDA graph serves the
+    whole coarse-to-fine schedule. ``sigma`` (pixels, 0-d) near 0 gives a unit impulse: no blur.
+    """
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma.to(x.dtype).clamp_min(1e-2)) ** 2)
+    k = k / k.sum()
+    C = x.shape[1]
+    kx = k.view(1, 1, 1, -1).expand(C, 1, 1, -1)
+    ky = k.view(1, 1, -1, 1).expand(C, 1, -1, 1)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kx, groups=C)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), ky, groups=C)
 
 
 def background(x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ __all__ = [
     "list_methods",
     "load_aligner",
     "register_aligner",
+    "shard_bounds",
 ]
 
 
@@ -59,6 +60,16 @@ class FitContext:
     checkpoint_dir: Path | None = None  # where to write/resume checkpoints
     should_stop: Callable[[], bool] | None = None
     options: dict[str, Any] = field(default_factory=dict)  # method-specific
+    # A distributed fit (torch.distributed initialised by the launcher): this process's rank and
+    # the number of processes; the images given to ``fit`` are this rank's equal, contiguous shard.
+    rank: int = 0
+    world: int = 1
+    n_total: int | None = None  # images over every shard (None: this process's own)
+
+    @property
+    def shard_start(self) -> int:
+        """Global index of this process's first image (:func:`shard_bounds`)."""
+        return 0 if self.world <= 1 else shard_bounds(self.n_total, self.world)[self.rank]
 
     def report(self, p: Progress) -> None:
         if self.progress is not None:
@@ -67,6 +78,12 @@ class FitContext:
     def check_stop(self) -> None:
         if self.should_stop is not None and self.should_stop():
             raise Cancelled("cancelled")
+
+
+def shard_bounds(n: int, world: int) -> list[int]:
+    """How a distributed job splits ``n`` images: process ``r`` holds the contiguous range
+    ``[b[r], b[r + 1])`` of the returned ``b`` (``world + 1`` entries); sizes differ by at most one."""
+    return [r * n // world for r in range(world)] + [n]
 
 
 class Aligner(Protocol):
@@ -88,6 +105,7 @@ class FitResult:
     aligner: Aligner | None = None
     history: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    plan: dict | None = None  # the training schedule chosen (models.schedule.Plan.to_dict())
 
 
 class AlignmentMethod(Protocol):

@@ -24,7 +24,29 @@ import torch.nn.functional as F
 from . import geometry as G
 
 __all__ = ["DeSTNetConfig", "AutoEncoderConfig", "PRESETS", "DeSTNet", "PenalisedAutoEncoder",
-           "positional_weights"]
+           "positional_weights", "set_compute_dtype"]
+
+
+def _compute(x: torch.Tensor, dtype: torch.dtype | None):
+    """Autocast the network arithmetic to ``dtype`` (None: the input's own precision).
+
+    Only the convolutions and linear layers run in the lower precision; every warp,
+    homography and sampling grid stays in float32 outside these blocks (autocast would run
+    their matrix products in bfloat16 too, which moves sampling points by ~0.05 px at 28 px).
+    """
+    # No weight-cast cache: its casts would outlive a captured CUDA graph's memory pool.
+    return torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
+                          cache_enabled=False)
+
+
+def set_compute_dtype(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """Run every DeSTNet stage and auto-encoder inside ``module`` with ``dtype`` arithmetic
+    (``torch.bfloat16`` on GPUs; None: float32). An execution setting, not part of the saved
+    architecture: a model trained in bfloat16 loads and runs in float32 and vice versa."""
+    for m in module.modules():
+        if isinstance(m, (_Stage, PenalisedAutoEncoder)):
+            m.compute_dtype = dtype
+    return module
 
 
 @dataclass(frozen=True)
@@ -101,12 +123,15 @@ class _Stage(nn.Module):
         nn.init.zeros_(self.out.weight)  # identity at initialisation
         nn.init.zeros_(self.out.bias)
         self.head = nn.Sequential(*head)
+        self.compute_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=True, antialias=True)
-        f = self.features(x).flatten(1)  # (B, c*h*w)
-        return self.out(self.head(f))  # (B, dof)
+        with _compute(x, self.compute_dtype):
+            f = self.features(x).flatten(1)  # (B, c*h*w)
+            p = self.out(self.head(f))  # (B, dof)
+        return p.float()
 
 
 class DeSTNet(nn.Module):
@@ -156,38 +181,55 @@ class DeSTNet(nn.Module):
         return G.params_to_matrix(p, self.cfg.warp)
 
     def forward(self, x: torch.Tensor, base: torch.Tensor | None = None,
-                limit: str | None = None) -> torch.Tensor:
+                limit: str | torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             x: ``(B, C, H, W)`` working-size images.
             base: ``(B, 3, 3)`` initial ``in_from_out_norm`` (identity if None).
             limit: a less general warp family to project every stage's warp onto
-                (the warp curriculum), or None for the network's own family.
+                (the warp curriculum): its name, or its rank as a 0-d tensor (so that a
+                captured CUDA graph can change it between replays), or None for the
+                network's own family.
         Returns:
             ``(B, 3, 3)`` ``in_from_out_norm``.
         """
         B = x.shape[0]
-        if base is None:
-            base = torch.eye(3, dtype=x.dtype, device=x.device).expand(B, 3, 3)
         size = tuple(x.shape[-2:])
-        p = x.new_zeros(B, self.family.dof)
         feats: list[torch.Tensor] = []
         M = base
         for i, stage in enumerate(self.stages):
-            xi = G.warp(x, M, size) if i > 0 else (x if _is_identity(base) else G.warp(x, base, size))
+            # Stage 0 sees the input as it is when there is no base warp; every other stage
+            # resamples the original image once through the current warp.
+            xi = x if M is None else G.warp(x, M, size)
             feats.append(self.expand[i](stage(xi)))
             p = self.contract[i](torch.cat(feats, dim=1))
             if self.cfg.bound > 0:
                 p = self.cfg.bound * torch.tanh(p / self.cfg.bound)
-            R = self._to_matrix(p)
-            if limit is not None and limit != self.cfg.warp:
-                R = G.params_to_matrix(G.matrix_to_params(R, limit), limit)
-            M = base @ R
+            R = _project(self._to_matrix(p), limit, self.family)
+            M = R if base is None else base @ R
+        if M is None:  # no stages
+            M = torch.eye(3, dtype=x.dtype, device=x.device).expand(B, 3, 3) if base is None else base
         return M
 
 
-def _is_identity(M: torch.Tensor) -> bool:
-    return bool(torch.equal(M, torch.eye(3, dtype=M.dtype, device=M.device).expand_as(M)))
+_FAMILIES_BY_RANK = sorted(G.WARP_FAMILIES, key=lambda n: G.WARP_FAMILIES[n].rank)
+
+
+def _project(R: torch.Tensor, limit: str | torch.Tensor | None, family: G.WarpFamily) -> torch.Tensor:
+    """``R`` ``(B, 3, 3)`` projected onto the family ``limit`` (by name or 0-d rank tensor)."""
+    if limit is None:
+        return R
+    if isinstance(limit, str):
+        if limit == family.name:
+            return R
+        return G.params_to_matrix(G.matrix_to_params(R, limit), limit)
+    out = R
+    for name in _FAMILIES_BY_RANK[:family.rank]:
+        # Selected on the device: every projection is computed (3x3 matrices, cheap) and the
+        # one whose rank equals ``limit`` kept; ranks at or above the family's keep R.
+        proj = G.params_to_matrix(G.matrix_to_params(R, name), name)
+        out = torch.where(limit == G.WARP_FAMILIES[name].rank, proj, out)
+    return out
 
 
 def positional_weights(b: int, k: int, *, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -237,6 +279,7 @@ class PenalisedAutoEncoder(nn.Module):
         up += [nn.Conv2d(c, cfg.in_channels, 1), nn.Sigmoid()]
         self.decoder_conv = nn.Sequential(*up)
         self.register_buffer("w", positional_weights(cfg.code, cfg.k), persistent=False)
+        self.compute_dtype: torch.dtype | None = None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         f = self.encoder_conv(x).flatten(1)  # (B, C*h8*w8): stride-2 convs give ceil(H/8)
@@ -249,8 +292,10 @@ class PenalisedAutoEncoder(nn.Module):
         return y[..., :H, :W]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.encode(x)
-        return self.decode(z), z
+        with _compute(x, self.compute_dtype):
+            z = self.encode(x)
+            r = self.decode(z)
+        return r.float(), z.float()
 
     def penalty(self, z: torch.Tensor) -> torch.Tensor:
         """``w^T z`` per image, ``(B,)``."""

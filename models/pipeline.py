@@ -1,16 +1,25 @@
-"""End-to-end jobs: read a collection, fit a method, write every output.
+"""End-to-end jobs: read a collection, fit a method, write every output, at any size.
 
 This is what the CLI and the Celery worker call. Output folder layout::
 
     OUT/
-      aligned/<name>.png        aligned images (output frame = working size)
-      transforms.json           per image: name, 3x3 matrix, fill; convention stated
-      metrics.json              APSNR before/after, counts, seconds, per-image residual
+      aligned/<name>.png        aligned images (output frame = working size); or aligned/shard-00000.npy ...
+      transforms.json           convention, sizes, and per image (small jobs): name, 3x3 matrix, fill
+      transforms.npy            (N, 3, 3) float64: every image's matrix, in index order
+      names.txt, names.idx.npy  the images' names, one a line, and each line's byte offset
+      per_image.npy             per-image metrics, a structured array (fields in PER_IMAGE_DTYPE)
+      metrics.json              APSNR before/after, counts, seconds, summaries (per image: small jobs)
       mean_before.png  var_before.png  mean_after.png  var_after.png
       model/                    trained aligner (config.json + *.safetensors), if any
 
 Everything is written to a temporary sibling folder and renamed into place at
 the end, so a folder named OUT is always complete.
+
+Scale: the collection is read from its source a chunk at a time (``models.sources``), resized
+to the working size as uint8 (in memory up to ``HOST_WORK_BYTES``, else in a scratch file beside
+the output), trained on from the device, and the outputs are computed and written a chunk at a
+time. Host memory is bounded by the working set's uint8 bytes (or, above the budget, by a chunk),
+plus one chunk of originals; ``docs/benchmarks.md`` measures it.
 
 Working size: see :func:`models.imageio.working_size`. Each image is resized
 to it (antialiased bilinear) for fitting; the published transforms map the
@@ -25,6 +34,7 @@ import os
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,22 +44,34 @@ import torch
 
 from . import geometry as G
 from . import metrics as M
+from .imageio import Collection, InputError, LoadLimits, save_png, working_size
 from .imageops import background
-from .imageio import Collection, InputError, LoadLimits, load_collection, resize_to, save_png, working_size
-from .methods import Cancelled, FitContext, Progress, create_method, load_aligner
+from .methods import Cancelled, FitContext, Progress, create_method, load_aligner, shard_bounds
+from .sources import CollectionSource, Source, open_source
 
 __all__ = [
     "AlignOptions",
     "AlignReport",
     "CONVENTION",
+    "SMALL_JOB_MAX",
+    "PER_IMAGE_DTYPE",
     "resolve_device",
-    "prepare",
     "align_collection",
     "apply_model",
     "aligned_file_names",
     "Cancelled",
     "InputError",
 ]
+
+# Up to this many images a job's JSON files list every image (as they always did) and the aligned
+# images are PNGs by default; above it the per-image data lives in the array files only.
+SMALL_JOB_MAX = 10_000
+# The working set (uint8, working size) is kept in memory up to this many bytes, else in a
+# scratch file read a chunk at a time.
+HOST_WORK_BYTES = 4 * 1024**3
+# Baselines hold the whole collection as float64 matrices (SVD-based): refused above this.
+BASELINE_MAX_IMAGES = 100_000
+ALIGNED_SHARD = 65_536
 
 CONVENTION = (
     "matrix is a 3x3 homography in pixel coordinates mapping a pixel (x, y, 1) of the aligned "
@@ -72,6 +94,11 @@ class AlignOptions:
     device: str = "auto"
     max_side: int = 128
     method_options: dict = field(default_factory=dict)
+    # "png" (one file per image), "npy" (uint8 shards of ALIGNED_SHARD images), "none", or
+    # "auto": png up to SMALL_JOB_MAX images, none above.
+    aligned: str = "auto"
+    # Processes of one job, one per GPU (models.distributed); with device "cpu", CPU processes over gloo.
+    gpus: int = 1
 
 
 @dataclass
@@ -92,6 +119,16 @@ class AlignReport:
         return asdict(self)
 
 
+# Per-image results in per_image.npy (a structured array: no pickles, memory-mappable).
+def per_image_dtype(channels: int) -> np.dtype:
+    return np.dtype([("residual", "<f4"), ("outlier", "?"), ("content_kept", "<f4"), ("area_scale", "<f4"),
+                     ("edge_contact", "<f4"), ("touches_edge", "i1"), ("consistency_px", "<f4"),
+                     ("fill", "<f4", (channels,)), ("input_size", "<i4", (2,))])
+
+
+PER_IMAGE_DTYPE = per_image_dtype(1)
+
+
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     """``auto`` -> first CUDA device if any, else CPU; otherwise as given."""
     if isinstance(spec, torch.device):
@@ -104,21 +141,37 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def prepare(col: Collection, size: tuple[int, int], channels: int) -> torch.Tensor:
-    """Resize every image to ``size`` and stack, ``(N, C, H, W)`` float32 in [0, 1]."""
-    out = np.empty((len(col), channels, *size), dtype=np.float32)
-    for i, im in enumerate(col.images):
-        a = resize_to(_channels(im, channels), size)
-        out[i] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-    return torch.from_numpy(out)
-
-
 def _channels(im: np.ndarray, channels: int) -> np.ndarray:
     if channels == 3 and im.ndim == 2:
         return np.repeat(im[..., None], 3, axis=2)
     if channels == 1 and im.ndim == 3:
         return np.round(im.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
     return im
+
+
+def _to_work(images, size: tuple[int, int], channels: int) -> np.ndarray:
+    """A chunk of source images -> uint8 ``(k, C, H, W)`` at the working size (antialiased bilinear).
+
+    ``images``: a list of ``(H, W)`` / ``(H, W, 3)`` arrays, or one uniform array ``(k, H, W[, 3])``
+    whose channels already match (:class:`models.sources.ArraySource`)."""
+    if isinstance(images, np.ndarray):
+        if images.shape[1:3] == tuple(size):
+            return np.ascontiguousarray(images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2))
+        images = list(images)
+    out = np.empty((len(images), channels, *size), dtype=np.uint8)
+    for i, im in enumerate(images):
+        r = _resized_u8(_channels(im, channels), size)
+        out[i] = r[None] if r.ndim == 2 else r.transpose(2, 0, 1)
+    return out
+
+
+def _resized_u8(im: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    h, w = size
+    if im.shape[:2] == (h, w):
+        return im
+    return np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR, reducing_gap=None))
 
 
 def aligned_file_names(names: list[str]) -> list[str]:
@@ -130,28 +183,15 @@ def aligned_file_names(names: list[str]) -> list[str]:
     return ["aligned/" + (s if counts[s] == 1 else n + ".png") for s, n in zip(stems, names)]
 
 
-def _orig_from_work(orig_size: tuple[int, int], work_size: tuple[int, int]) -> torch.Tensor:
-    """Pixel map from a resized (working) image back to its original, for Pillow's resize geometry."""
-    sy, sx = orig_size[0] / work_size[0], orig_size[1] / work_size[1]
-    return torch.tensor([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1.0]], dtype=torch.float64)
-
-
-def _resample_originals(col: Collection, channels: int, orig_from_out: torch.Tensor,
-                        out_size: tuple[int, int], fill: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """Warp each original image with its public transform. Returns ``(N, C, Ho, Wo)`` in [0, 1]."""
-    N = len(col)
-    out = torch.empty(N, channels, *out_size)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, s in enumerate(col.sizes):
-        groups.setdefault(s, []).append(i)
-    for _, idx in groups.items():
-        for k in range(0, len(idx), chunk):
-            sel = idx[k:k + chunk]
-            imgs = np.stack([_channels(col.images[i], channels) for i in sel]).astype(np.float32) / 255.0
-            t = torch.from_numpy(imgs[:, None] if channels == 1 else imgs.transpose(0, 3, 1, 2)).double()
-            f = fill[sel].double()[..., None, None]
-            w = G.warp_pixel(t - f, orig_from_out[sel], out_size) + f
-            out[sel] = w.clamp(0, 1).float()
+def _orig_from_work(sizes: np.ndarray, work_size: tuple[int, int]) -> torch.Tensor:
+    """Pixel maps ``(k, 3, 3)`` from a resized (working) image back to its original, for Pillow's
+    resize geometry; ``sizes`` ``(k, 2)`` original ``(H, W)``."""
+    s = torch.as_tensor(sizes, dtype=torch.float64)
+    sy, sx = s[:, 0] / work_size[0], s[:, 1] / work_size[1]
+    out = torch.zeros(len(s), 3, 3, dtype=torch.float64)
+    out[:, 0, 0], out[:, 0, 2] = sx, 0.5 * sx - 0.5
+    out[:, 1, 1], out[:, 1, 2] = sy, 0.5 * sy - 0.5
+    out[:, 2, 2] = 1
     return out
 
 
@@ -209,91 +249,8 @@ def _consistency_warnings(s: dict | None) -> list[str]:
             f"(> {CONSISTENCY_WARN}); expect two views of one object to be aligned differently"]
 
 
-def _write_outputs(tmp: Path, col: Collection, aligned: torch.Tensor, before: torch.Tensor,
-                   orig_from_out: torch.Tensor, fill: torch.Tensor, meta: dict,
-                   kept: torch.Tensor, area: torch.Tensor, contact: torch.Tensor,
-                   touching: torch.Tensor | None, moved: torch.Tensor | None = None,
-                   probe: torch.Tensor | None = None) -> dict:
-    """Write images, transforms.json and metrics.json into ``tmp``; returns the metrics dict.
-
-    ``touching``: per-image border flags, or None where the collection's borders are not plain
-    (the check is off).
-    """
-    out_size = tuple(aligned.shape[-2:])
-    files = aligned_file_names(col.names)
-    for f, img in zip(files, aligned):
-        save_png(tmp / f, _hwc(img))
-    resid = M.per_image_residual(aligned) if len(col) > 1 else torch.zeros(len(col))
-    flags = M.flag_outliers(resid) if len(col) > 2 else torch.zeros(len(col), dtype=torch.bool)
-    mb, vb = M.mean_var(before)
-    ma, va = M.mean_var(aligned)
-    vmax = max(float(vb.max()), float(va.max()), 1e-12)
-    for name, img in (("mean_before", mb), ("mean_after", ma)):
-        save_png(tmp / f"{name}.png", _hwc(img))
-    for name, img in (("var_before", vb), ("var_after", va)):
-        save_png(tmp / f"{name}.png", _hwc(img / vmax))
-    transforms = {
-        "convention": CONVENTION,
-        "output_size": list(out_size),
-        "method": meta["method"],
-        "warp": meta["warp"],
-        "reference": meta.get("reference"),
-        "images": [
-            {
-                "name": n,
-                "aligned_file": f,
-                "input_size": list(s),
-                "matrix": orig_from_out[i].tolist(),
-                "fill": [round(float(v) * 255.0, 4) for v in fill[i]],
-            }
-            for i, (n, f, s) in enumerate(zip(col.names, files, col.sizes))
-        ],
-    }
-    (tmp / "transforms.json").write_text(json.dumps(transforms, indent=1))
-    finite = lambda v: None if v is None or not math.isfinite(v) else round(v, 4)  # noqa: E731
-    a_before = M.apsnr(before) if len(col) > 1 else None
-    a_after = M.apsnr(aligned) if len(col) > 1 else None
-    consistency = _consistency_summary(moved, probe)
-    metrics = {
-        **meta,
-        "n_images": len(col),
-        "output_size": list(out_size),
-        "apsnr_before": finite(a_before),
-        "apsnr_after": finite(a_after),
-        "apsnr_note": "Eq. 9 on 0-255 intensities; null when undefined (one image) or infinite (identical images)",
-        "variance_png_scale": vmax,
-        "residual_summary": {
-            "mean": float(resid.mean()) if len(col) else 0.0,
-            "median": float(resid.median()) if len(col) else 0.0,
-            "p95": float(torch.quantile(resid, 0.95)) if len(col) else 0.0,
-            "max": float(resid.max()) if len(col) else 0.0,
-            "n_outliers": int(flags.sum()),
-        },
-        "framing_summary": {
-            "content_kept_median": round(float(kept.median()), 4) if len(col) else None,
-            "content_kept_p10": round(float(torch.quantile(kept.double(), 0.1)), 4) if len(col) else None,
-            "area_scale_median": round(float(area.median()), 4) if len(col) else None,
-            "n_cropped": int((kept < KEPT_WARN).sum()),
-            "n_touching_edge": None if touching is None else int(touching.sum()),
-        },
-        "consistency_summary": consistency,
-        "warnings": _framing_warnings(kept, area) + _edge_warnings(touching) + _consistency_warnings(consistency),
-        "per_image": [
-            {"name": n, "residual": round(float(r), 4), "outlier": bool(o),
-             "content_kept": round(float(k), 4), "area_scale": round(float(a), 4),
-             "edge_contact": round(float(c), 4), "touches_edge": None if touching is None else bool(touching[i])}
-            for i, (n, r, o, k, a, c) in enumerate(zip(col.names, resid, flags, kept, area, contact))
-        ],
-    }
-    if moved is not None:
-        for e, m_ in zip(metrics["per_image"], moved):
-            e["consistency_px"] = round(float(m_), 4)
-    return metrics
-
-
-def _hwc(img: torch.Tensor) -> np.ndarray:
-    a = img.detach().cpu().numpy()
-    return a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
+def _hwc(img: np.ndarray) -> np.ndarray:
+    return img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
 
 
 class _Staging:
@@ -323,106 +280,204 @@ class _Staging:
         return False
 
 
-def _load(source, limits: LoadLimits) -> Collection:
-    return source if isinstance(source, Collection) else load_collection(source, limits)
+def _open(source, limits: LoadLimits) -> Source:
+    if isinstance(source, Source):
+        return source
+    if isinstance(source, Collection):
+        return CollectionSource(source)
+    return open_source(source, limits)
 
 
-def align_collection(source: str | os.PathLike | Collection, out_dir: str | os.PathLike,
+# --------------------------------------------------------------------------- the working set
+
+
+@dataclass
+class _Work:
+    """The collection at the working size: ``x`` uint8 ``(N, C, H, W)`` (in memory or a scratch
+    memory map) and each image's background ``bg`` ``(N, C)`` float32 in [0, 1]."""
+
+    x: np.ndarray
+    bg: np.ndarray
+    size: tuple[int, int]
+    scratch: Path | None = None
+    start: int = 0  # global index of x[0]
+
+    def close(self) -> None:
+        if self.scratch is not None:
+            del self.x
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _chunk_for(size: tuple[int, int], channels: int, target_bytes: int = 64 * 1024**2) -> int:
+    return int(max(256, min(262_144, target_bytes // max(1, size[0] * size[1] * channels * 4))))
+
+
+def _ingest(src: Source, size: tuple[int, int], channels: int, scratch_parent: Path,
+            report: Callable[[Progress], None], should_stop, start: int = 0, stop: int | None = None) -> _Work:
+    """Images ``start:stop`` of the source at the working size (``_Work.start`` says where they begin)."""
+    stop = src.n if stop is None else stop
+    N = stop - start
+    nbytes = N * channels * size[0] * size[1]
+    scratch = None
+    if nbytes <= HOST_WORK_BYTES:
+        x = np.empty((N, channels, *size), dtype=np.uint8)
+    else:
+        scratch = scratch_parent / f".congeal-work-{uuid.uuid4().hex[:8]}"
+        scratch.mkdir(parents=True)
+        x = np.lib.format.open_memmap(scratch / "work.npy", mode="w+", dtype=np.uint8, shape=(N, channels, *size))
+    bg = np.empty((N, channels), dtype=np.float32)
+    chunk = _chunk_for(size, channels)
+    for k, images in src.chunks(chunk, start, stop):
+        if should_stop is not None and should_stop():
+            raise Cancelled("cancelled")
+        w = _to_work(images, size, channels)
+        i = k - start
+        x[i:i + len(w)] = w
+        bg[i:i + len(w)] = background(torch.from_numpy(w).float().div_(255))[..., 0, 0].numpy()
+        report(Progress("loading", step=i + len(w), total=N, message="reading images"))
+    if scratch is not None:
+        x.flush()
+        x = np.load(scratch / "work.npy", mmap_mode="r")
+    return _Work(x, bg, size, scratch, start)
+
+
+def _to_device(a: np.ndarray, dev: torch.device, chunk: int = 1 << 20) -> torch.Tensor:
+    """A host array (possibly memory-mapped) onto the device, a chunk at a time."""
+    out = torch.empty(a.shape, dtype=torch.from_numpy(a[:1]).dtype, device=dev)
+    for k in range(0, a.shape[0], chunk):
+        out[k:k + chunk].copy_(torch.from_numpy(np.ascontiguousarray(a[k:k + chunk])))
+    return out
+
+
+def _find_name(src: Source, name: str, chunk: int = 1 << 16) -> int | None:
+    for k in range(0, src.n, chunk):
+        names = src.names(k, min(src.n, k + chunk))
+        if name in names:
+            return k + names.index(name)
+    return None
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def align_collection(source: str | os.PathLike | Collection | Source, out_dir: str | os.PathLike,
                      options: AlignOptions = AlignOptions(), *,
                      progress: Callable[[Progress], None] | None = None,
                      checkpoint_dir: str | os.PathLike | None = None,
                      should_stop: Callable[[], bool] | None = None,
-                     limits: LoadLimits = LoadLimits(), overwrite: bool = False) -> AlignReport:
+                     limits: LoadLimits = LoadLimits(), overwrite: bool = False,
+                     rank: int = 0, world: int = 1) -> AlignReport | None:
     """Congeal a collection and write the output folder (layout in the module docstring).
+
+    ``world > 1``: this is process ``rank`` of a distributed job (``torch.distributed`` initialised;
+    :mod:`models.distributed` launches it): it trains on its shard and rank 0 writes the outputs;
+    other ranks return None.
 
     Raises:
         InputError: unreadable/empty input, fewer than 2 images, unknown reference.
         Cancelled: ``should_stop()`` became true.
     """
+    if options.gpus > 1 and world == 1:
+        if isinstance(source, (Collection, Source)):
+            raise InputError("a job over several processes reads its input from a path")
+        from .distributed import launch
+
+        return launch(source, out_dir, options, options.gpus, progress=progress, checkpoint_dir=checkpoint_dir,
+                      limits=limits, overwrite=overwrite, should_stop=should_stop)
+    if options.gpus < 1:
+        raise InputError(f"gpus={options.gpus}: at least 1")
     t0 = time.time()
     report = progress or (lambda p: None)
     report(Progress("loading", message="reading images"))
-    col = _load(source, limits)
-    if len(col) < 2:
-        raise InputError(f"{len(col)} image(s): congealing needs at least 2 images")
+    src = _open(source, limits)
+    if len(src) < 2:
+        raise InputError(f"{len(src)} image(s): congealing needs at least 2 images")
     G.get_family(options.warp)
+    _check_aligned(options.aligned)
     ref_index = None
     if options.reference is not None:
-        if options.reference not in col.names:
+        ref_index = _find_name(src, options.reference)
+        if ref_index is None:
             raise InputError(f"reference {options.reference!r} is not one of the collection's image names")
-        ref_index = col.names.index(options.reference)
+    if options.method != "dprc" and len(src) > BASELINE_MAX_IMAGES:
+        raise InputError(f"{len(src)} images: method {options.method} holds the whole collection in memory and "
+                         f"takes at most {BASELINE_MAX_IMAGES}; dprc takes any number")
     device = resolve_device(options.device)
-    channels = col.channels
-    wsize = working_size(col.sizes, options.max_side)
-    work = prepare(col, wsize, channels)  # (N, C, H, W)
-    method = create_method(options.method, **options.method_options)
-    ctx = FitContext(
-        warp=options.warp, reference_index=ref_index, seed=options.seed, budget=options.budget,
-        progress=report, checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
-        should_stop=should_stop,
-    )
-    result = method.fit(work.to(device), ctx)
-    if should_stop is not None and should_stop():
-        raise Cancelled("cancelled")
-    report(Progress("writing", message="writing outputs"))
-    ref_name = col.names[result.reference_index] if result.reference_index is not None else None
-    meta = {
-        "method": options.method, "warp": options.warp, "reference": ref_name,
-        "device": str(device), "working_size": list(wsize), "channels": channels,
-        "seed": options.seed, "options": {k: v for k, v in asdict(options).items() if k != "device"},
-        "history": result.history[-200:], "notes": result.notes,
-    }
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+    channels = src.channels
+    sizes = [src.uniform_size] if src.uniform_size is not None else [tuple(s) for s in src.sizes()]
+    wsize = working_size(sizes, options.max_side)
     out_dir = Path(out_dir)
-    with _Staging(out_dir, overwrite) as tmp:
-        model_dir = None
-        if result.aligner is not None:
-            result.aligner.save(tmp / "model")
-            (tmp / "model" / "pipeline.json").write_text(json.dumps(
-                {"working_size": list(wsize), "channels": channels, "warp": options.warp,
-                 "method": options.method, "max_side": options.max_side}, indent=1))
-            model_dir = str(out_dir / "model")
-        align = None if result.aligner is None else (lambda b: result.aligner.align(b.to(device)))
-        metrics = _finish(tmp, col, work, result.in_from_out_norm, wsize, meta, align)
-        metrics["seconds"] = round(time.time() - t0, 3)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    method = create_method(options.method, **options.method_options)
+    if world > 1 and options.method != "dprc":
+        raise InputError(f"method {options.method} runs in one process; only dprc trains over several GPUs")
+    lo, hi = shard_bounds(len(src), world)[rank:rank + 2]
+    # Rank 0 reads everything: it writes every output. The others read their shard.
+    work = _ingest(src, wsize, channels, out_dir.parent, report, should_stop,
+                   *((0, len(src)) if rank == 0 else (lo, hi)))
+    try:
+        ctx = FitContext(
+            warp=options.warp, reference_index=ref_index, seed=options.seed, budget=options.budget,
+            progress=report, checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+            should_stop=should_stop, rank=rank, world=world, n_total=len(src),
+        )
+        x_dev = _to_device(work.x[lo - work.start:hi - work.start], device)
+        bg_dev = torch.from_numpy(work.bg[lo - work.start:hi - work.start])[..., None, None].to(device)
+        if options.method == "dprc":
+            result = method.fit(x_dev, ctx, bg=bg_dev)
+        else:
+            result = method.fit(x_dev.float().div_(255), ctx)
+        del x_dev
+        if world > 1:
+            from .distributed import all_gather_rows
+
+            result.in_from_out_norm = all_gather_rows(result.in_from_out_norm, device)
+            if rank != 0:
+                return None
+        if should_stop is not None and should_stop():
+            raise Cancelled("cancelled")
+        report(Progress("writing", message="writing outputs"))
+        ref_name = src.names(result.reference_index, result.reference_index + 1)[0] \
+            if result.reference_index is not None else None
+        meta = {
+            "method": options.method, "warp": options.warp, "reference": ref_name,
+            "device": str(device), "working_size": list(wsize), "channels": channels,
+            "seed": options.seed, "options": {k: v for k, v in asdict(options).items() if k != "device"},
+            "history": result.history[-200:], "notes": result.notes, "schedule": result.plan,
+        }
+        with _Staging(out_dir, overwrite) as tmp:
+            model_dir = None
+            if result.aligner is not None:
+                result.aligner.save(tmp / "model")
+                (tmp / "model" / "pipeline.json").write_text(json.dumps(
+                    {"working_size": list(wsize), "channels": channels, "warp": options.warp,
+                     "method": options.method, "max_side": options.max_side}, indent=1))
+                model_dir = str(out_dir / "model")
+            align = None if result.aligner is None else (lambda b: result.aligner.align(b.to(device)))
+            metrics = _finish(tmp, src, work, result.in_from_out_norm, meta, align, device, options.aligned,
+                              report, should_stop)
+            metrics["seconds"] = round(time.time() - t0, 3)
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    finally:
+        work.close()
     report(Progress("done", apsnr=metrics["apsnr_after"]))
-    return AlignReport(str(out_dir), len(col), metrics["apsnr_before"], metrics["apsnr_after"],
+    return AlignReport(str(out_dir), len(src), metrics["apsnr_before"], metrics["apsnr_after"],
                        metrics["seconds"], options.method, options.warp, ref_name, model_dir,
                        metrics["residual_summary"]["n_outliers"], metrics["warnings"])
 
 
-def _finish(tmp: Path, col: Collection, work: torch.Tensor, in_from_out_norm: torch.Tensor,
-            wsize: tuple[int, int], meta: dict, align: Callable | None = None) -> dict:
-    """Public transforms, aligned originals and metrics for a fitted collection.
-
-    ``align``: the trained aligner's ``(B, C, H, W) -> (B, 3, 3)``, for the
-    self-consistency check (skipped when None).
-    """
-    work_from_out = G.pixel_from_normalised(in_from_out_norm.detach().double().cpu(), wsize, wsize)
-    orig_from_out = torch.stack([_orig_from_work(s, wsize) for s in col.sizes]) @ work_from_out
-    orig_from_out = orig_from_out / orig_from_out[:, 2:3, 2:3]
-    bg = background(work)
-    fill = bg[..., 0, 0]  # (N, C)
-    aligned = _resample_originals(col, work.shape[1], orig_from_out, wsize, fill)
-    # Judged in the working frame, where the aligner's warps live.
-    kept, area = M.framing(work.double(), work_from_out, wsize, bg.double())
-    # Border contact says "cut by the border" only where borders are background; on collections
-    # whose content fills the frame (most images' borders not plain) the flags are left out.
-    contact, plain = M.edge_contact(work.double(), bg.double())
-    touching = contact >= M.EDGE_CONTACT_MIN if len(col) and float(plain.double().mean()) >= 0.5 else None
-    moved = probe = None
-    if align is not None and len(col) > 0:
-        with torch.no_grad():
-            moved, probe = M.self_consistency(align, work, bg, sigma=CONSISTENCY_SIGMA)
-    return _write_outputs(tmp, col, aligned, work, orig_from_out, fill, meta, kept.float(), area.float(),
-                          contact.float(), touching, moved, probe)
+def _check_aligned(mode: str) -> None:
+    if mode not in ("auto", "png", "npy", "none"):
+        raise InputError(f"aligned={mode!r}: choose one of auto, png, npy, none")
 
 
-def apply_model(model_dir: str | os.PathLike, source: str | os.PathLike | Collection,
+def apply_model(model_dir: str | os.PathLike, source: str | os.PathLike | Collection | Source,
                 out_dir: str | os.PathLike, *, device: str = "auto",
                 progress: Callable[[Progress], None] | None = None,
                 limits: LoadLimits = LoadLimits(), overwrite: bool = False,
-                batch_size: int = 256) -> AlignReport:
+                batch_size: int | None = None, aligned: str = "auto",
+                should_stop: Callable[[], bool] | None = None) -> AlignReport:
     """Align new images with a trained aligner in one forward pass (no re-fitting).
 
     Writes the same layout as :func:`align_collection` minus ``model/``.
@@ -433,28 +488,293 @@ def apply_model(model_dir: str | os.PathLike, source: str | os.PathLike | Collec
     pj = model_dir / "pipeline.json"
     if not pj.is_file():
         raise InputError(f"{model_dir}: not a trained model folder (no pipeline.json)")
+    _check_aligned(aligned)
     pipe = json.loads(pj.read_text())
     dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     aligner = load_aligner(model_dir, dev)
     report(Progress("loading", message="reading images"))
-    col = _load(source, limits)
+    src = _open(source, limits)
     wsize = tuple(pipe["working_size"])
     channels = int(pipe["channels"])
-    work = prepare(col, wsize, channels)
-    report(Progress("aligning", total=len(col)))
-    warps = []
-    with torch.no_grad():
-        for k in range(0, len(col), batch_size):
-            warps.append(aligner.align(work[k:k + batch_size].to(dev)).float().cpu())
-            report(Progress("aligning", step=min(k + batch_size, len(col)), total=len(col)))
-    meta = {"method": pipe["method"], "warp": pipe["warp"], "reference": None, "device": str(dev),
-            "working_size": list(wsize), "channels": channels, "model_dir": str(model_dir)}
     out_dir = Path(out_dir)
-    with _Staging(out_dir, overwrite) as tmp:
-        metrics = _finish(tmp, col, work, torch.cat(warps), wsize, meta, lambda b: aligner.align(b.to(dev)))
-        metrics["seconds"] = round(time.time() - t0, 3)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    work = _ingest(src, wsize, channels, out_dir.parent, report, should_stop)
+    try:
+        batch = batch_size or (32768 if dev.type == "cuda" else 512)
+        report(Progress("aligning", total=len(src)))
+        warps = torch.empty(len(src), 3, 3)
+        with torch.no_grad():
+            for k in range(0, len(src), batch):
+                xb = torch.from_numpy(np.ascontiguousarray(work.x[k:k + batch])).to(dev)
+                warps[k:k + len(xb)] = aligner.align(xb).float().cpu()
+                report(Progress("aligning", step=min(k + batch, len(src)), total=len(src)))
+        meta = {"method": pipe["method"], "warp": pipe["warp"], "reference": None, "device": str(dev),
+                "working_size": list(wsize), "channels": channels, "model_dir": str(model_dir)}
+        with _Staging(out_dir, overwrite) as tmp:
+            metrics = _finish(tmp, src, work, warps, meta, lambda b: aligner.align(b.to(dev)), dev, aligned,
+                              report, should_stop)
+            metrics["seconds"] = round(time.time() - t0, 3)
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    finally:
+        work.close()
     report(Progress("done"))
-    return AlignReport(str(out_dir), len(col), metrics["apsnr_before"], metrics["apsnr_after"],
+    return AlignReport(str(out_dir), len(src), metrics["apsnr_before"], metrics["apsnr_after"],
                        metrics["seconds"], pipe["method"], pipe["warp"], None, None,
                        metrics["residual_summary"]["n_outliers"], metrics["warnings"])
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+class _Writer:
+    """Aligned images, written as they are made: PNG files on a few threads, or uint8 shards."""
+
+    def __init__(self, tmp: Path, mode: str, n: int, size: tuple[int, int], channels: int):
+        self.tmp, self.mode, self.n, self.size, self.channels = tmp, mode, n, size, channels
+        self.pool = ThreadPoolExecutor(max_workers=4) if mode == "png" else None
+        self.futures = []
+        self.shard: np.ndarray | None = None
+
+    def write(self, start: int, files: list[str] | None, u8: np.ndarray) -> None:
+        """``u8`` ``(k, C, H, W)`` aligned images ``start .. start + k``."""
+        if self.mode == "png":
+            for f, img in zip(files, u8):
+                self.futures.append(self.pool.submit(save_png, self.tmp / f, _hwc(img)))
+            if len(self.futures) > 4096:
+                for fu in self.futures:
+                    fu.result()
+                self.futures = []
+        elif self.mode == "npy":
+            i = start
+            while i < start + len(u8):
+                s, off = divmod(i, ALIGNED_SHARD)
+                if off == 0 or self.shard is None:
+                    rows = min(ALIGNED_SHARD, self.n - s * ALIGNED_SHARD)
+                    shape = (rows, *self.size) if self.channels == 1 else (rows, *self.size, 3)
+                    (self.tmp / "aligned").mkdir(exist_ok=True)
+                    self.shard = np.lib.format.open_memmap(self.tmp / "aligned" / f"shard-{s:05d}.npy", mode="w+",
+                                                           dtype=np.uint8, shape=shape)
+                take = min(start + len(u8) - i, ALIGNED_SHARD - off)
+                part = u8[i - start:i - start + take]
+                self.shard[off:off + take] = part[:, 0] if self.channels == 1 else part.transpose(0, 2, 3, 1)
+                i += take
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for fu in self.futures:
+                fu.result()
+            self.pool.shutdown()
+        if self.shard is not None:
+            self.shard.flush()
+            self.shard = None
+
+
+def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor, meta: dict,
+            align: Callable | None, dev: torch.device, aligned_mode: str,
+            report: Callable[[Progress], None], should_stop) -> dict:
+    """Public transforms, aligned originals and metrics for a fitted collection, a chunk at a time.
+
+    ``align``: the trained aligner's ``(B, C, H, W) -> (B, 3, 3)``, for the self-consistency
+    check (skipped when None). Computed on ``dev``: float64 on a CPU (as before), float32 on a GPU.
+    """
+    N, C = src.n, work.x.shape[1]
+    wsize = work.size
+    small = N <= SMALL_JOB_MAX
+    mode = aligned_mode if aligned_mode != "auto" else ("png" if small else "none")
+    dt = torch.float64 if dev.type == "cpu" else torch.float32
+    names_all = src.names() if small else None
+    files = aligned_file_names(names_all) if (small or mode == "png") and names_all is not None else None
+    if mode == "png" and files is None:
+        files = aligned_file_names(src.names())
+    writer = _Writer(tmp, mode, N, wsize, C) if mode != "none" else None
+    transforms = np.lib.format.open_memmap(tmp / "transforms.npy", mode="w+", dtype=np.float64, shape=(N, 3, 3))
+    per = np.zeros(N, dtype=per_image_dtype(C))
+    per["touches_edge"] = -1
+    per["consistency_px"] = np.nan
+    sizes = src.sizes()
+    per["input_size"] = sizes
+    per["fill"] = work.bg * 255.0
+    sum_b = torch.zeros(C, *wsize, dtype=torch.float64)
+    sq_b, sum_a, sq_a = torch.zeros_like(sum_b), torch.zeros_like(sum_b), torch.zeros_like(sum_b)
+    cache: list[torch.Tensor] | None = [] if N * C * wsize[0] * wsize[1] * 4 <= 1024**3 else None
+    chunk = _chunk_for(wsize, C, 32 * 1024**2)
+    moved_all = torch.full((N,), float("nan"))
+    probe_all = torch.full((N,), float("nan"))
+    contact_all, plain_all = torch.zeros(N), torch.zeros(N, dtype=torch.bool)
+    kept_all, area_all = torch.zeros(N), torch.zeros(N)
+
+    def aligned_chunk(k: int, images, work_from_out: torch.Tensor, orig_from_out: torch.Tensor) -> torch.Tensor:
+        """Aligned images ``(k, C, H, W)`` in [0, 1], resampled from the originals."""
+        fill = torch.from_numpy(work.bg[k:k + len(work_from_out)]).to(dev, dt)[..., None, None]
+        uniform = src.uniform_size is not None and tuple(src.uniform_size) == tuple(wsize)
+        if uniform:  # the originals are the working images: resample those on the device
+            x = torch.from_numpy(np.ascontiguousarray(work.x[k:k + len(work_from_out)])).to(dev).to(dt) / 255
+            return (G.warp_pixel(x - fill, work_from_out.to(dev, dt), wsize) + fill).clamp(0, 1)
+        out = torch.empty(len(images), C, *wsize, dtype=dt, device=dev)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(im.shape[:2], []).append(i)
+        for _, idx in groups.items():
+            ims = np.stack([_channels(images[i], C) for i in idx]).astype(np.float32) / 255.0
+            t = torch.from_numpy(ims[:, None] if C == 1 else ims.transpose(0, 3, 1, 2)).to(dev, dt)
+            f = fill[idx]
+            out[idx] = (G.warp_pixel(t - f, orig_from_out[idx].to(dev, dt), wsize) + f).clamp(0, 1)
+        return out
+
+    uniform = src.uniform_size is not None and tuple(src.uniform_size) == tuple(wsize)
+    source_chunks = None if uniform else src.chunks(chunk)
+    seed = 0
+    for k in range(0, N, chunk):
+        if should_stop is not None and should_stop():
+            raise Cancelled("cancelled")
+        n = min(chunk, N - k)
+        images = None if uniform else next(source_chunks)[1]
+        Mn = in_from_out_norm[k:k + n].double().cpu()
+        work_from_out = G.pixel_from_normalised(Mn, wsize, wsize)
+        orig_from_out = _orig_from_work(sizes[k:k + n], wsize) @ work_from_out
+        orig_from_out = orig_from_out / orig_from_out[:, 2:3, 2:3]
+        transforms[k:k + n] = orig_from_out.numpy()
+        a = aligned_chunk(k, images, work_from_out, orig_from_out)
+        x = torch.from_numpy(np.ascontiguousarray(work.x[k:k + n])).to(dev).to(dt) / 255
+        bg = torch.from_numpy(work.bg[k:k + n]).to(dev, dt)[..., None, None]
+        sum_b += x.sum(0).cpu().double()
+        sq_b += x.square().sum(0).cpu().double()
+        sum_a += a.sum(0).cpu().double()
+        sq_a += a.square().sum(0).cpu().double()
+        kept, area = M.framing(x, work_from_out.to(dev, dt), wsize, bg)
+        contact, plain = M.edge_contact(x, bg)
+        kept_all[k:k + n], area_all[k:k + n] = kept.float().cpu(), area.float().cpu()
+        contact_all[k:k + n], plain_all[k:k + n] = contact.float().cpu(), plain.cpu()
+        if align is not None:
+            with torch.no_grad():
+                moved, probe = M.self_consistency(lambda b: align(b.float()), x, bg, sigma=CONSISTENCY_SIGMA,
+                                                  seed=seed)
+            moved_all[k:k + n], probe_all[k:k + n] = moved.float(), probe.float()
+        seed += 1
+        if writer is not None:
+            u8 = (a * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+            writer.write(k, files[k:k + n] if files is not None else None, u8)
+        if cache is not None:
+            cache.append(a.float().cpu())
+        report(Progress("writing", step=k + n, total=N, message="aligning and writing outputs"))
+    if writer is not None:
+        writer.close()
+    transforms.flush()
+    del transforms
+
+    mb, ma = sum_b / N, sum_a / N
+    vb, va = (sq_b / N - mb.square()).clamp_min(0), (sq_a / N - ma.square()).clamp_min(0)
+    # Per-image residual to the aligned mean: a second pass (over the kept chunks, or recomputed).
+    resid = torch.zeros(N)
+    mean_dev = ma.to(dev, dt)
+    source_chunks = None if uniform else src.chunks(chunk)
+    for i, k in enumerate(range(0, N, chunk)):
+        n = min(chunk, N - k)
+        if cache is not None:
+            a = cache[i].to(dev, dt)
+        else:
+            images = None if uniform else next(source_chunks)[1]
+            work_from_out = G.pixel_from_normalised(in_from_out_norm[k:k + n].double().cpu(), wsize, wsize)
+            orig_from_out = _orig_from_work(sizes[k:k + n], wsize) @ work_from_out
+            a = aligned_chunk(k, images, work_from_out, orig_from_out / orig_from_out[:, 2:3, 2:3])
+        resid[k:k + n] = ((a - mean_dev) * 255.0).abs().mean(dim=(1, 2, 3)).float().cpu()
+    if N < 2:
+        resid.zero_()
+    flags = M.flag_outliers(resid) if N > 2 else torch.zeros(N, dtype=torch.bool)
+    touching = contact_all >= M.EDGE_CONTACT_MIN if N and float(plain_all.double().mean()) >= 0.5 else None
+    moved = None if align is None else moved_all
+    probe = None if align is None else probe_all
+
+    vmax = max(float(vb.max()), float(va.max()), 1e-12)
+    for name, img in (("mean_before", mb), ("mean_after", ma)):
+        save_png(tmp / f"{name}.png", _hwc(img.float().numpy()))
+    for name, img in (("var_before", vb), ("var_after", va)):
+        save_png(tmp / f"{name}.png", _hwc((img / vmax).float().numpy()))
+
+    per["residual"], per["outlier"] = resid.numpy(), flags.numpy()
+    per["content_kept"], per["area_scale"] = kept_all.numpy(), area_all.numpy()
+    per["edge_contact"] = contact_all.numpy()
+    if touching is not None:
+        per["touches_edge"] = touching.numpy().astype(np.int8)
+    if moved is not None:
+        per["consistency_px"] = moved.numpy()
+    np.save(tmp / "per_image.npy", per, allow_pickle=False)
+    _write_names(tmp, src, chunk)
+
+    out_size = list(wsize)
+    arrays = {"matrix": "transforms.npy", "names": "names.txt", "per_image": "per_image.npy"}
+    head = {"convention": CONVENTION, "output_size": out_size, "method": meta["method"], "warp": meta["warp"],
+            "reference": meta.get("reference"), "n_images": N, "arrays": arrays,
+            "aligned": {"png": "aligned/<name>.png", "npy": f"aligned/shard-NNNNN.npy ({ALIGNED_SHARD} a shard)",
+                        "none": None}[mode]}
+    if small:
+        mats = np.load(tmp / "transforms.npy")
+        head["images"] = [
+            {"name": nm, "aligned_file": f if mode == "png" else None, "input_size": [int(v) for v in sizes[i]],
+             "matrix": mats[i].tolist(),
+             "fill": [round(float(v) * 255.0, 4) for v in work.bg[i]]}
+            for i, (nm, f) in enumerate(zip(names_all, files if files is not None else [None] * N))]
+    (tmp / "transforms.json").write_text(json.dumps(head, indent=1))
+    finite = lambda v: None if v is None or not math.isfinite(v) else round(v, 4)  # noqa: E731
+    a_before = _apsnr(sq_b, mb, N) if N > 1 else None
+    a_after = _apsnr(sq_a, ma, N) if N > 1 else None
+    consistency = _consistency_summary(moved, probe)
+    metrics = {
+        **meta,
+        "n_images": N,
+        "output_size": out_size,
+        "arrays": arrays,
+        "apsnr_before": finite(a_before),
+        "apsnr_after": finite(a_after),
+        "apsnr_note": "Eq. 9 on 0-255 intensities; null when undefined (one image) or infinite (identical images)",
+        "variance_png_scale": vmax,
+        "residual_summary": {
+            "mean": float(resid.mean()) if N else 0.0,
+            "median": float(resid.median()) if N else 0.0,
+            "p95": float(torch.quantile(resid, 0.95)) if N else 0.0,
+            "max": float(resid.max()) if N else 0.0,
+            "n_outliers": int(flags.sum()),
+        },
+        "framing_summary": {
+            "content_kept_median": round(float(kept_all.median()), 4) if N else None,
+            "content_kept_p10": round(float(torch.quantile(kept_all.double(), 0.1)), 4) if N else None,
+            "area_scale_median": round(float(area_all.median()), 4) if N else None,
+            "n_cropped": int((kept_all < KEPT_WARN).sum()),
+            "n_touching_edge": None if touching is None else int(touching.sum()),
+        },
+        "consistency_summary": consistency,
+        "warnings": _framing_warnings(kept_all, area_all) + _edge_warnings(touching)
+        + _consistency_warnings(consistency),
+    }
+    if small:
+        metrics["per_image"] = [
+            {"name": nm, "residual": round(float(per["residual"][i]), 4), "outlier": bool(per["outlier"][i]),
+             "content_kept": round(float(per["content_kept"][i]), 4),
+             "area_scale": round(float(per["area_scale"][i]), 4),
+             "edge_contact": round(float(per["edge_contact"][i]), 4),
+             "touches_edge": None if touching is None else bool(touching[i]),
+             **({} if moved is None else {"consistency_px": round(float(moved[i]), 4)})}
+            for i, nm in enumerate(names_all)]
+    return metrics
+
+
+def _apsnr(sq: torch.Tensor, mean: torch.Tensor, n: int) -> float:
+    """Eq. 9 from per-pixel sums: ``MSE = mean_pixels(E[x^2] - E[x]^2)`` on 0-255 intensities."""
+    mse = float((sq / n - mean.square()).clamp_min(0).mean()) * 255.0**2
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def _write_names(tmp: Path, src: Source, chunk: int) -> None:
+    """``names.txt`` (one a line) and ``names.idx.npy`` (each line's byte offset, then the size)."""
+    offsets = np.empty(src.n + 1, dtype=np.int64)
+    pos = 0
+    with open(tmp / "names.txt", "wb") as f:
+        for k in range(0, src.n, chunk):
+            for i, nm in enumerate(src.names(k, min(src.n, k + chunk))):
+                b = nm.encode("utf-8") + b"\n"
+                offsets[k + i] = pos
+                f.write(b)
+                pos += len(b)
+    offsets[src.n] = pos
+    np.save(tmp / "names.idx.npy", offsets, allow_pickle=False)

@@ -54,19 +54,21 @@ def _finite(v):
 
 
 def _zip_aligned(out_dir: Path, zip_path: Path) -> None:
-    """All aligned images in one archive, under their names in transforms.json.
-
-    Large jobs' transforms.json lists no images (the job output contract): their aligned images,
-    if any, are shards or PNGs by the million, and no zip is built for them.
-    """
+    """All aligned images in one archive (PNGs under their names in transforms.json, or the uint8
+    shards of a large job), with transforms.json. None when the job wrote no aligned images."""
     transforms = json.loads((out_dir / "transforms.json").read_text())
-    if "images" not in transforms:
+    listed = [im["aligned_file"] for im in transforms.get("images") or [] if im.get("aligned_file")]
+    if listed:
+        files = listed
+    else:
+        files = sorted(p.relative_to(out_dir).as_posix() for p in (out_dir / "aligned").glob("shard-*.npy"))
+    if not files:
         return
     tmp = zip_path.with_name(zip_path.name + ".tmp")
-    # PNGs are already compressed: storing them is as small and much faster.
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-        for im in transforms["images"]:
-            zf.write(out_dir / im["aligned_file"], arcname=im["aligned_file"][len("aligned/"):])
+    # PNGs and shards are compressed already or incompressible noise: storing is as small and much faster.
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for f in files:
+            zf.write(out_dir / f, arcname=f[len("aligned/"):])
         zf.write(out_dir / "transforms.json", arcname="transforms.json")
     os.replace(tmp, zip_path)
 

@@ -28,7 +28,7 @@ __all__ = ["ProgressRelay", "RESUME_PREFIX", "PROGRESS_EVERY_S", "URGENT_EVERY_S
 log = logging.getLogger("congeal.runner")
 
 # How models.dprc announces a resume in its progress message.
-RESUME_PREFIX = "resumed from checkpoint at epoch"
+RESUME_PREFIX = "resumed from checkpoint at step"
 PROGRESS_EVERY_S = 0.5
 URGENT_EVERY_S = 0.1
 
@@ -43,7 +43,7 @@ class ProgressRelay:
         self.summary: dict | None = None
         self.error: dict | None = None
         self.last: ProgressRecord | None = None
-        self.last_work: ProgressRecord | None = None  # last report that counted steps
+        self.last_work: ProgressRecord | None = None  # last training report (it counts steps)
         self.first_epoch: int | None = None
         self.writes = 0  # progress writes to the store (what the rate limit bounds)
         self.events = 0
@@ -104,7 +104,7 @@ class ProgressRelay:
                 self._attempt["resumed_from_epoch"] = p.epoch
             self._stage = p.stage
             self.last = p
-            if p.total:
+            if p.total and p.stage == "training":
                 self.last_work = p
             self._pending = True
             self._urgent = self._urgent or urgent

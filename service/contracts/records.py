@@ -76,10 +76,11 @@ class JobOptions(BaseModel):
                                         "(default 0; keeps the content at some cost in consistency)")
     reframe: float | None = Field(None, ge=0, le=10, description="dprc: moment weight of the automatic re-fit "
                                   "when the fit crops (default 1; 0: never)")
-    width: float | None = Field(None, ge=0.25, le=8, description="dprc: DeSTNet width multiplier (default 4 for "
-                                "images up to 48 px, whose Table 1 aligner is narrow; 1 above; 1: Table 1's aligner, "
-                                "cheaper on a CPU)")
-    batch_size: int | None = Field(None, ge=8, le=1024, description="dprc: training batch size (default 256)")
+    width: float | None = Field(None, ge=0.25, le=8, description="dprc: DeSTNet width multiplier (default 4 on a "
+                                "GPU for images up to 48 px, whose Table 1 aligner is narrow; 1 above and on a CPU; "
+                                "1: Table 1's aligner)")
+    batch_size: int | None = Field(None, ge=8, le=8192, description="dprc: training batch size (default 256 on a GPU "
+                                   "up to 8,191 images, doubling with the collection up to 1,024; 64 on a CPU)")
 
     @model_validator(mode="after")
     def _dprc_fields_need_dprc(self) -> "JobOptions":

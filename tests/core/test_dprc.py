@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from models import geometry as G
-from models.dprc import DPRC, background, choose_reference, curriculum_family, guarded_step, moment_init
+from models.dprc import DPRC, background, choose_reference, curriculum_family, moment_init
+from models.dprc_train import distance, equivariance_distance, guarded_update, make_optimizer
 from models.evaluate import evaluate_warps
 from models.methods import Cancelled, FitContext, load_aligner
 from models.nets import PRESETS, AutoEncoderConfig, DeSTNet, DeSTNetConfig, PenalisedAutoEncoder, positional_weights
@@ -78,7 +79,7 @@ def test_reference_rule_picks_a_typical_image():
     assert choose_reference(x) != 2
 
 
-def _fit(x, tmp, budget=3, stop_after=None, seed=0, **over):
+def _fit(x, tmp, budget=9, stop_after=None, seed=0, **over):
     steps = {"n": 0}
 
     def should_stop():
@@ -91,15 +92,16 @@ def _fit(x, tmp, budget=3, stop_after=None, seed=0, **over):
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(digits3, tmp_path):
-    x = make_pairs(digits3[:8], 0.08, seed=0).images  # 16 images: 2 steps per epoch
+    x = make_pairs(digits3[:8], 0.08, seed=0).images  # 16 images: 2 steps per epoch, 18 in all
     full = _fit(x, tmp_path / "a")
     with pytest.raises(Cancelled):
-        _fit(x, tmp_path / "b", stop_after=3)  # dies in epoch 2, after epoch 1's checkpoint
-    assert json.loads((tmp_path / "b" / "state.json").read_text())["epoch"] == 1
+        _fit(x, tmp_path / "b", stop_after=11)  # stopped before step 12, after step 11's checkpoint
+    saved = json.loads((tmp_path / "b" / "state.json").read_text())
+    assert saved["step"] == 11 and saved["epoch"] == 5
     resumed = _fit(x, tmp_path / "b")
-    assert any("resumed from checkpoint at epoch 1" in n for n in resumed.notes)
+    assert any("resumed from checkpoint at step 11 (epoch 5)" in n for n in resumed.notes)
     assert torch.allclose(resumed.in_from_out_norm, full.in_from_out_norm, atol=1e-5)
-    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.history == full.history and [h["step"] for h in full.history] == list(range(1, 19))
 
 
 def test_corrupt_or_foreign_checkpoint_restarts_with_a_note(digits3, tmp_path):
@@ -142,15 +144,15 @@ def test_width_scales_the_aligner_and_round_trips(digits3, tmp_path):
     x = digits3[:8]
     r = _fit(x, None, budget=1, width=2, stages=2)
     net = r.aligner.net
-    base = PRESETS["mnist"]["destnet"]
+    base = PRESETS["small"]["destnet"]
     assert net.cfg.convs == tuple((k, 2 * c, s) for k, c, s in base["convs"]) and net.cfg.hidden == 2 * base["hidden"]
     r.aligner.save(tmp_path)
     assert torch.allclose(load_aligner(tmp_path).align(x), r.aligner.align(x), atol=1e-6)
     with pytest.raises(ValueError, match="width=0"):
         DPRC(width=0)
     # By default the 4-and-8-channel MNIST aligners are widened, the LFW one is not.
-    mnist, _ = DPRC()._nets(1, (28, 28), "homography")
-    lfw, _ = DPRC()._nets(1, (64, 64), "homography")
+    mnist, _ = DPRC()._nets(1, (28, 28), "homography", DPRC().resolved("cuda", (28, 28)))
+    lfw, _ = DPRC()._nets(1, (64, 64), "homography", DPRC().resolved("cuda", (64, 64)))
     assert mnist.cfg.convs[0][1] == 4 * PRESETS["mnist"]["destnet"]["convs"][0][1]
     assert lfw.cfg.convs == PRESETS["lfw"]["destnet"]["convs"]
 
@@ -168,7 +170,7 @@ class _Scripted(DPRC):
         w = self.warps.pop(0)
         if isinstance(w, Exception):
             raise w
-        return FitResult(in_from_out_norm=w.expand(x.shape[0], 3, 3), reference_index=0,
+        return FitResult(in_from_out_norm=w.expand(len(x), 3, 3), reference_index=0,
                          aligner=None, history=[], notes=[])
 
 
@@ -206,22 +208,19 @@ def test_a_step_with_a_non_finite_loss_or_gradient_changes_nothing():
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 1)
     params = list(net.parameters())
-    opt = torch.optim.Adam(params, lr=0.1)
+    opt = make_optimizer(params, 0.1, torch.device("cpu"))
     x = torch.randn(8, 3)
-    taken, value = guarded_step(net(x).square().mean(), params, opt)
-    assert taken and value > 0
+    assert guarded_update(net(x).square().mean(), params, opt).item() == 0.0
     before = [p.detach().clone() for p in params]
     state = {k: v.clone() for k, v in opt.state[params[0]].items()}
     bad_loss = net(x).mean() * float("inf")
     zero_loss_inf_grad = net(x).mean() * 0 + torch.sqrt(params[1] * 0).sum()  # loss 0, d/db sqrt(0) = inf
     for loss in (bad_loss, zero_loss_inf_grad):
-        taken, value = guarded_step(loss, params, opt)
-        assert not taken
+        assert guarded_update(loss, params, opt).item() == 1.0
         assert all(torch.equal(p, q) for p, q in zip(params, before))
         assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
-    assert value == 0.0
-    taken, _ = guarded_step(net(x).square().mean(), params, opt)
-    assert taken and not torch.equal(params[0], before[0])
+    assert guarded_update(net(x).square().mean(), params, opt).item() == 0.0
+    assert not torch.equal(params[0], before[0]) and opt.state[params[0]]["step"].item() == 2
 
 
 def test_unknown_option_is_a_clear_error():
@@ -237,11 +236,20 @@ def test_unknown_option_is_a_clear_error():
         DPRC(equivariance_units="pixels")
 
 
+def _objective(aligner, **over):
+    from models.dprc_train import Objective
+
+    cfg = DPRC(lam=0, padding="zeros", **over).cfg
+    return Objective(aligner, None, cfg, torch.zeros(1, 1, 28, 28), torch.zeros(1, 1, 1, 1),
+                     torch.zeros(2), torch.ones(()), 1.0)
+
+
 class _ConstantAligner:
     """Maps every image to the same warp ``K``: consistent only if ``K`` is the identity."""
 
     def __init__(self, K):
         self.K = K
+        self.net = torch.nn.Identity()
 
     def warps(self, x, limit=None):
         return self.K.to(x).expand(x.shape[0], 3, 3)
@@ -250,57 +258,66 @@ class _ConstantAligner:
 @pytest.mark.parametrize("frame", ["aligned", "both"])
 def test_aligned_frame_equivariance_asks_an_aligned_image_to_map_to_the_identity(digits3, frame):
     x = digits3[:6]
-    cfg = DPRC(equivariance_frame=frame, aligned_sigma=0.0, equivariance_sigma=0.0, padding="zeros").cfg
-    eye = torch.eye(3)
-    loss = DPRC._equivariance(cfg, _ConstantAligner(eye), x, None, eye.expand(6, 3, 3), None, 0)
-    assert loss.item() == pytest.approx(0.0, abs=1e-7)
+    noise = torch.zeros(6, 21)  # no perturbation: every view is the image, or its aligned frame
+    _, terms, _ = _objective(_ConstantAligner(torch.eye(3)), equivariance_frame=frame)(x, None, noise, 0.0, None, True)
+    assert terms[2].item() == pytest.approx(0.0, abs=1e-7)
     # A constant translation by t: the aligned view x(K q) is mapped by K again, K K != K,
     # and every corner of K K lies |t| (normalised) from K's.
     t = torch.tensor([0.3, -0.4])
     K = torch.eye(3)
     K[:2, 2] = t
-    loss = DPRC._equivariance(cfg, _ConstantAligner(K), x, None, K.expand(6, 3, 3), None, 0)
-    assert loss.item() == pytest.approx(float(t.norm()), rel=1e-5)
+    _, terms, _ = _objective(_ConstantAligner(K), equivariance_frame=frame)(x, None, noise, 0.0, None, True)
+    assert terms[2].item() == pytest.approx(float(t.norm()), rel=1e-5)
 
 
-def test_equivariance_views_of_each_frame_are_scored_by_their_own_warp(digits3):
-    # The identity aligner is consistent with nothing: its loss is the mean corner
-    # displacement of the views' perturbations, positive in both frames.
+def test_equivariance_views_follow_the_perturbation_protocol_and_are_scored_by_their_own_warp(digits3):
+    # The identity aligner is consistent with nothing: its loss is the mean corner displacement
+    # of the views' perturbations, positive in both frames, summed for "both".
     x = digits3[:6]
-    eye = torch.eye(3).expand(6, 3, 3)
-    losses = {f: DPRC._equivariance(DPRC(equivariance_frame=f).cfg, _ConstantAligner(torch.eye(3)), x,
-                                    background(x), eye, None, 3).item() for f in ("input", "aligned", "both")}
+    noise = torch.randn(6, 21, generator=torch.Generator().manual_seed(3))
+    losses = {f: _objective(_ConstantAligner(torch.eye(3)), equivariance_frame=f)(
+        x, None, noise, 0.0, None, True)[1][2].item() for f in ("input", "aligned", "both")}
     assert losses["input"] > 0.01 and losses["aligned"] > 0.01
     assert losses["both"] == pytest.approx(losses["input"] + losses["aligned"], rel=1e-5)
+    # The views are the protocol's: the same draws through models.perturb give the same corners.
+    from models.dprc_train import _views
+    from models.perturb import random_perturbations
+    g = torch.Generator().manual_seed(11)
+    P_pix = random_perturbations(5, (28, 28), 0.08, g)
+    g = torch.Generator().manual_seed(11)
+    z = torch.cat([torch.randn(5, 4, 2, generator=g, dtype=torch.float64).view(5, 8),
+                   torch.randn(5, 1, 2, generator=g, dtype=torch.float64).view(5, 2)], 1)
+    P = G.normalised_from_pixel(P_pix, (28, 28), (28, 28))
+    assert torch.allclose(_views(z, 0.08, (28, 28)), P / P[:, 2:3, 2:3], atol=1e-10)
 
 
 @pytest.mark.parametrize("s", [0.5, 1.0, 2.0])
-def test_equivariance_in_frame_units_does_not_change_with_a_common_zoom(digits3, s):
-    # Aligned frames zoomed by s (S), a constant aligner T(t) re-applied on the aligned view:
-    # every corner of S T(t) lies s|t| from S's in the input, |t| in units of the frame's size.
-    x = digits3[:6]
+def test_equivariance_in_frame_units_does_not_change_with_a_common_zoom(s):
+    # Aligned frames zoomed by s (S), views A = S whose warps are S T(t): every corner of
+    # A S T(t) ... measured against S: corners of S T(t) lie s|t| from S's in the input, |t| in
+    # units of the frame's size.
     S = torch.diag(torch.tensor([s, s, 1.0])).expand(6, 3, 3)
     t = torch.tensor([0.3, -0.4])
     K = torch.eye(3)
     K[:2, 2] = t
-    losses = {u: DPRC._equivariance(DPRC(equivariance_frame="aligned", aligned_sigma=0.0, padding="zeros",
-                                         equivariance_units=u).cfg, _ConstantAligner(K), x, None, S, None, 0).item()
-              for u in ("input", "frame")}
-    assert losses["input"] == pytest.approx(s * float(t.norm()), rel=1e-5)
-    assert losses["frame"] == pytest.approx(float(t.norm()), rel=1e-5)
+    A = torch.eye(3).expand(6, 3, 3)
+    Mp = S @ K
+    assert equivariance_distance([A], [Mp], S, "input").item() == pytest.approx(s * float(t.norm()), rel=1e-5)
+    assert equivariance_distance([A], [Mp], S, "frame").item() == pytest.approx(float(t.norm()), rel=1e-5)
 
 
 def test_input_frame_distance_compares_the_reference_warped_onto_each_image(digits3):
     ref = digits3[:1]
     M = G.params_to_matrix(torch.tensor([[0.1, -0.05, 0.05, 0.08, 0.02, -0.03, 0.0, 0.0]]), "homography")
     x = G.warp(ref, G.invert(M), (28, 28))  # x(q) = ref(M^-1 q): M aligns x onto ref exactly
-    m = DPRC(distance="input", padding="zeros")
+    cfg = DPRC(distance="input", padding="zeros").cfg
+    same = lambda t: t  # noqa: E731 - no blur
     aligned = G.warp(x, M, (28, 28))
-    assert m._distance(m.cfg, x, None, aligned, M, ref, None, 0.0).item() == pytest.approx(0.0, abs=1e-7)
+    assert distance(cfg, x, aligned, M, ref, None, same).item() == pytest.approx(0.0, abs=1e-7)
     wrong = G.params_to_matrix(torch.tensor([[0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]), "homography")
-    assert m._distance(m.cfg, x, None, G.warp(x, wrong, (28, 28)), wrong, ref, None, 0.0).item() > 0.01
-    out = DPRC._distance(DPRC(distance="output", padding="zeros").cfg, x, None, aligned, M, ref, None, 0.0).item()
-    both = DPRC._distance(DPRC(distance="symmetric", padding="zeros").cfg, x, None, aligned, M, ref, None, 0.0).item()
+    assert distance(cfg, x, G.warp(x, wrong, (28, 28)), wrong, ref, None, same).item() > 0.01
+    out = distance(DPRC(distance="output", padding="zeros").cfg, x, aligned, M, ref, None, same).item()
+    both = distance(DPRC(distance="symmetric", padding="zeros").cfg, x, aligned, M, ref, None, same).item()
     assert both == pytest.approx(out / 2, rel=1e-5)
 
 
@@ -378,12 +395,84 @@ def test_the_api_fields_for_dprc_name_real_options_and_state_their_defaults():
     from models.dprc import DEFAULT_WIDTH, DPRCConfig
     from service.contracts.records import DPRC_FIELDS, JobOptions
 
+    from models.schedule import auto_batch
+
     defaults = DPRCConfig()
+    gpu = DPRC().resolved("cuda", (28, 28))  # the API quotes the GPU defaults first
     for name in DPRC_FIELDS:
         assert hasattr(defaults, name), name
         quoted = re.search(r"default ([0-9.]+)", JobOptions.model_fields[name].description).group(1)
-        value = getattr(defaults, name)
-        if name == "width":  # None: the preset's; the API quotes the MNIST-size aligner's
-            assert value is None
-            value = DEFAULT_WIDTH["mnist"]
+        value = getattr(gpu, name)
+        if name == "width":
+            assert defaults.width is None and value == DEFAULT_WIDTH["mnist"]
+        if name == "batch_size":  # chosen by the schedule
+            assert defaults.batch_size is None
+            value = auto_batch(1000, "cuda")
+            assert auto_batch(1000, "cpu") == 64 and auto_batch(10**6, "cuda") == 1024
         assert float(quoted) == float(value), (name, quoted)
+
+
+def test_device_side_knobs_train_exactly_like_host_side_ones(digits3, monkeypatch):
+    """On a GPU the schedule's values (blur width, warp family, C's gate) are tensors read inside the
+    step, so one captured graph serves the whole schedule; on a CPU they are Python values. Both
+    paths must train the same network: run the GPU path on the CPU through the curriculum's phases."""
+    import functools
+
+    import models.dprc as D
+    from models.dprc_train import StepRunner
+
+    x = make_pairs(digits3[:8], 0.08, seed=0).images
+    opts = dict(batch_size=8, preset="small", reframe=0, curriculum=(0.0, 0.2, 0.4, 0.6), c_grad_from=0.5,
+                blur_until=0.5)
+    host = DPRC(**opts).fit(x, FitContext(budget=6))
+    monkeypatch.setattr(D, "StepRunner", functools.partial(StepRunner, knobs_on_device=True))
+    dev = DPRC(**opts).fit(x, FitContext(budget=6))
+    assert torch.allclose(host.in_from_out_norm, dev.in_from_out_norm, atol=1e-5)
+    assert not torch.allclose(host.in_from_out_norm, torch.eye(3).expand(16, 3, 3), atol=1e-3)
+
+
+def test_a_training_step_neither_waits_for_the_device_nor_copies_host_data_to_it(digits3):
+    """What a captured CUDA graph cannot hold: a read of a device value on the host (``item``,
+    ``tolist``, ``bool``, a copy to the CPU) or a tensor made from Python numbers (a host-to-device
+    copy). A capture with either fails (and the trainer falls back to slow eager steps, as it did on
+    the GPU in the eighth session), so the step run the GPU's way (knobs on the device) is checked
+    for them on the CPU, after one warm-up step fills the constant caches."""
+    from torch.overrides import TorchFunctionMode
+
+    import models.dprc_train as T
+
+    class Watch(TorchFunctionMode):
+        bad = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.cpu, torch.Tensor.numpy,
+               torch.tensor, torch.as_tensor, torch.Tensor.__int__, torch.Tensor.__float__}
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in self.bad:
+                self.seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    x = make_pairs(digits3[:8], 0.08, seed=0).images
+    runners = []
+    real = T.StepRunner
+
+    def capture(*a, **kw):
+        runners.append(real(*a, **{**kw, "knobs_on_device": True}))
+        return runners[-1]
+
+    import models.dprc as D
+
+    orig = D.StepRunner
+    D.StepRunner = capture
+    try:
+        DPRC(batch_size=8, preset="small", reframe=0, equivariance_frame="both").fit(x, FitContext(budget=1))
+    finally:
+        D.StepRunner = orig
+    r = runners[0]
+    r.buf.counter.zero_()
+    r._step()  # warm-up: fills geometry's constant cache
+    with Watch() as w:
+        r._step()
+    assert w.seen == []

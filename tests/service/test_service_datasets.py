@@ -28,9 +28,6 @@ from service.devserver import start_api
 
 pytestmark = pytest.mark.integration
 
-NEEDS_SHARD_READER = pytest.mark.xfail(
-    strict=True, reason="needs models.imageio.scan_collection / align_collection to read a folder of shards "
-                        "(the lead's core change for issue 14); remove this mark once it lands")
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -594,9 +591,6 @@ def test_a_job_pages_its_per_image_results_like_its_json(client, dataset_jobs):
         assert client.get(r["aligned_url"]).headers["content-type"] == "image/png"
 
 
-@pytest.mark.xfail(strict=True, reason="needs the job output contract's arrays (transforms.npy, names.txt, "
-                                       "names.idx.npy, per_image.npy) from models/pipeline.py; remove this mark "
-                                       "once the lead's pipeline writes them")
 def test_a_real_jobs_output_has_the_contract_arrays(client, dataset_jobs):
     _, _, jobs, _ = dataset_jobs
     job = client.get(jobs[0]["links"]["self"]).json()
@@ -662,7 +656,7 @@ def test_embedded_datasets_expire_when_unused(tmp_path):
         assert not (tmp_path / "datasets" / ds["id"]).exists()
 
 
-# ---------------------------------------------------------------------- shards (the lead's reader)
+# ---------------------------------------------------------------------- shards (the core's shard reader)
 
 
 def _shards(kind: str, n_shards: int = 3, per: int = 7) -> dict[str, bytes]:
@@ -687,7 +681,6 @@ def _shards(kind: str, n_shards: int = 3, per: int = 7) -> dict[str, bytes]:
     return out
 
 
-@NEEDS_SHARD_READER
 @pytest.mark.parametrize("kind", ["npy", "npz", "tar"])
 def test_a_folder_of_shards_is_one_dataset(api, kind):
     files = _shards(kind)
@@ -696,7 +689,6 @@ def test_a_folder_of_shards_is_one_dataset(api, kind):
     assert d["state"] == "ready" and d["n_images"] == 21, (d["state"], d["error"])
 
 
-@NEEDS_SHARD_READER
 def test_embedded_job_on_npy_shards(tmp_path):
     with TestClient(create_app(_embedded(tmp_path))) as c:
         d = make_dataset(c, _shards("npy"))
