@@ -15,9 +15,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from .contracts import ArtifactStore, CeleryDispatcher, Settings, open_store
+from .contracts import ArtifactStore, CeleryDispatcher, Settings, open_dataset_store, open_store
+from .datasets import DatasetChecker
 from .deps import ServiceState, get_settings
-from .routers import health, jobs, models
+from .routers import datasets, health, jobs, models, results
 
 __all__ = ["create_app", "app"]
 
@@ -27,7 +28,9 @@ DESCRIPTION = """\
 Joint image alignment ("congealing") as a service. Upload a collection with
 `POST /jobs`, poll `GET /jobs/{id}` for progress, then download the per-image
 transforms, the aligned images and the mean/variance images. A succeeded job's
-trained model aligns new images with `POST /models/{id}/align`.
+trained model aligns new images with `POST /models/{id}/align`. Large collections
+are uploaded once, in resumable chunks, as a dataset (`POST /datasets`) that jobs
+name; their per-image results page through `GET /jobs/{id}/per-image`.
 See docs/service.md for the full guide.
 """
 
@@ -52,12 +55,14 @@ def build_state(settings: Settings) -> ServiceState:
     store = open_store(settings)
     artifacts = ArtifactStore(settings.data_dir)
     artifacts.root.mkdir(parents=True, exist_ok=True)
+    ds = open_dataset_store(settings)
+    checker = DatasetChecker(ds, artifacts, settings)
     if settings.embedded:
         from .embedded import EmbeddedRunner
 
         runner = EmbeddedRunner(store, artifacts, settings).start()
-        return ServiceState(settings, store, artifacts, runner, embedded=runner)
-    return ServiceState(settings, store, artifacts, CeleryDispatcher(settings))
+        return ServiceState(settings, store, artifacts, runner, embedded=runner, datasets=ds, checker=checker)
+    return ServiceState(settings, store, artifacts, CeleryDispatcher(settings), datasets=ds, checker=checker)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -73,6 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            state.checker.close()
+            state.datasets.close()
             if state.embedded is not None:
                 state.embedded.close()
             else:
@@ -83,6 +90,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings is not None:
         app.dependency_overrides[get_settings] = lambda: settings
     app.include_router(jobs.router)
+    app.include_router(results.router)
+    app.include_router(datasets.router)
     app.include_router(models.router)
     app.include_router(health.router)
 

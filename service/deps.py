@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
-from .contracts import ArtifactStore, Dispatcher, JobRecord, JobStore, Settings, valid_job_id
+from .contracts import ArtifactStore, DatasetStore, Dispatcher, JobRecord, JobStore, Settings, valid_job_id
 
 __all__ = [
     "get_settings",
@@ -42,6 +42,8 @@ class ServiceState:
     artifacts: ArtifactStore
     dispatcher: Dispatcher
     embedded: object | None = None  # the EmbeddedRunner in embedded mode
+    datasets: DatasetStore | None = None
+    checker: object | None = None  # the DatasetChecker (service.datasets)
 
 
 def _state(request: Request) -> ServiceState:

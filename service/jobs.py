@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from models.imageio import LoadLimits
 
 from .contracts import RESULT_IMAGES, JobKind, JobOptions, JobRecord, JobStatus, new_job_id
+from .contracts.datasets import DatasetUnavailable, release_use, use_dataset
 from .contracts.store import InFlightLimit
 from .deps import ServiceState
 from .schemas import (AttemptPublic, JobLinks, JobPublic, MetricsPublic, ProgressPublic, ts)
@@ -60,35 +61,75 @@ async def accept_job(request: Request, state: ServiceState, owner: str, *, kind:
         raise _too_many(in_flight, s.max_jobs_in_flight_per_key)
     job_id = new_job_id()
     dest = state.artifacts.input_dir(job_id)
+    held = None  # (dataset id, job id) once the job holds a dataset
     try:
         up = await receive_upload(request, dest, max_bytes=s.max_upload_bytes, max_files=s.max_files_per_upload,
                                   image_exts=s.image_extensions)
         opts = _parse_options(options_model, up.fields)
-        job_options = JobOptions(**opts.model_dump()) if isinstance(opts, JobOptions) else JobOptions()
+        dataset_id = getattr(opts, "dataset", None)
+        job_options = (JobOptions(**opts.model_dump(exclude={"dataset"})) if isinstance(opts, JobOptions)
+                       else JobOptions())
         if job_options.budget is not None and job_options.budget > s.max_budget:
             raise field_error("budget", f"at most {s.max_budget} epochs on this service")
         if job_options.time_limit_s is not None and job_options.time_limit_s > s.job_time_limit_s:
             raise field_error("time_limit_s", f"at most {s.job_time_limit_s} s on this service")
-        names, archive = await check_upload(dest, up.files, _limits(state), min_images,  # decodes: last
-                                            s.image_formats)
-        if job_options.reference is not None and job_options.reference not in names:
-            raise field_error("reference", f"{job_options.reference!r} is not the name of an uploaded image")
+        if dataset_id is not None:
+            ds, held = await _dataset_input(state, owner, dataset_id, job_id, up.files, min_images, job_options)
+            n_inputs, input_bytes, archive = ds.n_images, ds.bytes_declared, ds.input_name
+        else:
+            names, archive = await check_upload(dest, up.files, _limits(state), min_images,  # decodes: last
+                                                s.image_formats)
+            if job_options.reference is not None and job_options.reference not in names:
+                raise field_error("reference", f"{job_options.reference!r} is not the name of an uploaded image")
+            n_inputs, input_bytes = len(names), up.total_bytes
         rec = JobRecord(id=job_id, kind=kind, owner=owner, options=job_options, model_id=model_id,
-                        n_inputs=len(names), input_bytes=up.total_bytes, input_archive=archive,
+                        n_inputs=n_inputs, input_bytes=input_bytes, input_archive=archive, dataset_id=dataset_id,
                         idempotency_key=idempotency_key)
         stored, created = await run_in_threadpool(state.store.insert, rec, s.max_jobs_in_flight_per_key)
     except InFlightLimit as e:
-        _discard(state, job_id)
+        _discard(state, job_id, held)
         raise _too_many(e.count, s.max_jobs_in_flight_per_key) from None
     except UploadError as e:
-        _discard(state, job_id)
+        _discard(state, job_id, held)
         raise HTTPException(e.status, e.detail) from None
     except BaseException:
-        _discard(state, job_id)
+        _discard(state, job_id, held)
         raise
     if not created:  # lost an idempotency race to an identical request: keep the winner only
-        _discard(state, job_id)
+        _discard(state, job_id, held)
     return stored, created
+
+
+async def _dataset_input(state: ServiceState, owner: str, dataset_id: str, job_id: str, files: list[str],
+                         min_images: int, options: JobOptions):
+    """The ready dataset a job names, now held by it (a DELETE is refused until the job ends).
+    Returns the dataset and what to release if the job is not created after all."""
+    if files:
+        raise UploadError(422, [{"loc": ["body", "dataset"], "type": "dataset_and_files",
+                                 "msg": f"send either file parts or a dataset, not both ({len(files)} file(s) sent)"}])
+    try:
+        ds = await run_in_threadpool(use_dataset, state.datasets, state.store, dataset_id, owner, job_id,
+                                     state.settings.max_images_per_job, min_images)
+    except DatasetUnavailable as e:
+        raise UploadError(e.status, e.message) from None
+    held = (dataset_id, job_id)
+    if options.reference is not None:
+        path = state.artifacts.dataset_dir(dataset_id) / "names.txt"
+        if not await run_in_threadpool(_lists_name, path, options.reference):
+            await run_in_threadpool(release_use, state.datasets, dataset_id, job_id)
+            raise field_error("reference", f"{options.reference!r} is not the name of an image in dataset "
+                                           f"{dataset_id}")
+    return ds, held
+
+
+def _lists_name(names_txt, name: str) -> bool:
+    """Whether ``name`` is a line of the dataset's names file (streamed: it may list millions)."""
+    want = name + "\n"
+    try:
+        with open(names_txt, encoding="utf-8") as f:
+            return any(line == want for line in f)
+    except OSError:  # written when the dataset became ready; gone only with the dataset
+        return False
 
 
 def _too_many(in_flight: int, limit: int) -> HTTPException:
@@ -96,8 +137,10 @@ def _too_many(in_flight: int, limit: int) -> HTTPException:
                               f"wait for one to finish", headers={"Retry-After": "10"})
 
 
-def _discard(state: ServiceState, job_id: str) -> None:
+def _discard(state: ServiceState, job_id: str, held: tuple[str, str] | None = None) -> None:
     shutil.rmtree(state.artifacts.job_dir(job_id), ignore_errors=True)
+    if held is not None:
+        release_use(state.datasets, *held)
 
 
 def multipart_openapi(options_model: type[BaseModel] | None, files_doc: str) -> dict[str, Any]:
@@ -106,7 +149,9 @@ def multipart_openapi(options_model: type[BaseModel] | None, files_doc: str) -> 
                                           "description": files_doc}}
     if options_model is not None:
         props.update(options_model.model_json_schema()["properties"])
-    schema = {"type": "object", "properties": props, "required": [FILE_FIELD], "additionalProperties": False}
+    # A job may name a dataset instead of sending files: then no file part is required.
+    required = [] if "dataset" in props else [FILE_FIELD]
+    schema = {"type": "object", "properties": props, "required": required, "additionalProperties": False}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
@@ -125,6 +170,16 @@ def to_public(rec: JobRecord, request: Request) -> JobPublic:
         if rec.kind == JobKind.align and (rec.result or {}).get("has_model"):
             links.model = path("get_model", model_id=rec.id)
             links.align_with_model = path("align_with_model", model_id=rec.id)
+        links.per_image = path("list_per_image", job_id=rec.id)
+        arrays = (rec.result or {}).get("array_files") or []
+        if "transforms.npy" in arrays:
+            links.transforms_npy = path("download_transforms_npy", job_id=rec.id)
+        if "per_image.npy" in arrays:
+            links.per_image_npy = path("download_per_image_npy", job_id=rec.id)
+        if "names.txt" in arrays:
+            links.names_txt = path("download_names_txt", job_id=rec.id)
+    if rec.dataset_id:
+        links.dataset = path("get_dataset", dataset_id=rec.dataset_id)
     model_id = rec.model_id
     if rec.kind == JobKind.align:
         model_id = rec.id if rec.status == JobStatus.succeeded and (rec.result or {}).get("has_model") else None

@@ -22,6 +22,14 @@ __all__ = [
     "ModelPublic",
     "ErrorPublic",
     "HealthPublic",
+    "DatasetFileCreate",
+    "DatasetCreate",
+    "DatasetFilePublic",
+    "DatasetLinks",
+    "DatasetPublic",
+    "DatasetsPublic",
+    "PerImagePublic",
+    "PerImagePage",
     "ReadyPublic",
     "ts",
 ]
@@ -37,6 +45,10 @@ class JobCreate(JobOptions):
     Unknown fields are rejected (422 naming the field) rather than ignored, so a
     misspelt option never silently falls back to its default.
     """
+
+    dataset: str | None = Field(None, min_length=1, max_length=64,
+                                description="id of a ready dataset (POST /datasets) to align, instead of "
+                                            "file parts; the job reads its files in place")
 
 
 class ProgressPublic(BaseModel):
@@ -121,6 +133,13 @@ class JobLinks(BaseModel):
     var_after: str | None = None
     model: str | None = None
     align_with_model: str | None = None
+    per_image: str | None = Field(None, description="paged per-image results (JSON)")
+    transforms_npy: str | None = Field(None, description="every matrix, float64 (N, 3, 3), when the output has it")
+    per_image_npy: str | None = Field(None, description="per-image metrics, a structured array, when the output "
+                                                        "has it")
+    names_txt: str | None = Field(None, description="image names, one a line, in index order, when the output "
+                                                    "has it")
+    dataset: str | None = Field(None, description="the dataset the job read")
 
 
 class JobPublic(BaseModel):
@@ -196,3 +215,102 @@ class ReadyPublic(BaseModel):
     store: str
     workers: list[str]
     detail: str | None = None
+
+
+# ---------------------------------------------------------------------- datasets
+
+
+class DatasetFileCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=255, description="a plain file name (no folders): an image, one "
+                      ".zip/.tar[.gz] archive or .npy array, or one of several .npy/.npz or .tar/.zip shards")
+    size: int | None = Field(None, ge=0, description="bytes; if left out, the first chunk's Content-Range total "
+                             "fixes it")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="checked when the dataset is completed")
+
+
+class DatasetCreate(BaseModel):
+    """``POST /datasets``: the files to come. Nothing is uploaded yet."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    files: list[DatasetFileCreate] = Field(min_length=1)
+    label: str | None = Field(None, max_length=200, description="a name for people; not unique")
+
+
+class DatasetFilePublic(BaseModel):
+    name: str
+    size: int | None
+    received: int = Field(description="bytes received from offset 0: the next chunk starts here")
+    complete: bool
+    sha256: str | None = None
+
+
+class DatasetLinks(BaseModel):
+    self: str
+    delete: str
+    upload: str | None = Field(None, description="template: PUT chunks of a file here (replace {name})")
+    complete: str | None = None
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    label: str | None = None
+    state: Literal["uploading", "validating", "ready", "invalid"]
+    layout: str = Field(description="images (a folder of image files), bundle (one archive or .npy), shards")
+    n_files: int
+    bytes_declared: int = Field(description="sum of the file sizes known so far")
+    bytes_received: int | None = Field(None, description="on GET /datasets/{id}")
+    files: list[DatasetFilePublic] | None = Field(None, description="on GET /datasets/{id}, by name")
+    n_images: int | None = Field(None, description="once ready")
+    image_size: list[int] | None = Field(None, description="(H, W) when every image has it")
+    channels: int | None = None
+    error: str | None = Field(None, description="invalid: why")
+    error_status: int | None = Field(None, description="invalid: 413 (over a limit) or 422")
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None = None
+    expires_at: datetime | None = Field(None, description="deleted then unless a job in flight reads it; each "
+                                        "use (a chunk, a job naming it) moves it later")
+    jobs_in_flight: list[str] | None = Field(None, description="on GET /datasets/{id}: queued or running jobs "
+                                             "that read it (it cannot be deleted meanwhile)")
+    links: DatasetLinks
+
+
+class DatasetsPublic(BaseModel):
+    data: list[DatasetPublic]
+    total: int
+    offset: int
+    limit: int
+    next: str | None = None
+
+
+# ---------------------------------------------------------------------- paged per-image results
+
+
+class PerImagePublic(BaseModel):
+    index: int
+    name: str
+    matrix: list[list[float]] = Field(description="3x3, aligned-output pixel -> input pixel (see the job's "
+                                                  "transforms 'convention')")
+    fill: list[float] | None = Field(None, description="per channel, 0-255")
+    input_size: list[int] | None = Field(None, description="(H, W) of the input image")
+    residual: float | None = None
+    outlier: bool | None = None
+    content_kept: float | None = None
+    area_scale: float | None = None
+    edge_contact: float | None = None
+    touches_edge: bool | None = Field(None, description="null where the border check is off")
+    consistency_px: float | None = Field(None, description="null where not measured")
+    aligned_url: str | None = Field(None, description="the aligned PNG, where the job wrote PNGs")
+
+
+class PerImagePage(BaseModel):
+    data: list[PerImagePublic]
+    total: int
+    offset: int
+    limit: int
+    next: str | None = None
+    source: Literal["arrays", "json"] = Field(description="arrays: transforms.npy / per_image.npy / names.txt; "
+                                              "json: transforms.json and metrics.json (outputs without arrays)")

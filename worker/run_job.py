@@ -21,6 +21,7 @@ import traceback
 import zipfile
 from pathlib import Path
 
+from service.contracts.artifacts import ARRAY_RESULT_FILES
 from service.contracts.runner import EXIT_CANCELLED, EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, read_summary
 
 _PR_SET_PDEATHSIG = 1
@@ -102,7 +103,8 @@ def run(spec: dict, events: _Events, should_stop) -> int:
         if should_stop():
             raise Cancelled("cancelled")
         _zip_aligned(out, Path(spec["aligned_zip"]))
-        events.send({"type": "result", "summary": read_summary(out)})
+        arrays = [n for n in ARRAY_RESULT_FILES if (out / n).is_file()]
+        events.send({"type": "result", "summary": {**read_summary(out), "array_files": arrays}})
         return EXIT_OK
     except Cancelled:
         events.send({"type": "error", "kind": "cancelled", "message": "cancelled"})

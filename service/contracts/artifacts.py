@@ -9,6 +9,8 @@ Layout, one folder per job::
     DATA/jobs/<id>/output/aligned.zip   all aligned images, built by the worker
     DATA/jobs/<id>/run.json      what the training child is asked to do
     DATA/jobs/<id>/child.log     the training child's stderr
+    DATA/datasets/<id>/files/    a dataset's files, as uploaded (jobs naming it read them in place)
+    DATA/datasets/<id>/names.txt its image names, one a line, written when it was validated
 
 Every path is derived from a job id that must look like one we issued, so a
 request path can never point outside the store.
@@ -21,12 +23,16 @@ import shutil
 import uuid
 from pathlib import Path
 
-__all__ = ["ArtifactStore", "new_job_id", "valid_job_id", "RESULT_IMAGES"]
+__all__ = ["ArtifactStore", "new_job_id", "valid_job_id", "new_dataset_id", "valid_dataset_id", "RESULT_IMAGES",
+           "ARRAY_RESULT_FILES"]
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
+_DATASET_ID = re.compile(r"ds[0-9a-f]{32}")
 
 # Downloadable summary images written by models.pipeline, by their public names.
 RESULT_IMAGES = ("mean_before", "var_before", "mean_after", "var_after")
+# Per-image array outputs of the job output contract (models/pipeline.py), downloadable as they are.
+ARRAY_RESULT_FILES = ("transforms.npy", "per_image.npy", "names.txt")
 
 
 def new_job_id() -> str:
@@ -35,6 +41,15 @@ def new_job_id() -> str:
 
 def valid_job_id(job_id: str) -> bool:
     return bool(_ID.match(job_id or ""))
+
+
+def new_dataset_id() -> str:
+    # Its own shape, so a dataset id is never taken for a job id (or the other way round).
+    return "ds" + uuid.uuid4().hex
+
+
+def valid_dataset_id(dataset_id: str) -> bool:
+    return isinstance(dataset_id, str) and bool(_DATASET_ID.fullmatch(dataset_id))
 
 
 class ArtifactStore:
@@ -79,6 +94,20 @@ class ArtifactStore:
 
     def remove_job(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+
+    def dataset_dir(self, dataset_id: str) -> Path:
+        if not valid_dataset_id(dataset_id):
+            raise ValueError(f"not a dataset id: {dataset_id!r}")
+        return self.root / "datasets" / dataset_id
+
+    def dataset_files(self, dataset_id: str) -> Path:
+        return self.dataset_dir(dataset_id) / "files"
+
+    def job_input(self, job_id: str, archive: str | None, dataset_id: str | None = None) -> Path:
+        """What a job reads: its own ``input/`` (or the one archive or array in it), or the
+        files of the dataset it names, in place."""
+        base = self.dataset_files(dataset_id) if dataset_id else self.input_dir(job_id)
+        return base / archive if archive else base
 
     def discard_checkpoint(self, job_id: str) -> None:
         shutil.rmtree(self.checkpoint_dir(job_id), ignore_errors=True)

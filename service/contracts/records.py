@@ -136,6 +136,7 @@ class JobRecord(BaseModel):
     n_inputs: int = 0
     input_bytes: int = 0
     input_archive: str | None = None  # set when the upload was one archive: its file name in input/
+    dataset_id: str | None = None  # the job reads this dataset's files (input_archive: one of them)
     idempotency_key: str | None = None
 
     created_at: float = Field(default_factory=now)

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from .artifacts import ArtifactStore, valid_job_id
+from .progress import RESUME_PREFIX, ProgressRelay
 from .records import JobKind, JobRecord, JobStatus, ProgressRecord, now
 from .settings import Settings
 from .store import JobStore
@@ -57,9 +58,6 @@ log = logging.getLogger("congeal.runner")
 
 CHILD_MODULE = "worker.run_job"
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
-# How models.dprc announces a resume in its progress message.
-RESUME_PREFIX = "resumed from checkpoint at step"
-_PROGRESS_EVERY_S = 0.5
 
 
 def worker_name(prefix: str | None = None) -> str:
@@ -71,77 +69,6 @@ def _kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-class _Relay:
-    """Reads the child's event pipe on a thread and writes progress into the record."""
-
-    def __init__(self, fd: int, store: JobStore, job_id: str, worker: str):
-        self.fd, self.store, self.job_id, self.worker = fd, store, job_id, worker
-        self.summary: dict | None = None
-        self.error: dict | None = None
-        self.last: ProgressRecord | None = None
-        self.last_work: ProgressRecord | None = None  # last training report (it counts steps)
-        self.first_epoch: int | None = None
-        self._attempt: dict = {}  # fields of the current attempt not yet written
-        self._written_at = 0.0
-        self._stage: str | None = None
-        self._pending = False
-        self.thread = threading.Thread(target=self._loop, name=f"relay-{job_id[:8]}", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def _loop(self) -> None:
-        with os.fdopen(self.fd, "rb") as f:
-            for line in f:
-                try:
-                    ev = json.loads(line)
-                except ValueError:
-                    continue
-                try:
-                    self._on(ev)
-                except Exception:  # a store hiccup must not stop the relay
-                    log.exception("job %s: could not record progress", self.job_id)
-
-    def _on(self, ev: dict) -> None:
-        kind = ev.get("type")
-        if kind == "result":
-            self.summary = ev.get("summary") or {}
-        elif kind == "error":
-            self.error = ev
-        elif kind == "progress":
-            fields = {k: ev.get(k) for k in ProgressRecord.model_fields if k != "updated_at" and ev.get(k) is not None}
-            p = ProgressRecord(**fields)
-            urgent = p.stage != self._stage or p.message is not None
-            if p.stage == "training" and p.epoch:
-                if self.first_epoch is None:
-                    self.first_epoch = self._attempt["first_epoch"] = p.epoch
-                    urgent = True
-                self._attempt["last_epoch"] = p.epoch
-            if p.message and p.message.startswith(RESUME_PREFIX):
-                self._attempt["resumed_from_epoch"] = p.epoch
-            self.last = p
-            if p.total and p.stage == "training":
-                self.last_work = p
-            # Throttled: a fast method reports every step, the record needs a few a second.
-            if urgent or time.time() - self._written_at >= _PROGRESS_EVERY_S:
-                self._flush()
-            else:
-                self._pending = True
-
-    def _flush(self) -> None:
-        self.store.report(self.job_id, self.worker, self.last, **self._attempt)
-        self._attempt = {}
-        self._written_at, self._stage, self._pending = time.time(), self.last.stage, False
-
-    def join(self) -> None:
-        self.thread.join(timeout=10)
-        if self._pending and self.last is not None:
-            try:
-                self._flush()
-            except Exception:
-                log.exception("job %s: could not record progress", self.job_id)
 
 
 class JobRunner:
@@ -170,8 +97,7 @@ class JobRunner:
             "options": rec.options.model_dump(),
             "method_options": method_options,
             "device": s.device,
-            "input_path": str(a.input_dir(rec.id) / rec.input_archive if rec.input_archive
-                              else a.input_dir(rec.id)),
+            "input_path": str(a.job_input(rec.id, rec.input_archive, rec.dataset_id)),
             "output_dir": str(a.output_dir(rec.id)),
             "checkpoint_dir": str(a.checkpoint_dir(rec.id)),
             "model_dir": str(a.model_dir(rec.model_id)) if rec.model_id else None,
@@ -224,7 +150,7 @@ class JobRunner:
                                   error=f"could not start the training process: {e}")
                 return "failed: could not start the child"
         os.close(w)
-        relay = _Relay(r, self.store, job_id, self.name)
+        relay = ProgressRelay(r, self.store, job_id, self.name)
         relay.start()
         try:
             self.store.report(job_id, self.name, None, pid=proc.pid, checkpoint_at_start=had_ckpt)
@@ -281,7 +207,7 @@ class JobRunner:
                 killed_for = "shutdown"
                 _kill_group(proc.pid, signal.SIGKILL)
 
-    def _conclude(self, job_id: str, attempt: int, rc: int, relay: _Relay, killed_for: str | None,
+    def _conclude(self, job_id: str, attempt: int, rc: int, relay: ProgressRelay, killed_for: str | None,
                   limit: int) -> str:
         st = self.store
         if killed_for == "lease":
@@ -427,6 +353,8 @@ class Maintenance:
         self.store, self.dispatcher, self.settings, self.name = store, dispatcher, settings, name
         self.artifacts = artifacts or ArtifactStore(settings.data_dir)
         self._last_sweep = float("-inf")
+        self._last_dataset_sweep = float("-inf")
+        self._datasets = None  # opened on the first dataset sweep
         self.info = info or {}
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="congeal-maintenance", daemon=True)
@@ -462,10 +390,24 @@ class Maintenance:
                     if ttl is not None and time.monotonic() - self._last_sweep >= self.settings.sweep_interval_s:
                         self._last_sweep = time.monotonic()
                         sweep_expired(self.store, self.artifacts, ttl)
+                    if time.monotonic() - self._last_dataset_sweep >= self.settings.sweep_interval_s:
+                        self._last_dataset_sweep = time.monotonic()
+                        self._sweep_datasets()
             except Exception:
                 log.exception("maintenance pass failed; retrying")
             if self._stop.wait(every):
                 return
+
+
+    def _sweep_datasets(self) -> None:
+        # Unused datasets expire (dataset_ttl_s, else job_ttl_s); interrupted deletes are finished.
+        from .datasets import open_dataset_store, sweep_datasets
+
+        if self._datasets is None:
+            self._datasets = open_dataset_store(self.settings)
+        gone = sweep_datasets(self._datasets, self.store, self.artifacts, self.settings.dataset_ttl)
+        if gone:
+            log.info("retention: deleted %d dataset(s)", len(gone))
 
 
 def read_summary(output_dir: Path) -> dict:

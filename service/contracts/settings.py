@@ -74,7 +74,9 @@ class Settings(BaseSettings):
     # --- limits (a later issue adds per-tenant quotas on top of these)
     max_upload_bytes: int = Field(2 * 1024**3, ge=1)
     max_files_per_upload: int = Field(100_000, ge=1)
-    max_images_per_job: int = Field(100_000, ge=1)
+    # 10,000,000 28x28 images fit (issue 14); what arrives by multipart is still capped by
+    # max_upload_bytes, so the big jobs come from datasets.
+    max_images_per_job: int = Field(10_000_000, ge=1)
     max_pixels_per_image: int = Field(40_000_000, ge=1)
     max_side_per_image: int = Field(16_384, ge=1)
     max_archive_members: int = Field(250_000, ge=1, description="entries in one uploaded archive")
@@ -89,6 +91,23 @@ class Settings(BaseSettings):
     sync_inference_timeout_s: float = Field(60.0, gt=0, description="how long a synchronous inference "
                                                                     "waits before answering 202 with the job")
     page_size_max: int = Field(100, ge=1)
+    per_image_page_size_max: int = Field(
+        10_000, ge=1, description="largest 'limit' of GET /jobs/{id}/per-image (a row is ~0.3 kB of JSON: "
+                                  "a 10,000,000-image job pages in 1,000 requests)")
+
+    # --- datasets (uploaded once, in resumable chunks, named by several jobs)
+    max_dataset_bytes: int = Field(16 * 1024**3, ge=1, description="bytes in one dataset, all files together "
+                                   "(10,000,000 28x28 images as uint8 .npy shards are 7.9 GB)")
+    max_dataset_files: int = Field(10_000, ge=1, description="files in one dataset")
+    max_datasets_per_key: int = Field(20, ge=1, description="datasets one tenant may hold at once (disk)")
+    dataset_ttl_s: float | None = Field(
+        None, gt=0, description="a dataset no job in flight uses is deleted this long after it was last "
+                                "used (created, uploaded to, named by a job); unset: job_ttl_s")
+    dataset_check_timeout_s: float = Field(3600.0, gt=0, description="longest validation of one dataset")
+    dataset_check_memory_bytes: int = Field(
+        4 * 1024**3, ge=128 * 1024**2, description="memory (RLIMIT_DATA) of the process that validates a "
+                                                  "dataset; mapped files do not count")
+    max_dataset_checks: int = Field(2, ge=1, description="datasets validated at once per API process")
 
     @field_validator("api_keys")
     @classmethod
@@ -132,3 +151,7 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return not self.redis_url
+
+    @property
+    def dataset_ttl(self) -> float | None:
+        return self.dataset_ttl_s if self.dataset_ttl_s is not None else self.job_ttl_s

@@ -1,0 +1,89 @@
+"""``/jobs/{id}/per-image`` and the array files: a finished job's per-image results at any scale.
+
+Beside ``routers/jobs.py`` (the job resource and its small-job downloads) because these
+read the job output contract's arrays (``service.results``): a page of a 10,000,000-image job
+costs what the page holds, not what the job holds.
+"""
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..deps import OwnerDep, StateDep
+from ..results import ResultsUnavailable, open_per_image
+from ..schemas import ErrorPublic, PerImagePage, PerImagePublic
+from .jobs import finished_job
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/jobs", tags=["results"])
+
+_DL = {404: {"model": ErrorPublic, "description": "no such job, or its output lacks the file"},
+       409: {"model": ErrorPublic, "description": "the job has not succeeded"}}
+# Offsets beyond any real job are still answered (an empty page), never passed on unbounded.
+_OFFSET_MAX = 2**62
+
+
+@router.get("/{job_id}/per-image", response_model=PerImagePage, name="list_per_image", responses={
+    **_DL, 422: {"model": ErrorPublic, "description": "offset or limit out of range"}},
+    summary="Per-image results, a page at a time: matrix, fill, residual, outlier, content kept, ...")
+def list_per_image(job_id: str, request: Request, state: StateDep, owner: OwnerDep,
+                   offset: Annotated[int, Query(ge=0, description="index of the first image")] = 0,
+                   limit: Annotated[int, Query(ge=1, description="images per page (at most the service's "
+                                                                 "per_image_page_size_max)")] = 100
+                   ) -> PerImagePage:
+    """Rows in index order (the order of ``names.txt`` / ``transforms.json``). Read from the output's
+    arrays (``transforms.npy``, ``per_image.npy``, ``names.txt``) when it has them, else from
+    ``transforms.json`` and ``metrics.json``; ``source`` says which. An offset at or beyond
+    ``total`` is an empty page."""
+    cap = state.settings.per_image_page_size_max
+    if limit > cap:
+        raise HTTPException(422, [{"type": "less_than_equal", "loc": ["query", "limit"], "msg": f"at most {cap}"}])
+    finished_job(state, owner, job_id)
+    try:
+        src = open_per_image(state.artifacts.output_dir(job_id))
+        rows = src.rows(min(offset, _OFFSET_MAX), limit)
+    except ResultsUnavailable as e:
+        raise HTTPException(404, f"job {job_id}: {e}") from None
+    path = request.app.url_path_for
+    data = []
+    for r in rows:
+        if src.aligned_pngs:
+            r["aligned_url"] = path("download_aligned_image", job_id=job_id, name=quote(r["name"]))
+        data.append(PerImagePublic(**r))
+    nxt = None
+    if offset + limit < src.total:
+        nxt = f"{path('list_per_image', job_id=job_id)}?offset={offset + limit}&limit={limit}"
+    return PerImagePage(data=data, total=src.total, offset=offset, limit=limit, next=nxt, source=src.source)
+
+
+def _array_file(state, owner: str, job_id: str, name: str, media_type: str) -> FileResponse:
+    finished_job(state, owner, job_id)
+    path = state.artifacts.output_dir(job_id) / name
+    if not path.is_file():
+        raise HTTPException(404, f"job {job_id}'s output has no {name} (outputs written before the array "
+                                 f"files existed have only the JSON: use /per-image or /transforms)")
+    return FileResponse(path, media_type=media_type, filename=f"{job_id}-{name}")
+
+
+@router.get("/{job_id}/transforms.npy", name="download_transforms_npy", responses=_DL, response_class=FileResponse,
+            summary="Every image's 3x3 matrix: float64 (N, 3, 3), np.load(..., allow_pickle=False)")
+async def download_transforms_npy(job_id: str, state: StateDep, owner: OwnerDep):
+    return await run_in_threadpool(_array_file, state, owner, job_id, "transforms.npy", "application/octet-stream")
+
+
+@router.get("/{job_id}/per_image.npy", name="download_per_image_npy", responses=_DL, response_class=FileResponse,
+            summary="Per-image metrics: a structured (N,) array (residual, outlier, content_kept, area_scale, "
+                    "edge_contact, touches_edge, consistency_px, fill, input_size)")
+async def download_per_image_npy(job_id: str, state: StateDep, owner: OwnerDep):
+    return await run_in_threadpool(_array_file, state, owner, job_id, "per_image.npy", "application/octet-stream")
+
+
+@router.get("/{job_id}/names.txt", name="download_names_txt", responses=_DL, response_class=FileResponse,
+            summary="Image names, one a line (UTF-8), in index order")
+async def download_names_txt(job_id: str, state: StateDep, owner: OwnerDep):
+    return await run_in_threadpool(_array_file, state, owner, job_id, "names.txt", "text/plain; charset=utf-8")
