@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from .contracts import ArtifactStore, CeleryDispatcher, Settings, open_store
 from .deps import ServiceState, get_settings
 from .routers import health, jobs, models
+from .uploads import UploadGate
 
 __all__ = ["create_app", "app"]
 
@@ -52,12 +53,13 @@ def build_state(settings: Settings) -> ServiceState:
     store = open_store(settings)
     artifacts = ArtifactStore(settings.data_dir)
     artifacts.root.mkdir(parents=True, exist_ok=True)
+    gate = UploadGate(settings.upload_check_memory_bytes, settings.max_upload_checks_per_key)
     if settings.embedded:
         from .embedded import EmbeddedRunner
 
         runner = EmbeddedRunner(store, artifacts, settings).start()
-        return ServiceState(settings, store, artifacts, runner, embedded=runner)
-    return ServiceState(settings, store, artifacts, CeleryDispatcher(settings))
+        return ServiceState(settings, store, artifacts, runner, embedded=runner, upload_gate=gate)
+    return ServiceState(settings, store, artifacts, CeleryDispatcher(settings), upload_gate=gate)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

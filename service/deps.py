@@ -42,6 +42,7 @@ class ServiceState:
     artifacts: ArtifactStore
     dispatcher: Dispatcher
     embedded: object | None = None  # the EmbeddedRunner in embedded mode
+    upload_gate: object | None = None  # service.uploads.UploadGate: upload checks at once, decode memory
 
 
 def _state(request: Request) -> ServiceState:

@@ -62,7 +62,7 @@ async def accept_job(request: Request, state: ServiceState, owner: str, *, kind:
     dest = state.artifacts.input_dir(job_id)
     try:
         up = await receive_upload(request, dest, max_bytes=s.max_upload_bytes, max_files=s.max_files_per_upload,
-                                  image_exts=s.image_extensions)
+                                  image_exts=s.image_extensions, fields=frozenset(options_model.model_fields))
         opts = _parse_options(options_model, up.fields)
         job_options = JobOptions(**opts.model_dump()) if isinstance(opts, JobOptions) else JobOptions()
         if job_options.budget is not None and job_options.budget > s.max_budget:
@@ -70,7 +70,7 @@ async def accept_job(request: Request, state: ServiceState, owner: str, *, kind:
         if job_options.time_limit_s is not None and job_options.time_limit_s > s.job_time_limit_s:
             raise field_error("time_limit_s", f"at most {s.job_time_limit_s} s on this service")
         names, archive = await check_upload(dest, up.files, _limits(state), min_images,  # decodes: last
-                                            s.image_formats)
+                                            s.image_formats, gate=state.upload_gate, owner=owner)
         if job_options.reference is not None and job_options.reference not in names:
             raise field_error("reference", f"{job_options.reference!r} is not the name of an uploaded image")
         rec = JobRecord(id=job_id, kind=kind, owner=owner, options=job_options, model_id=model_id,

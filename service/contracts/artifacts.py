@@ -23,7 +23,7 @@ from pathlib import Path
 
 __all__ = ["ArtifactStore", "new_job_id", "valid_job_id", "RESULT_IMAGES"]
 
-_ID = re.compile(r"^[0-9a-f]{32}$")
+_ID = re.compile(r"[0-9a-f]{32}")  # always fullmatch: '$' would let a trailing newline through
 
 # Downloadable summary images written by models.pipeline, by their public names.
 RESULT_IMAGES = ("mean_before", "var_before", "mean_after", "var_after")
@@ -34,7 +34,7 @@ def new_job_id() -> str:
 
 
 def valid_job_id(job_id: str) -> bool:
-    return bool(_ID.match(job_id or ""))
+    return isinstance(job_id, str) and _ID.fullmatch(job_id) is not None
 
 
 class ArtifactStore:

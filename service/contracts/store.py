@@ -448,7 +448,9 @@ class RedisJobStore(JobStore):
     def list(self, owner: str, offset: int, limit: int) -> tuple[list[JobRecord], int]:
         zk = self._k("owner", owner, "jobs")
         total = self.r.zcard(zk)
-        ids = [i.decode() for i in self.r.zrevrange(zk, offset, offset + limit - 1)] if limit > 0 else []
+        # ZREVRANGE takes 64-bit indexes only: a page past the end is empty without asking.
+        ids = ([i.decode() for i in self.r.zrevrange(zk, offset, min(offset + limit, total) - 1)]
+               if 0 <= offset < total and limit > 0 else [])
         raws = self.r.mget([self._k("job", i) for i in ids]) if ids else []
         return [JobRecord.model_validate_json(x) for x in raws if x is not None], total
 
@@ -619,9 +621,11 @@ class SqliteJobStore(JobStore):
     def list(self, owner: str, offset: int, limit: int) -> tuple[list[JobRecord], int]:
         with self._lock:
             total = self.db.execute("SELECT COUNT(*) FROM jobs WHERE owner=?", (owner,)).fetchone()[0]
+            if not (0 <= offset < total and limit > 0):  # SQLite integers are 64-bit: never bind a larger one
+                return [], total
             rows = self.db.execute(
                 "SELECT data FROM jobs WHERE owner=? ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
-                (owner, limit, offset)).fetchall()
+                (owner, min(limit, total), offset)).fetchall()
         return [JobRecord.model_validate_json(r[0]) for r in rows], total
 
     def find_idempotent(self, owner: str, key: str) -> JobRecord | None:
