@@ -32,7 +32,7 @@ from service_testlib import KEYS, REDIS_URL, SAMPLES, auth
 from models.imageio import InputError, LimitExceeded, LoadLimits, scan_collection
 from service.app import create_app
 from service.contracts import ArtifactStore, JobKind, JobRecord, RedisJobStore, SqliteJobStore, valid_job_id
-from service.devserver import start_api
+from service.devserver import server_log, start_api
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,7 @@ def _serve(env_vars: dict):
 def _stop(proc) -> str:
     proc.terminate()
     proc.wait(timeout=30)
-    return proc.stderr.read()
+    return server_log(proc)
 
 
 @pytest.fixture(scope="module")
@@ -414,3 +414,14 @@ def test_a_job_id_with_a_trailing_newline_is_not_an_id(tmp_path):
         assert not valid_job_id(bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         ArtifactStore(tmp_path).job_dir(jid + "\n")
+
+
+def test_archive_members_are_held_to_the_allowed_formats_by_content(env):
+    # A TIFF named .png inside a zip, where only PNG is allowed: refused by what it is.
+    from PIL import Image
+
+    tiff = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tiff, format="TIFF")
+    with TestClient(create_app(env.settings(allowed_formats="png")), headers=auth()) as c:
+        r = _post(c, [("x.zip", _zip([("a.png", GOOD), ("b.png", tiff.getvalue())]))])
+    assert r.status_code == 422 and "b.png" in r.json()["detail"] and "TIFF" in r.json()["detail"], r.text
