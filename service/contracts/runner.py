@@ -309,7 +309,7 @@ class JobRunner:
                 return "abandoned: lease lost before the cancel was recorded"
             self.artifacts.discard_checkpoint(job_id)
             return "cancelled"
-        if rc < 0 and not err:
+        if rc < 0 and not err and killed_for is None:
             # Killed by a signal nobody here sent (the kernel's OOM killer, an operator, a crash):
             # treated like a dead worker, so the job resumes from its checkpoint, and the attempt
             # counts against max_attempts, so a job that is killed every time still ends.
