@@ -192,13 +192,24 @@ def decode_image(data: bytes, name: str, limits: LoadLimits = LoadLimits()) -> n
     return arr
 
 
-def _check_member_path(name: str, archive: str) -> str:
+def _check_member_path(name: str, archive: str, seen: dict[str, str] | None = None) -> str:
+    """The member's name as the collection will know it (``/`` separators, normalised).
+
+    With ``seen`` (normalised name -> name as stored), a second member that normalises to a
+    name already seen is refused: both would land on one output file, and one would be lost
+    (``a/b.png`` and ``a\\b.png`` are one name here). The caller adds only the names it keeps.
+    """
     p = PurePosixPath(name.replace("\\", "/"))
     if p.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         raise InputError(f"{archive}: member {name!r} has an absolute path; refusing the archive")
     if ".." in p.parts:
         raise InputError(f"{archive}: member {name!r} escapes the archive root ('..'); refusing the archive")
-    return str(p)
+    key = str(p)
+    if seen is not None and key in seen:
+        same = "" if seen[key] == name else f" (as {seen[key]!r})"
+        raise InputError(f"{archive}: member {name!r} appears twice{same}; image names must be unique, "
+                         f"refusing the archive")
+    return key
 
 
 def _iter_zip(path: Path, limits: LoadLimits) -> Iterator[tuple[str, bytes]]:
@@ -211,6 +222,7 @@ def _iter_zip(path: Path, limits: LoadLimits) -> Iterator[tuple[str, bytes]]:
         if len(infos) > limits.max_archive_members:
             raise LimitExceeded(f"{path.name}: {len(infos)} members, above the limit of {limits.max_archive_members}")
         total = 0
+        seen: dict[str, str] = {}
         for info in infos:
             name = _check_member_path(info.filename, path.name)
             if info.is_dir():
@@ -229,6 +241,8 @@ def _iter_zip(path: Path, limits: LoadLimits) -> Iterator[tuple[str, bytes]]:
             if _skip_name(name) or not _is_image_name(name):
                 yield name, b""  # skipped marker
                 continue
+            _check_member_path(info.filename, path.name, seen)
+            seen[name] = info.filename
             if info.file_size > limits.max_file_bytes:
                 raise LimitExceeded(f"{name}: {info.file_size} bytes, above the per-file limit of {limits.max_file_bytes}")
             try:
@@ -243,14 +257,42 @@ def _iter_zip(path: Path, limits: LoadLimits) -> Iterator[tuple[str, bytes]]:
 
 
 def _iter_tar(path: Path, limits: LoadLimits) -> Iterator[tuple[str, bytes]]:
+    import lzma  # a corrupt .tar.xz raises LZMAError, which is no OSError
+
+    # The file is opened here so that its position tells how many compressed bytes the
+    # decompressor has consumed: a .tar.gz/.bz2/.xz has no per-member compressed size to check
+    # up front (a zip has), so the expansion ratio is checked while reading.
     try:
-        tf = tarfile.open(path, mode="r:*")
-    except (tarfile.TarError, OSError, EOFError) as e:
+        raw = open(path, "rb")
+    except OSError as e:
         raise InputError(f"{path.name}: not a readable tar archive ({e})") from None
-    with tf:
+    try:
+        tf = tarfile.open(fileobj=raw, mode="r:*")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raw.close()
+        raise InputError(f"{path.name}: not a readable tar archive ({e})") from None
+    chunk = 1024**2
+
+    def check_ratio(name: str, expanded: int, compressed: int) -> None:
+        # As for zips, only above 1 MiB. Decompressors read ahead (gzip up to 128 KiB), so a
+        # bomb is caught at most ratio x read-ahead bytes late (~26 MB at 200x), never later.
+        if expanded > chunk and expanded > limits.max_compression_ratio * max(compressed, 1):
+            raise LimitExceeded(
+                f"{path.name}: member {name!r} expands more than {expanded / max(compressed, 1):.0f}x "
+                f"(limit {limits.max_compression_ratio:.0f}x); refusing a possible compression bomb"
+            )
+
+    with raw, tf:
         count, total = 0, 0
+        seen: dict[str, str] = {}
+        prev, prev_end, prev_raw = None, 0, 0
         try:
             for m in tf:
+                # Reaching this header decompressed what lay before it (the previous member's
+                # data, skipped unread when it was not an image): its ratio counts too.
+                if prev is not None:
+                    check_ratio(prev, m.offset - prev_end, raw.tell() - prev_raw)
+                prev, prev_end, prev_raw = m.name, m.offset, raw.tell()
                 count += 1
                 if count > limits.max_archive_members:
                     raise LimitExceeded(f"{path.name}: more than {limits.max_archive_members} members")
@@ -267,12 +309,22 @@ def _iter_tar(path: Path, limits: LoadLimits) -> Iterator[tuple[str, bytes]]:
                 if _skip_name(name) or not _is_image_name(name):
                     yield name, b""
                     continue
+                _check_member_path(m.name, path.name, seen)
+                seen[name] = m.name
                 if m.size > limits.max_file_bytes:
                     raise LimitExceeded(f"{name}: {m.size} bytes, above the per-file limit of {limits.max_file_bytes}")
                 fh = tf.extractfile(m)
-                data = fh.read(m.size) if fh is not None else b""
-                yield name, data
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+                parts, got, start = [], 0, raw.tell()
+                while fh is not None and got < m.size:
+                    part = fh.read(min(chunk, m.size - got))
+                    if not part:
+                        break
+                    parts.append(part)
+                    got += len(part)
+                    check_ratio(name, got, raw.tell() - start)
+                prev_end, prev_raw = m.offset_data + got, raw.tell()  # the part read is checked already
+                yield name, b"".join(parts)
+        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
             raise InputError(f"{path.name}: corrupt tar archive ({e})") from None
 
 
@@ -280,11 +332,17 @@ def _iter_folder(root: Path, limits: LoadLimits) -> Iterator[tuple[str, bytes]]:
     files = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
     if len(files) > limits.max_archive_members:
         raise LimitExceeded(f"{root.name}: {len(files)} files, above the limit of {limits.max_archive_members}")
+    seen: dict[str, str] = {}
     for p in files:
         name = p.relative_to(root).as_posix()
         if _skip_name(name) or not _is_image_name(name):
             yield name, b""
             continue
+        key = name.replace("\\", "/")  # a backslash is a plain character in a Linux file name
+        if key in seen:
+            raise InputError(f"{root.name}: {name!r} and {seen[key]!r} are one name once '\\' reads as '/'; "
+                             f"image names must be unique")
+        seen[key] = name
         if p.is_symlink():
             raise LimitExceeded(f"{name}: symbolic links are not accepted")
         size = p.stat().st_size

@@ -19,6 +19,7 @@ from .contracts import ArtifactStore, CeleryDispatcher, Settings, open_dataset_s
 from .datasets import DatasetChecker
 from .deps import ServiceState, get_settings
 from .routers import datasets, health, jobs, models, results
+from .uploads import UploadGate
 
 __all__ = ["create_app", "app"]
 
@@ -57,12 +58,15 @@ def build_state(settings: Settings) -> ServiceState:
     artifacts.root.mkdir(parents=True, exist_ok=True)
     ds = open_dataset_store(settings)
     checker = DatasetChecker(ds, artifacts, settings)
+    gate = UploadGate(settings.upload_check_memory_bytes, settings.max_upload_checks_per_key)
     if settings.embedded:
         from .embedded import EmbeddedRunner
 
         runner = EmbeddedRunner(store, artifacts, settings).start()
-        return ServiceState(settings, store, artifacts, runner, embedded=runner, datasets=ds, checker=checker)
-    return ServiceState(settings, store, artifacts, CeleryDispatcher(settings), datasets=ds, checker=checker)
+        return ServiceState(settings, store, artifacts, runner, embedded=runner, datasets=ds, checker=checker,
+                            upload_gate=gate)
+    return ServiceState(settings, store, artifacts, CeleryDispatcher(settings), datasets=ds, checker=checker,
+                        upload_gate=gate)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

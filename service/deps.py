@@ -44,6 +44,7 @@ class ServiceState:
     embedded: object | None = None  # the EmbeddedRunner in embedded mode
     datasets: DatasetStore | None = None
     checker: object | None = None  # the DatasetChecker (service.datasets)
+    upload_gate: object | None = None  # service.uploads.UploadGate: upload checks at once, decode memory
 
 
 def _state(request: Request) -> ServiceState:

@@ -7,12 +7,13 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-__all__ = ["free_port", "start_api"]
+__all__ = ["free_port", "start_api", "server_log"]
 
 
 def free_port() -> int:
@@ -26,7 +27,9 @@ def start_api(env: dict, *, port: int | None = None, workers: int = 1, access_lo
               cwd: str | Path | None = None, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
     """``uvicorn service.app:app`` with ``env``; returns ``(process, base_url)`` once ``/healthz`` answers 200.
 
-    The child's stderr is a text pipe (read it after stopping the process).
+    The child's stderr goes to an unnamed temporary file (read it with :func:`server_log`), never
+    to a pipe: a pipe nobody reads until the end fills after ~64 KiB, and then the server blocks
+    on its next log line and stops answering (a few dozen tracebacks did that to the fuzz run).
     Raises ``RuntimeError`` with the child's stderr if it exits or does not answer in ``timeout_s``.
     """
     port = port or free_port()
@@ -36,8 +39,10 @@ def start_api(env: dict, *, port: int | None = None, workers: int = 1, access_lo
         cmd += ["--workers", str(workers)]
     if not access_log:
         cmd.append("--no-access-log")
+    log = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
     proc = subprocess.Popen(cmd, env=env, cwd=None if cwd is None else str(cwd), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=log)
+    proc.log = log  # type: ignore[attr-defined]
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while True:
@@ -51,5 +56,13 @@ def start_api(env: dict, *, port: int | None = None, workers: int = 1, access_lo
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            raise RuntimeError(f"server did not start:\n{proc.stderr.read() if proc.stderr else ''}")
+            raise RuntimeError(f"server did not start:\n{server_log(proc)}")
         time.sleep(0.2)
+
+
+def server_log(proc: subprocess.Popen) -> str:
+    """Everything a server from :func:`start_api` has written to stderr so far."""
+    log = proc.log  # type: ignore[attr-defined]
+    log.flush()
+    log.seek(0)
+    return log.read()

@@ -64,7 +64,7 @@ async def accept_job(request: Request, state: ServiceState, owner: str, *, kind:
     held = None  # (dataset id, job id) once the job holds a dataset
     try:
         up = await receive_upload(request, dest, max_bytes=s.max_upload_bytes, max_files=s.max_files_per_upload,
-                                  image_exts=s.image_extensions)
+                                  image_exts=s.image_extensions, fields=frozenset(options_model.model_fields))
         opts = _parse_options(options_model, up.fields)
         dataset_id = getattr(opts, "dataset", None)
         job_options = (JobOptions(**opts.model_dump(exclude={"dataset"})) if isinstance(opts, JobOptions)
@@ -78,7 +78,7 @@ async def accept_job(request: Request, state: ServiceState, owner: str, *, kind:
             n_inputs, input_bytes, archive = ds.n_images, ds.bytes_declared, ds.input_name
         else:
             names, archive = await check_upload(dest, up.files, _limits(state), min_images,  # decodes: last
-                                                s.image_formats)
+                                                s.image_formats, gate=state.upload_gate, owner=owner)
             if job_options.reference is not None and job_options.reference not in names:
                 raise field_error("reference", f"{job_options.reference!r} is not the name of an uploaded image")
             n_inputs, input_bytes = len(names), up.total_bytes

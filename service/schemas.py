@@ -118,6 +118,8 @@ class AttemptPublic(BaseModel):
     first_epoch: int | None = None
     last_epoch: int | None = None
     resumed_from_epoch: int | None = None
+    detail: str | None = Field(None, description="why a lost attempt ended, when known (e.g. the signal that "
+                                                  "killed its training process)")
 
 
 class JobLinks(BaseModel):

@@ -3,31 +3,39 @@
 The body is parsed as it arrives (``python_multipart``'s push parser), each
 file part written to ``jobs/<id>/input/<name>`` chunk by chunk, and the byte
 limit enforced while streaming, so neither a large collection nor a lying
-``Content-Length`` is ever held in memory. Validation then decodes every
-image with ``models.imageio`` (torch-free) in a worker thread, and any
-problem becomes a 4xx whose message names the file.
+``Content-Length`` is ever held in memory. Form fields are the only parts kept in
+memory: an unknown one is refused as soon as its name arrives, and all of them
+together are capped. Validation then decodes every image in a worker thread, in
+bounded memory (``service.imagecheck``), at most a few uploads at once and fewer
+per API key (:class:`UploadGate`); any problem becomes a 4xx whose message names
+the file.
 """
 from __future__ import annotations
 
+import asyncio
 import os
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Request
-from PIL import Image
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from models.imageio import (IMAGE_EXTENSIONS, InputError, LimitExceeded, LoadLimits, decode_image, is_archive,
-                            scan_collection)
+from models.imageio import IMAGE_EXTENSIONS, InputError, LimitExceeded, LoadLimits, is_archive
 
 from .contracts.settings import IMAGE_FORMAT_EXTENSIONS
+from .imagecheck import DecodeBudget, check_archive, check_image, check_npy
 
-__all__ = ["UploadError", "Upload", "receive_upload", "inspect_upload", "FILE_FIELD", "input_error_status"]
+__all__ = ["UploadError", "Upload", "UploadGate", "receive_upload", "inspect_upload", "check_upload", "FILE_FIELD",
+           "FIELDS_MAX_BYTES", "input_error_status"]
 
 FILE_FIELD = "files"
-_FIELD_MAX_BYTES = 64 * 1024
+FIELDS_MAX_BYTES = 64 * 1024  # all form fields of one request together; the options need a few hundred
+# Uploads checked at once by one API process: each holds a threadpool thread while it decodes,
+# so this stays well below the pool's 40 threads that every other request needs too.
+_CHECKS_AT_ONCE = 4
 
 
 class UploadError(Exception):
@@ -71,8 +79,11 @@ def _safe_name(raw: str, image_exts: tuple[str, ...] = IMAGE_EXTENSIONS) -> str:
 class _Receiver:
     """Callbacks for the push parser: routes each part to a file or a field."""
 
-    def __init__(self, dest: Path, max_bytes: int, max_files: int, image_exts: tuple[str, ...] = IMAGE_EXTENSIONS):
+    def __init__(self, dest: Path, max_bytes: int, max_files: int, image_exts: tuple[str, ...] = IMAGE_EXTENSIONS,
+                 fields: frozenset[str] | None = None):
         self.dest, self.max_bytes, self.max_files, self.image_exts = dest, max_bytes, max_files, image_exts
+        self.fields = fields  # the form fields this request may carry; None: any
+        self.field_bytes = 0
         self.up = Upload()
         self.ended = False
         self._hname = self._hval = b""
@@ -115,6 +126,11 @@ class _Receiver:
                 raise UploadError(422, f"{fname}: uploaded twice; file names must be unique") from None
             self.up.files.append(fname)
         else:
+            if self.fields is not None and name not in self.fields:
+                # Refused on its name, before its value is read: nothing unknown is ever buffered.
+                why = (f"part {name!r} has no file name" if name == FILE_FIELD else
+                       f"unknown field {name!r}; accepted: {', '.join(sorted(self.fields)) or 'none'}")
+                raise UploadError(422, [{"loc": ["body", name], "type": "extra_forbidden", "msg": why}])
             self._field = name
             if name in self.up.fields:
                 raise UploadError(422, [{"loc": ["body", name], "type": "duplicate_field",
@@ -129,8 +145,10 @@ class _Receiver:
             self._file.write(data[start:end])
         else:
             self._buf += data[start:end]
-            if len(self._buf) > _FIELD_MAX_BYTES:
-                raise UploadError(413, f"form field {self._field!r} is longer than {_FIELD_MAX_BYTES} bytes")
+            self.field_bytes += n
+            if self.field_bytes > FIELDS_MAX_BYTES:
+                raise UploadError(413, f"form fields are longer than {FIELDS_MAX_BYTES} bytes in all "
+                                       f"(reading field {self._field!r})")
 
     def on_part_end(self):
         if self._file is not None:
@@ -157,9 +175,11 @@ class _Receiver:
 
 
 async def receive_upload(request: Request, dest: Path, *, max_bytes: int, max_files: int,
-                         image_exts: tuple[str, ...] = IMAGE_EXTENSIONS) -> Upload:
+                         image_exts: tuple[str, ...] = IMAGE_EXTENSIONS,
+                         fields: frozenset[str] | None = None) -> Upload:
     """Stream a ``multipart/form-data`` body into ``dest``. Raises :class:`UploadError`.
 
+    ``fields``: the names of the form fields allowed beside the files (``None``: any).
     The caller removes ``dest`` on error.
     """
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
@@ -170,7 +190,7 @@ async def receive_upload(request: Request, dest: Path, *, max_bytes: int, max_fi
     if length and length.isdigit() and int(length) > max_bytes + 64 * 1024:  # + room for part headers
         raise UploadError(413, f"upload is larger than the limit of {max_bytes} bytes")
     dest.mkdir(parents=True, exist_ok=True)
-    rx = _Receiver(dest, max_bytes, max_files, image_exts)
+    rx = _Receiver(dest, max_bytes, max_files, image_exts, fields)
     rx.parser = MultipartParser(params[b"boundary"], rx.callbacks())
     try:
         async for chunk in request.stream():
@@ -195,8 +215,10 @@ def input_error_status(e: InputError) -> int:
 
 
 def inspect_upload(dest: Path, files: list[str], limits: LoadLimits, min_images: int,
-                   formats: frozenset[str] | None = None) -> tuple[list[str], str | None]:
-    """Decode every uploaded image (in a worker thread: this is CPU work).
+                   formats: frozenset[str] | None = None, budget: DecodeBudget | None = None
+                   ) -> tuple[list[str], str | None]:
+    """Check that every uploaded image decodes (in a worker thread: this is CPU work), in
+    bounded memory: see ``service.imagecheck``; ``budget`` is the process's shared one.
 
     Returns the collection's image names and, when the upload was a single
     archive or array, its file name. Raises :class:`UploadError` naming the
@@ -204,21 +226,26 @@ def inspect_upload(dest: Path, files: list[str], limits: LoadLimits, min_images:
     """
     if not files:
         raise UploadError(422, f"no files: attach the images (or one .zip/.tar archive) as '{FILE_FIELD}' parts")
+    budget = budget or DecodeBudget(256 * 1024**2)
     bundles = [f for f in files if is_archive(f) or f.lower().endswith(".npy")]
     try:
         if bundles:
             if len(files) > 1:
                 raise UploadError(422, f"send either image files or one archive, not both "
                                        f"({bundles[0]} and {len(files) - 1} other file(s))")
-            # Members are decoded one at a time and dropped: memory stays flat however large the archive.
-            names, archive = [n for n, _ in scan_collection(dest / bundles[0], limits)], bundles[0]
-            if formats is not None and not bundles[0].lower().endswith(".npy"):
-                # Members are checked by name only: models.imageio does not report a member's format.
-                exts = tuple(e for f in formats for e in IMAGE_FORMAT_EXTENSIONS[f])
-                bad = [n for n in names if not n.lower().endswith(exts)]
-                if bad:
-                    raise UploadError(422, f"{bundles[0]}: member {bad[0]!r} is not an accepted format "
-                                           f"({', '.join(sorted(formats))})")
+            archive = bundles[0]
+            if archive.lower().endswith(".npy"):
+                names = check_npy(dest / archive, limits)
+            else:
+                # Members are checked one at a time and dropped: memory stays flat however large the archive.
+                names = check_archive(dest / archive, limits, budget)
+                if formats is not None:
+                    # By content too (check_image), but a member's name must also announce an allowed format.
+                    exts = tuple(e for f in formats for e in IMAGE_FORMAT_EXTENSIONS[f])
+                    bad = [n for n in names if not n.lower().endswith(exts)]
+                    if bad:
+                        raise UploadError(422, f"{archive}: member {bad[0]!r} is not an accepted format "
+                                               f"({', '.join(sorted(formats))})")
         else:
             if len(files) > limits.max_images:
                 raise UploadError(413, f"{len(files)} images, above the limit of {limits.max_images} per job")
@@ -226,13 +253,10 @@ def inspect_upload(dest: Path, files: list[str], limits: LoadLimits, min_images:
                 p = dest / f
                 if os.path.getsize(p) > limits.max_file_bytes:
                     raise LimitExceeded(f"{f}: file is above the per-file limit of {limits.max_file_bytes} bytes")
-                decode_image(p.read_bytes(), f, limits)  # decoded and dropped: only validity matters here
-                if formats is not None:
-                    with Image.open(p) as im:  # by content: a renamed file does not get through
-                        fmt = (im.format or "").lower()
-                    if fmt not in formats:
-                        raise UploadError(422, f"{f}: format {fmt.upper() or 'unknown'} is not accepted here "
-                                               f"(accepted: {', '.join(sorted(formats))})")
+                fmt = check_image(p, f, limits, budget).lower()  # by content: a renamed file does not get through
+                if formats is not None and fmt not in formats:
+                    raise UploadError(422, f"{f}: format {fmt.upper() or 'unknown'} is not accepted here "
+                                           f"(accepted: {', '.join(sorted(formats))})")
             names, archive = list(files), None
     except InputError as e:
         raise UploadError(input_error_status(e), str(e)) from None
@@ -241,6 +265,30 @@ def inspect_upload(dest: Path, files: list[str], limits: LoadLimits, min_images:
     return names, archive
 
 
+class UploadGate:
+    """How many uploads one API process checks at once: ``_CHECKS_AT_ONCE`` in all and
+    ``per_key`` per API key (the others wait their turn, holding no thread), and the budget
+    of decoded bytes all checks share (``service.imagecheck.DecodeBudget``)."""
+
+    def __init__(self, memory_bytes: int, per_key: int):
+        self.budget = DecodeBudget(memory_bytes)
+        self.per_key = per_key
+        self._all: asyncio.Semaphore | None = None
+        self._keys: dict[str, asyncio.Semaphore] = {}  # one per tenant: a fixed, configured set
+
+    @asynccontextmanager
+    async def turn(self, owner: str):
+        if self._all is None:
+            self._all = asyncio.Semaphore(_CHECKS_AT_ONCE)
+        mine = self._keys.setdefault(owner, asyncio.Semaphore(self.per_key))
+        async with mine, self._all:
+            yield
+
+
 async def check_upload(dest: Path, files: list[str], limits: LoadLimits, min_images: int,
-                       formats: frozenset[str] | None = None):
-    return await run_in_threadpool(inspect_upload, dest, files, limits, min_images, formats)
+                       formats: frozenset[str] | None = None, gate: UploadGate | None = None,
+                       owner: str = "anonymous"):
+    if gate is None:
+        return await run_in_threadpool(inspect_upload, dest, files, limits, min_images, formats)
+    async with gate.turn(owner):
+        return await run_in_threadpool(inspect_upload, dest, files, limits, min_images, formats, gate.budget)

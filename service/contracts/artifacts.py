@@ -26,7 +26,7 @@ from pathlib import Path
 __all__ = ["ArtifactStore", "new_job_id", "valid_job_id", "new_dataset_id", "valid_dataset_id", "RESULT_IMAGES",
            "ARRAY_RESULT_FILES"]
 
-_ID = re.compile(r"^[0-9a-f]{32}$")
+_ID = re.compile(r"[0-9a-f]{32}")  # always fullmatch: '$' would let a trailing newline through
 _DATASET_ID = re.compile(r"ds[0-9a-f]{32}")
 
 # Downloadable summary images written by models.pipeline, by their public names.
@@ -40,7 +40,7 @@ def new_job_id() -> str:
 
 
 def valid_job_id(job_id: str) -> bool:
-    return bool(_ID.match(job_id or ""))
+    return isinstance(job_id, str) and _ID.fullmatch(job_id) is not None
 
 
 def new_dataset_id() -> str:

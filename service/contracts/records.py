@@ -122,6 +122,7 @@ class Attempt(BaseModel):
     first_epoch: int | None = None  # epoch of the first training report of this attempt
     last_epoch: int | None = None
     resumed_from_epoch: int | None = None  # what the method said it resumed from
+    detail: str | None = None  # why a lost attempt ended, when known (the signal that killed its process)
 
 
 class JobRecord(BaseModel):
@@ -142,6 +143,7 @@ class JobRecord(BaseModel):
     created_at: float = Field(default_factory=now)
     updated_at: float = Field(default_factory=now)
     enqueued_at: float | None = None
+    resent: int = 0  # times the reconciler sent the task again because the job never started
     started_at: float | None = None
     finished_at: float | None = None
 

@@ -36,7 +36,7 @@ from .artifacts import ArtifactStore, valid_job_id
 from .progress import RESUME_PREFIX, ProgressRelay
 from .records import JobKind, JobRecord, JobStatus, ProgressRecord, now
 from .settings import Settings
-from .store import JobStore
+from .store import JobStore, _resend_due
 from .tasks import Dispatcher
 
 __all__ = [
@@ -223,14 +223,29 @@ class JobRunner:
             done = ProgressRecord(stage="done", step=w.total if w else 0, total=w.total if w else 0,
                                   epoch=w.epoch if w else 0, loss=w.loss if w else None,
                                   apsnr=relay.summary.get("apsnr_after"))
-            st.finish(job_id, self.name, JobStatus.succeeded, result=relay.summary, progress=done)
+            # The checkpoint goes only if this attempt's result was recorded: a worker whose lease
+            # lapsed meanwhile must not delete the checkpoint of the attempt that replaced it.
+            if not st.finish(job_id, self.name, JobStatus.succeeded, result=relay.summary, progress=done):
+                return "abandoned: lease lost before the result was recorded"
             self.artifacts.discard_checkpoint(job_id)
             return "succeeded"
         if cancel or err.get("kind") == "cancelled":
-            st.finish(job_id, self.name, JobStatus.cancelled,
-                      progress=ProgressRecord(stage="cancelled", message="cancelled on request"))
+            if not st.finish(job_id, self.name, JobStatus.cancelled,
+                             progress=ProgressRecord(stage="cancelled", message="cancelled on request")):
+                return "abandoned: lease lost before the cancel was recorded"
             self.artifacts.discard_checkpoint(job_id)
             return "cancelled"
+        if rc < 0 and not err and killed_for is None:
+            # Killed by a signal nobody here sent (the kernel's OOM killer, an operator, a crash):
+            # treated like a dead worker, so the job resumes from its checkpoint, and the attempt
+            # counts against max_attempts, so a job that is killed every time still ends.
+            detail = f"the job process was killed by {_signal_name(-rc)}"
+            if -rc == signal.SIGKILL:
+                detail += " (out of memory?)"
+            if not st.abandon(job_id, self.name, detail):
+                return "abandoned: lease lost"
+            log.warning("job %s: %s; the reconciler will requeue it", job_id, detail)
+            return f"lost: {detail}; will resume"
         kind = "internal"
         if killed_for == "time":
             kind, msg = "time_limit", f"stopped after exceeding its time limit of {limit} s (attempt {attempt})"
@@ -240,10 +255,7 @@ class JobRunner:
             what = "inference" if cur is not None and cur.kind == JobKind.apply else "training"
             msg = f"{what} failed: {err['message']}"
         elif rc < 0:
-            name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
-            msg = f"the job process was killed by {name}"
-            if -rc == signal.SIGKILL:
-                msg += " (out of memory?)"
+            msg = f"the job process was killed by {_signal_name(-rc)}"
         else:
             msg = f"the job process exited with status {rc}: {self._log_tail(job_id)}"
         st.finish(job_id, self.name, JobStatus.failed, error=msg, error_kind=kind)
@@ -257,11 +269,17 @@ class JobRunner:
             return "no log"
 
 
+def _signal_name(sig: int) -> str:
+    return signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+
+
 # ---------------------------------------------------------------------- recovery
 
 
-def reconcile(store: JobStore, dispatcher: Dispatcher) -> list[str]:
-    """Requeue jobs nobody is working on (see :meth:`JobStore.requeue_if_orphaned`).
+def reconcile(store: JobStore, dispatcher: Dispatcher, resend_after_s: float | None = None) -> list[str]:
+    """Requeue jobs nobody is working on (see :meth:`JobStore.requeue_if_orphaned`), and,
+    with ``resend_after_s``, send again the task of a queued job that has not started that
+    long after it was sent (a broker message lost, e.g. to a Redis crash).
 
     Safe to run from several workers at once: the record update is atomic, so
     each orphan is requeued once, and a duplicate delivery would be refused by
@@ -274,15 +292,20 @@ def reconcile(store: JobStore, dispatcher: Dispatcher) -> list[str]:
         # Cheap read first; the atomic update only for jobs that look orphaned.
         if seen is None or not (
                 (seen.status == JobStatus.running and (seen.lease_expires_at or 0) <= t)
-                or (seen.status == JobStatus.queued and seen.enqueued_at is None)):
+                or (seen.status == JobStatus.queued and seen.enqueued_at is None)
+                or _resend_due(seen, t, resend_after_s)):
             continue
-        rec = store.requeue_if_orphaned(jid)
+        rec = store.requeue_if_orphaned(jid, resend_after_s=resend_after_s)
         if rec is None:
             continue
         try:
             dispatcher.dispatch(rec)
             requeued.append(jid)
-            log.warning("job %s: requeued (%s)", jid, rec.progress.message if rec.progress else "never sent")
+            if rec.resent > seen.resent:
+                why = f"queued since its task was sent, never started; sent again (re-send {rec.resent})"
+            else:
+                why = rec.progress.message if rec.progress else "never sent"
+            log.warning("job %s: requeued (%s)", jid, why)
         except Exception:
             log.exception("job %s: could not requeue; will try again", jid)
             store.mark_enqueued(jid, sent=False)
@@ -385,7 +408,7 @@ class Maintenance:
             try:
                 self._beat()
                 if self.store.lead("maintenance", self.name, ttl_s=3 * every):
-                    reconcile(self.store, self.dispatcher)
+                    reconcile(self.store, self.dispatcher, self.settings.requeue_queued_after_s)
                     ttl = self.settings.job_ttl_s
                     if ttl is not None and time.monotonic() - self._last_sweep >= self.settings.sweep_interval_s:
                         self._last_sweep = time.monotonic()

@@ -70,6 +70,16 @@ class Settings(BaseSettings):
     cancel_grace_s: float = Field(5.0, ge=0, description="SIGTERM to SIGKILL delay when cancelling")
     checkpoint_every_s: float | None = Field(
         None, ge=0, description="DPRC checkpoint interval; unset: the method's default")
+    requeue_queued_after_s: float = Field(
+        300.0, gt=0, description="a queued job whose task was sent this long ago and has not started is sent "
+                                 "again (a lost broker message); the wait doubles with each re-send")
+
+    # --- upload checks in the API process (memory stays bounded whatever is uploaded)
+    upload_check_memory_bytes: int = Field(
+        256 * 1024**2, ge=1024**2, description="decoded pixels all upload checks of one API process may hold "
+                                               "at once; an image larger than this is checked alone")
+    max_upload_checks_per_key: int = Field(2, ge=1, description="uploads of one API key checked at once by one "
+                                                                "API process; the others wait")
 
     # --- limits (a later issue adds per-tenant quotas on top of these)
     max_upload_bytes: int = Field(2 * 1024**3, ge=1)

@@ -168,8 +168,9 @@ class JobStore(ABC):
             crashes = sum(a.outcome == "lost" for a in rec.attempts)
             if crashes >= max_attempts:
                 verdict.update(run=False, reason="too many attempts")
+                last = next((a.detail for a in reversed(rec.attempts) if a.outcome == "lost" and a.detail), None)
                 rec.error = (f"the job's worker stopped without finishing {crashes} times "
-                             f"(limit {max_attempts}); giving up")
+                             f"(limit {max_attempts}); giving up" + (f" (last: {last})" if last else ""))
                 rec.error_kind = "lost"
                 return _terminal(rec, JobStatus.failed, t)
             rec.attempts.append(Attempt(n=n, worker=worker, started_at=t))
@@ -252,16 +253,25 @@ class JobStore(ABC):
 
         return self.update(job_id, fn)
 
-    def requeue_if_orphaned(self, job_id: str, grace_s: float = 30.0) -> JobRecord | None:
+    def requeue_if_orphaned(self, job_id: str, grace_s: float = 30.0,
+                            resend_after_s: float | None = None) -> JobRecord | None:
         """Put a job back in the queue if nobody is working on it; return it if so.
 
-        Orphans are running jobs whose lease expired (the worker died) and
+        Orphans are running jobs whose lease expired (the worker died),
         queued jobs that were never handed to the broker (the API died between
-        writing the record and sending the task).
+        writing the record and sending the task), and, with ``resend_after_s``,
+        queued jobs whose task was sent that long ago (times 2 per earlier
+        re-send) without the job starting: the broker may have lost the message.
+        Sending a task twice is safe: :meth:`claim` runs a job once at a time.
         """
 
         def fn(rec: JobRecord) -> JobRecord | None:
             t = now()
+            if _resend_due(rec, t, resend_after_s):
+                rec = rec.model_copy(deep=True)
+                rec.resent += 1
+                rec.enqueued_at = rec.updated_at = t
+                return rec
             if rec.status == JobStatus.running and (rec.lease_expires_at or 0) <= t:
                 rec = rec.model_copy(deep=True)
                 if rec.attempts and rec.attempts[-1].ended_at is None:
@@ -294,6 +304,27 @@ class JobStore(ABC):
 
         self.update(job_id, fn)
 
+    def abandon(self, job_id: str, worker: str, detail: str) -> bool:
+        """End ``worker``'s attempt as lost without finishing the job (its training process
+        was killed by a signal nobody here sent): the lease expires now, so the reconciler
+        requeues the job and the next attempt resumes from its checkpoint; like a dead
+        worker, this counts against ``max_attempts``. False if the worker no longer held it."""
+
+        def fn(rec: JobRecord) -> JobRecord | None:
+            if rec.lease_owner != worker or rec.terminal:
+                return None
+            rec = rec.model_copy(deep=True)
+            t = now()
+            rec.lease_expires_at = t
+            if rec.attempts and rec.attempts[-1].ended_at is None:
+                a = rec.attempts[-1]
+                a.ended_at, a.outcome, a.pid, a.detail = t, "lost", None, detail
+            rec.progress = ProgressRecord(stage="queued", message=f"{detail}; will resume from its last checkpoint")
+            rec.updated_at = t
+            return rec
+
+        return self.update(job_id, fn)[1]
+
     def release(self, job_id: str, worker: str) -> None:
         """Give up a running job without finishing it (shutdown): its lease expires now,
         so the reconciler requeues it and the next attempt resumes from its checkpoint."""
@@ -323,6 +354,14 @@ class JobStore(ABC):
             return _terminal(rec, JobStatus.failed, now())
 
         self.update(job_id, fn)
+
+
+def _resend_due(rec: JobRecord, t: float, after_s: float | None) -> bool:
+    """A queued job sent long enough ago (the wait doubles per re-send, up to 64x) that its
+    message may be lost."""
+    if after_s is None or rec.status != JobStatus.queued or rec.enqueued_at is None:
+        return False
+    return t - rec.enqueued_at > after_s * 2 ** min(rec.resent, 6)
 
 
 def _terminal(rec: JobRecord, status: JobStatus, t: float, outcome: str | None = None) -> JobRecord:
@@ -448,7 +487,9 @@ class RedisJobStore(JobStore):
     def list(self, owner: str, offset: int, limit: int) -> tuple[list[JobRecord], int]:
         zk = self._k("owner", owner, "jobs")
         total = self.r.zcard(zk)
-        ids = [i.decode() for i in self.r.zrevrange(zk, offset, offset + limit - 1)] if limit > 0 else []
+        # ZREVRANGE takes 64-bit indexes only: a page past the end is empty without asking.
+        ids = ([i.decode() for i in self.r.zrevrange(zk, offset, min(offset + limit, total) - 1)]
+               if 0 <= offset < total and limit > 0 else [])
         raws = self.r.mget([self._k("job", i) for i in ids]) if ids else []
         return [JobRecord.model_validate_json(x) for x in raws if x is not None], total
 
@@ -619,9 +660,11 @@ class SqliteJobStore(JobStore):
     def list(self, owner: str, offset: int, limit: int) -> tuple[list[JobRecord], int]:
         with self._lock:
             total = self.db.execute("SELECT COUNT(*) FROM jobs WHERE owner=?", (owner,)).fetchone()[0]
+            if not (0 <= offset < total and limit > 0):  # SQLite integers are 64-bit: never bind a larger one
+                return [], total
             rows = self.db.execute(
                 "SELECT data FROM jobs WHERE owner=? ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
-                (owner, limit, offset)).fetchall()
+                (owner, min(limit, total), offset)).fetchall()
         return [JobRecord.model_validate_json(r[0]) for r in rows], total
 
     def find_idempotent(self, owner: str, key: str) -> JobRecord | None:

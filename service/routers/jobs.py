@@ -27,6 +27,8 @@ _ERRORS = {
     415: {"model": ErrorPublic, "description": "not multipart/form-data"},
     422: {"model": ErrorPublic, "description": "bad file or option; the message names it"},
 }
+# Far beyond any tenant's job count; bounded so no store is asked for a page past 2**63.
+MAX_OFFSET = 10**9
 IdempotencyKey = Annotated[str | None, Header(
     min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
     description="repeat a request with the same key to get the same job back instead of a second one")]
@@ -93,7 +95,7 @@ def _accepted(request: Request, response: Response, rec: JobRecord, replayed: bo
 
 @router.get("", response_model=JobsPublic, name="list_jobs", summary="The caller's jobs, newest first")
 def list_jobs(request: Request, state: StateDep, owner: OwnerDep,
-              offset: Annotated[int, Query(ge=0)] = 0,
+              offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
               limit: Annotated[int, Query(ge=1, description="page size (at most the service's page_size_max)")] = 20
               ) -> JobsPublic:
     if limit > state.settings.page_size_max:

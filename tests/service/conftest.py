@@ -41,8 +41,8 @@ def start_worker(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("worker-logs")
     started: list[Worker] = []
 
-    def start(env: Env, name: str | None = None, wait: bool = True) -> Worker:
-        w = Worker(env, name or f"w{len(started)}-{env.tag}", log_dir)
+    def start(env: Env, name: str | None = None, wait: bool = True, queues: list[str] | None = None) -> Worker:
+        w = Worker(env, name or f"w{len(started)}-{env.tag}", log_dir, queues)
         started.append(w)
         if wait:
             w.wait_ready()

@@ -83,12 +83,13 @@ class Env:
 class Worker:
     """A real ``celery worker`` process (prefork, one child) in its own process group."""
 
-    def __init__(self, env: Env, name: str, log_dir: Path):
+    def __init__(self, env: Env, name: str, log_dir: Path, queues: list[str] | None = None):
         self.env, self.name = env, name
         self.log_path = log_dir / f"worker-{name}.log"
         q = env.vars["CONGEAL_QUEUE"]
+        queues = queues or [q, f"{q}.inference"]
         cmd = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=prefork", "--concurrency=1",
-               "-Q", f"{q},{q}.inference", "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
+               "-Q", ",".join(queues), "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
                "--loglevel=INFO"]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, env={**os.environ, **env.vars}, stdout=self._log, stderr=self._log,
