@@ -71,6 +71,10 @@ async def accept_job(request: Request, state: ServiceState, owner: str, *, kind:
                        else JobOptions())
         if job_options.budget is not None and job_options.budget > s.max_budget:
             raise field_error("budget", f"at most {s.max_budget} epochs on this service")
+        if job_options.gpus > s.max_gpus_per_job:
+            raise field_error("gpus", f"at most {s.max_gpus_per_job} GPU(s) a job on this service")
+        if job_options.gpus > 1 and job_options.method != "dprc":
+            raise field_error("gpus", f"method {job_options.method} trains on one device; only dprc uses several")
         if job_options.time_limit_s is not None and job_options.time_limit_s > s.job_time_limit_s:
             raise field_error("time_limit_s", f"at most {s.job_time_limit_s} s on this service")
         if dataset_id is not None:

@@ -91,7 +91,8 @@ def run(spec: dict, events: _Events, should_stop) -> int:
             o = spec["options"]
             opts = AlignOptions(method=o["method"], warp=o["warp"], reference=o["reference"], budget=o["budget"],
                                 seed=o["seed"], device=spec["device"], max_side=o["max_side"],
-                                method_options=spec["method_options"])
+                                method_options=spec["method_options"], aligned=o.get("aligned", "auto"),
+                                gpus=o.get("gpus", 1))
             # overwrite: an earlier attempt may have finished writing and died before recording it.
             align_collection(spec["input_path"], out, opts, progress=progress, checkpoint_dir=spec["checkpoint_dir"],
                              should_stop=should_stop, limits=limits, overwrite=True)

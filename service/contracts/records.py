@@ -67,6 +67,11 @@ class JobOptions(BaseModel):
     budget: int | None = Field(None, ge=1, description="training budget in epochs; default: the method's rule")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     max_side: int = Field(128, ge=8, le=1024, description="longest side of the working size, pixels")
+    aligned: Literal["auto", "png", "npy", "none"] = Field(
+        "auto", description="aligned images: one PNG each, uint8 .npy shards of 65,536, or none (auto: png up to "
+                            "10,000 images, none above; transforms.npy always holds every image's matrix)")
+    gpus: int = Field(1, ge=1, le=64, description="GPUs (processes) one job trains on, at most the service's "
+                                                  "max_gpus_per_job; dprc only")
     time_limit_s: int | None = Field(None, ge=1, description="fail the job if one attempt runs longer; "
                                                              "default and ceiling: the service's limit")
     # A bounded subset of DPRCConfig (models/dprc.py), for method "dprc" only; the rest stay

@@ -240,9 +240,6 @@ def test_compressed_tar_bombs_are_refused_while_reading(tmp_path, mode):
     assert len(load_collection(ok)) == 2
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="models.imageio._from_npy reads .ndim of the NpzFile np.load returns (issue 21, item 1); "
-                          "the service refuses such uploads itself (service.imagecheck.check_npy) until it is fixed")
 def test_an_npz_named_npy_is_an_input_error(tmp_path):
     p = tmp_path / "arr.npy"
     with open(p, "wb") as f:
