@@ -7,7 +7,7 @@ Reported per method: APSNR before/after (and with the perturbation exactly
 undone), pair residual before/after (source pixels at the frame corners),
 content kept, failures (see ``bench/baselines_common.py``), seconds.
 
-    # CPU subset (docs/benchmarks.md, "Baselines")
+    # CPU subset (docs/research/quality-rounds-1-9.md, "Baselines")
     python bench/compare_methods.py --digits 3,7 --sigmas 0.1,0.2,0.3 --n 100 --device cpu \
         --out bench/results/compare_cpu.json
     # GPU: every digit, 500 sources (1000 images) per digit and sigma

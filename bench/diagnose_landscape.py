@@ -1,4 +1,4 @@
-"""Diagnosis behind docs/benchmarks.md: per-image direct optimisation of D from the ground truth
+"""Diagnosis behind docs/research/quality-rounds-1-9.md: per-image direct optimisation of D from the ground truth
 and from the identity (no network), to tell landscape problems from network problems.
 
     python bench/diagnose_landscape.py 0.1

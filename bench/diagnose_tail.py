@@ -1,5 +1,5 @@
 """Where the mean pair residual comes from: fit DPRC on one paired collection and break the
-per-pair residuals down (docs/benchmarks.md, "Why the σ ≥ 20 % mean is carried by a tail").
+per-pair residuals down (docs/research/quality-rounds-1-9.md, "Why the σ ≥ 20 % mean is carried by a tail").
 
 For each pair it reports how much of the source digit each copy still shows (the protocol's
 perturbation pushes content out of the 28 px frame) and how strongly the ground-truth

@@ -1,6 +1,6 @@
 """Run DPRC configurations on paired MNIST sets and print one JSON line each.
 
-Used to find what makes the method robust (docs/benchmarks.md, "What makes it
+Used to find what makes the method robust (docs/research/quality-rounds-1-9.md, "What makes it
 robust"). Every configuration runs on the same pairs.
 
     python bench/sweep.py --digits 3 --sigmas 0.1,0.3 --n 500 --device cuda \

@@ -10,7 +10,7 @@ with ``p_i = DeSTNet(I_i)`` and ``w_l = l^k / sum l^k``. We average instead of
 summing (a constant scale absorbed by the learning rate).
 
 What we add for robustness (each switchable in :class:`DPRCConfig`, each
-measured against ground truth in ``docs/benchmarks.md``):
+measured against ground truth in ``docs/research/quality-rounds-1-9.md``):
 
 * ``init="moments"``: before the DeSTNet, every image is brought onto the
   reference's frame by translation + isotropic scale from its intensity
@@ -27,7 +27,7 @@ measured against ground truth in ``docs/benchmarks.md``):
   aligner only later (an untrained auto-encoder rewards empty images).
 * ``distance``: D in the output frame (Eq. 5, default), the input frame or both.
   Each frame has its own degenerate optimum (zooming out, zooming in); see
-  ``docs/benchmarks.md``, round 5, for why the default stays Eq. 5.
+  ``docs/research/quality-rounds-1-9.md``, round 5, for why the default stays Eq. 5.
 * ``passes``: the DeSTNet is applied this many times in a row with the same
   weights, each pass starting from the previous pass's warp, in training and at
   inference. A one-pass aligner under-corrects; a network trained to be
@@ -131,7 +131,7 @@ class DPRCConfig:
     # 1 for LFW's, which has 64-256 channels already and was not measured wider).
     width: float | None = None
     # When the fit crops (median content kept < metrics.CONTENT_KEPT_MIN), fit again with this
-    # moment_weight and keep the fit that keeps more content; 0: never. See docs/benchmarks.md.
+    # moment_weight and keep the fit that keeps more content; 0: never. See docs/research/quality-rounds-1-9.md.
     reframe: float = 1.0
     checkpoint_every_s: float = 20.0
 

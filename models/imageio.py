@@ -69,7 +69,7 @@ class LimitExceeded(InputError):
 class LoadLimits:
     """Bounds on what a collection may cost to read. All are configurable."""
 
-    max_images: int = 100_000_000  # a job's images; the real bound is memory and disk (docs/benchmarks.md)
+    max_images: int = 100_000_000  # a job's images; the real bound is memory and disk
     min_images: int = 1
     max_pixels: int = 40_000_000  # per image, checked from the header
     max_side: int = 16_384

@@ -19,7 +19,7 @@ from . import geometry as G
 CONTENT_KEPT_MIN = 0.85
 # An image whose object's mean density on its outermost pixel ring is at least this share of its
 # mean density over the whole image touches the border: part of the object may lie outside it.
-# Chosen on the benchmark's perturbed digits (docs/benchmarks.md, "Objects cut by the border").
+# Chosen on the benchmark's perturbed digits (docs/research/quality-rounds-1-9.md, "Objects cut by the border").
 EDGE_CONTACT_MIN = 0.1
 
 __all__ = ["CONTENT_KEPT_MIN", "EDGE_CONTACT_MIN", "self_consistency", "apsnr", "mean_var", "per_image_residual",
@@ -228,7 +228,7 @@ def self_consistency(align, images: torch.Tensor, bg: torch.Tensor, sigma: float
     between the two maps, and how far ``P`` itself moves the corners (what
     ``moved`` would be for an aligner that ignores the image). ``moved / probe``
     estimates the pair residual ratio of :func:`pair_residual` (0: perfectly
-    consistent, 1: no better than not aligning); docs/benchmarks.md compares
+    consistent, 1: no better than not aligning); docs/research/quality-rounds-1-9.md compares
     the two on trained aligners.
 
     Args:

@@ -19,7 +19,7 @@ Scale: the collection is read from its source a chunk at a time (``models.source
 to the working size as uint8 (in memory up to ``HOST_WORK_BYTES``, else in a scratch file beside
 the output), trained on from the device, and the outputs are computed and written a chunk at a
 time. Host memory is bounded by the working set's uint8 bytes (or, above the budget, by a chunk),
-plus one chunk of originals; ``docs/benchmarks.md`` measures it.
+plus one chunk of originals.
 
 Working size: see :func:`models.imageio.working_size`. Each image is resized
 to it (antialiased bilinear) for fitting; the published transforms map the
@@ -207,7 +207,7 @@ def _framing_warnings(kept: torch.Tensor, area: torch.Tensor) -> list[str]:
                    f"(< {KEPT_WARN}): the alignment crops into the objects, and a high APSNR does not mean "
                    "a good alignment here; DPRC's option reframe (on by default) fits again with its moment "
                    "regulariser when this happens, and a larger moment_weight keeps more content at some cost "
-                   "in consistency (docs/benchmarks.md)")
+                   "in consistency (docs/research/quality-rounds-1-9.md)")
     if len(area) and float(area.median()) > AREA_WARN:
         out.append(f"the aligned frames show the objects at 1/{float(area.median()):.1f} of their area: "
                    "the alignment shrinks them")
@@ -219,14 +219,15 @@ def _edge_warnings(touching: torch.Tensor | None) -> list[str]:
         return []
     return [f"{int(touching.sum())} of {len(touching)} images have their object touching the image border: "
             "part of each may lie outside its image, and two images cut differently cannot be aligned "
-            "consistently (per_image[].touches_edge lists them; docs/benchmarks.md, \"Objects cut by the border\")"]
+            "consistently (per_image[].touches_edge lists them; docs/research/quality-rounds-1-9.md, \"Objects cut by "
+            "the border\")"]
 
 
 # Self-consistency probe: each image re-warped by a known random perturbation of this size (a
 # fraction of the side, the benchmark's protocol) and aligned again. Above the warning ratio the
 # aligned frame follows the probe more than half as much as an aligner that ignores the image;
 # trained aligners measured 0.31, 0.38 and 0.69 on it, and the one at 0.69 ended worse than not
-# aligning against ground truth (docs/benchmarks.md, "Self-consistency").
+# aligning against ground truth (docs/research/quality-rounds-1-9.md, "Self-consistency").
 CONSISTENCY_SIGMA, CONSISTENCY_WARN = 0.1, 0.5
 
 
@@ -341,11 +342,16 @@ def _ingest(src: Source, size: tuple[int, int], channels: int, scratch_parent: P
     return _Work(x, bg, size, scratch, start)
 
 
+def _rows(a: np.ndarray, k: int, n: int) -> torch.Tensor:
+    """Rows ``k:k + n`` of a host array (possibly a read-only memory map) as a CPU tensor of their own."""
+    return torch.from_numpy(np.array(a[k:k + n]))
+
+
 def _to_device(a: np.ndarray, dev: torch.device, chunk: int = 1 << 20) -> torch.Tensor:
     """A host array (possibly memory-mapped) onto the device, a chunk at a time."""
-    out = torch.empty(a.shape, dtype=torch.from_numpy(a[:1]).dtype, device=dev)
+    out = torch.empty(a.shape, dtype=_rows(a, 0, 1).dtype, device=dev)
     for k in range(0, a.shape[0], chunk):
-        out[k:k + chunk].copy_(torch.from_numpy(np.ascontiguousarray(a[k:k + chunk])))
+        out[k:k + chunk].copy_(_rows(a, k, chunk))
     return out
 
 
@@ -506,7 +512,7 @@ def apply_model(model_dir: str | os.PathLike, source: str | os.PathLike | Collec
         warps = torch.empty(len(src), 3, 3)
         with torch.no_grad():
             for k in range(0, len(src), batch):
-                xb = torch.from_numpy(np.ascontiguousarray(work.x[k:k + batch])).to(dev)
+                xb = _rows(work.x, k, batch).to(dev)
                 warps[k:k + len(xb)] = aligner.align(xb).float().cpu()
                 report(Progress("aligning", step=min(k + batch, len(src)), total=len(src)))
         meta = {"method": pipe["method"], "warp": pipe["warp"], "reference": None, "device": str(dev),
@@ -609,7 +615,7 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
         fill = torch.from_numpy(work.bg[k:k + len(work_from_out)]).to(dev, dt)[..., None, None]
         uniform = src.uniform_size is not None and tuple(src.uniform_size) == tuple(wsize)
         if uniform:  # the originals are the working images: resample those on the device
-            x = torch.from_numpy(np.ascontiguousarray(work.x[k:k + len(work_from_out)])).to(dev).to(dt) / 255
+            x = _rows(work.x, k, len(work_from_out)).to(dev).to(dt) / 255
             return (G.warp_pixel(x - fill, work_from_out.to(dev, dt), wsize) + fill).clamp(0, 1)
         out = torch.empty(len(images), C, *wsize, dtype=dt, device=dev)
         groups: dict[tuple[int, int], list[int]] = {}
@@ -636,7 +642,7 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
         orig_from_out = orig_from_out / orig_from_out[:, 2:3, 2:3]
         transforms[k:k + n] = orig_from_out.numpy()
         a = aligned_chunk(k, images, work_from_out, orig_from_out)
-        x = torch.from_numpy(np.ascontiguousarray(work.x[k:k + n])).to(dev).to(dt) / 255
+        x = _rows(work.x, k, n).to(dev).to(dt) / 255
         bg = torch.from_numpy(work.bg[k:k + n]).to(dev, dt)[..., None, None]
         sum_b += x.sum(0).cpu().double()
         sq_b += x.square().sum(0).cpu().double()

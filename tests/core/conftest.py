@@ -60,3 +60,24 @@ def tiny_folder(tmp_path):
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
+
+
+def _untrained_model(folder, ref_radius: float):
+    """A real (untrained) DPRC aligner for 28 px images: the moment initialisation alone."""
+    import json
+
+    from models.dprc import DPRCAligner
+    from models.nets import PRESETS, DeSTNet, DeSTNetConfig
+
+    net = DeSTNet(DeSTNetConfig(in_channels=1, image_size=(28, 28), warp="homography", bound=0.6,
+                                **PRESETS["small"]["destnet"]))
+    DPRCAligner(net, "moments", torch.zeros(2), torch.tensor(ref_radius)).save(folder)
+    (folder / "pipeline.json").write_text(json.dumps({"working_size": [28, 28], "channels": 1,
+                                                      "warp": "homography", "method": "dprc", "max_side": 28}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def untrained_model():
+    """``untrained_model(folder, ref_radius)``: a saved untrained DPRC model folder (apply without training)."""
+    return _untrained_model

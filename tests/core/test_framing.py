@@ -64,25 +64,12 @@ def test_warnings_name_the_degenerate_mode():
     assert "shrinks" in w
 
 
-def _untrained_model(folder, ref_radius: float):
-    """A real (untrained) DPRC aligner for 28 px images: the moment initialisation alone."""
-    from models.dprc import DPRCAligner
-    from models.nets import DeSTNet, DeSTNetConfig, PRESETS
-
-    net = DeSTNet(DeSTNetConfig(in_channels=1, image_size=(28, 28), warp="homography", bound=0.6,
-                                **PRESETS["small"]["destnet"]))
-    DPRCAligner(net, "moments", torch.zeros(2), torch.tensor(ref_radius)).save(folder)
-    (folder / "pipeline.json").write_text(json.dumps({"working_size": [28, 28], "channels": 1,
-                                                      "warp": "homography", "method": "dprc", "max_side": 28}))
-    return folder
-
-
-def test_apply_with_a_cropping_aligner_warns(tmp_path):
+def test_apply_with_a_cropping_aligner_warns(tmp_path, untrained_model):
     """An aligner whose moment reference is huge zooms 2.5x into every digit."""
     from models.data import mnist_digits
     from models.pipeline import apply_model
 
-    model = _untrained_model(tmp_path / "model", 10.0)
+    model = untrained_model(tmp_path / "model", 10.0)
     x = (mnist_digits(3, 6).numpy()[:, 0] * 255).astype("uint8")
     np.save(tmp_path / "d.npy", x)
     rep = apply_model(model, tmp_path / "d.npy", tmp_path / "out", device="cpu")
@@ -105,11 +92,11 @@ def test_edge_contact_against_exact_answers():
     assert plain.tolist() == [True, True, False]
 
 
-def test_border_flags_name_the_cut_images_and_stay_off_on_textured_collections(tmp_path):
+def test_border_flags_name_the_cut_images_and_stay_off_on_textured_collections(tmp_path, untrained_model):
     from models.data import mnist_digits
     from models.pipeline import apply_model
 
-    model = _untrained_model(tmp_path / "model", 0.45)
+    model = untrained_model(tmp_path / "model", 0.45)
     x = (mnist_digits(3, 6).numpy()[:, 0] * 255).astype("uint8")
     x[:4] = np.roll(x[:4], 7, axis=2)  # four digits moved 7 px right: three reach the border, the narrow one does not
     np.save(tmp_path / "d.npy", x)
