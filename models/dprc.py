@@ -31,28 +31,33 @@ measured against ground truth in ``docs/research/quality-rounds-1-9.md``):
 * ``passes``: the DeSTNet is applied this many times in a row with the same
   weights, each pass starting from the previous pass's warp, in training and at
   inference. A one-pass aligner under-corrects; a network trained to be
-  iterated corrects most of what is left (round 6 in the benchmarks).
+  iterated corrects most of what is left (round 6 in the research log).
 * ``reframe``: a fit whose aligned frames keep a median of less than
   ``metrics.CONTENT_KEPT_MIN`` of each image's content (a zoom into the object,
   checked without ground truth) is fitted again with the moment regulariser at
   this weight, and the fit that keeps more content is returned.
-* ``width``: Table 1's MNIST DeSTNet has 4 and 8 conv channels; the default
-  multiplies them (and the regressor) by 4, trained on batches of 256, which
-  lowered the residual on every digit (round 7 in the benchmarks). The LFW
-  aligner (64-256 channels) keeps its width.
+* ``width``: Table 1's MNIST DeSTNet has 4 and 8 conv channels; on a GPU the
+  default multiplies them (and the regressor) by 4, which lowered the residual on
+  every digit (round 7 in the research log). The LFW aligner (64-256 channels)
+  keeps its width; on a CPU the default is Table 1's (see :meth:`DPRC.resolved`).
 * ``equivariance_frame``: the equivariance views can also be made from each
   image's current aligned frame; measured worse, off by default.
 * ``equivariance_units``: the equivariance distance in units of each aligned
   frame's size instead of the input's. In input units the loss itself rewards
   zooming into the object (every distance shrinks), which is why strong
   equivariance weights crop; in frame units it does not, but the fit then
-  drifts larger at sigma >= 20 % (round 9 in the benchmarks); off by default.
+  drifts larger at sigma >= 20 % (round 9 in the research log); off by default.
 * A coarse-to-fine distance (blur annealed from ``blur_start`` to 0), a warp
   curriculum (``curriculum``), background-aware padding (``padding``),
   cosine learning-rate decay.
 
 Reference rule (``reference_index=None``): the image whose blurred version is
 closest (L1) to the blurred mean of the collection: a typical, central member.
+
+How long and on what batches it trains is :mod:`models.schedule`'s (images seen,
+chosen from the device and the collection); how a step runs fast is
+:mod:`models.dprc_train`'s (blocks of steps, one CUDA graph, no host syncs); a fit
+over several processes is :mod:`models.distributed`'s.
 """
 from __future__ import annotations
 

@@ -356,10 +356,10 @@ def test_normalised_reference_frame_brings_every_object_to_the_median_size():
 def test_congealing_reduces_the_ground_truth_pair_residual(digits3):
     """Two perturbed copies of 48 real digits; DPRC must bring the copies closer together.
 
-    Calibrated on CPU (docs/benchmarks.md, 'CI quality test'): with the defaults (two
-    passes, DeSTNet width 4) the residual falls to 0.26-0.27 of its value before alignment
-    (0.40-0.41 on held-back digits; width 1: 0.35 and 0.44; one pass: 0.42 and 0.49); we
-    require <= 0.4 (<= 0.55 held back), and that the
+    Calibrated on CPU (docs/benchmarks.md, 'CI quality test'): with the CPU's defaults (Table 1's
+    DeSTNet width, two passes) the corner residual falls to 0.32 of its value before alignment
+    (0.46 on held-back digits, the object residual to 0.10); the previous trainer's width-4
+    aligner measured 0.26-0.27 (0.40-0.41). We require <= 0.4 (<= 0.55 held back), and that the
     aligner keeps the content and beats the exactly-undone APSNR. Without the equivariance
     loss a comparable CPU run (60 sources, Table 1 auto-encoder, 60 epochs) ended at 1.55.
     """
