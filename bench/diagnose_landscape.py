@@ -10,7 +10,7 @@ from models.data import mnist_digits
 from models.perturb import make_pairs
 from models.evaluate import evaluate_warps
 from models import geometry as G
-from models.dprc import blur, choose_reference, _warp_bg, background, moment_init, _moments
+from models.dprc import blur, choose_reference
 src=mnist_digits(3,100); sig=float(sys.argv[1]); p=make_pairs(src,sig,seed=1); x=p.images; size=(28,28)
 ref=choose_reference(x); R=x[ref:ref+1]
 def opt(M0, schedule, steps=150, lr=0.01, tmpl=None):

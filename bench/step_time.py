@@ -1,6 +1,6 @@
 """Seconds per DPRC training step for given configurations (a quick cost check, not a job timing).
 
-Trains each configuration for about ``--steps`` steps (whole epochs) on one
+Trains each configuration for ``--steps`` steps on one
 1,000-image paired collection, without the automatic re-fit, and prints one
 JSON line each. The time includes choosing the reference and the final
 alignment pass, spread over the steps.
@@ -35,16 +35,16 @@ def main() -> None:
     args = ap.parse_args()
     x = make_pairs(mnist_digits(3, 500), 0.1, seed=0).images.to(args.device)
     for over in json.loads(args.configs):
-        m = DPRC(**{**over, "reframe": 0})
-        per_epoch = -(-x.shape[0] // m.cfg.batch_size)
-        epochs = max(1, args.steps // per_epoch)
+        m = DPRC(**{**over, "reframe": 0, "steps": args.steps})
         t0 = time.time()
-        m.fit(x, FitContext(seed=0, budget=epochs))
+        res = m.fit(x, FitContext(seed=0))
         if torch.device(args.device).type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
+        steps = res.plan["steps"]
         row = {"cfg": over, "device": args.device, "threads": torch.get_num_threads(), "n_images": x.shape[0],
-               "steps": epochs * per_epoch, "seconds": round(dt, 2), "s_per_step": round(dt / (epochs * per_epoch), 4)}
+               "batch_size": res.plan["batch_size"], "steps": steps, "seconds": round(dt, 2),
+               "s_per_step": round(dt / steps, 4)}
         BC.emit_rows([row], args.out)
 
 

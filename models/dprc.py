@@ -417,7 +417,7 @@ class DPRC:
         return float(kept.median())
 
     def _fit(self, data: TrainData, ctx: FitContext, cfg: DPRCConfig, checkpoint_dir: Path | None) -> FitResult:
-        x, bg_all = data.x, data.bg
+        x = data.x
         dev = x.device
         N, C, H, W = x.shape
         G.get_family(ctx.warp)

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from . import geometry as G
-from .imageops import background, blur, blur_radius
+from .imageops import blur, blur_radius
 from .schedule import Plan
 
 __all__ = ["MAX_BAD_STEPS", "TrainData", "Objective", "equivariance_distance", "distance", "Tables", "make_tables",

@@ -43,6 +43,7 @@ __all__ = [
     "Collection",
     "IMAGE_EXTENSIONS",
     "ARCHIVE_EXTENSIONS",
+    "open_image",
     "decode_image",
     "load_collection",
     "scan_collection",
@@ -150,6 +151,38 @@ def _collapse_gray(rgb: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def open_image(f, name: str, limits: LoadLimits = LoadLimits()) -> Image.Image:
+    """Open one image (a binary file object or path) and check its header: an accepted format
+    by content, and pixels within the limits. Nothing is decoded yet. Call it where
+    ``Image.DecompressionBombWarning`` is an error (``decode_image`` does).
+
+    Raises:
+        InputError / LimitExceeded: naming ``name`` and what is wrong.
+    """
+    try:
+        im = Image.open(f)
+    except Image.DecompressionBombError as e:
+        raise LimitExceeded(f"{name}: image too large to decode safely ({e})") from None
+    except Exception:
+        raise InputError(f"{name}: not a readable image (unknown or corrupt format)") from None
+    fmt = "JPEG" if im.format == "MPO" else im.format
+    allowed = [f.upper() for f in limits.allowed_formats]
+    if im.format not in _PIL_FORMATS or fmt not in allowed:
+        im.close()
+        raise InputError(f"{name}: format {im.format} is not accepted; use {', '.join(allowed)}")
+    w, h = im.size
+    if w < 1 or h < 1:
+        im.close()
+        raise LimitExceeded(f"{name}: image has no pixels ({w}x{h})")
+    if w * h > limits.max_pixels or max(w, h) > limits.max_side:
+        im.close()
+        raise LimitExceeded(
+            f"{name}: {w}x{h} pixels is above the limit "
+            f"({limits.max_pixels} pixels, {limits.max_side} per side); refusing to decode"
+        )
+    return im
+
+
 def decode_image(data: bytes, name: str, limits: LoadLimits = LoadLimits()) -> np.ndarray:
     """Decode one image, refusing bombs before any pixel is decoded.
 
@@ -164,24 +197,7 @@ def decode_image(data: bytes, name: str, limits: LoadLimits = LoadLimits()) -> n
         # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; we want
         # an error, and our own, lower limit checked from the header below.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as e:
-            raise LimitExceeded(f"{name}: image too large to decode safely ({e})") from None
-        except Exception:
-            raise InputError(f"{name}: not a readable image (unknown or corrupt format)") from None
-        fmt = "JPEG" if im.format == "MPO" else im.format
-        allowed = [f.upper() for f in limits.allowed_formats]
-        if im.format not in _PIL_FORMATS or fmt not in allowed:
-            raise InputError(f"{name}: format {im.format} is not accepted; use {', '.join(allowed)}")
-        w, h = im.size
-        if w < 1 or h < 1:
-            raise LimitExceeded(f"{name}: image has no pixels ({w}x{h})")
-        if w * h > limits.max_pixels or max(w, h) > limits.max_side:
-            raise LimitExceeded(
-                f"{name}: {w}x{h} pixels is above the limit "
-                f"({limits.max_pixels} pixels, {limits.max_side} per side); refusing to decode"
-            )
+        im = open_image(io.BytesIO(data), name, limits)
         try:
             im.load()
             arr = _to_uint8(im)

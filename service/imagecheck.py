@@ -26,11 +26,10 @@ from PIL import Image
 # Private on purpose: these iterate an archive's members with every safety check of the core
 # (paths, links, sizes, ratios, duplicates). The core has no public per-member iterator yet.
 from models.imageio import (IMAGE_EXTENSIONS, InputError, LimitExceeded, LoadLimits, _is_image_name, _iter_tar,
-                            _iter_zip, _skip_name)
+                            _iter_zip, _skip_name, open_image)
 
 __all__ = ["DecodeBudget", "check_image", "check_archive", "check_npy", "npy_names"]
 
-_PIL_FORMATS = {"PNG", "JPEG", "TIFF", "BMP", "MPO"}
 _NPY_MAGIC = b"\x93NUMPY"
 _SCAN_BYTES = 16 * 1024**2  # one read of a .npy array's values
 
@@ -105,25 +104,10 @@ def check_image(src: bytes | Path, name: str, limits: LoadLimits, budget: Decode
         raise LimitExceeded(f"{name}: file is {size} bytes, above the limit of {limits.max_file_bytes}")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
-        except Image.DecompressionBombError as e:
-            raise LimitExceeded(f"{name}: image too large to decode safely ({e})") from None
-        except Exception:
-            raise InputError(f"{name}: not a readable image (unknown or corrupt format)") from None
+        im = open_image(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src, name, limits)
         with im:
             fmt = "JPEG" if im.format == "MPO" else im.format
-            allowed = [f.upper() for f in limits.allowed_formats]
-            if im.format not in _PIL_FORMATS or fmt not in allowed:
-                raise InputError(f"{name}: format {im.format} is not accepted; use {', '.join(allowed)}")
             w, h = im.size
-            if w < 1 or h < 1:
-                raise LimitExceeded(f"{name}: image has no pixels ({w}x{h})")
-            if w * h > limits.max_pixels or max(w, h) > limits.max_side:
-                raise LimitExceeded(
-                    f"{name}: {w}x{h} pixels is above the limit "
-                    f"({limits.max_pixels} pixels, {limits.max_side} per side); refusing to decode"
-                )
             try:
                 if fmt == "JPEG":
                     im.draft(im.mode, (math.ceil(w / 8), math.ceil(h / 8)))
