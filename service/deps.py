@@ -14,6 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from .contracts import ArtifactStore, DatasetStore, Dispatcher, JobRecord, JobStore, Settings, valid_job_id
 
 __all__ = [
+    "PAGE_OFFSET_MAX",
+    "check_page_limit",
     "get_settings",
     "SettingsDep",
     "ServiceState",
@@ -114,3 +116,13 @@ def load_job(state: ServiceState, owner: str, job_id: str) -> JobRecord:
     if rec is None or rec.owner != owner:
         raise HTTPException(404, f"no job with id {job_id!r}")
     return rec
+
+
+# Offsets beyond any real collection are still answered (an empty page), never passed on unbounded.
+PAGE_OFFSET_MAX = 2**62
+
+
+def check_page_limit(limit: int, maximum: int) -> None:
+    """A 422 in FastAPI's own shape when a page asks for more than ``maximum`` rows."""
+    if limit > maximum:
+        raise HTTPException(422, [{"type": "less_than_equal", "loc": ["query", "limit"], "msg": f"at most {maximum}"}])

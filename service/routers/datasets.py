@@ -21,7 +21,7 @@ from ..contracts import new_dataset_id
 from ..contracts.datasets import (DatasetFile, DatasetQuota, DatasetRecord, begin_delete, check_file_name,
                                   classify_files, purge_dataset)
 from ..datasets import complete_dataset, file_public, load_dataset, receive_chunk, to_public
-from ..deps import OwnerDep, ServiceState, StateDep
+from ..deps import PAGE_OFFSET_MAX, OwnerDep, ServiceState, StateDep, check_page_limit
 from ..schemas import DatasetCreate, DatasetFilePublic, DatasetPublic, DatasetsPublic, ErrorPublic
 
 __all__ = ["router"]
@@ -29,7 +29,6 @@ __all__ = ["router"]
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 _E404 = {"model": ErrorPublic, "description": "no such dataset (or another tenant's)"}
-_OFFSET_MAX = 2**62
 _CREATE_BYTES_PER_FILE = 1024  # a file's entry in POST /datasets is well under this
 
 
@@ -135,12 +134,10 @@ async def create_dataset(request: Request, response: Response, state: StateDep, 
 
 @router.get("", response_model=DatasetsPublic, name="list_datasets", summary="The caller's datasets, newest first")
 def list_datasets(request: Request, state: StateDep, owner: OwnerDep,
-                  offset: Annotated[int, Query(ge=0, le=_OFFSET_MAX)] = 0,
+                  offset: Annotated[int, Query(ge=0, le=PAGE_OFFSET_MAX)] = 0,
                   limit: Annotated[int, Query(ge=1, description="at most the service's page_size_max")] = 20
                   ) -> DatasetsPublic:
-    if limit > state.settings.page_size_max:
-        raise HTTPException(422, [{"type": "less_than_equal", "loc": ["query", "limit"],
-                                   "msg": f"at most {state.settings.page_size_max}"}])
+    check_page_limit(limit, state.settings.page_size_max)
     recs, total = state.datasets.list(owner, offset, limit)
     recs = [r for r in recs if not r.deleting]
     nxt = f"{request.app.url_path_for('list_datasets')}?offset={offset + limit}&limit={limit}" \

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..contracts import RESULT_IMAGES, JobKind, JobRecord, JobStatus
 from ..contracts.runner import purge
-from ..deps import OwnerDep, ServiceState, StateDep, load_job
+from ..deps import OwnerDep, ServiceState, StateDep, check_page_limit, load_job
 from ..jobs import accept_job, multipart_openapi, to_public
 from ..schemas import ErrorPublic, JobCreate, JobPublic, JobsPublic
 
@@ -98,9 +98,7 @@ def list_jobs(request: Request, state: StateDep, owner: OwnerDep,
               offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
               limit: Annotated[int, Query(ge=1, description="page size (at most the service's page_size_max)")] = 20
               ) -> JobsPublic:
-    if limit > state.settings.page_size_max:
-        raise HTTPException(422, [{"type": "less_than_equal", "loc": ["query", "limit"],
-                                   "msg": f"at most {state.settings.page_size_max}"}])
+    check_page_limit(limit, state.settings.page_size_max)
     recs, total = state.store.list(owner, offset, limit)
     nxt = None
     if offset + len(recs) < total:

@@ -13,7 +13,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..deps import OwnerDep, StateDep
+from ..deps import PAGE_OFFSET_MAX, OwnerDep, StateDep, check_page_limit
 from ..results import ResultsUnavailable, open_per_image
 from ..schemas import ErrorPublic, PerImagePage, PerImagePublic
 from .jobs import finished_job
@@ -24,8 +24,6 @@ router = APIRouter(prefix="/jobs", tags=["results"])
 
 _DL = {404: {"model": ErrorPublic, "description": "no such job, or its output lacks the file"},
        409: {"model": ErrorPublic, "description": "the job has not succeeded"}}
-# Offsets beyond any real job are still answered (an empty page), never passed on unbounded.
-_OFFSET_MAX = 2**62
 
 
 @router.get("/{job_id}/per-image", response_model=PerImagePage, name="list_per_image", responses={
@@ -40,13 +38,11 @@ def list_per_image(job_id: str, request: Request, state: StateDep, owner: OwnerD
     arrays (``transforms.npy``, ``per_image.npy``, ``names.txt``) when it has them, else from
     ``transforms.json`` and ``metrics.json``; ``source`` says which. An offset at or beyond
     ``total`` is an empty page."""
-    cap = state.settings.per_image_page_size_max
-    if limit > cap:
-        raise HTTPException(422, [{"type": "less_than_equal", "loc": ["query", "limit"], "msg": f"at most {cap}"}])
+    check_page_limit(limit, state.settings.per_image_page_size_max)
     finished_job(state, owner, job_id)
     try:
         src = open_per_image(state.artifacts.output_dir(job_id))
-        rows = src.rows(min(offset, _OFFSET_MAX), limit)
+        rows = src.rows(min(offset, PAGE_OFFSET_MAX), limit)
     except ResultsUnavailable as e:
         raise HTTPException(404, f"job {job_id}: {e}") from None
     path = request.app.url_path_for

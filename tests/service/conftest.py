@@ -69,3 +69,21 @@ def client(worker_env):
 
     with TestClient(create_app(worker_env.settings()), headers=auth()) as c:
         yield c
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+def store(request, tmp_path, redis_client):
+    """A job store of each kind: Redis under a key prefix of its own (deleted after), or SQLite."""
+    from service.contracts import RedisJobStore, SqliteJobStore
+
+    if request.param == "redis":
+        prefix = f"congeal-test-{uuid.uuid4().hex[:10]}"
+        s = RedisJobStore(REDIS_URL, prefix)
+        yield s
+        keys = list(redis_client.scan_iter(match=f"{prefix}:*"))
+        if keys:
+            redis_client.delete(*keys)
+    else:
+        s = SqliteJobStore(tmp_path / "jobs.sqlite3")
+        yield s
+    s.close()

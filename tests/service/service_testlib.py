@@ -185,3 +185,21 @@ def bilinear_backward(img: np.ndarray, H, out_hw, fill) -> np.ndarray:
     out = (at(x0, y0) * (1 - fx) * (1 - fy) + at(x0 + 1, y0) * fx * (1 - fy)
            + at(x0, y0 + 1) * (1 - fx) * fy + at(x0 + 1, y0 + 1) * fx * fy)
     return out.reshape(Ho, Wo)
+
+
+def tar_bytes(members, mode: str = "w") -> bytes:
+    """A tar archive in memory: ``(name, data)`` members, or prepared ``tarfile.TarInfo`` ones
+    (links, devices); ``mode`` picks the compression (``"w:gz"``, ``"w:xz"``, ...)."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as t:
+        for m in members:
+            if isinstance(m, tarfile.TarInfo):
+                t.addfile(m)
+            else:
+                info = tarfile.TarInfo(m[0])
+                info.size = len(m[1])
+                t.addfile(info, io.BytesIO(m[1]))
+    return buf.getvalue()

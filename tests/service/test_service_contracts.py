@@ -9,12 +9,11 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
 
 from service.contracts import (METHODS, TASK_NAMES, WARPS, ArtifactStore, JobKind, JobOptions, JobRecord, JobStatus,
-                               RedisJobStore, Settings, SqliteJobStore, celery_config, new_job_id, queue_for)
+                               Settings, celery_config, new_job_id, queue_for)
 from service_testlib import REDIS_URL
 
 
@@ -94,19 +93,6 @@ def test_artifact_paths_only_for_ids_we_issue(tmp_path):
 # ---------------------------------------------------------------------- stores
 
 
-@pytest.fixture(params=["redis", "sqlite"])
-def store(request, tmp_path, redis_client):
-    if request.param == "redis":
-        prefix = f"congeal-test-{uuid.uuid4().hex[:10]}"
-        s = RedisJobStore(REDIS_URL, prefix)
-        yield s
-        keys = list(redis_client.scan_iter(match=f"{prefix}:*"))
-        if keys:
-            redis_client.delete(*keys)
-    else:
-        s = SqliteJobStore(tmp_path / "jobs.sqlite3")
-        yield s
-    s.close()
 
 
 def _job(owner="alice", key=None, t=None) -> JobRecord:

@@ -15,7 +15,6 @@ import io
 import os
 import socket
 import struct
-import tarfile
 import threading
 import time
 import uuid
@@ -27,11 +26,11 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from service_testlib import KEYS, REDIS_URL, SAMPLES, auth
+from service_testlib import KEYS, SAMPLES, auth, tar_bytes
 
 from models.imageio import InputError, LimitExceeded, LoadLimits, scan_collection
 from service.app import create_app
-from service.contracts import ArtifactStore, JobKind, JobRecord, RedisJobStore, SqliteJobStore, valid_job_id
+from service.contracts import ArtifactStore, JobKind, JobRecord, valid_job_id
 from service.devserver import server_log, start_api
 
 pytestmark = pytest.mark.integration
@@ -155,19 +154,6 @@ def test_a_huge_list_offset_is_422_not_500(api, offset):
     assert api.get("/jobs", params={"offset": 10**9}).json()["data"] == []  # the largest allowed: an empty page
 
 
-@pytest.fixture(params=["redis", "sqlite"])
-def store(request, tmp_path, redis_client):
-    if request.param == "redis":
-        prefix = f"congeal-test-{uuid.uuid4().hex[:10]}"
-        s = RedisJobStore(REDIS_URL, prefix)
-        yield s
-        keys = list(redis_client.scan_iter(match=f"{prefix}:*"))
-        if keys:
-            redis_client.delete(*keys)
-    else:
-        s = SqliteJobStore(tmp_path / "jobs.sqlite3")
-        yield s
-    s.close()
 
 
 def test_both_stores_answer_a_page_past_the_end_or_past_2_63(store):
@@ -283,23 +269,15 @@ def _zip(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def _tar(members: list[tuple[str, bytes]], mode: str = "w") -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode=mode) as t:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 DUPLICATES = [
     ("zip, same name twice", "x.zip", _zip([("a.png", GOOD), ("b.png", GOOD), ("a.png", GOOD2)]), "'a.png'"),
     ("zip, a/b.png beside a\\b.png", "x.zip", _zip([("a/b.png", GOOD), ("a\\b.png", GOOD2), ("c.png", GOOD)]),
      "a\\\\b.png"),
-    ("tar, same name twice", "x.tar", _tar([("a.png", GOOD), ("b.png", GOOD), ("a.png", GOOD2)]), "'a.png'"),
+    ("tar, same name twice", "x.tar", tar_bytes([("a.png", GOOD), ("b.png", GOOD), ("a.png", GOOD2)]), "'a.png'"),
     ("tar.gz, a/b.png beside a\\b.png", "x.tar.gz",
-     _tar([("a/b.png", GOOD), ("c.png", GOOD), ("a\\b.png", GOOD2)], "w:gz"), "a\\\\b.png"),
+     tar_bytes([("a/b.png", GOOD), ("c.png", GOOD), ("a\\b.png", GOOD2)], "w:gz"), "a\\\\b.png"),
     ("zip, ./a.png beside a.png", "x.zip", _zip([("a.png", GOOD), ("./a.png", GOOD2)]), "./a.png"),
 ]
 
@@ -389,7 +367,7 @@ def roomy_api(env):
 def test_a_compressed_tar_bomb_is_413_naming_the_member(roomy_api, env, mode, member):
     # 40 MB of zeros (under the per-file and expansion limits) in a few kB: only the ratio catches
     # it. An image member is read, a skipped one decompressed to reach the next: both count.
-    data = _tar([("a.png", GOOD), (member, b"\0" * 40_000_000), ("b.png", GOOD2)], f"w:{mode}")
+    data = tar_bytes([("a.png", GOOD), (member, b"\0" * 40_000_000), ("b.png", GOOD2)], f"w:{mode}")
     assert len(data) < 100_000
     before = _jobs(env)
     r = _post(roomy_api, [(f"x.tar.{mode}", data)])
@@ -399,7 +377,7 @@ def test_a_compressed_tar_bomb_is_413_naming_the_member(roomy_api, env, mode, me
 
 
 def test_a_corrupt_tar_xz_is_422(api):
-    good = _tar([("a.png", GOOD), ("b.png", GOOD2)], "w:xz")
+    good = tar_bytes([("a.png", GOOD), ("b.png", GOOD2)], "w:xz")
     r = _post(api, [("x.tar.xz", good[:40] + bytes(200) + good[240:])])
     assert r.status_code == 422 and "x.tar.xz" in r.json()["detail"], r.text
 

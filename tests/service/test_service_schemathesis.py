@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import itertools
 import os
-import tarfile
 import time
 import warnings
 import zipfile
@@ -37,7 +36,7 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, settings
-from service_testlib import SAMPLES, auth, files_for, wait_job
+from service_testlib import SAMPLES, auth, files_for, wait_job, tar_bytes
 
 from service.app import create_app
 from service.devserver import server_log, start_api
@@ -76,24 +75,16 @@ def _zip_dup() -> bytes:
     return buf.getvalue()
 
 
-def _tar(mode: str, members) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode=mode) as t:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 GOOD = SAMPLES[0].read_bytes()
 HOSTILE_UPLOADS = [
     [("arr.npy", _npz())],
     [("x.zip", _zip_dup())],
-    [("x.tar.gz", _tar("w:gz", [("a.png", GOOD), ("bomb.png", b"\0" * 900_000), ("b.png", GOOD)]))],
+    [("x.tar.gz", tar_bytes([("a.png", GOOD), ("bomb.png", b"\0" * 900_000), ("b.png", GOOD)], "w:gz"))],
     [("a.png", GOOD), ("b.png", GOOD[: len(GOOD) // 2])],
     [("nan.npy", _npy_nan())],
-    [("x.tar.xz", _tar("w:xz", [("a.png", GOOD), ("b.png", GOOD)])[:60] + bytes(300))],
+    [("x.tar.xz", tar_bytes([("a.png", GOOD), ("b.png", GOOD)], "w:xz")[:60] + bytes(300))],
 ]
 
 
