@@ -76,7 +76,8 @@ from . import metrics as M
 from .methods import FitContext, FitResult, Progress, register_aligner, register_method, shard_bounds
 from . import schedule as P_
 from .distributed import all_gather_rows
-from .dprc_train import (MAX_BAD_STEPS, Objective, StepRunner, TrainData, _IndexStream, as_float, curriculum_rank,
+from .dprc_train import (MAX_BAD_STEPS, Objective, StepRunner, TrainData, _IndexStream, as_float, curriculum_limit,
+                         curriculum_rank,
                          elapsed_eta, make_optimizer, make_tables, noise_width)
 from .imageops import background, blur
 from .nets import PRESETS, AutoEncoderConfig, DeSTNet, DeSTNetConfig, PenalisedAutoEncoder, set_compute_dtype
@@ -233,8 +234,7 @@ def curriculum_family(family: str, frac: float, schedule) -> str | None:
     ``schedule[r]`` is the fraction of training at which the family of rank
     ``r`` (translation, similarity, affine, homography) unlocks.
     """
-    r = curriculum_rank(family, frac, schedule)
-    return None if r >= G.get_family(family).rank else ["translation", "similarity", "affine", "homography"][r]
+    return curriculum_limit(family, curriculum_rank(family, frac, schedule))
 
 
 # --------------------------------------------------------------------------- aligner

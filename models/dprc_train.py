@@ -37,16 +37,20 @@ from .imageops import blur, blur_radius
 from .schedule import Plan
 
 __all__ = ["MAX_BAD_STEPS", "TrainData", "Objective", "equivariance_distance", "distance", "Tables", "make_tables",
-           "StepRunner", "make_optimizer", "guarded_update", "as_float", "curriculum_rank"]
+           "StepRunner", "make_optimizer", "guarded_update", "as_float", "curriculum_rank", "curriculum_limit"]
 
 # This many skipped steps in a row means the parameters themselves are broken: the fit stops.
 MAX_BAD_STEPS = 20
-_FAMILY_NAMES = ("translation", "similarity", "affine", "homography")
 
 
 def as_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 images (0-255) or float images (0-1) -> float32 in [0, 1]."""
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+def curriculum_limit(family: str, rank: int) -> str | None:
+    """The family a curriculum rank limits ``family`` to, or None when it is no limit."""
+    return None if rank >= G.get_family(family).rank else G.FAMILIES_BY_RANK[rank]
 
 
 def curriculum_rank(family: str, frac: float, schedule) -> int:
@@ -343,7 +347,7 @@ class StepRunner:
             k = kn.tolist()
             sigma, gate = k[1], k[3] > 0.5
             r = int(round(k[2]))
-            limit = None if r >= G.get_family(self.family).rank else _FAMILY_NAMES[r]
+            limit = curriculum_limit(self.family, r)
         self.lr.copy_(kn[0])
         loss, terms, aligned = self.model(xb, bgb, noise, sigma, limit, gate)
         bad = guarded_update(loss, self.params, self.opt, self.world)

@@ -32,6 +32,7 @@ __all__ = [
     "unit_corners",
     "WarpFamily",
     "WARP_FAMILIES",
+    "FAMILIES_BY_RANK",
     "get_family",
     "params_to_matrix",
     "matrix_to_params",
@@ -98,6 +99,10 @@ def constant(values, *, like: torch.Tensor | None = None, dtype: torch.dtype | N
     if t is None:
         t = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
     return t
+
+
+# Family names from least to most general (index = rank).
+FAMILIES_BY_RANK = tuple(sorted(WARP_FAMILIES, key=lambda n: WARP_FAMILIES[n].rank))
 
 
 def get_family(name: str) -> WarpFamily:

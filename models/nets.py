@@ -212,9 +212,6 @@ class DeSTNet(nn.Module):
         return M
 
 
-_FAMILIES_BY_RANK = sorted(G.WARP_FAMILIES, key=lambda n: G.WARP_FAMILIES[n].rank)
-
-
 def _project(R: torch.Tensor, limit: str | torch.Tensor | None, family: G.WarpFamily) -> torch.Tensor:
     """``R`` ``(B, 3, 3)`` projected onto the family ``limit`` (by name or 0-d rank tensor)."""
     if limit is None:
@@ -224,7 +221,7 @@ def _project(R: torch.Tensor, limit: str | torch.Tensor | None, family: G.WarpFa
             return R
         return G.params_to_matrix(G.matrix_to_params(R, limit), limit)
     out = R
-    for name in _FAMILIES_BY_RANK[:family.rank]:
+    for name in G.FAMILIES_BY_RANK[:family.rank]:
         # Selected on the device: every projection is computed (3x3 matrices, cheap) and the
         # one whose rank equals ``limit`` kept; ranks at or above the family's keep R.
         proj = G.params_to_matrix(G.matrix_to_params(R, name), name)

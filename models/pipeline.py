@@ -589,10 +589,8 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
     small = N <= SMALL_JOB_MAX
     mode = aligned_mode if aligned_mode != "auto" else ("png" if small else "none")
     dt = torch.float64 if dev.type == "cpu" else torch.float32
-    names_all = src.names() if small else None
-    files = aligned_file_names(names_all) if (small or mode == "png") and names_all is not None else None
-    if mode == "png" and files is None:
-        files = aligned_file_names(src.names())
+    names_all = src.names() if small or mode == "png" else None
+    files = aligned_file_names(names_all) if names_all is not None else None
     writer = _Writer(tmp, mode, N, wsize, C) if mode != "none" else None
     transforms = np.lib.format.open_memmap(tmp / "transforms.npy", mode="w+", dtype=np.float64, shape=(N, 3, 3))
     per = np.zeros(N, dtype=per_image_dtype(C))
@@ -610,11 +608,13 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
     contact_all, plain_all = torch.zeros(N), torch.zeros(N, dtype=torch.bool)
     kept_all, area_all = torch.zeros(N), torch.zeros(N)
 
+    # Arrays already at the working size: the originals are the working images.
+    uniform = src.uniform_size is not None and tuple(src.uniform_size) == tuple(wsize)
+
     def aligned_chunk(k: int, images, work_from_out: torch.Tensor, orig_from_out: torch.Tensor) -> torch.Tensor:
         """Aligned images ``(k, C, H, W)`` in [0, 1], resampled from the originals."""
         fill = torch.from_numpy(work.bg[k:k + len(work_from_out)]).to(dev, dt)[..., None, None]
-        uniform = src.uniform_size is not None and tuple(src.uniform_size) == tuple(wsize)
-        if uniform:  # the originals are the working images: resample those on the device
+        if uniform:  # resample the working images on the device
             x = _rows(work.x, k, len(work_from_out)).to(dev).to(dt) / 255
             return (G.warp_pixel(x - fill, work_from_out.to(dev, dt), wsize) + fill).clamp(0, 1)
         out = torch.empty(len(images), C, *wsize, dtype=dt, device=dev)
@@ -628,7 +628,6 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
             out[idx] = (G.warp_pixel(t - f, orig_from_out[idx].to(dev, dt), wsize) + f).clamp(0, 1)
         return out
 
-    uniform = src.uniform_size is not None and tuple(src.uniform_size) == tuple(wsize)
     source_chunks = None if uniform else src.chunks(chunk)
     seed = 0
     for k in range(0, N, chunk):
