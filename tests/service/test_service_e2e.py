@@ -23,7 +23,9 @@ TRAIN = SAMPLES[:24]
 @pytest.fixture(scope="module")
 def trained(client):
     """One training job shared by the result and inference tests, with every poll kept."""
-    r = client.post("/jobs", files=files_for(TRAIN), data={"budget": "2", "warp": "homography"})
+    # 40 steps of 24 images: long enough on the CPU trainer (~0.1 s a step) that polls every 0.25 s see
+    # it training through the progress relay's 0.5 s throttle (2 steps were over before a poll could).
+    r = client.post("/jobs", files=files_for(TRAIN), data={"budget": "40", "warp": "homography"})
     assert r.status_code == 202, r.text
     seen: list[dict] = []
     job = wait_job(client, r.json()["id"], seen=seen)
@@ -41,7 +43,7 @@ def test_polling_sees_progress_then_success(trained, worker_env):
     training = [j["progress"] for j in seen if j["status"] == "running" and j["progress"]["stage"] == "training"]
     assert training, [j["status"] for j in seen]
     p = training[-1]
-    assert p["total"] == 2 and 1 <= p["step"] <= 2 and p["epoch"] >= 1 and p["loss"] is not None
+    assert p["total"] == 40 and 1 <= p["step"] <= 40 and p["epoch"] >= 1 and p["loss"] is not None
     assert job["started_at"] and job["finished_at"] and job["created_at"] <= job["started_at"] <= job["finished_at"]
     m = job["metrics"]
     assert m["n_images"] == len(TRAIN) and m["apsnr_before"] is not None and m["apsnr_after"] is not None
