@@ -76,7 +76,7 @@ def main() -> None:
             continue
         m = json.loads((out / "metrics.json").read_text())
         row.update({k: m.get(k) for k in ("schedule", "notes", "apsnr_before", "apsnr_after", "framing_summary",
-                                          "consistency_summary", "warnings")})
+                                          "consistency_summary", "warnings", "stage_seconds")})
         row["job_seconds"] = m.get("seconds")
         c = Y.open_collection(col)
         import numpy as np

@@ -51,8 +51,9 @@ measured against ground truth in ``docs/research/quality-rounds-1-9.md``):
   curriculum (``curriculum``), background-aware padding (``padding``),
   cosine learning-rate decay.
 
-Reference rule (``reference_index=None``): the image whose blurred version is
-closest (L1) to the blurred mean of the collection: a typical, central member.
+Reference rule (``reference_index=None``): among the images whose object size (foreground RMS
+radius) is in the central fifth of the collection's, the one whose blurred version is closest (L1)
+to the blurred mean of the collection: a typical, central member of typical size.
 
 How long and on what batches it trains is :mod:`models.schedule`'s (images seen,
 chosen from the device and the collection); how a step runs fast is
@@ -83,6 +84,8 @@ from .imageops import background, blur
 from .nets import PRESETS, AutoEncoderConfig, DeSTNet, DeSTNetConfig, PenalisedAutoEncoder, set_compute_dtype
 
 DEFAULT_WIDTH = {"mnist": 4.0, "small": 4.0, "lfw": 1.0}
+# The reference is chosen among images whose object size is in this central share of the collection's.
+REFERENCE_SIZE_BAND = 0.2
 
 __all__ = ["DEFAULT_WIDTH", "DPRCConfig", "DPRC", "DPRCAligner", "choose_reference", "moment_init", "blur",
            "background", "curriculum_family", "MAX_BAD_STEPS"]
@@ -106,6 +109,9 @@ class DPRCConfig:
     warmup: float = 0.05  # linear learning-rate warm-up (fraction of training), batches above 256 only
     precision: str = "auto"  # network arithmetic: "auto" (bfloat16 on CUDA, float32 elsewhere) | "float32" | "bfloat16"
     graphs: bool = True  # capture the training step as one CUDA graph (single GPU)
+    # torch.compile the objective (forward and backward) on a GPU; measured, not the default
+    # (docs/benchmarks.md, "Speed"): its compile time is longer than a small job.
+    compile: bool = False
     init: str = "moments"  # "moments" (centroid + scale) | "centroid" | "identity"
     blur_start: float = 0.06  # Gaussian sigma as a fraction of the shorter side
     blur_until: float = 0.7  # fraction of training at which blur reaches 0
@@ -201,25 +207,47 @@ def moment_penalty(aligned: torch.Tensor, bg: torch.Tensor, ref_c: torch.Tensor,
     return ((c - ref_c).abs().sum(1) + (r / ref_r).log().abs()).mean()
 
 
-def choose_reference(x: torch.Tensor, chunk: int = 4096, world: int = 1, start: int = 0) -> int:
-    """Index of the image whose blurred version is L1-closest to the blurred mean.
+def choose_reference(x: torch.Tensor, bg: torch.Tensor | None = None, chunk: int = 4096, world: int = 1,
+                     start: int = 0, band: float = REFERENCE_SIZE_BAND) -> int:
+    """Index of the image whose blurred version is L1-closest to the blurred mean, among the
+    images of typical size: those whose foreground RMS radius lies in the central ``band`` of
+    the collection's radii (the 40th to 60th percentiles by default; 1: every image).
 
-    ``x`` ``(N, C, H, W)`` uint8 or float. With ``world > 1`` it is this process's shard of the
-    collection, whose first image has the global index ``start``, and the index is global.
+    The size band matters at scale: the closest image to the blurred mean is a larger object the
+    more images there are to choose from (at 1,000,000 infiMNIST-style digits its radius was
+    1.18x the median, the 90th percentile; at 6,000, 0.97x), and the moment initialisation scales
+    every image after the reference (at 1M every object was shown at 0.72 of its area, and the
+    fits cropped; ``bench/reference_size.py``).
+
+    ``x`` ``(N, C, H, W)`` uint8 or float, ``bg`` its backgrounds ``(N, C, 1, 1)`` (computed if
+    None). With ``world > 1`` it is this process's shard of the collection, whose first image has
+    the global index ``start``, and the index is global.
     """
     sigma = 0.06 * min(x.shape[-2:])
     mean = torch.zeros((1, *x.shape[1:]), dtype=torch.float32, device=x.device)
+    radius = []
     for k in range(0, x.shape[0], chunk):
-        mean += blur(as_float(x[k:k + chunk]), sigma).sum(0, keepdim=True)
+        xf = as_float(x[k:k + chunk])
+        mean += blur(xf, sigma).sum(0, keepdim=True)
+        radius.append(_moments(xf, background(xf) if bg is None else bg[k:k + chunk].to(xf))[1])
+    radius = torch.cat(radius)
     n = torch.tensor(float(x.shape[0]), device=x.device)
+    everyone = radius
     if world > 1:
         import torch.distributed as dist
 
         dist.all_reduce(mean)
         dist.all_reduce(n)
+        everyone = all_gather_rows(radius, x.device)
     mean /= n
     d = torch.cat([(blur(as_float(x[k:k + chunk]), sigma) - mean).abs().mean(dim=(1, 2, 3))
                    for k in range(0, x.shape[0], chunk)])
+    if band < 1 and everyone.numel() > 1:
+        v = everyone.double().sort().values  # (torch.quantile refuses more than 16M values)
+        m = v.numel() - 1
+        lo, hi = v[int(math.floor((0.5 - band / 2) * m))], v[int(math.ceil((0.5 + band / 2) * m))]
+        typical = (radius.double() >= lo) & (radius.double() <= hi)
+        d = torch.where(typical, d, torch.full_like(d, math.inf))
     best = int(d.argmin())
     if world <= 1:
         return best
@@ -377,7 +405,9 @@ class DPRC:
         res = self._fit(data, ctx, cfg, ctx.checkpoint_dir)
         if cfg.reframe <= 0 or cfg.moment_weight > 0:
             return res
+        t0 = time.perf_counter()
         kept = self._median_kept(data, res.in_from_out_norm, ctx)
+        res.timings["framing_check"] = round(time.perf_counter() - t0, 3)
         if kept >= M.CONTENT_KEPT_MIN:
             return res
         # The output-frame distance lets the aligner zoom into part of the object
@@ -395,6 +425,8 @@ class DPRC:
                              f"moment_weight={cfg.reframe} failed ({e}); using the first fit")
             return res
         kept2 = self._median_kept(data, res2.in_from_out_norm, ctx)
+        res2.timings = {**res.timings, **{f"refit_{k}": v for k, v in res2.timings.items()}}
+        res.timings = res2.timings
         note = (f"the first fit kept a median {kept:.2f} of each image's content; a re-fit with "
                 f"moment_weight={cfg.reframe} kept {kept2:.2f}")
         best = res2 if kept2 > kept else res
@@ -421,6 +453,7 @@ class DPRC:
         dev = x.device
         N, C, H, W = x.shape
         G.get_family(ctx.warp)
+        t_setup = time.perf_counter()
         torch.manual_seed(ctx.seed)
         net, ae = self._nets(C, (H, W), ctx.warp, cfg)
         amp = torch.bfloat16 if cfg.precision == "bfloat16" else None
@@ -453,6 +486,8 @@ class DPRC:
         aligner = DPRCAligner(net, cfg.init, ref_c, ref_r, cfg.padding, cfg.max_scale, cfg.passes)
         objective = Objective(aligner, ae, cfg, ref_img, ref_bg, ref_c, ref_r, cfg.blur_start * min(H, W))
         model = objective
+        if cfg.compile and dev.type == "cuda" and ctx.world == 1:
+            model = torch.compile(objective, dynamic=False)
         if ctx.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             model = DDP(objective, device_ids=[dev.index] if dev.type == "cuda" else None,
@@ -481,6 +516,8 @@ class DPRC:
         net.train()
         ae.train()
         skipped = bad_run = 0
+        timings = {"setup": round(time.perf_counter() - t_setup, 3)}  # networks, reference, schedule
+        t_train = time.perf_counter()
         t0, last_ckpt = time.time(), time.time()
         last_loss = None
         step = start
@@ -522,9 +559,12 @@ class DPRC:
                      + (" with a captured CUDA graph" if runner.graph is not None else ""))
         # The job's warps come from the same float32 forward pass as `congeal apply` on a saved model.
         set_compute_dtype(net, None)
+        timings["training"] = round(time.perf_counter() - t_train, 3)
+        t_align = time.perf_counter()
         warps = self._align_all(aligner, x)
+        timings["aligning"] = round(time.perf_counter() - t_align, 3)
         return FitResult(in_from_out_norm=warps.float().cpu(), reference_index=ref, aligner=aligner,
-                         history=history, notes=notes, plan=plan.to_dict())
+                         history=history, notes=notes, plan=plan.to_dict(), timings=timings)
 
     @torch.no_grad()
     def _align_all(self, aligner: DPRCAligner, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -608,7 +648,7 @@ def _reference(data: TrainData, ctx: FitContext) -> tuple[torch.Tensor, int, tor
     if ctx.reference_index is not None:
         ref = int(ctx.reference_index)
     else:
-        ref = choose_reference(x, world=ctx.world, start=ctx.shard_start)
+        ref = choose_reference(x, data.bg, world=ctx.world, start=ctx.shard_start)
     if ctx.world <= 1:
         return as_float(x[ref:ref + 1]), ref, data.bg[ref:ref + 1]
     import bisect

@@ -53,6 +53,7 @@ __all__ = [
     "square_to_quad",
     "offsets_to_homography",
     "homography_to_offsets",
+    "project_offsets",
 ]
 
 
@@ -278,19 +279,32 @@ def homography_from_points(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor
     return torch.cat([h, torch.ones_like(h[:, :1])], dim=1).view(B, 3, 3)
 
 
+_BASE_GRIDS: dict = {}
+
+
+def _base_grid(out_size: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """``(1, Ho*Wo, 3)`` homogeneous normalised coordinates of the output pixels, row-major;
+    made once per size, dtype and device (like :func:`constant`; never modify it in place)."""
+    key = (tuple(out_size), like.dtype, like.device)
+    g = _BASE_GRIDS.get(key)
+    if g is None:
+        Ho, Wo = out_size
+        ys = torch.linspace(-1, 1, Ho, dtype=like.dtype, device=like.device) if Ho > 1 else like.new_zeros(1)
+        xs = torch.linspace(-1, 1, Wo, dtype=like.dtype, device=like.device) if Wo > 1 else like.new_zeros(1)
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        g = _BASE_GRIDS[key] = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1).view(1, Ho * Wo, 3)
+    return g
+
+
 def _grid(in_from_out_norm: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
     """Sampling grid ``(B, Ho, Wo, 2)`` in normalised input coordinates."""
     Ho, Wo = out_size
     M = in_from_out_norm
-    ys = torch.linspace(-1, 1, Ho, dtype=M.dtype, device=M.device) if Ho > 1 else M.new_zeros(1)
-    xs = torch.linspace(-1, 1, Wo, dtype=M.dtype, device=M.device) if Wo > 1 else M.new_zeros(1)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    base = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1).view(1, Ho * Wo, 3)
-    q = base @ M.transpose(1, 2)  # (B, Ho*Wo, 3)
+    q = _base_grid(out_size, M) @ M.transpose(1, 2)  # (B, Ho*Wo, 3)
     # Keep the divide away from 0 so a degenerate homography yields far-away
     # (hence empty) samples instead of NaN/inf gradients.
     w = q[..., 2:3]
-    w = torch.where(w.abs() < 1e-6, torch.full_like(w, 1e-6), w)
+    w = torch.where(w.abs() < 1e-6, 1e-6, w)
     return (q[..., :2] / w).view(-1, Ho, Wo, 2)
 
 
@@ -379,25 +393,42 @@ def square_to_quad(quad: torch.Tensor) -> torch.Tensor:
         ``(B, 3, 3)`` with ``H[2, 2] = 1``; the same matrix as
         ``homography_from_points(unit_corners(), quad)``.
 
-    Heckbert's unit-square-to-quadrilateral solution, composed with the map from ``[-1, 1]^2``
-    onto the unit square. Elementwise arithmetic only: unlike a linear solve it never waits on
-    the device for an error check, so it can run inside a captured CUDA graph, and it is cheaper
-    for the small batches of 3x3 matrices the aligner makes at every stage.
+    Heckbert's unit-square-to-quadrilateral solution composed with the map from ``[-1, 1]^2``
+    onto the unit square. With ``q0..q3`` the corners, ``d1 = q1 - q2``, ``d2 = q3 - q2`` and
+    ``s = q0 - q1 + q2 - q3``, the perspective terms solve ``[d1 d2] (g, h) = s`` (Cramer's rule),
+    and every other entry is linear in the corners given ``(g, h)``. Written as a few batched
+    products with constant matrices (about a dozen kernels forward, instead of one per scalar):
+    the aligner makes one per stage and pass, and at small batches a training step's time is the
+    number of kernels it launches. Elementwise and matrix arithmetic only: unlike a linear solve
+    it never waits on the device for an error check, so it runs inside a captured CUDA graph.
     """
-    x0, x1, x2, x3 = quad[..., 0].unbind(-1)  # TL, TR, BR, BL: unit-square corners (0,0) (1,0) (1,1) (0,1)
-    y0, y1, y2, y3 = quad[..., 1].unbind(-1)
-    dx1, dx2, dx3 = x1 - x2, x3 - x2, x0 - x1 + x2 - x3
-    dy1, dy2, dy3 = y1 - y2, y3 - y2, y0 - y1 + y2 - y3
-    det = dx1 * dy2 - dx2 * dy1
-    g = (dx3 * dy2 - dx2 * dy3) / det
-    h = (dx1 * dy3 - dx3 * dy1) / det
-    a, b, c = x1 - x0 + g * x1, x3 - x0 + h * x3, x0
-    d, e, f = y1 - y0 + g * y1, y3 - y0 + h * y3, y0
-    o = torch.ones_like(a)
-    unit_from_square = torch.stack([a, b, c, d, e, f, g, h, o], dim=-1).view(-1, 3, 3)
-    # [-1, 1]^2 -> [0, 1]^2: u = (x + 1) / 2; then rescale so that H[2, 2] = 1.
-    H = unit_from_square @ constant(((0.5, 0.0, 0.5), (0.0, 0.5, 0.5), (0.0, 0.0, 1.0)), like=quad)
+    B = quad.shape[0]
+    qt = quad.transpose(1, 2)  # (B, 2, 4): rows x and y, one column per corner
+    D = qt @ constant(_SQ_DIFF, like=quad)  # (B, 2, 3): columns d1, d2, s
+    # Three 2-D cross products at once: (d1 x d2, s x d2, d1 x s) = (det, det * g, det * h).
+    a = D.index_select(2, constant((0, 2, 0), dtype=torch.long, device=quad.device))
+    b = D.index_select(2, constant((1, 1, 2), dtype=torch.long, device=quad.device))
+    cr = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]  # (B, 3)
+    gh = cr[:, 1:] / cr[:, :1]  # (B, 2)
+    # Everything (g, h) adds, in one product: the corner weights of the top rows, then the last row.
+    lin = torch.addmm(constant(_SQ_BIAS, like=quad), gh, constant(_SQ_GH, like=quad))  # (B, 15)
+    top = qt @ lin[:, :12].view(B, 4, 3)  # (B, 2, 3)
+    H = torch.cat([top, lin[:, 12:].view(B, 1, 3)], dim=1)  # (B, 3, 3)
     return H / H[:, 2:3, 2:3]
+
+
+# square_to_quad's constants. Columns of _SQ_DIFF: d1 = q1 - q2, d2 = q3 - q2, s = q0 - q1 + q2 - q3.
+_SQ_DIFF = ((0.0, 0.0, 1.0), (1.0, 0.0, -1.0), (-1.0, -1.0, 1.0), (0.0, 1.0, -1.0))
+# The unit-square solution's columns (q1 - q0 + g q1, q3 - q0 + h q3, q0), last row (g, h, 1), times
+# [[.5, 0, .5], [0, .5, .5], [0, 0, 1]] (from [-1, 1]^2 to the unit square): corner weights of the
+# top rows (4 x 3, row-major) then the last row, as bias + (g, h) @ _SQ_GH.
+_SQ_BIAS = (-0.5, -0.5, 0.0,
+            0.5, 0.0, 0.5,
+            0.0, 0.0, 0.0,
+            0.0, 0.5, 0.5,
+            0.0, 0.0, 1.0)
+_SQ_GH = ((0.0, 0.0, 0.0, 0.5, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0, 0.5),
+          (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.5, 0.5))
 
 
 def offsets_to_homography(d: torch.Tensor) -> torch.Tensor:
@@ -411,6 +442,55 @@ def offsets_to_homography(d: torch.Tensor) -> torch.Tensor:
     the identity.
     """
     return square_to_quad(unit_corners(like=d) + d.view(-1, 4, 2))
+
+
+def _offset_basis(family: str) -> torch.Tensor:
+    """``(8, dof)``: the corner offsets (TL, TR, BR, BL; x, y) each parameter of ``family`` makes."""
+    c = torch.tensor(((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0)), dtype=torch.float64)
+    ex, ey = torch.tensor((1.0, 0.0), dtype=torch.float64), torch.tensor((0.0, 1.0), dtype=torch.float64)
+    cols = [ex.expand(4, 2), ey.expand(4, 2)]  # translation
+    if family in ("similarity", "affine"):
+        cols += [c, torch.stack([-c[:, 1], c[:, 0]], 1)] if family == "similarity" else \
+            [c[:, :1] * ex, c[:, 1:] * ex, c[:, :1] * ey, c[:, 1:] * ey]
+    return torch.stack([v.reshape(8) for v in cols], 1)
+
+
+def _offset_projections() -> tuple:
+    """``(4, 8, 8)`` nested tuples: the orthogonal projection of corner offsets onto each family
+    (by rank; the homography's is the identity)."""
+    out = []
+    for name in FAMILIES_BY_RANK:
+        if name == "homography":
+            out.append(torch.eye(8, dtype=torch.float64))
+        else:
+            A = _offset_basis(name)
+            out.append(A @ torch.linalg.solve(A.T @ A, A.T))
+    return tuple(tuple(tuple(r) for r in P.tolist()) for P in out)
+
+
+_OFFSET_PROJECTIONS = _offset_projections()
+
+
+def project_offsets(d: torch.Tensor, limit: str | torch.Tensor | None) -> torch.Tensor:
+    """Corner offsets ``(B, 8)`` projected onto those a less general family can make.
+
+    The least-squares fit over the four corners: for ``translation`` every corner gets the mean
+    offset; for ``similarity`` and ``affine`` the corners move as the best such map of the frame
+    moves them. The projected offsets give a matrix of that family exactly through
+    :func:`offsets_to_homography` (the quadrilateral is a translated, similar or affine copy of
+    the frame). ``limit``: the family's name, its rank as a 0-d integer tensor (so that a captured
+    CUDA graph can change it between replays: one small product whatever the rank), or None
+    (no limit). Ranks at or above the homography's leave ``d`` unchanged.
+    """
+    if limit is None:
+        return d
+    if isinstance(limit, str):
+        rank = get_family(limit).rank
+        if rank >= WARP_FAMILIES["homography"].rank:
+            return d
+        return d @ constant(_OFFSET_PROJECTIONS[rank], like=d)
+    P = constant(_OFFSET_PROJECTIONS, like=d).index_select(0, limit.view(1).clamp(0, 3))[0]  # (8, 8), symmetric
+    return d @ P
 
 
 def homography_to_offsets(M: torch.Tensor) -> torch.Tensor:

@@ -106,6 +106,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     plan: dict | None = None  # the training schedule chosen (models.schedule.Plan.to_dict())
+    timings: dict = field(default_factory=dict)  # seconds by stage of the fit (written in metrics.json)
 
 
 class AlignmentMethod(Protocol):

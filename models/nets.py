@@ -205,7 +205,12 @@ class DeSTNet(nn.Module):
             p = self.contract[i](torch.cat(feats, dim=1))
             if self.cfg.bound > 0:
                 p = self.cfg.bound * torch.tanh(p / self.cfg.bound)
-            R = _project(self._to_matrix(p), limit, self.family)
+            if self.cfg.warp == "homography":
+                # The curriculum's projection is made on the corner offsets: one small product
+                # whatever the family, where projecting the matrix costs ~30 kernels per family.
+                R = G.offsets_to_homography(G.project_offsets(p, limit))
+            else:
+                R = _project(self._to_matrix(p), limit, self.family)
             M = R if base is None else base @ R
         if M is None:  # no stages
             M = torch.eye(3, dtype=x.dtype, device=x.device).expand(B, 3, 3) if base is None else base

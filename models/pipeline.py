@@ -419,21 +419,29 @@ def align_collection(source: str | os.PathLike | Collection | Source, out_dir: s
     if world > 1 and options.method != "dprc":
         raise InputError(f"method {options.method} runs in one process; only dprc trains over several GPUs")
     lo, hi = shard_bounds(len(src), world)[rank:rank + 2]
+    stages = {"opening": round(time.time() - t0, 3)}
+    t_stage = time.time()
     # Rank 0 reads everything: it writes every output. The others read their shard.
     work = _ingest(src, wsize, channels, out_dir.parent, report, should_stop,
                    *((0, len(src)) if rank == 0 else (lo, hi)))
+    stages["reading"] = round(time.time() - t_stage, 3)
     try:
         ctx = FitContext(
             warp=options.warp, reference_index=ref_index, seed=options.seed, budget=options.budget,
             progress=report, checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
             should_stop=should_stop, rank=rank, world=world, n_total=len(src),
         )
+        t_stage = time.time()
         x_dev = _to_device(work.x[lo - work.start:hi - work.start], device)
         bg_dev = torch.from_numpy(work.bg[lo - work.start:hi - work.start])[..., None, None].to(device)
+        stages["to_device"] = round(time.time() - t_stage, 3)
+        t_stage = time.time()
         if options.method == "dprc":
             result = method.fit(x_dev, ctx, bg=bg_dev)
         else:
             result = method.fit(x_dev.float().div_(255), ctx)
+        stages["fit"] = round(time.time() - t_stage, 3)
+        stages.update({f"fit_{k}": v for k, v in result.timings.items()})
         del x_dev
         if world > 1:
             from .distributed import all_gather_rows
@@ -461,9 +469,12 @@ def align_collection(source: str | os.PathLike | Collection | Source, out_dir: s
                      "method": options.method, "max_side": options.max_side}, indent=1))
                 model_dir = str(out_dir / "model")
             align = None if result.aligner is None else (lambda b: result.aligner.align(b.to(device)))
+            t_stage = time.time()
             metrics = _finish(tmp, src, work, result.in_from_out_norm, meta, align, device, options.aligned,
                               report, should_stop)
+            stages["writing"] = round(time.time() - t_stage, 3)
             metrics["seconds"] = round(time.time() - t0, 3)
+            metrics["stage_seconds"] = stages
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
     finally:
         work.close()

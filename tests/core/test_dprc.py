@@ -1,11 +1,12 @@
 """DPRC: networks at initialisation, the penalty, checkpoints, cancellation, and quality."""
 import json
+import math
 
 import pytest
 import torch
 
 from models import geometry as G
-from models.dprc import DPRC, background, choose_reference, curriculum_family, moment_init
+from models.dprc import DPRC, _moments, background, choose_reference, curriculum_family, moment_init
 from models.dprc_train import distance, equivariance_distance, guarded_update, make_optimizer
 from models.evaluate import evaluate_warps
 from models.methods import Cancelled, FitContext, load_aligner
@@ -77,6 +78,23 @@ def test_reference_rule_picks_a_typical_image():
     x[2] = 0
     x[2, :, 0:3, 0:3] = 1.0  # the odd one out
     assert choose_reference(x) != 2
+
+
+def test_reference_rule_skips_an_atypically_large_image_closest_to_the_mean():
+    """At scale the image closest to the blurred mean is a large object (the mean is a soft blob);
+    the rule picks among typical sizes instead (every image scales after the reference)."""
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+
+    def disk(cx, cy, r):
+        return ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r).float()[None]
+
+    small = [disk(15.5 + dx, 15.5 + dy, r) for dx, dy, r in
+             [(-3, -3, 4), (3, -3, 4.5), (-3, 3, 4), (3, 3, 4.5), (0, -4, 5), (0, 4, 4), (-4, 0, 4.5), (4, 0, 5)]]
+    x = torch.stack(small + [torch.stack(small).mean(0)])  # the last: the mean itself, a large soft blob
+    assert choose_reference(x, band=1.0) == 8  # the bare rule takes the blob
+    _, r, _ = _moments(x, background(x))
+    ref = choose_reference(x)
+    assert ref != 8 and abs(float(r[ref]) - float(r.median())) <= 0.05 * float(r.median())
 
 
 def _fit(x, tmp, budget=9, stop_after=None, seed=0, **over):
@@ -422,13 +440,26 @@ def test_device_side_knobs_train_exactly_like_host_side_ones(digits3, monkeypatc
     from models.dprc_train import StepRunner
 
     x = make_pairs(digits3[:8], 0.08, seed=0).images
+    # The two paths blur with two kernels (test_blur_with_a_tensor_width_is_the_blur below); their
+    # differences grow over training, so the paths are compared exactly with the blur off.
     opts = dict(batch_size=8, preset="small", reframe=0, curriculum=(0.0, 0.2, 0.4, 0.6), c_grad_from=0.5,
-                blur_until=0.5)
+                blur_start=0.0)
     host = DPRC(**opts).fit(x, FitContext(budget=6))
     monkeypatch.setattr(D, "StepRunner", functools.partial(StepRunner, knobs_on_device=True))
     dev = DPRC(**opts).fit(x, FitContext(budget=6))
-    assert torch.allclose(host.in_from_out_norm, dev.in_from_out_norm, atol=1e-5)
+    assert torch.equal(host.in_from_out_norm, dev.in_from_out_norm)
     assert not torch.allclose(host.in_from_out_norm, torch.eye(3).expand(16, 3, 3), atol=1e-3)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.4, 1.0, 1.68])
+def test_blur_with_a_tensor_width_is_the_blur(sigma):
+    """The GPU path's blur (width a device tensor, fixed kernel radius) is the CPU path's blur, up
+    to the Gaussian's tail beyond 3 sigma, which only the fixed (larger) radius keeps."""
+    from models.imageops import blur, blur_radius
+
+    x = torch.rand(3, 2, 28, 28, generator=torch.Generator().manual_seed(0))
+    radius = max(1, math.ceil(3 * 1.68))
+    assert torch.allclose(blur(x, sigma), blur_radius(x, torch.tensor(sigma), radius), atol=1e-3)
 
 
 def test_a_training_step_neither_waits_for_the_device_nor_copies_host_data_to_it(digits3):

@@ -166,3 +166,38 @@ def test_corner_offsets_round_trip_and_identity():
     H = G.offsets_to_homography(d)
     c = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
     assert torch.allclose(G.transform_points(H, c), c + d.view(3, 4, 2), atol=1e-10)
+
+
+@pytest.mark.parametrize("family", ["translation", "similarity", "affine", "homography"])
+def test_projected_corner_offsets_give_a_matrix_of_the_family(family):
+    """The curriculum's projection: exact in the family, idempotent, the least-squares fit of the
+    corners (orthogonal: the residual is orthogonal to every offset the family can make), and the
+    same by name and by rank tensor."""
+    g = torch.Generator().manual_seed(3)
+    d = 0.2 * torch.randn(6, 8, dtype=torch.float64, generator=g)
+    q = G.project_offsets(d, family)
+    M = G.offsets_to_homography(q)
+    assert torch.allclose(G.params_to_matrix(G.matrix_to_params(M, family), family), M, atol=1e-12)
+    assert torch.allclose(G.project_offsets(q, family), q, atol=1e-12)
+    assert torch.equal(G.project_offsets(d, torch.tensor(G.get_family(family).rank)), q)
+    inside = G.homography_to_offsets(G.params_to_matrix(0.1 * torch.randn(4, G.get_family(family).dof,
+                                                                           dtype=torch.float64, generator=g), family))
+    assert torch.allclose(((d - q)[:, None, :] * inside[None]).sum(-1), torch.zeros(6, 4, dtype=torch.float64),
+                          atol=1e-12)
+    if family == "translation":
+        assert torch.allclose(q.view(-1, 4, 2), d.view(-1, 4, 2).mean(1, keepdim=True).expand(-1, 4, 2))
+    if family == "homography":
+        assert torch.equal(q, d)
+
+
+def test_square_to_quad_is_the_four_point_homography():
+    """The closed form equals the DLT solve on random quadrilaterals (perspective ones included),
+    and maps each frame corner onto its quadrilateral corner."""
+    g = torch.Generator().manual_seed(5)
+    quad = G.unit_corners(like=torch.zeros(1, dtype=torch.float64)) + 0.35 * torch.randn(64, 4, 2, dtype=torch.float64,
+                                                                                            generator=g)
+    H = G.square_to_quad(quad)
+    src = G.unit_corners(like=quad).expand(64, 4, 2)
+    assert torch.allclose(H, G.homography_from_points(src, quad), atol=1e-9)
+    assert torch.allclose(G.transform_points(H, src), quad, atol=1e-12)
+    assert torch.allclose(H[:, 2, 2], torch.ones(64, dtype=torch.float64))
