@@ -11,6 +11,7 @@ Parts (``--parts``, comma-separated), each printing and appending JSON lines to 
 * ``profile``: where an eager step's device time goes, by kernel (``torch.profiler``).
 * ``inference``: the trained aligner's forward pass (two DeSTNet passes, moment init, warps) on
   uint8 images resident on the device, images/s.
+* ``inference_profile``: where the aligner's forward pass spends its device time, by kernel.
 * ``quality``: full fits on the benchmark's paired digits (ground truth kept) at given sizes,
   with their ``PairEval`` and seconds.
 * ``old``: seconds per step of the previous trainer (a checkout of its ``models/`` named by
@@ -164,6 +165,32 @@ def inference(dev, out, n):
               "images_per_s": round(n / dt)}, out)
 
 
+def inference_profile(dev, out, chunk: int = 32768):
+    """Where the aligner's forward pass spends its device time, by kernel (float32 and bf16)."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    from models.nets import set_compute_dtype
+
+    x = collection(chunk)
+    al = DPRC(steps=8, reframe=0).fit(x.to(dev), FitContext(seed=0)).aligner
+    xd = x.to(dev)
+    for dtype in (None, torch.bfloat16):
+        set_compute_dtype(al.net, dtype)
+        with torch.no_grad():
+            al.align(xd)
+            BC.sync(dev)
+            with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                for _ in range(3):
+                    al.align(xd)
+                BC.sync(dev)
+        print(f"# inference profile, {dtype}, chunk {chunk}, 3 calls")
+        print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+        rows = sorted(p.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0))[:30]
+        emit({"part": "inference_profile", "chunk": chunk, "calls": 3, "dtype": str(dtype), "top": [
+            {"name": e.key, "self_cuda_ms": round(getattr(e, "self_device_time_total", 0) / 1e3, 2), "calls": e.count}
+            for e in rows]}, out)
+
+
 def quality(dev, out, sizes, configs, sigma, digit):
     for n in sizes:
         S = n // 2
@@ -239,6 +266,8 @@ def main() -> None:
                 profile(dev, a.out, a.profile_batch)
             elif part == "inference":
                 inference(dev, a.out, a.inference_n)
+            elif part == "inference_profile":
+                inference_profile(dev, a.out)
             elif part == "quality":
                 quality(dev, a.out, BC.parse_list(a.sizes, int), json.loads(a.quality_configs), a.sigma, a.digit)
             elif part == "old":

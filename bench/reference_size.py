@@ -28,7 +28,7 @@ from models import geometry as G  # noqa: E402
 from models import metrics as M  # noqa: E402
 from models import synth as Y  # noqa: E402
 from models.data import mnist_digits  # noqa: E402
-from models.dprc import _moments, choose_reference, moment_init  # noqa: E402
+from models.dprc import REFERENCE_SIZE_BAND, _moments, choose_reference, moment_init  # noqa: E402
 from models.imageops import background  # noqa: E402
 
 
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--digit", type=int, default=3)
     ap.add_argument("--sigma", type=float, default=0.1)
     ap.add_argument("--work", default="/tmp/congeal-refsize")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     bases = mnist_digits(a.digit)
@@ -55,6 +56,7 @@ def main() -> None:
             Y.write_collection(col, bases, n, Y.SynthConfig(sigma=a.sigma))
         c = Y.open_collection(col)
         x = torch.from_numpy(np.concatenate([c.images[k:min(n, k + 65536)] for k in range(0, n, 65536)]))[:, None]
+        x = x.to(a.device)
         ref = choose_reference(x)
         r = torch.cat([_moments(xf, background(xf))[1] for xf in
                        (x[k:k + 65536].float() / 255 for k in range(0, n, 65536))])
@@ -66,7 +68,7 @@ def main() -> None:
                        "ref_radius_percentile": round(float((r < r[ref]).double().mean()), 4),
                        "init_with_reference": _framing(sub, x[ref:ref + 1].float() / 255),
                        "init_with_median_size_image": _framing(sub, sub[mid:mid + 1]),
-                       "seconds": round(time.time() - t0, 1)}], a.out)
+                       "size_band": REFERENCE_SIZE_BAND, "seconds": round(time.time() - t0, 1)}], a.out)
 
 
 if __name__ == "__main__":

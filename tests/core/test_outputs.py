@@ -72,3 +72,18 @@ def test_streamed_in_small_chunks_and_from_a_scratch_file_the_outputs_are_the_sa
     assert all((np.asarray(Image.open(ref / im["aligned_file"])) == shard[i]).all() for i, im in enumerate(names))
     for name in ("mean_after.png", "var_after.png"):
         assert (np.asarray(Image.open(ref / name)).astype(int) - np.asarray(Image.open(big / name))).__abs__().max() <= 1
+
+
+def test_metrics_say_where_a_job_spent_its_time(tmp_path, digits_npy):
+    """``stage_seconds``: the job's stages in order, each measured once; they account for the job's
+    time (what is left between them is saving the model), and the fit's own stages for the fit."""
+    P.align_collection(digits_npy, tmp_path / "out", P.AlignOptions(device="cpu", method_options={
+        "steps": 2, "preset": "small", "reframe": 0}))
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    st = m["stage_seconds"]
+    top = ["opening", "reading", "to_device", "fit", "writing"]
+    assert [k for k in st if not k.startswith("fit_")] == top
+    assert all(v >= 0 for v in st.values())
+    assert 0.5 * m["seconds"] <= sum(st[k] for k in top) <= m["seconds"] + 0.01
+    inner = sum(v for k, v in st.items() if k.startswith("fit_"))
+    assert {"fit_setup", "fit_training", "fit_aligning"} <= set(st) and inner <= st["fit"] + 0.01
