@@ -272,6 +272,7 @@ class DPRCAligner:
     """A trained DPRC aligner: moment initialisation + DeSTNet, one forward pass."""
 
     method = "dprc"
+    reproduces_fit = True  # align() on the fitted images gives the fit's warps (the same float32 pass)
 
     def __init__(self, net: DeSTNet, init: str, ref_centroid: torch.Tensor, ref_radius: torch.Tensor,
                  padding: str = "border", max_scale: float = 2.5, passes: int = 1):

@@ -217,7 +217,7 @@ def consistency_ratio(moved: torch.Tensor, probe: torch.Tensor) -> float:
 
 
 def self_consistency(align, images: torch.Tensor, bg: torch.Tensor, sigma: float = 0.1, seed: int = 0,
-                     chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+                     chunk: int = 512, warps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground-truth-free consistency of a trained aligner, per image.
 
     Each image is re-warped by a random homography ``P`` drawn from the
@@ -235,6 +235,8 @@ def self_consistency(align, images: torch.Tensor, bg: torch.Tensor, sigma: float
         align: ``(B, C, H, W) -> (B, 3, 3)`` normalised ``in_from_out`` warps
             (an aligner's ``align``; output frame = input frame).
         images: ``(N, C, H, W)``; ``bg``: ``(N, C, 1, 1)`` background values.
+        warps: ``(N, 3, 3)`` ``align(images)`` when the caller has them already (a fitted
+            collection's warps): then only the re-warped copies are aligned.
     """
     from .perturb import random_perturbations  # perturb imports geometry only; local to keep this module light
 
@@ -247,7 +249,7 @@ def self_consistency(align, images: torch.Tensor, bg: torch.Tensor, sigma: float
         x, b, Pk = images[k:k + chunk], bg[k:k + chunk], P[k:k + chunk]
         Pn = G.normalised_from_pixel(Pk, size, size).to(x)
         xp = G.warp(x, Pn, size, fill=b)
-        M0 = G.pixel_from_normalised(align(x).double().cpu(), size, size)
+        M0 = G.pixel_from_normalised((align(x) if warps is None else warps[k:k + chunk]).double().cpu(), size, size)
         Mp = G.pixel_from_normalised(align(xp).double().cpu(), size, size)
         moved.append((G.transform_points(Pk @ Mp, c) - G.transform_points(M0, c)).norm(dim=-1).mean(-1))
         probe.append((G.transform_points(Pk, c) - c).norm(dim=-1).mean(-1))

@@ -471,7 +471,7 @@ def align_collection(source: str | os.PathLike | Collection | Source, out_dir: s
             align = None if result.aligner is None else (lambda b: result.aligner.align(b.to(device)))
             t_stage = time.time()
             metrics = _finish(tmp, src, work, result.in_from_out_norm, meta, align, device, options.aligned,
-                              report, should_stop)
+                              report, should_stop, getattr(result.aligner, "reproduces_fit", False))
             stages["writing"] = round(time.time() - t_stage, 3)
             metrics["seconds"] = round(time.time() - t0, 3)
             metrics["stage_seconds"] = stages
@@ -530,7 +530,7 @@ def apply_model(model_dir: str | os.PathLike, source: str | os.PathLike | Collec
                 "working_size": list(wsize), "channels": channels, "model_dir": str(model_dir)}
         with _Staging(out_dir, overwrite) as tmp:
             metrics = _finish(tmp, src, work, warps, meta, lambda b: aligner.align(b.to(dev)), dev, aligned,
-                              report, should_stop)
+                              report, should_stop, True)
             metrics["seconds"] = round(time.time() - t0, 3)
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
     finally:
@@ -589,11 +589,12 @@ class _Writer:
 
 def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor, meta: dict,
             align: Callable | None, dev: torch.device, aligned_mode: str,
-            report: Callable[[Progress], None], should_stop) -> dict:
+            report: Callable[[Progress], None], should_stop, warps_are_aligned: bool = False) -> dict:
     """Public transforms, aligned originals and metrics for a fitted collection, a chunk at a time.
 
     ``align``: the trained aligner's ``(B, C, H, W) -> (B, 3, 3)``, for the self-consistency
-    check (skipped when None). Computed on ``dev``: float64 on a CPU (as before), float32 on a GPU.
+    check (skipped when None); ``warps_are_aligned``: ``in_from_out_norm`` is ``align`` of the
+    images (DPRC, apply), so the check aligns only its re-warped copies. Computed on ``dev``: float64 on a CPU (as before), float32 on a GPU.
     """
     N, C = src.n, work.x.shape[1]
     wsize = work.size
@@ -665,7 +666,8 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
         if align is not None:
             with torch.no_grad():
                 moved, probe = M.self_consistency(lambda b: align(b.float()), x, bg, sigma=CONSISTENCY_SIGMA,
-                                                  seed=seed)
+                                                  seed=seed, warps=Mn if warps_are_aligned else None,
+                                                  chunk=n if dev.type == "cuda" else 512)
             moved_all[k:k + n], probe_all[k:k + n] = moved.float(), probe.float()
         seed += 1
         if writer is not None:

@@ -162,3 +162,21 @@ def test_self_consistency_is_zero_for_an_equivariant_aligner_and_the_probe_for_a
     const = lambda b: T.expand(b.shape[0], 3, 3)  # noqa: E731
     moved, _ = M.self_consistency(const, x, bg, sigma=0.03, seed=3)
     assert not torch.allclose(moved, probe2) and (moved > 0).all()
+
+
+def test_self_consistency_with_the_known_warps_aligns_only_the_copies():
+    """Given ``align(images)`` (a fitted collection's warps) the check gives the same numbers and
+    calls the aligner only on the re-warped copies."""
+    x, tpl = _four_dots(12)
+    bg = torch.zeros(12, 1, 1, 1)
+    align = _dot_aligner(tpl)
+    seen = []
+
+    def counting(b):
+        seen.append(b.shape[0])
+        return align(b)
+
+    ref = M.self_consistency(align, x, bg, sigma=0.03, seed=3, chunk=5)
+    got = M.self_consistency(counting, x, bg, sigma=0.03, seed=3, chunk=5, warps=align(x))
+    assert torch.allclose(ref[0], got[0]) and torch.equal(ref[1], got[1])
+    assert seen == [5, 5, 2]
