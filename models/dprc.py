@@ -74,7 +74,8 @@ from safetensors.torch import load_file, save_file
 
 from . import geometry as G
 from . import metrics as M
-from .methods import FitContext, FitResult, Progress, register_aligner, register_method, shard_bounds
+from .methods import (AlignmentFailed, FitContext, FitResult, Progress, register_aligner, register_method,
+                      shard_bounds)
 from . import schedule as P_
 from .distributed import all_gather_rows
 from .dprc_train import (MAX_BAD_STEPS, Objective, StepRunner, TrainData, _IndexStream, as_float, curriculum_limit,
@@ -86,6 +87,10 @@ from .nets import PRESETS, AutoEncoderConfig, DeSTNet, DeSTNetConfig, PenalisedA
 DEFAULT_WIDTH = {"mnist": 4.0, "small": 4.0, "lfw": 1.0}
 # The reference is chosen among images whose object size is in this central share of the collection's.
 REFERENCE_SIZE_BAND = 0.2
+# A fit has collapsed (DPRC._collapse) when its aligned frames keep less than this median share of
+# each image's content, scale the objects' area by more than this factor either way, or its aligner is
+# less self-consistent than this (1: no better than not aligning), measured on this many images.
+COLLAPSE_KEPT, COLLAPSE_AREA, COLLAPSE_CONSISTENCY, COLLAPSE_SAMPLE = 0.5, 6.0, 1.0, 2048
 
 __all__ = ["DEFAULT_WIDTH", "DPRCConfig", "DPRC", "DPRCAligner", "choose_reference", "moment_init", "blur",
            "background", "curriculum_family", "MAX_BAD_STEPS"]
@@ -145,6 +150,9 @@ class DPRCConfig:
     # When the fit crops (median content kept < metrics.CONTENT_KEPT_MIN), fit again with this
     # moment_weight and keep the fit that keeps more content; 0: never. See docs/research/quality-rounds-1-9.md.
     reframe: float = 1.0
+    # Check the final fit for a collapse (empty, cropped or shrunk images, or an aligner less
+    # self-consistent than not aligning) and fall back to the moment alignment, or fail, if it did.
+    guard: bool = True
     checkpoint_every_s: float = 20.0
 
 
@@ -400,14 +408,22 @@ class DPRC:
 
     def fit(self, images: torch.Tensor, ctx: FitContext, bg: torch.Tensor | None = None) -> FitResult:
         """``images``: ``(N, C, H, W)`` uint8 (0-255) or float (0-1) on the training device, this
-        process's shard in a distributed job; ``bg``: their backgrounds ``(N, C, 1, 1)`` if known."""
+        process's shard in a distributed job; ``bg``: their backgrounds ``(N, C, 1, 1)`` if known.
+
+        Raises :class:`AlignmentFailed` when even the safe fallback loses the images."""
         data = TrainData(images, _backgrounds(images) if bg is None else bg.to(images.device))
         cfg = self.resolved(images.device.type, tuple(images.shape[-2:]))
         res = self._fit(data, ctx, cfg, ctx.checkpoint_dir)
-        if cfg.reframe <= 0 or cfg.moment_weight > 0:
-            return res
+        if cfg.reframe > 0 and cfg.moment_weight <= 0:
+            res = self._reframe(data, ctx, cfg, res)
+        if cfg.guard:
+            res = self._guard(data, ctx, cfg, res)
+        return res
+
+    def _reframe(self, data: TrainData, ctx: FitContext, cfg: DPRCConfig, res: FitResult) -> FitResult:
+        """Fit again with the moment regulariser when the first fit crops (see ``reframe``)."""
         t0 = time.perf_counter()
-        kept = self._median_kept(data, res.in_from_out_norm, ctx)
+        kept = self._framing(data, res.in_from_out_norm, ctx)[0]
         res.timings["framing_check"] = round(time.perf_counter() - t0, 3)
         if kept >= M.CONTENT_KEPT_MIN:
             return res
@@ -425,7 +441,7 @@ class DPRC:
             res.notes.append(f"the first fit kept a median {kept:.2f} of each image's content; a re-fit with "
                              f"moment_weight={cfg.reframe} failed ({e}); using the first fit")
             return res
-        kept2 = self._median_kept(data, res2.in_from_out_norm, ctx)
+        kept2 = self._framing(data, res2.in_from_out_norm, ctx)[0]
         res2.timings = {**res.timings, **{f"refit_{k}": v for k, v in res2.timings.items()}}
         res.timings = res2.timings
         note = (f"the first fit kept a median {kept:.2f} of each image's content; a re-fit with "
@@ -434,20 +450,98 @@ class DPRC:
         best.notes.append(note + ("; using the re-fit" if best is res2 else "; using the first fit"))
         return best
 
+    def _collapse(self, data: TrainData, ctx: FitContext, res: FitResult) -> str | None:
+        """Why ``res`` lost the images, checked without ground truth (None: it did not).
+
+        Collapsed: the aligned frames keep less than :data:`COLLAPSE_KEPT` of the median image's
+        content (empty or cropped images), show the objects at less than 1/:data:`COLLAPSE_AREA` or
+        more than that many times their area (shrunk away, or a blow-up of a fragment), or the
+        aligner is less self-consistent than not aligning at all (the check of ``metrics.json``'s
+        ``consistency_summary``, on a sample of :data:`COLLAPSE_SAMPLE` images)."""
+        kept, area = self._framing(data, res.in_from_out_norm, ctx)
+        if kept < COLLAPSE_KEPT:
+            return f"its aligned frames keep a median {kept:.2f} of each image's content"
+        if not 1 / COLLAPSE_AREA <= area <= COLLAPSE_AREA:
+            return f"its aligned frames show the objects at {1 / area:.2g} times their area"
+        if res.aligner is None:
+            return None
+        n = len(data)
+        idx = torch.linspace(0, n - 1, min(n, COLLAPSE_SAMPLE), device=data.x.device).round().long().unique()
+        x = as_float(data.x.index_select(0, idx))
+        with torch.no_grad():
+            moved, probe = M.self_consistency(res.aligner.align, x, data.bg.index_select(0, idx), sigma=0.1,
+                                              seed=ctx.seed, chunk=4096,
+                                              warps=res.in_from_out_norm[idx.cpu()].to(x))
+        stats = torch.stack([moved.sum(), probe.sum()]).to(data.x.device, torch.float64)
+        if ctx.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(stats)
+        ratio = float(stats[0] / stats[1].clamp_min(1e-12))
+        if ratio > COLLAPSE_CONSISTENCY:
+            return (f"its aligner is less self-consistent than not aligning (a known 10 % re-warp moves its "
+                    f"aligned frame {ratio:.2f} times as far as the re-warp itself)")
+        return None
+
+    def _guard(self, data: TrainData, ctx: FitContext, cfg: DPRCConfig, res: FitResult) -> FitResult:
+        """Never return a collapsed fit: fall back to the moment alignment, or fail with the reason.
+
+        The fallback is the same aligner untrained: the moment initialisation (translation and
+        isotropic scale from each image's foreground moments onto the reference's) behind a
+        DeSTNet at the identity, a model ``congeal apply`` can use like any other."""
+        t0 = time.perf_counter()
+        why = self._collapse(data, ctx, res)
+        res.timings["collapse_check"] = round(time.perf_counter() - t0, 3)
+        if why is None:
+            return res
+        ctx.report(Progress("training", message=f"the learned alignment collapsed ({why}); "
+                                                "falling back to the moment alignment"))
+        safe = self._safe_fit(data, ctx, cfg, res)
+        why_safe = self._collapse(data, ctx, safe)
+        if why_safe is not None:
+            raise AlignmentFailed(f"the collection could not be aligned: the learned alignment collapsed ({why}), "
+                                  f"and so did the moment alignment ({why_safe}); check that the images show one "
+                                  "kind of object on a plain or consistent background")
+        warning = (f"the learned alignment collapsed ({why}), so this result is the safe moment alignment "
+                   "(translation and scale from each image's foreground moments onto the reference's), not a "
+                   "learned one; its images are aligned only coarsely. Options that may help: a less general "
+                   "--warp (similarity or affine), a --reference image showing a typical, whole object")
+        safe.warnings.append(warning)
+        safe.notes.extend(res.notes)
+        safe.notes.append(f"fallback: {warning}")
+        safe.timings = {**res.timings, "fallback": safe.timings.get("aligning", 0.0)}
+        return safe
+
+    def _safe_fit(self, data: TrainData, ctx: FitContext, cfg: DPRCConfig, res: FitResult) -> FitResult:
+        """The moment alignment as a fit: the trained aligner's initialisation and reference, its
+        networks untrained (a DeSTNet starts at the identity)."""
+        al = res.aligner
+        N, C, H, W = data.x.shape
+        net, _ = self._nets(C, (H, W), ctx.warp, cfg)
+        safe = DPRCAligner(net.to(data.x.device), "moments", al.ref_centroid, al.ref_radius, al.padding,
+                           al.max_scale, 1)
+        t0 = time.perf_counter()
+        warps = self._align_all(safe, data.x)
+        return FitResult(in_from_out_norm=warps.float().cpu(), reference_index=res.reference_index, aligner=safe,
+                         history=res.history, plan=res.plan, timings={"aligning": round(time.perf_counter() - t0, 3)})
+
     @staticmethod
-    def _median_kept(data: TrainData, in_from_out_norm: torch.Tensor, ctx: FitContext | None = None,
-                     chunk: int = 8192) -> float:
-        """Median content kept over the collection (every process's shard in a distributed job)."""
+    def _framing(data: TrainData, in_from_out_norm: torch.Tensor, ctx: FitContext | None = None,
+                 chunk: int = 8192) -> tuple[float, float]:
+        """Median content kept and median area scale over the collection (every process's shard
+        in a distributed job); see :func:`models.metrics.framing`."""
         size = tuple(data.x.shape[-2:])
-        kept = []
+        kept, area = [], []
         for k in range(0, len(data), chunk):
             x = as_float(data.x[k:k + chunk]).double()
             pix = G.pixel_from_normalised(in_from_out_norm[k:k + chunk].double().to(x.device), size, size)
-            kept.append(M.framing(x, pix, size, data.bg[k:k + chunk].double())[0].cpu())
-        kept = torch.cat(kept).float()
+            f = M.framing(x, pix, size, data.bg[k:k + chunk].double())
+            kept.append(f[0].cpu())
+            area.append(f[1].cpu())
+        kept, area = torch.cat(kept).float(), torch.cat(area).float()
         if ctx is not None and ctx.world > 1:
-            kept = all_gather_rows(kept, data.x.device)
-        return float(kept.median())
+            kept, area = all_gather_rows(kept, data.x.device), all_gather_rows(area, data.x.device)
+        return float(kept.median()), float(area.median())
 
     def _fit(self, data: TrainData, ctx: FitContext, cfg: DPRCConfig, checkpoint_dir: Path | None) -> FitResult:
         x = data.x

@@ -14,9 +14,12 @@ from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
+from .imageio import InputError
+
 __all__ = [
     "Progress",
     "Cancelled",
+    "AlignmentFailed",
     "FitContext",
     "FitResult",
     "Aligner",
@@ -46,6 +49,11 @@ class Progress:
 
 class Cancelled(Exception):
     """Raised inside a fit when ``should_stop()`` turns true."""
+
+
+class AlignmentFailed(InputError):
+    """Raised by a fit that could not align the collection without losing its images (every
+    fallback collapsed too): the job fails with this reason rather than return empty images."""
 
 
 @dataclass
@@ -107,6 +115,7 @@ class FitResult:
     notes: list[str] = field(default_factory=list)
     plan: dict | None = None  # the training schedule chosen (models.schedule.Plan.to_dict())
     timings: dict = field(default_factory=dict)  # seconds by stage of the fit (written in metrics.json)
+    warnings: list[str] = field(default_factory=list)  # said first among metrics.json's warnings
 
 
 class AlignmentMethod(Protocol):

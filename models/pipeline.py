@@ -473,6 +473,7 @@ def align_collection(source: str | os.PathLike | Collection | Source, out_dir: s
             metrics = _finish(tmp, src, work, result.in_from_out_norm, meta, align, device, options.aligned,
                               report, should_stop, getattr(result.aligner, "reproduces_fit", False))
             stages["writing"] = round(time.time() - t_stage, 3)
+            metrics["warnings"] = list(result.warnings) + metrics["warnings"]
             metrics["seconds"] = round(time.time() - t0, 3)
             metrics["stage_seconds"] = stages
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))

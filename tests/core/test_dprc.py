@@ -508,3 +508,58 @@ def test_a_training_step_neither_waits_for_the_device_nor_copies_host_data_to_it
     with Watch() as w:
         r._step()
     assert w.seen == []
+
+
+# A fit built to collapse: no bound on the correction, a large learning rate, C's gradient from the
+# first step at 5x its weight, no equivariance: the aligned frames leave the objects (content kept 0).
+COLLAPSING = dict(bound=0, lr=0.05, c_grad_from=0, lam=5, equivariance=0, reframe=0, init="identity",
+                  batch_size=16, preset="small", steps=30)
+
+
+def test_a_fit_that_collapses_falls_back_to_the_moment_alignment_and_says_so(digits3):
+    from models.dprc import TrainData, _backgrounds
+
+    x = make_pairs(digits3[:8], 0.1, seed=0).images
+    data = TrainData(x, _backgrounds(x))
+    bare = DPRC(**COLLAPSING, guard=False).fit(x, FitContext(seed=0))
+    assert DPRC._framing(data, bare.in_from_out_norm)[0] < 0.5  # it does collapse
+    res = DPRC(**COLLAPSING).fit(x, FitContext(seed=0))
+    kept, area = DPRC._framing(data, res.in_from_out_norm)
+    assert kept > 0.9 and 0.5 < area < 2
+    assert res.warnings and "collapsed" in res.warnings[0] and "moment alignment" in res.warnings[0]
+    assert any(n.startswith("fallback:") for n in res.notes)
+    # The fallback is the moment initialisation behind an identity DeSTNet, and saves as a model.
+    c, r = res.aligner.ref_centroid, res.aligner.ref_radius
+    assert torch.allclose(res.in_from_out_norm, moment_init(x, c, r), atol=1e-5)
+
+
+def test_an_aligner_less_self_consistent_than_not_aligning_is_a_collapse(digits3):
+    """Warps that the aligner does not reproduce on re-warped copies (here: each image's own warp
+    jittered by a random 20 % homography) score worse than not aligning."""
+    from models.dprc import TrainData, _backgrounds
+    from models.methods import FitResult
+    from models.perturb import random_perturbations
+
+    x = make_pairs(digits3[:16], 0.05, seed=0).images
+    data = TrainData(x, _backgrounds(x))
+    m = DPRC(**COLLAPSING)
+    good = m._safe_fit(data, FitContext(), m.resolved("cpu", (28, 28)),
+                       FitResult(torch.eye(3).expand(32, 3, 3), aligner=DPRC(steps=1, preset="small", reframe=0,
+                                                                             guard=False).fit(x, FitContext()).aligner))
+    assert m._collapse(data, FitContext(), good) is None
+    P = G.normalised_from_pixel(random_perturbations(32, (28, 28), 0.2, torch.Generator().manual_seed(1)),
+                                (28, 28), (28, 28)).float()
+    bad = FitResult(good.in_from_out_norm @ P, aligner=good.aligner)
+    why = m._collapse(data, FitContext(), bad)
+    assert why is not None and "self-consistent" in why
+
+
+def test_when_the_fallback_collapses_too_the_fit_fails_with_the_reasons(digits3, monkeypatch):
+    from models.methods import AlignmentFailed, FitResult
+
+    x = make_pairs(digits3[:8], 0.1, seed=0).images
+    m = DPRC(**COLLAPSING)
+    monkeypatch.setattr(DPRC, "_safe_fit", lambda self, data, ctx, cfg, res: FitResult(
+        res.in_from_out_norm, aligner=res.aligner))  # a "fallback" that is the collapsed fit itself
+    with pytest.raises(AlignmentFailed, match="could not be aligned.*collapsed.*and so did the moment alignment"):
+        m.fit(x, FitContext(seed=0))
