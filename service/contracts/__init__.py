@@ -1,8 +1,9 @@
-"""What the API and the worker share: settings, job records, the job store, the
-artifact store, task names, and the torch-free job supervisor.
+"""What the API and the workers exchange: settings, job and dataset records, the stores they
+live in, the artifact store's layout, task names and payloads.
 
-The dependency arrows point one way: ``service`` -> ``service.contracts`` <-
-``worker`` -> ``models``. Nothing here imports FastAPI or torch (a test checks).
+Running jobs is :mod:`service.execution`'s. The dependency arrows point one way: ``service`` ->
+``service.execution`` -> ``service.contracts`` <- ``worker`` -> ``models``. Nothing here imports
+FastAPI or torch (a test checks).
 """
 from .artifacts import RESULT_IMAGES, ArtifactStore, new_dataset_id, new_job_id, valid_dataset_id, valid_job_id
 from .datasets import DatasetFile, DatasetRecord, DatasetState, DatasetStore, open_dataset_store

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..contracts import RESULT_IMAGES, JobKind, JobRecord, JobStatus
-from ..contracts.runner import purge
+from ..execution import purge
 from ..deps import OwnerDep, ServiceState, StateDep, check_page_limit, load_job
 from ..jobs import accept_job, multipart_openapi, to_public
 from ..schemas import ErrorPublic, JobCreate, JobPublic, JobsPublic
