@@ -46,7 +46,8 @@ from . import geometry as G
 from . import metrics as M
 from .imageio import Collection, InputError, LoadLimits, save_png, working_size
 from .imageops import background
-from .methods import Cancelled, FitContext, Progress, create_method, load_aligner, shard_bounds
+from .catalog import create_method, load_aligner
+from .methods import Cancelled, FitContext, Progress, shard_bounds
 from .sources import CollectionSource, Source, open_source
 
 __all__ = [
@@ -436,7 +437,7 @@ def align_collection(source: str | os.PathLike | Collection | Source, out_dir: s
             result = method.fit(x_dev.float().div_(255), ctx)
         del x_dev
         if world > 1:
-            from .distributed import all_gather_rows
+            from .collective import all_gather_rows
 
             result.in_from_out_norm = all_gather_rows(result.in_from_out_norm, device)
             if rank != 0:

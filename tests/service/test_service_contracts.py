@@ -61,7 +61,7 @@ def test_every_kind_routes_to_a_queue_the_docs_tell_workers_to_consume():
 
 def test_api_methods_and_warps_exist_in_the_core():
     from models.geometry import get_family
-    from models.methods import list_methods
+    from models.catalog import list_methods
 
     core = set(list_methods())
     assert set(METHODS) <= core, f"the API offers methods the core lacks: {set(METHODS) - core}"
