@@ -278,4 +278,5 @@ def read_summary(output_dir: Path) -> dict:
             "seconds", "output_size", "method", "warp", "reference", "notes", "device")
     out = {k: m.get(k) for k in keep if k in m}
     out["has_model"] = (output_dir / "model" / "pipeline.json").is_file()
+    out["has_report"] = (output_dir / "report.html").is_file()
     return out
