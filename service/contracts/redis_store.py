@@ -30,6 +30,16 @@ class _RedisClient:
     def _k(self, *parts: str) -> str:
         return ":".join((self.p, *parts))
 
+    def _optimistic(self, attempt):
+        """``attempt(pipe)`` (WATCH, read, MULTI, write, EXECUTE), run again until no watched key
+        changed under it; returns what it returns."""
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    return attempt(pipe)
+                except self._redis_mod.WatchError:
+                    continue  # another writer changed a watched key meanwhile: read again, apply again
+
     def close(self) -> None:
         self.r.close()
 
@@ -67,34 +77,33 @@ class RedisJobStore(_RedisClient, JobStore):
         jk = self._k("job", rec.id)
         ik = self._k("idem", rec.owner, rec.idempotency_key) if rec.idempotency_key else None
         ak = self._k("owner", rec.owner, "active")
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    if ik:
-                        pipe.watch(ik)
-                        existing = pipe.get(ik)
-                        if existing is not None:
-                            pipe.unwatch()
-                            other = self.get(existing.decode())
-                            if other is not None:
-                                return other, False
-                    if max_in_flight is not None:
-                        pipe.watch(ak)  # a racing insert changes the set: this transaction retries
-                        count = pipe.scard(ak)
-                        if count >= max_in_flight:
-                            pipe.unwatch()
-                            raise InFlightLimit(count)
-                    pipe.multi()
-                    pipe.set(jk, rec.model_dump_json())
-                    pipe.zadd(self._k("owner", rec.owner, "jobs"), {rec.id: rec.created_at})
-                    pipe.sadd(self._k("active"), rec.id)
-                    pipe.sadd(ak, rec.id)
-                    if ik:
-                        pipe.set(ik, rec.id)
-                    pipe.execute()
-                    return rec, True
-                except self._redis_mod.WatchError:
-                    continue
+
+        def attempt(pipe):
+            if ik:
+                pipe.watch(ik)
+                existing = pipe.get(ik)
+                if existing is not None:
+                    pipe.unwatch()
+                    other = self.get(existing.decode())
+                    if other is not None:
+                        return other, False
+            if max_in_flight is not None:
+                pipe.watch(ak)  # a racing insert changes the set: this transaction retries
+                count = pipe.scard(ak)
+                if count >= max_in_flight:
+                    pipe.unwatch()
+                    raise InFlightLimit(count)
+            pipe.multi()
+            pipe.set(jk, rec.model_dump_json())
+            pipe.zadd(self._k("owner", rec.owner, "jobs"), {rec.id: rec.created_at})
+            pipe.sadd(self._k("active"), rec.id)
+            pipe.sadd(ak, rec.id)
+            if ik:
+                pipe.set(ik, rec.id)
+            pipe.execute()
+            return rec, True
+
+        return self._optimistic(attempt)
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.r.get(self._k("job", job_id))
@@ -102,32 +111,31 @@ class RedisJobStore(_RedisClient, JobStore):
 
     def update(self, job_id: str, fn: Mutator) -> tuple[JobRecord | None, bool]:
         jk = self._k("job", job_id)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(jk)
-                    raw = pipe.get(jk)
-                    if raw is None:
-                        pipe.unwatch()
-                        return None, False
-                    rec = JobRecord.model_validate_json(raw)
-                    new = fn(rec)
-                    if new is None:
-                        pipe.unwatch()
-                        return rec, False
-                    pipe.multi()
-                    pipe.set(jk, new.model_dump_json())
-                    if new.terminal:
-                        pipe.srem(self._k("active"), job_id)
-                        pipe.srem(self._k("owner", new.owner, "active"), job_id)
-                        pipe.zadd(self._k("finished"), {job_id: new.finished_at or now()})
-                    else:
-                        pipe.sadd(self._k("active"), job_id)
-                        pipe.sadd(self._k("owner", new.owner, "active"), job_id)
-                    pipe.execute()
-                    return new, True
-                except self._redis_mod.WatchError:
-                    continue  # someone wrote the record meanwhile: re-read and re-apply
+
+        def attempt(pipe):
+            pipe.watch(jk)
+            raw = pipe.get(jk)
+            if raw is None:
+                pipe.unwatch()
+                return None, False
+            rec = JobRecord.model_validate_json(raw)
+            new = fn(rec)
+            if new is None:
+                pipe.unwatch()
+                return rec, False
+            pipe.multi()
+            pipe.set(jk, new.model_dump_json())
+            if new.terminal:
+                pipe.srem(self._k("active"), job_id)
+                pipe.srem(self._k("owner", new.owner, "active"), job_id)
+                pipe.zadd(self._k("finished"), {job_id: new.finished_at or now()})
+            else:
+                pipe.sadd(self._k("active"), job_id)
+                pipe.sadd(self._k("owner", new.owner, "active"), job_id)
+            pipe.execute()
+            return new, True
+
+        return self._optimistic(attempt)
 
     def list(self, owner: str, offset: int, limit: int) -> tuple[list[JobRecord], int]:
         zk = self._k("owner", owner, "jobs")
@@ -217,26 +225,24 @@ class RedisDatasetStore(_RedisClient, DatasetStore):
 
     def insert(self, rec: DatasetRecord, files: list[DatasetFile], max_per_owner: int | None = None) -> None:
         ok = self._k("owner", rec.owner, "datasets")
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    if max_per_owner is not None:
-                        pipe.watch(ok)  # a racing insert changes the set: this one retries
-                        count = pipe.zcard(ok)
-                        if count >= max_per_owner:
-                            pipe.unwatch()
-                            raise DatasetQuota(count)
-                    pipe.multi()
-                    pipe.set(self._k("dataset", rec.id), rec.model_dump_json())
-                    if files:
-                        pipe.hset(self._k("dataset", rec.id, "files"),
-                                  mapping={f.name: f.model_dump_json() for f in files})
-                    pipe.zadd(ok, {rec.id: rec.created_at})
-                    pipe.sadd(self._k("datasets"), rec.id)
-                    pipe.execute()
-                    return
-                except self._redis_mod.WatchError:
-                    continue
+
+        def attempt(pipe):
+            if max_per_owner is not None:
+                pipe.watch(ok)  # a racing insert changes the set: this one retries
+                count = pipe.zcard(ok)
+                if count >= max_per_owner:
+                    pipe.unwatch()
+                    raise DatasetQuota(count)
+            pipe.multi()
+            pipe.set(self._k("dataset", rec.id), rec.model_dump_json())
+            if files:
+                pipe.hset(self._k("dataset", rec.id, "files"),
+                          mapping={f.name: f.model_dump_json() for f in files})
+            pipe.zadd(ok, {rec.id: rec.created_at})
+            pipe.sadd(self._k("datasets"), rec.id)
+            pipe.execute()
+
+        self._optimistic(attempt)
 
     def get(self, dataset_id: str) -> DatasetRecord | None:
         raw = self.r.get(self._k("dataset", dataset_id))
@@ -251,34 +257,33 @@ class RedisDatasetStore(_RedisClient, DatasetStore):
 
     def transact(self, dataset_id, fn, names=()):
         dk, fk = self._k("dataset", dataset_id), self._k("dataset", dataset_id, "files")
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(dk, fk)
-                    raw = pipe.get(dk)
-                    if raw is None:
-                        pipe.unwatch()
-                        return None, {}, False
-                    rec = DatasetRecord.model_validate_json(raw)
-                    if names is None:
-                        files = {k.decode(): DatasetFile.model_validate_json(v) for k, v in pipe.hgetall(fk).items()}
-                    else:
-                        vals = pipe.hmget(fk, list(names)) if names else []
-                        files = {n: DatasetFile.model_validate_json(v) for n, v in zip(names, vals) if v is not None}
-                    out = fn(rec, files)
-                    if out is None:
-                        pipe.unwatch()
-                        return rec, files, False
-                    new_rec, new_files = out
-                    pipe.multi()
-                    if new_rec is not None:
-                        pipe.set(dk, new_rec.model_dump_json())
-                    if new_files:
-                        pipe.hset(fk, mapping={n: f.model_dump_json() for n, f in new_files.items()})
-                    pipe.execute()
-                    return new_rec or rec, {**files, **(new_files or {})}, True
-                except self._redis_mod.WatchError:
-                    continue  # another request wrote it meanwhile: read again, apply again
+
+        def attempt(pipe):
+            pipe.watch(dk, fk)
+            raw = pipe.get(dk)
+            if raw is None:
+                pipe.unwatch()
+                return None, {}, False
+            rec = DatasetRecord.model_validate_json(raw)
+            if names is None:
+                files = {k.decode(): DatasetFile.model_validate_json(v) for k, v in pipe.hgetall(fk).items()}
+            else:
+                vals = pipe.hmget(fk, list(names)) if names else []
+                files = {n: DatasetFile.model_validate_json(v) for n, v in zip(names, vals) if v is not None}
+            out = fn(rec, files)
+            if out is None:
+                pipe.unwatch()
+                return rec, files, False
+            new_rec, new_files = out
+            pipe.multi()
+            if new_rec is not None:
+                pipe.set(dk, new_rec.model_dump_json())
+            if new_files:
+                pipe.hset(fk, mapping={n: f.model_dump_json() for n, f in new_files.items()})
+            pipe.execute()
+            return new_rec or rec, {**files, **(new_files or {})}, True
+
+        return self._optimistic(attempt)
 
     def list(self, owner: str, offset: int, limit: int) -> tuple[list[DatasetRecord], int]:
         zk = self._k("owner", owner, "datasets")

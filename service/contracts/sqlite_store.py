@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from .datasets import DatasetFile, DatasetQuota, DatasetRecord, DatasetStore
@@ -51,6 +52,19 @@ class _SqliteFile:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(schema)
 
+    @contextmanager
+    def _transaction(self):
+        """One ``BEGIN IMMEDIATE`` transaction under the lock: committed when the block ends (by a
+        ``return`` too), rolled back if it raises, so a refusal raised inside writes nothing."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
     def close(self) -> None:
         with self._lock:
             self.db.close()
@@ -71,32 +85,22 @@ class SqliteJobStore(_SqliteFile, JobStore):
             self.db.execute("SELECT 1").fetchone()
 
     def insert(self, rec: JobRecord, max_in_flight: int | None = None) -> tuple[JobRecord, bool]:
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                if rec.idempotency_key:
-                    row = self.db.execute("SELECT data FROM jobs WHERE owner=? AND idem_key=?",
-                                          (rec.owner, rec.idempotency_key)).fetchone()
-                    if row:
-                        self.db.execute("COMMIT")
-                        return JobRecord.model_validate_json(row[0]), False
-                if max_in_flight is not None:
-                    count = self.db.execute("SELECT COUNT(*) FROM jobs WHERE owner=? AND terminal=0",
-                                            (rec.owner,)).fetchone()[0]
-                    if count >= max_in_flight:
-                        self.db.execute("COMMIT")
-                        raise InFlightLimit(count)
-                self.db.execute(
-                    "INSERT INTO jobs (id, owner, created_at, terminal, idem_key, data) VALUES (?,?,?,?,?,?)",
-                    (rec.id, rec.owner, rec.created_at, int(rec.terminal), rec.idempotency_key,
-                     rec.model_dump_json()))
-                self.db.execute("COMMIT")
-                return rec, True
-            except InFlightLimit:  # refused after a clean COMMIT of nothing
-                raise
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            if rec.idempotency_key:
+                row = self.db.execute("SELECT data FROM jobs WHERE owner=? AND idem_key=?",
+                                      (rec.owner, rec.idempotency_key)).fetchone()
+                if row:
+                    return JobRecord.model_validate_json(row[0]), False
+            if max_in_flight is not None:
+                count = self.db.execute("SELECT COUNT(*) FROM jobs WHERE owner=? AND terminal=0",
+                                        (rec.owner,)).fetchone()[0]
+                if count >= max_in_flight:
+                    raise InFlightLimit(count)
+            self.db.execute(
+                "INSERT INTO jobs (id, owner, created_at, terminal, idem_key, data) VALUES (?,?,?,?,?,?)",
+                (rec.id, rec.owner, rec.created_at, int(rec.terminal), rec.idempotency_key,
+                 rec.model_dump_json()))
+            return rec, True
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:
@@ -104,25 +108,17 @@ class SqliteJobStore(_SqliteFile, JobStore):
         return None if row is None else JobRecord.model_validate_json(row[0])
 
     def update(self, job_id: str, fn: Mutator) -> tuple[JobRecord | None, bool]:
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self.db.execute("SELECT data FROM jobs WHERE id=?", (job_id,)).fetchone()
-                if row is None:
-                    self.db.execute("COMMIT")
-                    return None, False
-                rec = JobRecord.model_validate_json(row[0])
-                new = fn(rec)
-                if new is None:
-                    self.db.execute("COMMIT")
-                    return rec, False
-                self.db.execute("UPDATE jobs SET data=?, terminal=? WHERE id=?",
-                                (new.model_dump_json(), int(new.terminal), job_id))
-                self.db.execute("COMMIT")
-                return new, True
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            row = self.db.execute("SELECT data FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                return None, False
+            rec = JobRecord.model_validate_json(row[0])
+            new = fn(rec)
+            if new is None:
+                return rec, False
+            self.db.execute("UPDATE jobs SET data=?, terminal=? WHERE id=?",
+                            (new.model_dump_json(), int(new.terminal), job_id))
+            return new, True
 
     def list(self, owner: str, offset: int, limit: int) -> tuple[list[JobRecord], int]:
         with self._lock:
@@ -164,20 +160,14 @@ class SqliteJobStore(_SqliteFile, JobStore):
                             (worker, now() + ttl_s, json.dumps({**info, "name": worker, "seen_at": now()})))
 
     def lead(self, role: str, holder: str, ttl_s: float) -> bool:
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                t = now()
-                row = self.db.execute("SELECT holder, expires_at FROM leases WHERE role=?", (role,)).fetchone()
-                ok = row is None or row[0] == holder or row[1] <= t
-                if ok:
-                    self.db.execute("INSERT OR REPLACE INTO leases (role, holder, expires_at) VALUES (?,?,?)",
-                                    (role, holder, t + ttl_s))
-                self.db.execute("COMMIT")
-                return ok
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            t = now()
+            row = self.db.execute("SELECT holder, expires_at FROM leases WHERE role=?", (role,)).fetchone()
+            ok = row is None or row[0] == holder or row[1] <= t
+            if ok:
+                self.db.execute("INSERT OR REPLACE INTO leases (role, holder, expires_at) VALUES (?,?,?)",
+                                (role, holder, t + ttl_s))
+            return ok
 
     def resign(self, role: str, holder: str) -> None:
         with self._lock:
@@ -196,25 +186,16 @@ class SqliteDatasetStore(_SqliteFile, DatasetStore):
     def __init__(self, path: str | Path):
         super().__init__(path, _DATASETS_SCHEMA)
 
-    def _begin(self):
-        self.db.execute("BEGIN IMMEDIATE")
-
     def insert(self, rec: DatasetRecord, files: list[DatasetFile], max_per_owner: int | None = None) -> None:
-        with self._lock:
-            self._begin()
-            try:
-                if max_per_owner is not None:
-                    count = self.db.execute("SELECT COUNT(*) FROM datasets WHERE owner=?", (rec.owner,)).fetchone()[0]
-                    if count >= max_per_owner:
-                        raise DatasetQuota(count)
-                self.db.execute("INSERT INTO datasets (id, owner, created_at, data) VALUES (?,?,?,?)",
-                                (rec.id, rec.owner, rec.created_at, rec.model_dump_json()))
-                self.db.executemany("INSERT INTO dataset_files (dataset_id, name, data) VALUES (?,?,?)",
-                                    [(rec.id, f.name, f.model_dump_json()) for f in files])
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            if max_per_owner is not None:
+                count = self.db.execute("SELECT COUNT(*) FROM datasets WHERE owner=?", (rec.owner,)).fetchone()[0]
+                if count >= max_per_owner:
+                    raise DatasetQuota(count)
+            self.db.execute("INSERT INTO datasets (id, owner, created_at, data) VALUES (?,?,?,?)",
+                            (rec.id, rec.owner, rec.created_at, rec.model_dump_json()))
+            self.db.executemany("INSERT INTO dataset_files (dataset_id, name, data) VALUES (?,?,?)",
+                                [(rec.id, f.name, f.model_dump_json()) for f in files])
 
     def get(self, dataset_id: str) -> DatasetRecord | None:
         with self._lock:
@@ -236,30 +217,22 @@ class SqliteDatasetStore(_SqliteFile, DatasetStore):
             return self._files(dataset_id, names)
 
     def transact(self, dataset_id, fn, names=()):
-        with self._lock:
-            self._begin()
-            try:
-                row = self.db.execute("SELECT data FROM datasets WHERE id=?", (dataset_id,)).fetchone()
-                if row is None:
-                    self.db.execute("COMMIT")
-                    return None, {}, False
-                rec = DatasetRecord.model_validate_json(row[0])
-                files = self._files(dataset_id, names)
-                out = fn(rec, files)
-                if out is None:
-                    self.db.execute("COMMIT")
-                    return rec, files, False
-                new_rec, new_files = out
-                if new_rec is not None:
-                    self.db.execute("UPDATE datasets SET data=? WHERE id=?", (new_rec.model_dump_json(), dataset_id))
-                for n, f in (new_files or {}).items():
-                    self.db.execute("UPDATE dataset_files SET data=? WHERE dataset_id=? AND name=?",
-                                    (f.model_dump_json(), dataset_id, n))
-                self.db.execute("COMMIT")
-                return new_rec or rec, {**files, **(new_files or {})}, True
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            row = self.db.execute("SELECT data FROM datasets WHERE id=?", (dataset_id,)).fetchone()
+            if row is None:
+                return None, {}, False
+            rec = DatasetRecord.model_validate_json(row[0])
+            files = self._files(dataset_id, names)
+            out = fn(rec, files)
+            if out is None:
+                return rec, files, False
+            new_rec, new_files = out
+            if new_rec is not None:
+                self.db.execute("UPDATE datasets SET data=? WHERE id=?", (new_rec.model_dump_json(), dataset_id))
+            for n, f in (new_files or {}).items():
+                self.db.execute("UPDATE dataset_files SET data=? WHERE dataset_id=? AND name=?",
+                                (f.model_dump_json(), dataset_id, n))
+            return new_rec or rec, {**files, **(new_files or {})}, True
 
     def list(self, owner: str, offset: int, limit: int) -> tuple[list[DatasetRecord], int]:
         with self._lock:
@@ -275,12 +248,6 @@ class SqliteDatasetStore(_SqliteFile, DatasetStore):
             return [r[0] for r in self.db.execute("SELECT id FROM datasets ORDER BY id")]
 
     def delete(self, dataset_id: str) -> None:
-        with self._lock:
-            self._begin()
-            try:
-                self.db.execute("DELETE FROM dataset_files WHERE dataset_id=?", (dataset_id,))
-                self.db.execute("DELETE FROM datasets WHERE id=?", (dataset_id,))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            self.db.execute("DELETE FROM dataset_files WHERE dataset_id=?", (dataset_id,))
+            self.db.execute("DELETE FROM datasets WHERE id=?", (dataset_id,))

@@ -12,14 +12,11 @@ import time
 from html.parser import HTMLParser
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 import models.pipeline as P
 from models import report as R
-from models.data import mnist_digits
-from models.perturb import make_pairs
 from models.sources import open_source
 
 
@@ -139,14 +136,6 @@ def test_no_warnings_and_no_training_are_said_plainly():
 
 
 # --------------------------------------------------------------------------- written by jobs
-
-
-@pytest.fixture
-def digits_npy(tmp_path):
-    pairs = make_pairs(mnist_digits(3, 9), 0.1, seed=4)  # 18 images
-    path = tmp_path / "d.npy"
-    np.save(path, (pairs.images[:, 0].numpy() * 255).round().astype(np.uint8))
-    return path
 
 
 def _check_job_report(out):
