@@ -159,7 +159,8 @@ def checks(metrics: dict) -> list[Check]:
                          "each image re-warped by a known random perturbation and aligned again: 0 means "
                          "the aligner undoes it exactly, 1 that it ignores the image"))
     if metrics.get("seconds") is not None:
-        out.append(Check("time", f"{_fmt(float(metrics['seconds']))} s", "reading, training, aligning and writing"))
+        out.append(Check("time", f"{_fmt(float(metrics['seconds']))} s", "the whole job, from reading the images "
+                                                                        "to writing the outputs"))
     return out
 
 

@@ -30,6 +30,11 @@ def test_the_catalog_holds_the_shipped_methods_each_with_a_saved_model_loader():
     assert all(callable(f) for f in methods.registered_aligners().values())
 
 
+def test_the_look_ups_that_moved_to_the_catalog_say_so():
+    with pytest.raises(ImportError, match="now models.catalog.create_method"):
+        from models.methods import create_method  # noqa: F401
+
+
 def test_unknown_names_are_named_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown method 'nope'; choose one of .*dprc"):
         create_method("nope")
