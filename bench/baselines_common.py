@@ -40,7 +40,8 @@ from models import geometry as G  # noqa: E402
 from models import metrics as MT  # noqa: E402
 from models.data import mnist_digits  # noqa: E402
 from models.evaluate import evaluate_warps  # noqa: E402
-from models.methods import FitContext, create_method  # noqa: E402
+from models.catalog import create_method  # noqa: E402
+from models.methods import FitContext  # noqa: E402
 from models.perturb import PairedSet, make_pairs, perturb, random_perturbations  # noqa: E402
 
 __all__ = ["PYPI", "pairs_for", "recycled_collection", "run_method", "score", "failure_flags", "machine",

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import baselines_common as BC  # noqa: E402
-from models.methods import list_methods  # noqa: E402
+from models.catalog import list_methods  # noqa: E402
 from models.perturb import PairedSet  # noqa: E402
 from models.pipeline import resolve_device  # noqa: E402
 

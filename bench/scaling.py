@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import baselines_common as BC  # noqa: E402
 from models import metrics as MT  # noqa: E402
 from models import geometry as G  # noqa: E402
-from models.methods import list_methods  # noqa: E402
+from models.catalog import list_methods  # noqa: E402
 from models.pipeline import resolve_device  # noqa: E402
 
 # Read off the paper's Fig. 3 (docs: /work/shared/papers/README.md): time at 6k / time at 1k.

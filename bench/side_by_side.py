@@ -12,6 +12,14 @@ Reads DPRC rows (JSON lines, ``bench/sweep.py --out`` format) and baseline runs
     python bench/side_by_side.py --dprc bench/results/dprc_defaults_gpu.jsonl \
         --baselines bench/results/baselines_compare_gpu.json
 
+``--dprc`` takes several files (e.g. one per sigma); ``--quality-plot`` draws the median pair
+residual after alignment per digit, every method, one panel per sigma (the figure of
+``docs/benchmarks.md``):
+
+    python bench/side_by_side.py --dprc bench/results/dprc_defaults_width4_gpu.jsonl \
+        bench/results/dprc_defaults_width4_sigma30_gpu.jsonl --baselines bench/results/baselines_compare_gpu.json \
+        --quality-plot docs/quality_side_by_side.png
+
 Optionally merges scaling JSON files (``bench/scaling.py --out``) and plots them:
 
     python bench/side_by_side.py --scaling a.json b.json --plot docs/scaling_gpu.png
@@ -84,6 +92,37 @@ def compare_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def quality_plot(rows: list[dict], path: str) -> None:
+    """Per sigma, the median pair residual after alignment (px, log scale) per digit and method,
+    with each digit's mean residual before alignment as the line to get under."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sigmas = sorted({r["sigma"] for r in rows})
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "dprc", m))
+    fig, axes = plt.subplots(1, len(sigmas), figsize=(4.2 * len(sigmas), 3.6), sharey=True, squeeze=False)
+    for ax, s in zip(axes[0], sigmas):
+        at = [r for r in rows if r["sigma"] == s]
+        digits = sorted({r["digit"] for r in at})
+        before = [statistics.fmean(r["residual_before"] for r in at if r["digit"] == d) for d in digits]
+        ax.step(digits, before, where="mid", color="0.5", ls="--", label="before (mean)")
+        for k, m in enumerate(methods):
+            pts = sorted((r["digit"], r["residual_after_median"]) for r in at if r["method"] == m)
+            if pts:
+                ax.plot([d + (k - 2) * 0.08 for d, _ in pts], [v for _, v in pts], "o" if m == "dprc" else ".",
+                        ms=7 if m == "dprc" else 6, label=m, color="black" if m == "dprc" else f"C{k - 1}")
+        ax.set_yscale("log")
+        ax.set_xticks(digits)
+        ax.set_xlabel("digit")
+        ax.set_title(f"σ = {s:.0%}")
+    axes[0][0].set_ylabel("median pair residual after (px)")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def merge_scaling(paths: list[str]) -> list[dict]:
     """Records of several scaling runs; a (method, n) measured twice keeps the later file's."""
     by_key: dict[tuple, dict] = {}
@@ -102,16 +141,17 @@ def merge_scaling(paths: list[str]) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dprc", help="DPRC JSON lines")
+    ap.add_argument("--dprc", nargs="*", default=[], help="DPRC JSON lines (one or more files)")
     ap.add_argument("--baselines", help="compare_methods.py JSON")
     ap.add_argument("--scaling", nargs="*", default=[], help="scaling.py JSON files, merged in order")
     ap.add_argument("--plot", help="PNG for the merged scaling records")
     ap.add_argument("--title", default="digit 3, sigma 0.1, homography")
     ap.add_argument("--out", help="write the merged scaling records here (JSON)")
+    ap.add_argument("--quality-plot", help="PNG: median residual after, per digit, method and sigma")
     args = ap.parse_args(argv)
     rows: list[dict] = []
     if args.dprc:
-        d = load_dprc(args.dprc)
+        d = [r for path in args.dprc for r in load_dprc(path)]
         print("DPRC against the targets\n")
         print(targets_table(d), "\n")
         rows += d
@@ -120,6 +160,8 @@ def main(argv=None) -> int:
     if rows:
         print("Side by side (means over digits)\n")
         print(compare_table(rows), "\n")
+        if args.quality_plot:
+            quality_plot(rows, args.quality_plot)
     if args.scaling:
         recs = merge_scaling(args.scaling)
         print("| method | images | seconds | × 1k | steps |\n|---|---|---|---|---|")

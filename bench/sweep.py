@@ -39,7 +39,7 @@ def main() -> None:
                     help="also score the trained aligner with these numbers of DeSTNet passes, e.g. 2,3")
     ap.add_argument("--save-warps", default=None,
                     help="folder: save each run's in_from_out_norm warps (2N, 3, 3) as warps_d<D>_s<S>_c<K>.pt, "
-                         "for bench/diagnose_tail.py --warps")
+                         "for docs/research/diagnoses/diagnose_tail.py --warps")
     args = ap.parse_args()
     configs = json.loads(args.configs)
     for d in [int(v) for v in args.digits.split(",")]:

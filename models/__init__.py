@@ -5,7 +5,7 @@ can be used by the API process without loading torch.
 """
 import importlib
 
-__all__ = ["geometry", "imageio", "metrics", "methods", "dprc", "pipeline", "perturb", "data"]
+__all__ = ["geometry", "imageio", "metrics", "methods", "catalog", "dprc", "pipeline", "perturb", "data", "report"]
 
 
 def __getattr__(name):

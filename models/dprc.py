@@ -77,7 +77,7 @@ from . import metrics as M
 from .methods import (AlignmentFailed, FitContext, FitResult, Progress, register_aligner, register_method,
                       shard_bounds)
 from . import schedule as P_
-from .distributed import all_gather_rows
+from .collective import all_gather_rows
 from .dprc_train import (MAX_BAD_STEPS, Objective, StepRunner, TrainData, _IndexStream, as_float, curriculum_limit,
                          curriculum_rank,
                          elapsed_eta, make_optimizer, make_tables, noise_width)

@@ -13,7 +13,8 @@ import torch
 
 from . import geometry as G
 from . import metrics as M
-from .methods import FitContext, create_method
+from .catalog import create_method
+from .methods import FitContext
 from .perturb import PairedSet
 
 __all__ = ["PairEval", "evaluate_warps", "evaluate_collection", "run_on_pairs"]

@@ -1,13 +1,27 @@
-"""Registry of alignment methods (timm-style ``register`` / ``create``).
+"""The interface every alignment method implements, and the registry methods register in.
 
 Every method takes the working-size image stack and returns one backward
 warp per image, ``in_from_out_norm`` (see :mod:`models.geometry`), plus,
 when it learns one, an :class:`Aligner` that maps *new* images to warps in
 one call and can be saved and loaded by :mod:`models.pipeline`.
+
+The registry is one-way: this module imports no method. A family registers itself when its
+module is imported, and :mod:`models.catalog` imports every family the product ships and looks
+names up (``create_method``, ``list_methods``, ``load_aligner``). How a new family registers:
+
+1. in its module, decorate the factory (a class or function taking the method's options as
+   keyword arguments) with ``@register_method("name")``; a method whose fit returns an
+   :class:`Aligner` also registers ``@register_aligner("name")`` on
+   ``loader(model_dir, device) -> Aligner`` (it reads what ``Aligner.save`` wrote, whose
+   ``config.json`` carries ``"method": "name"``);
+2. add ``from . import <family>`` to :mod:`models.catalog`.
+
+``tests/core/test_methods.py`` then checks that the name resolves, and that the registry stays
+free of import loops. A name may be registered once (registering the same factory again is a
+no-op; another factory under a taken name is an error).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol
@@ -25,10 +39,9 @@ __all__ = [
     "Aligner",
     "AlignmentMethod",
     "register_method",
-    "create_method",
-    "list_methods",
-    "load_aligner",
     "register_aligner",
+    "registered_methods",
+    "registered_aligners",
     "shard_bounds",
 ]
 
@@ -129,53 +142,54 @@ _METHODS: dict[str, Callable[..., AlignmentMethod]] = {}
 _ALIGNER_LOADERS: dict[str, Callable[[Path, torch.device], Aligner]] = {}
 
 
+def _where(obj) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _register(table: dict, kind: str, name: str, obj):
+    # The same definition again (a module imported twice) is harmless; two families claiming one
+    # name is not: the second would silently replace the first.
+    old = table.get(name)
+    if old is not None and _where(old) != _where(obj):
+        raise ValueError(f"{kind} {name!r} is registered already (by {_where(old)}); {_where(obj)} cannot take it")
+    table[name] = obj
+    return obj
+
+
 def register_method(name: str):
+    """Decorator: register ``factory(**options) -> AlignmentMethod`` under ``name``."""
+
     def deco(factory):
-        _METHODS[name] = factory
-        return factory
+        return _register(_METHODS, "method", name, factory)
 
     return deco
 
 
 def register_aligner(method: str):
-    """Register ``loader(model_dir, device) -> Aligner`` for a method's saved models."""
+    """Decorator: register ``loader(model_dir, device) -> Aligner`` for a method's saved models."""
 
     def deco(loader):
-        _ALIGNER_LOADERS[method] = loader
-        return loader
+        return _register(_ALIGNER_LOADERS, "aligner loader", method, loader)
 
     return deco
 
 
-def _ensure_builtin() -> None:
-    # Importing the modules runs their @register_method decorators (imported here, not at
-    # the top, because they import this module).
-    from . import baselines, dprc  # noqa: F401
+def registered_methods() -> dict[str, Callable[..., AlignmentMethod]]:
+    """The methods registered so far, by name (a copy). :func:`models.catalog.list_methods` is
+    the product's list: it imports every family first."""
+    return dict(_METHODS)
 
 
-def list_methods() -> list[str]:
-    _ensure_builtin()
-    return sorted(_METHODS)
+def registered_aligners() -> dict[str, Callable[[Path, torch.device], Aligner]]:
+    """The saved-model loaders registered so far, by method name (a copy)."""
+    return dict(_ALIGNER_LOADERS)
 
 
-def create_method(name: str, **kwargs) -> AlignmentMethod:
-    _ensure_builtin()
-    if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(_METHODS))}")
-    return _METHODS[name](**kwargs)
+_MOVED = ("create_method", "list_methods", "load_aligner")
 
 
-def load_aligner(model_dir: str | Path, device: torch.device | str = "cpu") -> Aligner:
-    """Load a saved aligner; reads JSON and safetensors only, never pickles."""
-    _ensure_builtin()
-    model_dir = Path(model_dir)
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
-    try:
-        method = json.loads(cfg_path.read_text())["method"]
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{cfg_path}: unreadable model config ({e})") from None
-    if method not in _ALIGNER_LOADERS:
-        raise ValueError(f"{model_dir}: method {method!r} has no saved-model support")
-    return _ALIGNER_LOADERS[method](model_dir, torch.device(device))
+def __getattr__(name: str):
+    # Where the look-ups went when the registry stopped importing the methods: said, not guessed.
+    if name in _MOVED:
+        raise ImportError(f"models.methods.{name} is now models.catalog.{name} (the registry imports no method)")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

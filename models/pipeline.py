@@ -10,6 +10,7 @@ This is what the CLI and the Celery worker call. Output folder layout::
       per_image.npy             per-image metrics, a structured array (fields in PER_IMAGE_DTYPE)
       metrics.json              APSNR before/after, counts, seconds, summaries (per image: small jobs)
       mean_before.png  var_before.png  mean_after.png  var_after.png
+      report.html               the result as a page to look at, self-contained (models.report)
       model/                    trained aligner (config.json + *.safetensors), if any
 
 Everything is written to a temporary sibling folder and renamed into place at
@@ -44,9 +45,11 @@ import torch
 
 from . import geometry as G
 from . import metrics as M
+from . import report as R
+from .catalog import create_method, load_aligner
 from .imageio import Collection, InputError, LoadLimits, save_png, working_size
 from .imageops import background
-from .methods import Cancelled, FitContext, Progress, create_method, load_aligner, shard_bounds
+from .methods import Cancelled, FitContext, Progress, shard_bounds
 from .sources import CollectionSource, Source, open_source
 
 __all__ = [
@@ -444,7 +447,7 @@ def align_collection(source: str | os.PathLike | Collection | Source, out_dir: s
         stages.update({f"fit_{k}": v for k, v in result.timings.items()})
         del x_dev
         if world > 1:
-            from .distributed import all_gather_rows
+            from .collective import all_gather_rows
 
             result.in_from_out_norm = all_gather_rows(result.in_from_out_norm, device)
             if rank != 0:
@@ -469,14 +472,9 @@ def align_collection(source: str | os.PathLike | Collection | Source, out_dir: s
                      "method": options.method, "max_side": options.max_side}, indent=1))
                 model_dir = str(out_dir / "model")
             align = None if result.aligner is None else (lambda b: result.aligner.align(b.to(device)))
-            t_stage = time.time()
             metrics = _finish(tmp, src, work, result.in_from_out_norm, meta, align, device, options.aligned,
-                              report, should_stop, getattr(result.aligner, "reproduces_fit", False))
-            stages["writing"] = round(time.time() - t_stage, 3)
-            metrics["warnings"] = list(result.warnings) + metrics["warnings"]
-            metrics["seconds"] = round(time.time() - t0, 3)
-            metrics["stage_seconds"] = stages
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+                              report, should_stop, t0, stages=stages, warnings=result.warnings,
+                              warps_are_aligned=getattr(result.aligner, "reproduces_fit", False))
     finally:
         work.close()
     report(Progress("done", apsnr=metrics["apsnr_after"]))
@@ -531,9 +529,7 @@ def apply_model(model_dir: str | os.PathLike, source: str | os.PathLike | Collec
                 "working_size": list(wsize), "channels": channels, "model_dir": str(model_dir)}
         with _Staging(out_dir, overwrite) as tmp:
             metrics = _finish(tmp, src, work, warps, meta, lambda b: aligner.align(b.to(dev)), dev, aligned,
-                              report, should_stop, True)
-            metrics["seconds"] = round(time.time() - t0, 3)
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+                              report, should_stop, t0, warps_are_aligned=True)
     finally:
         work.close()
     report(Progress("done"))
@@ -590,13 +586,19 @@ class _Writer:
 
 def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor, meta: dict,
             align: Callable | None, dev: torch.device, aligned_mode: str,
-            report: Callable[[Progress], None], should_stop, warps_are_aligned: bool = False) -> dict:
-    """Public transforms, aligned originals and metrics for a fitted collection, a chunk at a time.
+            report: Callable[[Progress], None], should_stop, t0: float, *, warps_are_aligned: bool = False,
+            stages: dict | None = None, warnings: list[str] = ()) -> dict:
+    """Public transforms, aligned originals, metrics and the report for a fitted collection, a
+    chunk at a time; returns the metrics as written to ``metrics.json``.
 
     ``align``: the trained aligner's ``(B, C, H, W) -> (B, 3, 3)``, for the self-consistency
     check (skipped when None); ``warps_are_aligned``: ``in_from_out_norm`` is ``align`` of the
-    images (DPRC, apply), so the check aligns only its re-warped copies. Computed on ``dev``: float64 on a CPU (as before), float32 on a GPU.
+    images (DPRC, apply), so the check aligns only its re-warped copies. Computed on ``dev``:
+    float64 on a CPU (as before), float32 on a GPU. ``t0``: when the job started
+    (``time.time()``), for its ``seconds``; ``stages``: the job's seconds by stage so far (this
+    one's is added as ``writing``); ``warnings``: the fit's, said first.
     """
+    t_finish = time.time()
     N, C = src.n, work.x.shape[1]
     wsize = work.size
     small = N <= SMALL_JOB_MAX
@@ -775,7 +777,33 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
              "touches_edge": None if touching is None else bool(touching[i]),
              **({} if moved is None else {"consistency_px": round(float(moved[i]), 4)})}
             for i, nm in enumerate(names_all)]
+    metrics["warnings"] = list(warnings) + metrics["warnings"]
+    metrics["seconds"] = round(time.time() - t0, 3)
+    if stages is not None:
+        metrics["stage_seconds"] = {**stages, "writing": round(time.time() - t_finish, 3)}
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    R.write_report(tmp, metrics, _report_sample(src, work, in_from_out_norm, per))
     return metrics
+
+
+def _report_sample(src: Source, work: _Work, in_from_out_norm: torch.Tensor, per: np.ndarray) -> R.Sample:
+    """The report's contact sheet (:func:`models.report.sample_indices`: a few dozen images whatever
+    the job's size): inputs at the working size and their aligned images, resampled here from the
+    working set with the job's warps (the published aligned images are resampled from the originals)."""
+    idx = R.sample_indices(per["residual"])
+    x = torch.from_numpy(np.asarray(work.x[idx - work.start])).double() / 255  # (k, C, H, W)
+    fill = torch.from_numpy(work.bg[idx - work.start]).double()[..., None, None]  # (k, C, 1, 1)
+    work_from_out = G.pixel_from_normalised(in_from_out_norm[torch.from_numpy(idx)].double().cpu(), work.size, work.size)
+    a = (G.warp_pixel(x - fill, work_from_out, work.size) + fill).clamp(0, 1)
+
+    def u8(t: torch.Tensor) -> np.ndarray:  # (k, C, H, W) in [0, 1] -> (k, H, W[, 3]) uint8
+        v = (t * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+        return v[:, 0] if v.shape[1] == 1 else v.transpose(0, 2, 3, 1)
+
+    touching = per["touches_edge"][idx]
+    return R.Sample(index=idx, names=[src.names(int(i), int(i) + 1)[0] for i in idx], inputs=u8(x), aligned=u8(a),
+                    residual=per["residual"][idx], outlier=per["outlier"][idx], content_kept=per["content_kept"][idx],
+                    cropped=per["content_kept"][idx] < KEPT_WARN, touches_edge=None if (touching < 0).all() else touching)
 
 
 def _apsnr(sq: torch.Tensor, mean: torch.Tensor, n: int) -> float:

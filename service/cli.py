@@ -105,10 +105,12 @@ def _demo(args) -> int:
                c.download(links["aligned_zip"], out / "aligned.zip"),
                c.download(links["mean_before"], out / "mean_before.png"),
                c.download(links["mean_after"], out / "mean_after.png"),
-               c.download(links["metrics"], out / "metrics.json")]
+               c.download(links["metrics"], out / "metrics.json"),
+               c.download(links["report"], out / "report.html")]
         m = job["metrics"]
         print(f"aligned {m['n_images']} images: APSNR {m['apsnr_before']:.2f} dB -> {m['apsnr_after']:.2f} dB")
         print(f"downloaded over HTTP to {out}: " + ", ".join(p.name for p in got))
+        print(f"open {out / 'report.html'} in a browser to look at the result")
         print(f"the job's artifacts (aligned/, model/, ...) are in {Path(s.data_dir).resolve() / 'jobs' / job['id']}")
         return 0
     except ApiError as e:

@@ -1,7 +1,7 @@
 """Embedded mode: the API runs jobs itself, with no Redis and no Celery.
 
 Jobs go on an in-process queue; threads take them and call the same
-:class:`~service.contracts.runner.JobRunner` a Celery worker calls, so each
+:class:`~service.execution.runner.JobRunner` a Celery worker calls, so each
 job still trains in its own child process (the API process stays torch-free)
 with the same cancel, time limit, checkpoint and resume behaviour. The job
 store is SQLite in the data dir, so jobs survive a restart: queued jobs are
@@ -15,8 +15,8 @@ import queue
 import threading
 
 from .contracts import ArtifactStore, JobRecord, JobStatus, Settings
-from .contracts.runner import JobRunner, Maintenance, worker_name
 from .contracts.store import JobStore
+from .execution import JobRunner, Maintenance, worker_name
 
 __all__ = ["EmbeddedRunner"]
 

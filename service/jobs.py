@@ -167,6 +167,8 @@ def to_public(rec: JobRecord, request: Request) -> JobPublic:
     if rec.status == JobStatus.succeeded:
         links.transforms = path("download_transforms", job_id=rec.id)
         links.metrics = path("download_metrics", job_id=rec.id)
+        if (rec.result or {}).get("has_report"):
+            links.report = path("download_report", job_id=rec.id)
         links.aligned_zip = path("download_aligned_zip", job_id=rec.id)
         links.aligned_image = path("download_aligned_image", job_id=rec.id, name="{name}")
         for n in RESULT_IMAGES:

@@ -127,6 +127,9 @@ class JobLinks(BaseModel):
     cancel: str | None = None
     transforms: str | None = None
     metrics: str | None = None
+    report: str | None = Field(None, description="the job's report: a self-contained HTML page to look at "
+                                                 "(checks, warnings, mean/variance, training curve, images by "
+                                                 "residual), when the output has it")
     aligned_zip: str | None = None
     aligned_image: str | None = Field(None, description="template: replace {name} by an input image's name")
     mean_before: str | None = None

@@ -15,7 +15,7 @@ import os
 from celery import Celery, signals
 
 from service.contracts import TASK_NAMES, ArtifactStore, CeleryDispatcher, JobKind, Settings, celery_config, open_store
-from service.contracts.runner import JobRunner, Maintenance, worker_name
+from service.execution import JobRunner, Maintenance, worker_name
 
 __all__ = ["app", "run_align", "run_apply"]
 

@@ -1,7 +1,7 @@
 """Container healthcheck: ``python -m worker.health`` exits 0 if a worker on this host is alive.
 
 Alive means its main process wrote a heartbeat to the job store within the
-heartbeat TTL (see ``service.contracts.runner.Maintenance``). This checks what
+heartbeat TTL (see ``service.execution.maintenance.Maintenance``). This checks what
 ``/readyz`` relies on, and costs one Redis read instead of a broker-wide
 ``celery inspect ping`` broadcast.
 """

@@ -1,12 +1,12 @@
 """The training child: ``python -m worker.run_job RUN_JSON --progress-fd N --parent-pid P``.
 
-Started by :class:`service.contracts.runner.JobRunner`, one process per
+Started by :class:`service.execution.runner.JobRunner`, one process per
 attempt, in its own process group. This is the only process that imports
 torch or touches CUDA, so the GPU is clean at the start of every job and all
 its memory is returned when the job ends. It reads the job's spec (written
 by the supervisor into the artifact store), calls ``models.pipeline``, builds
 the aligned-images zip, and reports progress and the outcome as JSON lines
-(protocol in :mod:`service.contracts.runner`).
+(protocol in :mod:`service.execution.runner`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import zipfile
 from pathlib import Path
 
 from service.contracts.artifacts import ARRAY_RESULT_FILES
-from service.contracts.runner import EXIT_CANCELLED, EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, read_summary
+from service.execution.runner import EXIT_CANCELLED, EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, read_summary
 
 _PR_SET_PDEATHSIG = 1
 

@@ -5,7 +5,7 @@ Layout, one folder per job::
 
     DATA/jobs/<id>/input/        the uploaded files, as received
     DATA/jobs/<id>/checkpoint/   training checkpoints; a redelivered job resumes from them
-    DATA/jobs/<id>/output/       models.pipeline's output folder (written atomically)
+    DATA/jobs/<id>/output/       models.pipeline's output folder (written atomically), report.html included
     DATA/jobs/<id>/output/aligned.zip   all aligned images, built by the worker
     DATA/jobs/<id>/run.json      what the training child is asked to do
     DATA/jobs/<id>/child.log     the training child's stderr
@@ -83,8 +83,8 @@ class ArtifactStore:
         return self.job_dir(job_id) / "child.log"
 
     def result_file(self, job_id: str, name: str) -> Path:
-        """``transforms.json``, ``metrics.json`` or ``<RESULT_IMAGES>.png`` of a finished job."""
-        allowed = {"transforms.json", "metrics.json", *(f"{n}.png" for n in RESULT_IMAGES)}
+        """``transforms.json``, ``metrics.json``, ``report.html`` or ``<RESULT_IMAGES>.png`` of a finished job."""
+        allowed = {"transforms.json", "metrics.json", "report.html", *(f"{n}.png" for n in RESULT_IMAGES)}
         if name not in allowed:
             raise ValueError(f"not a result file: {name!r}")
         return self.output_dir(job_id) / name

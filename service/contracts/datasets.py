@@ -2,7 +2,8 @@
 
 A dataset is a record (owner, state, layout) plus one small record per file (declared size,
 bytes received, who is writing it now), kept in the job store's Redis or SQLite beside the
-jobs, and its files in the artifact store (``DATA/datasets/<id>/files/``). Per-file records are
+jobs (:class:`DatasetStore` here; the backends in :mod:`.redis_store` and :mod:`.sqlite_store`),
+and its files in the artifact store (``DATA/datasets/<id>/files/``). Per-file records are
 kept apart from the dataset's so that a chunk of one file rewrites a few hundred bytes, not a
 record listing 10,000 files.
 
@@ -18,11 +19,9 @@ the API and the workers; no FastAPI, no torch.
 from __future__ import annotations
 
 import shutil
-import sqlite3
-import threading
 from abc import ABC, abstractmethod
 from enum import Enum
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,9 +34,6 @@ __all__ = [
     "DatasetFile",
     "DatasetRecord",
     "DatasetStore",
-    "RedisDatasetStore",
-    "SqliteDatasetStore",
-    "open_dataset_store",
     "DatasetQuota",
     "DatasetUnavailable",
     "DATASET_IMAGE_EXTENSIONS",
@@ -217,234 +213,6 @@ class DatasetStore(ABC):
 
     def close(self) -> None:  # pragma: no cover - trivial
         pass
-
-
-class RedisDatasetStore(DatasetStore):
-    """Keys under the job store's prefix: ``<p>:dataset:<id>`` (record, JSON),
-    ``<p>:dataset:<id>:files`` (hash: name -> file JSON), ``<p>:owner:<o>:datasets``
-    (sorted by creation), ``<p>:datasets`` (every id, for the sweep)."""
-
-    def __init__(self, url: str, key_prefix: str = "congeal"):
-        import redis
-
-        self._redis_mod = redis
-        self.r = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
-        self.p = key_prefix
-
-    def _k(self, *parts: str) -> str:
-        return ":".join((self.p, *parts))
-
-    def insert(self, rec: DatasetRecord, files: list[DatasetFile], max_per_owner: int | None = None) -> None:
-        ok = self._k("owner", rec.owner, "datasets")
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    if max_per_owner is not None:
-                        pipe.watch(ok)  # a racing insert changes the set: this one retries
-                        count = pipe.zcard(ok)
-                        if count >= max_per_owner:
-                            pipe.unwatch()
-                            raise DatasetQuota(count)
-                    pipe.multi()
-                    pipe.set(self._k("dataset", rec.id), rec.model_dump_json())
-                    if files:
-                        pipe.hset(self._k("dataset", rec.id, "files"),
-                                  mapping={f.name: f.model_dump_json() for f in files})
-                    pipe.zadd(ok, {rec.id: rec.created_at})
-                    pipe.sadd(self._k("datasets"), rec.id)
-                    pipe.execute()
-                    return
-                except self._redis_mod.WatchError:
-                    continue
-
-    def get(self, dataset_id: str) -> DatasetRecord | None:
-        raw = self.r.get(self._k("dataset", dataset_id))
-        return None if raw is None else DatasetRecord.model_validate_json(raw)
-
-    def files(self, dataset_id: str, names: list[str] | None = None) -> dict[str, DatasetFile]:
-        fk = self._k("dataset", dataset_id, "files")
-        if names is None:
-            return {k.decode(): DatasetFile.model_validate_json(v) for k, v in self.r.hgetall(fk).items()}
-        vals = self.r.hmget(fk, names) if names else []
-        return {n: DatasetFile.model_validate_json(v) for n, v in zip(names, vals) if v is not None}
-
-    def transact(self, dataset_id, fn, names=()):
-        dk, fk = self._k("dataset", dataset_id), self._k("dataset", dataset_id, "files")
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(dk, fk)
-                    raw = pipe.get(dk)
-                    if raw is None:
-                        pipe.unwatch()
-                        return None, {}, False
-                    rec = DatasetRecord.model_validate_json(raw)
-                    if names is None:
-                        files = {k.decode(): DatasetFile.model_validate_json(v) for k, v in pipe.hgetall(fk).items()}
-                    else:
-                        vals = pipe.hmget(fk, list(names)) if names else []
-                        files = {n: DatasetFile.model_validate_json(v) for n, v in zip(names, vals) if v is not None}
-                    out = fn(rec, files)
-                    if out is None:
-                        pipe.unwatch()
-                        return rec, files, False
-                    new_rec, new_files = out
-                    pipe.multi()
-                    if new_rec is not None:
-                        pipe.set(dk, new_rec.model_dump_json())
-                    if new_files:
-                        pipe.hset(fk, mapping={n: f.model_dump_json() for n, f in new_files.items()})
-                    pipe.execute()
-                    return new_rec or rec, {**files, **(new_files or {})}, True
-                except self._redis_mod.WatchError:
-                    continue  # another request wrote it meanwhile: read again, apply again
-
-    def list(self, owner: str, offset: int, limit: int) -> tuple[list[DatasetRecord], int]:
-        zk = self._k("owner", owner, "datasets")
-        total = self.r.zcard(zk)
-        if offset >= total or limit <= 0:
-            return [], total
-        ids = [i.decode() for i in self.r.zrevrange(zk, offset, offset + limit - 1)]
-        raws = self.r.mget([self._k("dataset", i) for i in ids]) if ids else []
-        return [DatasetRecord.model_validate_json(x) for x in raws if x is not None], total
-
-    def all_ids(self) -> list[str]:
-        return sorted(i.decode() for i in self.r.smembers(self._k("datasets")))
-
-    def delete(self, dataset_id: str) -> None:
-        rec = self.get(dataset_id)
-        with self.r.pipeline() as pipe:
-            pipe.delete(self._k("dataset", dataset_id), self._k("dataset", dataset_id, "files"))
-            pipe.srem(self._k("datasets"), dataset_id)
-            if rec is not None:
-                pipe.zrem(self._k("owner", rec.owner, "datasets"), dataset_id)
-            pipe.execute()
-
-    def close(self) -> None:
-        self.r.close()
-
-
-class SqliteDatasetStore(DatasetStore):
-    """Embedded mode: two tables in the job store's SQLite file (its own connection;
-    ``BEGIN IMMEDIATE`` makes each transaction atomic against the jobs' connection too)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self.db = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False, isolation_level=None)
-        with self._lock:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.executescript(
-                """
-                CREATE TABLE IF NOT EXISTS datasets (
-                    id TEXT PRIMARY KEY, owner TEXT NOT NULL, created_at REAL NOT NULL, data TEXT NOT NULL);
-                CREATE INDEX IF NOT EXISTS datasets_owner ON datasets (owner, created_at DESC);
-                CREATE TABLE IF NOT EXISTS dataset_files (
-                    dataset_id TEXT NOT NULL, name TEXT NOT NULL, data TEXT NOT NULL,
-                    PRIMARY KEY (dataset_id, name));
-                """
-            )
-
-    def _begin(self):
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def insert(self, rec: DatasetRecord, files: list[DatasetFile], max_per_owner: int | None = None) -> None:
-        with self._lock:
-            self._begin()
-            try:
-                if max_per_owner is not None:
-                    count = self.db.execute("SELECT COUNT(*) FROM datasets WHERE owner=?", (rec.owner,)).fetchone()[0]
-                    if count >= max_per_owner:
-                        raise DatasetQuota(count)
-                self.db.execute("INSERT INTO datasets (id, owner, created_at, data) VALUES (?,?,?,?)",
-                                (rec.id, rec.owner, rec.created_at, rec.model_dump_json()))
-                self.db.executemany("INSERT INTO dataset_files (dataset_id, name, data) VALUES (?,?,?)",
-                                    [(rec.id, f.name, f.model_dump_json()) for f in files])
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-
-    def get(self, dataset_id: str) -> DatasetRecord | None:
-        with self._lock:
-            row = self.db.execute("SELECT data FROM datasets WHERE id=?", (dataset_id,)).fetchone()
-        return None if row is None else DatasetRecord.model_validate_json(row[0])
-
-    def _files(self, dataset_id: str, names) -> dict[str, DatasetFile]:
-        if names is None:
-            rows = self.db.execute("SELECT name, data FROM dataset_files WHERE dataset_id=?", (dataset_id,)).fetchall()
-        else:
-            rows = []
-            for n in names:
-                rows += self.db.execute("SELECT name, data FROM dataset_files WHERE dataset_id=? AND name=?",
-                                        (dataset_id, n)).fetchall()
-        return {n: DatasetFile.model_validate_json(d) for n, d in rows}
-
-    def files(self, dataset_id: str, names: list[str] | None = None) -> dict[str, DatasetFile]:
-        with self._lock:
-            return self._files(dataset_id, names)
-
-    def transact(self, dataset_id, fn, names=()):
-        with self._lock:
-            self._begin()
-            try:
-                row = self.db.execute("SELECT data FROM datasets WHERE id=?", (dataset_id,)).fetchone()
-                if row is None:
-                    self.db.execute("COMMIT")
-                    return None, {}, False
-                rec = DatasetRecord.model_validate_json(row[0])
-                files = self._files(dataset_id, names)
-                out = fn(rec, files)
-                if out is None:
-                    self.db.execute("COMMIT")
-                    return rec, files, False
-                new_rec, new_files = out
-                if new_rec is not None:
-                    self.db.execute("UPDATE datasets SET data=? WHERE id=?", (new_rec.model_dump_json(), dataset_id))
-                for n, f in (new_files or {}).items():
-                    self.db.execute("UPDATE dataset_files SET data=? WHERE dataset_id=? AND name=?",
-                                    (f.model_dump_json(), dataset_id, n))
-                self.db.execute("COMMIT")
-                return new_rec or rec, {**files, **(new_files or {})}, True
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-
-    def list(self, owner: str, offset: int, limit: int) -> tuple[list[DatasetRecord], int]:
-        with self._lock:
-            total = self.db.execute("SELECT COUNT(*) FROM datasets WHERE owner=?", (owner,)).fetchone()[0]
-            if offset >= total or limit <= 0:
-                return [], total
-            rows = self.db.execute("SELECT data FROM datasets WHERE owner=? ORDER BY created_at DESC, id DESC "
-                                   "LIMIT ? OFFSET ?", (owner, limit, offset)).fetchall()
-        return [DatasetRecord.model_validate_json(r[0]) for r in rows], total
-
-    def all_ids(self) -> list[str]:
-        with self._lock:
-            return [r[0] for r in self.db.execute("SELECT id FROM datasets ORDER BY id")]
-
-    def delete(self, dataset_id: str) -> None:
-        with self._lock:
-            self._begin()
-            try:
-                self.db.execute("DELETE FROM dataset_files WHERE dataset_id=?", (dataset_id,))
-                self.db.execute("DELETE FROM datasets WHERE id=?", (dataset_id,))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-
-    def close(self) -> None:
-        with self._lock:
-            self.db.close()
-
-
-def open_dataset_store(settings) -> DatasetStore:
-    """Beside the jobs: the same Redis and key prefix, or the same SQLite file."""
-    if settings.redis_url:
-        return RedisDatasetStore(settings.redis_url, settings.key_prefix)
-    return SqliteDatasetStore(Path(settings.data_dir) / "jobs.sqlite3")
 
 
 # ---------------------------------------------------------------------- jobs that use a dataset

@@ -9,8 +9,11 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
+from models.report import CSP as REPORT_CSP
+from models.report import REPORT_FILE
+
 from ..contracts import RESULT_IMAGES, JobKind, JobRecord, JobStatus
-from ..contracts.runner import purge
+from ..execution import purge
 from ..deps import OwnerDep, ServiceState, StateDep, check_page_limit, load_job
 from ..jobs import accept_job, multipart_openapi, to_public
 from ..schemas import ErrorPublic, JobCreate, JobPublic, JobsPublic
@@ -165,6 +168,18 @@ def download_transforms(job_id: str, state: StateDep, owner: OwnerDep):
 def download_metrics(job_id: str, state: StateDep, owner: OwnerDep):
     finished_job(state, owner, job_id)
     return _file(state.artifacts.result_file(job_id, "metrics.json"), "application/json")
+
+
+@router.get("/{job_id}/report", name="download_report", responses=_DL, response_class=FileResponse,
+            summary="The job's report: one self-contained HTML page (models/report.py) to open in a browser")
+def download_report(job_id: str, state: StateDep, owner: OwnerDep):
+    """Checks and warnings in words, mean and variance before and after, the training curve and
+    a contact sheet of inputs beside their aligned images, worst residual first. Every image is
+    inlined; the page loads nothing and runs no script (its Content-Security-Policy says so)."""
+    finished_job(state, owner, job_id)
+    resp = _file(state.artifacts.result_file(job_id, REPORT_FILE), "text/html; charset=utf-8")
+    resp.headers["Content-Security-Policy"] = REPORT_CSP
+    return resp
 
 
 @router.get("/{job_id}/aligned.zip", name="download_aligned_zip", responses=_DL, response_class=FileResponse,

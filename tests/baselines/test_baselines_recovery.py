@@ -8,7 +8,8 @@ method that does not move, moves the wrong way or diverges fails.
 import pytest
 import torch
 
-from models.methods import FitContext, create_method
+from models.catalog import create_method
+from models.methods import FitContext
 
 METHODS = ["rasl", "pssv", "tgrasta", "lsc"]
 SIZE = (28, 28)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from models import geometry as G
-from models.methods import Cancelled, FitContext, create_method, list_methods, load_aligner
+from models.catalog import create_method, list_methods, load_aligner
+from models.methods import Cancelled, FitContext
 from models.pipeline import AlignOptions, align_collection, apply_model
 
 METHODS = ["rasl", "pssv", "tgrasta", "lsc"]

@@ -77,6 +77,15 @@ def _untrained_model(folder, ref_radius: float):
     return folder
 
 
+@pytest.fixture
+def digits_npy(tmp_path):
+    """18 perturbed MNIST '3's (9 sources x 2 copies) as one uint8 ``.npy``."""
+    pairs = make_pairs(mnist_digits(3, 9), 0.1, seed=4)
+    path = tmp_path / "d.npy"
+    np.save(path, (pairs.images[:, 0].numpy() * 255).round().astype(np.uint8))
+    return path
+
+
 @pytest.fixture(scope="session")
 def untrained_model():
     """``untrained_model(folder, ref_radius)``: a saved untrained DPRC model folder (apply without training)."""

@@ -9,7 +9,8 @@ from models import geometry as G
 from models.dprc import DPRC, _moments, background, choose_reference, curriculum_family, moment_init
 from models.dprc_train import distance, equivariance_distance, guarded_update, make_optimizer
 from models.evaluate import evaluate_warps
-from models.methods import Cancelled, FitContext, load_aligner
+from models.catalog import load_aligner
+from models.methods import Cancelled, FitContext
 from models.nets import PRESETS, AutoEncoderConfig, DeSTNet, DeSTNetConfig, PenalisedAutoEncoder, positional_weights
 from models.perturb import make_pairs
 

@@ -5,16 +5,6 @@ import numpy as np
 import pytest
 
 import models.pipeline as P
-from models.data import mnist_digits
-from models.perturb import make_pairs
-
-
-@pytest.fixture
-def digits_npy(tmp_path):
-    pairs = make_pairs(mnist_digits(3, 9), 0.1, seed=4)  # 18 images
-    path = tmp_path / "d.npy"
-    np.save(path, (pairs.images[:, 0].numpy() * 255).round().astype(np.uint8))
-    return path
 
 
 def _names(out):

@@ -216,7 +216,7 @@ def test_cancel_a_queued_job(api, env):
     assert r.status_code == 202 and r.json()["status"] == "cancelled"
     assert r.json()["finished_at"] is not None and r.json()["links"]["cancel"] is None
     # Its task is still in the broker; when a worker takes it, it must not run.
-    from service.contracts.runner import JobRunner
+    from service.execution import JobRunner
 
     assert JobRunner(env.store(), None, env.settings()).run(job["id"]).startswith("skipped")
     # DELETE on a job that has ended purges it: record, uploads, everything.

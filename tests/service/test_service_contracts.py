@@ -61,7 +61,7 @@ def test_every_kind_routes_to_a_queue_the_docs_tell_workers_to_consume():
 
 def test_api_methods_and_warps_exist_in_the_core():
     from models.geometry import get_family
-    from models.methods import list_methods
+    from models.catalog import list_methods
 
     core = set(list_methods())
     assert set(METHODS) <= core, f"the API offers methods the core lacks: {set(METHODS) - core}"
@@ -260,7 +260,7 @@ def test_every_setting_is_documented():
 
 def test_retention_sweep_purges_only_jobs_finished_before_the_ttl(store, tmp_path):
     from service.contracts import ArtifactStore
-    from service.contracts.runner import sweep_expired
+    from service.execution import sweep_expired
 
     arts = ArtifactStore(tmp_path)
     old, recent, running = _job(), _job(), _job()
@@ -283,7 +283,7 @@ def test_sweep_removes_an_old_upload_folder_with_no_record_and_nothing_else(stor
     import os
 
     from service.contracts import ArtifactStore
-    from service.contracts.runner import ORPHAN_FOLDER_GRACE_S, sweep_expired
+    from service.execution.maintenance import ORPHAN_FOLDER_GRACE_S, sweep_expired
 
     arts = ArtifactStore(tmp_path)
     kept = _job()

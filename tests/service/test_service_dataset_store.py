@@ -12,9 +12,10 @@ from service_testlib import REDIS_URL
 
 from service.contracts import ArtifactStore, JobKind, JobRecord, JobStatus, new_dataset_id, new_job_id
 from service.contracts.datasets import (USER_GRACE_S, DatasetFile, DatasetQuota, DatasetRecord, DatasetState,
-                                        DatasetUnavailable, RedisDatasetStore, SqliteDatasetStore, begin_delete,
-                                        check_file_name, classify_files, release_use, sweep_datasets, use_dataset)
-from service.contracts.store import RedisJobStore, SqliteJobStore
+                                        DatasetUnavailable, begin_delete, check_file_name, classify_files, release_use,
+                                        sweep_datasets, use_dataset)
+from service.contracts.redis_store import RedisDatasetStore, RedisJobStore
+from service.contracts.sqlite_store import SqliteDatasetStore, SqliteJobStore
 
 
 @pytest.fixture(params=["redis", "sqlite"])

@@ -23,7 +23,7 @@ from service_testlib import SAMPLES, auth, pid_alive, png_bytes, wait_job
 from service.app import create_app
 from service.client import ApiError, Client
 from service.contracts import Settings
-from service.contracts.datasets import RedisDatasetStore
+from service.contracts.redis_store import RedisDatasetStore
 from service.devserver import start_api
 
 pytestmark = pytest.mark.integration

@@ -100,6 +100,10 @@ def test_result_downloads(client, trained):
     assert not np.array_equal(mean_a, mean_b)
     model = client.get(links["model"]).json()
     assert model["working_size"] == [28, 28] and model["warp"] == "homography"
+    r = client.get(links["report"])
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+    assert r.text.count('class="card"') == len(TRAIN) and "<script" not in r.text
 
 
 @pytest.mark.parametrize("name", ["../../metrics.json", "..%2F..%2Fmetrics.json", "nope.png", "/etc/passwd"])

@@ -41,6 +41,8 @@ def test_congeal_demo_aligns_the_sample_over_http(tmp_path):
     assert len(zipfile.ZipFile(results[0] / "aligned.zip").namelist()) == 49
     metrics = json.loads((results[0] / "metrics.json").read_text())
     assert metrics["apsnr_after"] > metrics["apsnr_before"]
+    report = (results[0] / "report.html").read_text()
+    assert report.count('class="card"') == 48 and str(results[0] / "report.html") in out.stdout
 
 
 def test_embedded_job_survives_a_restart_and_resumes(tmp_path):

@@ -21,7 +21,7 @@ from service_testlib import SAMPLES, auth, files_for, pid_alive, wait_job
 
 from service.app import create_app
 from service.contracts import ArtifactStore
-from service.contracts.runner import JobRunner
+from service.execution import JobRunner
 
 pytestmark = pytest.mark.integration
 

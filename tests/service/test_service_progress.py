@@ -2,7 +2,7 @@
 
 A job that reports every batch for an hour must cost the store a bounded number of writes,
 keep the record within a fraction of a second of the child, and never be slowed by the
-store. The relay (``service.contracts.progress.ProgressRelay``) reads the child's real event
+store. The relay (``service.execution.progress.ProgressRelay``) reads the child's real event
 pipe here; the events are written by the test at a trainer's rate, in the child's protocol
 (``worker/run_job.py``), counting images seen. The store is a real Redis of the test's own
 (``redis-server`` on a free port), so its write count is exact (``INFO commandstats``) and it
@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from service.contracts import JobKind, JobRecord, RedisJobStore, new_job_id
-from service.contracts.progress import PROGRESS_EVERY_S, ProgressRelay
+from service.execution.progress import PROGRESS_EVERY_S, ProgressRelay
 
 pytestmark = pytest.mark.integration
 

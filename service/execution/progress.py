@@ -20,8 +20,8 @@ import os
 import threading
 import time
 
-from .records import ProgressRecord
-from .store import JobStore
+from ..contracts.records import ProgressRecord
+from ..contracts.store import JobStore
 
 __all__ = ["ProgressRelay", "RESUME_PREFIX", "PROGRESS_EVERY_S", "URGENT_EVERY_S"]
 

@@ -1,9 +1,11 @@
 """Diagnosis behind docs/research/quality-rounds-1-9.md: per-image direct optimisation of D from the ground truth
 and from the identity (no network), to tell landscape problems from network problems.
 
-    python bench/diagnose_landscape.py 0.1
+    python docs/research/diagnoses/diagnose_landscape.py 0.1
 """
 import sys
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import torch
 torch.set_num_threads(2)
 from models.data import mnist_digits

@@ -8,7 +8,7 @@ of the aligned images). Two copies of one source share that objective up to
 resampling, so if its minimum were well defined they would converge to one
 frame. Prints the pair-residual evaluation of the fit and of each variant.
 
-    python bench/diagnose_refine.py --digit 3 --sigma 0.1 \
+    python docs/research/diagnoses/diagnose_refine.py --digit 3 --sigma 0.1 \
         --options '{"width": 1, "batch_size": 64, "preset": "small"}' \
         --variants '[{}, {"loss": "l2"}, {"template": "mean"}, {"rounds": 2}, {"lr": 0.002},
                      {"lr": 0.0005}, {"family": "affine"}, {"family": "similarity"},
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))  # baselines_common, protocol_visibility
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import baselines_common as BC  # noqa: E402
 from models import geometry as G  # noqa: E402
 from models.evaluate import evaluate_warps, run_on_pairs  # noqa: E402

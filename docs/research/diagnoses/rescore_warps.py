@@ -7,7 +7,7 @@ object residual, seventh session) get it. One JSON line per file, the ``bench/sw
 without the fit's seconds and notes; ``--visible`` adds the same measures on the pairs whose two
 copies both still show at least that share of their digit.
 
-    python bench/rescore_warps.py bench/results/warps/defaults_s20 --visible 0.9 --out rows.jsonl
+    python docs/research/diagnoses/rescore_warps.py bench/results/warps/defaults_s20 --visible 0.9 --out rows.jsonl
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))  # baselines_common, protocol_visibility
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import baselines_common as BC  # noqa: E402
 import torch  # noqa: E402
 from protocol_visibility import pair_visibility  # noqa: E402

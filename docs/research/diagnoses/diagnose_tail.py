@@ -6,7 +6,7 @@ perturbation pushes content out of the 28 px frame) and how strongly the ground-
 perturbation magnifies distances at the aligned frame's corners (a pixel of the input there is
 this many pixels of the source: the pair residual is measured in source pixels).
 
-    python bench/diagnose_tail.py --digit 9 --sigma 0.2 --configs '{"preset":"small","width":1,"batch_size":64}'
+    python docs/research/diagnoses/diagnose_tail.py --digit 9 --sigma 0.2 --configs '{"preset":"small","width":1,"batch_size":64}'
 
 ``--warps FILE`` scores warps saved by ``bench/sweep.py --save-warps`` (same digit, sigma and
 ``--n``) instead of fitting here.
@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))  # baselines_common, protocol_visibility
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import baselines_common as BC  # noqa: E402
 import torch  # noqa: E402
 from protocol_visibility import pair_visibility  # noqa: E402

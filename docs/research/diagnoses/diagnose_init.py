@@ -4,7 +4,7 @@ Compares the default moment initialisation (centroid + isotropic RMS scale) with
 affine one (covariance matching, ``A = S_i^1/2 R S_ref^-1/2``) with and without a
 coarse rotation search against the reference or the aligned mean. CPU, seconds.
 
-    python bench/diagnose_init.py 3,1 0.1,0.2,0.3
+    python docs/research/diagnoses/diagnose_init.py 3,1 0.1,0.2,0.3
 """
 import math
 import sys
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from models import geometry as G
 from models.data import mnist_digits
 from models.perturb import make_pairs
