@@ -21,7 +21,7 @@ from .deps import ServiceState, get_settings
 from .routers import datasets, health, jobs, models, results
 from .uploads import UploadGate
 
-__all__ = ["create_app", "app"]
+__all__ = ["create_app", "app", "check_access", "access_problem", "AccessConfigError"]
 
 log = logging.getLogger("congeal.api")
 
@@ -36,14 +36,27 @@ See docs/service.md for the full guide.
 """
 
 
+class AccessConfigError(RuntimeError):
+    """No API keys configured, and open access was not asked for."""
+
+
+def access_problem(settings: Settings) -> str | None:
+    """Why this configuration must not serve, in one line; None when it may."""
+    if settings.api_key_hashes or settings.allow_open:
+        return None
+    return ("no API keys: set CONGEAL_API_KEYS to 'tenant:<sha256 hex of the key>,...' (docs/service.md, "
+            "'API keys and tenants'), or serve everyone as 'anonymous' with CONGEAL_ALLOW_OPEN=true "
+            "('congeal serve --open')")
+
+
 def check_access(settings: Settings) -> None:
-    """Refuse to serve a shared deployment without keys; say so loudly when open."""
+    """Refuse to serve without keys unless open access was asked for; say so loudly when open."""
     if settings.api_key_hashes:
         log.info("congeal API: %d API key(s) configured", len(settings.api_key_hashes))
         return
-    if not settings.embedded and not settings.allow_open:
-        raise RuntimeError("CONGEAL_API_KEYS is not set: a Redis-backed deployment needs API keys "
-                           "(or CONGEAL_ALLOW_OPEN=true to serve everyone as 'anonymous'); see docs/service.md")
+    problem = access_problem(settings)
+    if problem is not None:
+        raise AccessConfigError(problem)
     # stderr as well as the log: uvicorn does not show this logger by default, and this must be seen.
     msg = ("congeal API: OPEN ACCESS - no API keys configured (CONGEAL_API_KEYS); every caller is "
            "'anonymous' and sees every job. Fine on localhost, not on a network.")

@@ -45,9 +45,9 @@ class Settings(BaseSettings):
     # --- tenants
     api_keys: str | None = Field(
         None, description="comma-separated 'tenant:sha256hex' entries (hash: service.contracts.hash_api_key, "
-                          "or `printf %s KEY | sha256sum`); unset: open access, allowed in embedded mode only "
-                          "(or with allow_open)")
-    allow_open: bool = Field(False, description="Redis mode without api_keys: serve everyone as 'anonymous'")
+                          "or `printf %s KEY | sha256sum`); unset: the API refuses to start, unless allow_open")
+    allow_open: bool = Field(False, description="without api_keys: serve everyone as 'anonymous' "
+                                                "(otherwise the API refuses to start)")
     max_jobs_in_flight_per_key: int = Field(8, ge=1, description="queued + running jobs one tenant may have")
     rate_limit_per_minute: int = Field(1200, ge=0, description="requests per tenant per minute "
                                                                "(sliding 60 s window, kept in Redis); 0: off")
