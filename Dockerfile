@@ -34,7 +34,8 @@ USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=3)"]
-CMD ["uvicorn", "service.app:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+# congeal serve checks the configuration first (no API keys: one line and exit 2, not a traceback).
+CMD ["congeal", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 # ---------------------------------------------------------------- worker
 FROM base AS worker
@@ -50,6 +51,7 @@ RUN pip install .
 USER 10001:10001
 HEALTHCHECK --interval=15s --timeout=10s --start-period=60s --retries=3 \
     CMD ["python", "-m", "worker.health"]
-# One worker process per GPU, one job at a time; each job trains in a child process.
+# One worker process per GPU, one job at a time; each job trains in a child process. The compose
+# file (congeal compose) runs one such service per GPU, each reserving its own device.
 CMD ["celery", "-A", "worker.app", "worker", "--pool=prefork", "--concurrency=1", \
      "-Q", "congeal,congeal.inference", "-n", "worker@%h", "--loglevel=INFO"]

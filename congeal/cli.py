@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="congeal", description="Joint image alignment (congealing): align a "
                                  "collection, align new images with the trained aligner, or serve the HTTP API.")
     ap.add_argument("--version", action="version", version=f"congeal {__version__}")
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{align,apply,serve,demo}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{align,apply,serve,demo,compose}")
 
     a = sub.add_parser("align", help="congeal a collection and train an aligner",
                        description="Congeal a collection: learn a warp per image onto a common frame, write the "
@@ -163,6 +163,17 @@ def _parser() -> argparse.ArgumentParser:
                                    "(48 perturbed MNIST digits), follow the job and download its results.")
     d.add_argument("--data-dir", default=None, help="artifact folder (default: ./congeal-data)")
     d.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: 0, a free port)")
+
+    c = sub.add_parser("compose", help="write a Docker Compose file with one worker per GPU",
+                       description="Write the Docker Compose file for this host: Redis, the API, and one worker "
+                                   "service per GPU (or per group of --gpus-per-worker GPUs), each reserving its "
+                                   "own devices by id. Run it from the repository (the file builds from '.').")
+    c.add_argument("--gpus", default="1", metavar="N|IDS",
+                   help="how many GPUs (ids 0 to N-1), or their ids, comma-separated, e.g. 0,1,3 (default: 1)")
+    c.add_argument("--gpus-per-worker", type=int, default=1, metavar="K",
+                   help="GPUs each worker holds, so the most one job trains on (default: 1)")
+    c.add_argument("-o", "--output", default="-", metavar="FILE",
+                   help="where to write it (default: standard output)")
     return ap
 
 
@@ -181,8 +192,29 @@ def _method_options(pairs: list[str]) -> dict:
     return out
 
 
+def _compose(args) -> int:
+    from pathlib import Path
+
+    from service.compose import compose_file
+
+    gpus = int(args.gpus) if args.gpus.isdigit() else args.gpus.split(",")
+    call = f" --gpus {args.gpus}" + (f" --gpus-per-worker {args.gpus_per_worker}" if args.gpus_per_worker != 1 else "")
+    try:
+        text = compose_file(gpus, args.gpus_per_worker, args=call if call != " --gpus 1" else "")
+    except ValueError as e:
+        print(f"congeal compose: error: {e}", file=sys.stderr)
+        return 2
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "compose":
+        return _compose(args)
     if args.cmd in ("serve", "demo"):
         from service.cli import run as service_run  # the service stack, only when asked for
 
