@@ -12,13 +12,20 @@ import sys
 import uuid
 from contextlib import asynccontextmanager
 
+from pathlib import Path
+
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from congeal import __version__
 
 from .contracts import ArtifactStore, CeleryDispatcher, Settings, open_dataset_store, open_store
 from .datasets import DatasetChecker
 from .deps import ServiceState, get_settings
 from .routers import datasets, health, jobs, models, results
+from .schemas import AUTH_ERRORS, SERVER_ERRORS
 from .uploads import UploadGate
 
 __all__ = ["create_app", "app", "check_access", "access_problem", "AccessConfigError"]
@@ -103,14 +110,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 state.dispatcher.close()
             state.store.close()
 
-    app = FastAPI(title="congeal", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # docs_url/redoc_url None: FastAPI's own pages load their scripts from a CDN (blank offline);
+    # ours below are served from service/static/docs.
+    app = FastAPI(title="congeal", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     if settings is not None:
         app.dependency_overrides[get_settings] = lambda: settings
-    app.include_router(jobs.router)
-    app.include_router(results.router)
-    app.include_router(datasets.router)
-    app.include_router(models.router)
-    app.include_router(health.router)
+    for r in (jobs.router, results.router, datasets.router, models.router):
+        app.include_router(r, responses={**AUTH_ERRORS, **SERVER_ERRORS})
+    app.include_router(health.router, responses=SERVER_ERRORS)
+    _mount_docs(app)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -123,6 +132,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": "internal server error", "error_id": error_id}, status_code=500)
 
     return app
+
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` from the package's own copies of their files
+    (service/static/docs/NOTICE.md): they work with no network."""
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def urls(request: Request) -> tuple[str, str]:
+        root = request.scope.get("root_path", "").rstrip("/")  # behind a proxy that strips a prefix
+        return root + app.openapi_url, root + "/static/docs"
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        openapi, assets = urls(request)
+        return get_swagger_ui_html(
+            openapi_url=openapi, title="congeal API", swagger_js_url=f"{assets}/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url=f"{assets}/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=f"{assets}/swagger-ui/favicon-32x32.png",
+            # validatorUrl None: no badge fetched from swagger.io.
+            swagger_ui_parameters={"validatorUrl": None, "tryItOutEnabled": True})
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(request: Request) -> HTMLResponse:
+        openapi, assets = urls(request)
+        return get_redoc_html(openapi_url=openapi, title="congeal API", redoc_js_url=f"{assets}/redoc/redoc.standalone.js",
+                              redoc_favicon_url=f"{assets}/swagger-ui/favicon-32x32.png", with_google_fonts=False)
 
 
 def _is_store_outage(exc: Exception) -> bool:
