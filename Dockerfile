@@ -23,7 +23,8 @@ FROM base AS api
 # worker's training child uses (tests/service/test_service_docker.py keeps this in step
 # with pyproject.toml).
 RUN pip install "fastapi>=0.110" "uvicorn>=0.27" "pydantic>=2.5" "pydantic-settings>=2.1" \
-        "python-multipart>=0.0.9" "celery[redis]>=5.4" "redis>=5.0" "numpy>=1.24" "pillow>=10.0"
+        "python-multipart>=0.0.9" "celery[redis]>=5.4" "redis>=5.0" "numpy>=1.24" "pillow>=10.0" \
+        "prometheus-client>=0.20"
 COPY pyproject.toml README.md ./
 COPY models ./models
 COPY service ./service

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from congeal import __version__
@@ -24,6 +24,7 @@ from congeal import __version__
 from .contracts import ArtifactStore, CeleryDispatcher, Settings, open_dataset_store, open_store
 from .datasets import DatasetChecker
 from .deps import ServiceState, get_settings
+from .metrics import CONTENT_TYPE_LATEST, RequestMiddleware, ServiceMetrics
 from .routers import datasets, health, jobs, models, results
 from .schemas import AUTH_ERRORS, SERVER_ERRORS
 from .uploads import UploadGate
@@ -98,10 +99,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         s = app.dependency_overrides.get(get_settings, get_settings)()
         state = build_state(s)
         app.state.svc = state
+        metrics.attach(state)
         log.info("congeal API: %s mode, artifacts in %s", "embedded" if s.embedded else "redis", state.artifacts.root)
         try:
             yield
         finally:
+            metrics.close()
             state.checker.close()
             state.datasets.close()
             if state.embedded is not None:
@@ -120,6 +123,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(r, responses={**AUTH_ERRORS, **SERVER_ERRORS})
     app.include_router(health.router, responses=SERVER_ERRORS)
     _mount_docs(app)
+    metrics = ServiceMetrics()
+    app.add_middleware(RequestMiddleware, metrics=metrics)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        """Prometheus text format; no key (aggregates only). See service.metrics."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

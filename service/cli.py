@@ -34,6 +34,7 @@ def _serve(args) -> int:
     from pydantic import ValidationError
 
     from .app import access_problem, create_app
+    from .contracts.logs import configure_logging
 
     try:
         s = _settings(args.data_dir, **({"allow_open": True} if args.open else {}))
@@ -46,11 +47,13 @@ def _serve(args) -> int:
     if problem is not None:
         print(f"congeal serve: error: {problem}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(s.log_level, s.log_format)
     mode = "embedded (no CONGEAL_REDIS_URL: jobs run in this process)" if s.embedded else f"Redis at {_redacted(s.redis_url)}"
     print(f"congeal API on http://{args.host}:{args.port} (docs at /docs); {mode}; "
           f"artifacts in {Path(s.data_dir).resolve()}", file=sys.stderr)
-    uvicorn.run(create_app(s), host=args.host, port=args.port, log_level="info")
+    # Our handler for uvicorn's loggers too (log_config=None), and our request lines instead of its
+    # access log: they carry the request id, the route and the duration.
+    uvicorn.run(create_app(s), host=args.host, port=args.port, log_config=None, access_log=False)
     return 0
 
 

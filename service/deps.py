@@ -108,6 +108,7 @@ async def get_owner(request: Request, state: StateDep,
             raise _unauthorized("invalid API key")
     else:
         owner = ANONYMOUS
+    request.state.tenant = owner  # for the request's log line
     if s.rate_limit_per_minute:
         ok, wait_s = await run_in_threadpool(state.store.hit, f"req:{owner}", s.rate_limit_per_minute,
                                              _RATE_WINDOW_S)

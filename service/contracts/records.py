@@ -144,6 +144,7 @@ class JobRecord(BaseModel):
     input_archive: str | None = None  # set when the upload was one archive: its file name in input/
     dataset_id: str | None = None  # the job reads this dataset's files (input_archive: one of them)
     idempotency_key: str | None = None
+    request_id: str | None = None  # of the request that created it: the worker's log lines carry it too
 
     created_at: float = Field(default_factory=now)
     updated_at: float = Field(default_factory=now)

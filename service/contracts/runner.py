@@ -33,11 +33,13 @@ import time
 from pathlib import Path
 
 from .artifacts import ArtifactStore, valid_job_id
+from .logs import bind, log_context
 from .progress import RESUME_PREFIX, ProgressRelay
 from .records import JobKind, JobRecord, JobStatus, ProgressRecord, now
 from .settings import Settings
 from .store import JobStore, _resend_due
 from .tasks import Dispatcher
+from .usage import UsageStore, attempt_usage, open_usage_store
 
 __all__ = [
     "CHILD_MODULE",
@@ -80,6 +82,7 @@ class JobRunner:
         self.name = name or worker_name()
         self.python = python
         self.poll_s = poll_s
+        self.usage: UsageStore | None = None  # opened on the first attempt that ends
 
     # ------------------------------------------------------------------ spec
 
@@ -112,14 +115,36 @@ class JobRunner:
         """Run one delivery of ``job_id`` to its end. Returns what happened, in words.
 
         Raises only if the store is unreachable at claim time; everything that
-        goes wrong in the job itself is recorded in the job.
+        goes wrong in the job itself is recorded in the job. Every line logged meanwhile
+        names the job (and the request that created it); the attempt's outcome and device
+        time are added to the usage totals.
         """
+        with log_context(job_id=job_id):
+            outcome = self._run(job_id, stop)
+            if not outcome.startswith("skipped"):
+                self._account(job_id)
+            log.info("job %s: %s", job_id, outcome)
+            return outcome
+
+    def _account(self, job_id: str) -> None:
+        try:
+            rec = self.store.get(job_id)
+            amounts = attempt_usage(rec, self.name, self.settings.device) if rec is not None else {}
+            if amounts:
+                if self.usage is None:
+                    self.usage = open_usage_store(self.settings)
+                self.usage.add(amounts)
+        except Exception:  # the totals are for watching, never a reason to fail a job
+            log.exception("job %s: could not add the attempt to the usage totals", job_id)
+
+    def _run(self, job_id: str, stop: threading.Event | None) -> str:
         s = self.settings
         claim = self.store.claim(job_id, self.name, s.lease_ttl_s, s.max_attempts)
         if not claim.run:
             log.info("job %s: not running it (%s)", job_id, claim.reason)
             return f"skipped: {claim.reason}"
         rec = claim.record
+        bind(request_id=rec.request_id)
         attempt = rec.attempts[-1].n
         a = self.artifacts
         ckpt = a.checkpoint_dir(job_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,10 @@ class Settings(BaseSettings):
     inference_queue: str | None = Field(None, description="queue for inference jobs; default: '<queue>.inference'")
     device: str = Field("auto", description="torch device the training child uses (auto, cpu, cuda, cuda:1)")
     embedded_workers: int = Field(1, ge=1, le=16, description="job threads in embedded mode")
+    log_format: Literal["logfmt", "json"] = Field(
+        "logfmt", description="log lines of the API and the workers: key=value pairs, or one JSON object each")
+    log_level: str = Field("INFO", pattern=r"^(?i:debug|info|warning|error|critical)$",
+                           description="the API's log level (a worker's is its --loglevel)")
 
     # --- tenants
     api_keys: str | None = Field(
