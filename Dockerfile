@@ -16,6 +16,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --create-home --uid 10001 congeal \
  && mkdir /data && chown congeal:congeal /data
 WORKDIR /app
+# The versions CI tested (.ci/run installs from it too): every pip install below is constrained by it.
+COPY constraints.txt ./
+ENV PIP_CONSTRAINT=/app/constraints.txt
 
 # ---------------------------------------------------------------- API
 FROM base AS api
@@ -40,9 +43,10 @@ CMD ["congeal", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 # ---------------------------------------------------------------- worker
 FROM base AS worker
-# PyPI's default Linux torch wheel ships the CUDA runtime libraries; the host needs only the
-# NVIDIA driver and the NVIDIA container toolkit. Installed first: the slowest, most stable layer.
-RUN pip install "torch>=2.2"
+# PyPI's default Linux torch wheel ships the CUDA runtime libraries (pinned by torch itself); the
+# host needs only the NVIDIA driver and the NVIDIA container toolkit. Installed first: the slowest,
+# most stable layer. The version CI tests on the CPU (constraints.txt; a test keeps them equal).
+RUN pip install "torch==2.13.0"
 COPY pyproject.toml README.md ./
 COPY models ./models
 COPY service ./service

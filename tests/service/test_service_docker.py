@@ -185,3 +185,44 @@ def test_worker_healthcheck_sees_its_own_heartbeat(worker_env):
     assert ok.returncode == 0 and ok.stdout.startswith("healthy"), ok.stderr
     other = run({**worker_env.vars, "CONGEAL_KEY_PREFIX": "congeal-test-nobody"})
     assert other.returncode == 1 and "no recent heartbeat" in other.stderr
+
+
+def _pins() -> dict[str, str]:
+    lines = [ln.split("#")[0].strip() for ln in (ROOT / "constraints.txt").read_text().splitlines()]
+    return dict(ln.split("==") for ln in lines if ln)
+
+
+def test_constraints_pin_every_dependency_within_what_pyproject_allows():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = _pins()
+    assert all(canonicalize_name(n) == n for n in pins)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"] + project["optional-dependencies"]["test"]:
+        r = Requirement(spec)
+        name = canonicalize_name(r.name)
+        assert name in pins, f"constraints.txt does not pin {name}"
+        assert r.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {spec}"
+    assert pins["torch"] == "2.13.0"
+
+
+def test_ci_and_both_images_install_from_the_constraints():
+    ci = (ROOT / ".ci" / "run").read_text()
+    installs = [ln for ln in ci.splitlines() if "pip install" in ln]
+    assert installs and all("-c constraints.txt" in ln for ln in installs)
+    assert f'"torch=={_pins()["torch"]}"' in ci
+    assert f"pip install torch=={_pins()['torch']}" in (ROOT / "README.md").read_text()
+    text = (ROOT / "Dockerfile").read_text()
+    base = _stages()["base"]
+    assert "COPY constraints.txt" in base and "PIP_CONSTRAINT=/app/constraints.txt" in base  # every stage, every pip
+    assert f'pip install "torch=={_pins()["torch"]}"' in _stages()["worker"]
+    assert text.index("PIP_CONSTRAINT") < text.index("RUN pip install")
+
+
+def test_this_environment_is_the_pinned_one():
+    """CI installs with the constraints (.ci/run): what the tests run on is what the images get."""
+    import importlib.metadata as md
+
+    for name, version in _pins().items():
+        assert md.version(name).split("+")[0] == version, name
