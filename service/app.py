@@ -11,7 +11,6 @@ import logging
 import sys
 import uuid
 from contextlib import asynccontextmanager
-
 from pathlib import Path
 
 from fastapi import FastAPI, Request
