@@ -14,7 +14,8 @@ __all__ = ["main"]
 
 
 def _bar(desc: str):
-    """A tqdm progress callback (to stderr), closed on the 'done' stage."""
+    """A tqdm progress callback (to stderr), closed on the 'done' stage. Training counts steps;
+    every other stage (loading, aligning, writing) counts images."""
     from tqdm import tqdm
 
     state = {"bar": None, "stage": None}
@@ -26,7 +27,8 @@ def _bar(desc: str):
                 state["bar"] = None
             state["stage"] = p.stage
             if p.total:
-                state["bar"] = tqdm(total=p.total, desc=f"{desc}: {p.stage}", unit="step",
+                unit = "step" if p.stage == "training" else "image"
+                state["bar"] = tqdm(total=p.total, desc=f"{desc}: {p.stage}", unit=unit,
                                     file=sys.stderr, dynamic_ncols=True, leave=False)
             elif p.stage != "done":
                 print(f"{desc}: {p.message or p.stage}", file=sys.stderr)
@@ -48,52 +50,130 @@ def _bar(desc: str):
     return cb
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="congeal", description="Joint image alignment (congealing).")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+class _Registry:
+    """argparse ``choices`` read from a registry of the core the first time argparse looks at them.
 
-    a = sub.add_parser("align", help="congeal a collection and train an aligner")
-    a.add_argument("input", help="folder of images, .zip/.tar[.gz] archive, .npy/.npz array, a folder of .npy/.npz "
-                                 "or archive shards, or an image file")
-    a.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    a.add_argument("--method", default="dprc", help="alignment method (default: dprc)")
-    a.add_argument("--warp", default="homography",
-                   choices=["translation", "similarity", "affine", "homography"])
-    a.add_argument("--reference", default=None,
-                   help="name of the reference image (default: chosen automatically)")
-    a.add_argument("--epochs", type=int, default=None, help="training budget (default: the method's)")
-    a.add_argument("--seed", type=int, default=0)
+    The registries import torch (seconds); ``congeal --version``, ``serve`` and ``demo`` never look,
+    so they never pay for it, and the API process stays torch-free.
+    """
+
+    def __init__(self, load):
+        self._load, self._names = load, None
+
+    def _get(self) -> list[str]:
+        if self._names is None:
+            self._names = list(self._load())
+        return self._names
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __contains__(self, name) -> bool:
+        return name in self._get()
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def _methods() -> list[str]:
+    from models.methods import list_methods
+
+    return list_methods()
+
+
+def _warps() -> list[str]:
+    from models.geometry import FAMILIES_BY_RANK
+
+    return list(FAMILIES_BY_RANK)
+
+
+_INPUT_HELP = ("a folder of images (PNG, JPEG, TIFF, BMP; sub-folders included), a .zip/.tar[.gz|.bz2|.xz] "
+               "archive of them, a .npy/.npz array, a folder of .npy/.npz or archive shards, or one image file")
+_DEVICE_HELP = "torch device: auto (the first GPU if there is one, else the CPU), cpu, cuda, cuda:1, ..."
+_ALIGNED_HELP = ("aligned images: one PNG each, uint8 .npy shards of 65,536, or none (auto: png up to 10,000 "
+                 "images, none above; transforms.npy always has every image's matrix)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    ap = argparse.ArgumentParser(prog="congeal", description="Joint image alignment (congealing): align a "
+                                 "collection, align new images with the trained aligner, or serve the HTTP API.")
+    ap.add_argument("--version", action="version", version=f"congeal {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{align,apply,serve,demo,compose}")
+
+    a = sub.add_parser("align", help="congeal a collection and train an aligner",
+                       description="Congeal a collection: learn a warp per image onto a common frame, write the "
+                                   "warps, aligned images, statistics and the trained aligner to --out. Every "
+                                   "option, the output folder and the input are checked before training starts.")
+    a.add_argument("input", help=_INPUT_HELP)
+    a.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
+    # An explicit metavar: argparse would otherwise list the choices (and import torch) at parser build.
+    a.add_argument("--method", default="dprc", choices=_Registry(_methods), metavar="METHOD",
+                   help="alignment method, one of %(choices)s: dprc is Deep Penalised Reconstruction "
+                        "Congealing, the others classic baselines (default: %(default)s)")
+    a.add_argument("--warp", default="homography", choices=_Registry(_warps), metavar="WARP",
+                   help="warp family, one of %(choices)s, least to most general (default: %(default)s)")
+    a.add_argument("--reference", default=None, metavar="NAME",
+                   help="name of the reference image, as in the input (a path inside an archive or folder); "
+                        "default: the image closest to the blurred mean of the collection")
+    a.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help="training length: dprc trains until every image has been seen N times (N passes over "
+                        "the collection, in steps of one batch); the baselines run N outer iterations. Default: "
+                        "the method's own schedule (dprc: a step count chosen from the device and the "
+                        "collection's size, written to metrics.json as 'schedule')")
+    a.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     a.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, repeatable, e.g. --option passes=3 --option moment_weight=0.3 "
                         "(DPRCConfig fields for dprc; VALUE is read as JSON when it parses, else as text)")
-    a.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    a.add_argument("--max-side", type=int, default=128, help="longest side of the working size")
+    a.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    a.add_argument("--max-side", type=int, default=128, metavar="PX",
+                   help="longest side of the working size in pixels (default: %(default)s)")
     a.add_argument("--gpus", type=int, default=1,
                    help="train one job over this many GPUs of this host (torchrun + DistributedDataParallel); "
                         "with --device cpu, over this many CPU processes (gloo)")
-    a.add_argument("--aligned", default="auto", choices=["auto", "png", "npy", "none"],
-                   help="aligned images: one PNG each, uint8 .npy shards, or none (auto: png up to 10,000 "
-                        "images, none above; transforms.npy always has every image's matrix)")
+    a.add_argument("--aligned", default="auto", choices=["auto", "png", "npy", "none"], help=_ALIGNED_HELP)
     a.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("apply", help="align new images with a trained aligner")
-    p.add_argument("model_dir", help="the model/ folder written by 'congeal align'")
-    p.add_argument("input")
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--aligned", default="auto", choices=["auto", "png", "npy", "none"])
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("apply", help="align new images with a trained aligner",
+                       description="Align new images in one forward pass of an aligner trained by 'congeal "
+                                   "align' (no re-fitting); writes the same outputs as align, without model/.")
+    p.add_argument("model_dir", help="the model/ folder that 'congeal align' wrote in its --out")
+    p.add_argument("input", help=_INPUT_HELP)
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    p.add_argument("--aligned", default="auto", choices=["auto", "png", "npy", "none"], help=_ALIGNED_HELP)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    s = sub.add_parser("serve", help="run the HTTP API (embedded mode without a Redis URL)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--data-dir", default=None, help="artifact folder (default: ./congeal-data)")
+    s = sub.add_parser("serve", help="run the HTTP API (embedded mode without a Redis URL)",
+                       description="Run the HTTP API. With CONGEAL_REDIS_URL set, jobs go to Celery workers; "
+                                   "without it, this process runs them (embedded mode). Without API keys "
+                                   "(CONGEAL_API_KEYS) it refuses to start unless --open is given.")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    s.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    s.add_argument("--data-dir", default=None, help="artifact folder (default: CONGEAL_DATA_DIR, else ./congeal-data)")
+    s.add_argument("--open", action="store_true",
+                   help="serve without API keys: every caller is 'anonymous' and sees every job "
+                        "(for trying it on localhost; the same as CONGEAL_ALLOW_OPEN=true)")
 
-    d = sub.add_parser("demo", help="align the bundled sample through the real HTTP API, embedded")
-    d.add_argument("--data-dir", default=None)
-    d.add_argument("--port", type=int, default=0, help="0: a free port")
+    d = sub.add_parser("demo", help="align the bundled sample through the real HTTP API, embedded",
+                       description="Start the API embedded and open on 127.0.0.1, upload the bundled sample "
+                                   "(48 perturbed MNIST digits), follow the job and download its results.")
+    d.add_argument("--data-dir", default=None, help="artifact folder (default: ./congeal-data)")
+    d.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: 0, a free port)")
+
+    c = sub.add_parser("compose", help="write a Docker Compose file with one worker per GPU",
+                       description="Write the Docker Compose file for this host: Redis, the API, and one worker "
+                                   "service per GPU (or per group of --gpus-per-worker GPUs), each reserving its "
+                                   "own devices by id. Run it from the repository (the file builds from '.').")
+    c.add_argument("--gpus", default="1", metavar="N|IDS",
+                   help="how many GPUs (ids 0 to N-1), or their ids, comma-separated, e.g. 0,1,3 (default: 1)")
+    c.add_argument("--gpus-per-worker", type=int, default=1, metavar="K",
+                   help="GPUs each worker holds, so the most one job trains on (default: 1)")
+    c.add_argument("-o", "--output", default="-", metavar="FILE",
+                   help="where to write it (default: standard output)")
     return ap
 
 
@@ -112,8 +192,29 @@ def _method_options(pairs: list[str]) -> dict:
     return out
 
 
+def _compose(args) -> int:
+    from pathlib import Path
+
+    from service.compose import compose_file
+
+    gpus = int(args.gpus) if args.gpus.isdigit() else args.gpus.split(",")
+    call = f" --gpus {args.gpus}" + (f" --gpus-per-worker {args.gpus_per_worker}" if args.gpus_per_worker != 1 else "")
+    try:
+        text = compose_file(gpus, args.gpus_per_worker, args=call if call != " --gpus 1" else "")
+    except ValueError as e:
+        print(f"congeal compose: error: {e}", file=sys.stderr)
+        return 2
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "compose":
+        return _compose(args)
     if args.cmd in ("serve", "demo"):
         from service.cli import run as service_run  # the service stack, only when asked for
 

@@ -59,6 +59,7 @@ __all__ = [
     "SMALL_JOB_MAX",
     "PER_IMAGE_DTYPE",
     "resolve_device",
+    "check_out_dir",
     "align_collection",
     "apply_model",
     "aligned_file_names",
@@ -133,14 +134,24 @@ PER_IMAGE_DTYPE = per_image_dtype(1)
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> first CUDA device if any, else CPU; otherwise as given."""
+    """``auto`` -> first CUDA device if any, else CPU; otherwise as given, checked to exist here.
+
+    Raises:
+        InputError: a spec torch does not read, or a CUDA device this machine does not have.
+    """
     if isinstance(spec, torch.device):
         return spec
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {spec}: CUDA is not available on this machine")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise InputError(f"--device {spec}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {spec}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -257,13 +268,37 @@ def _hwc(img: np.ndarray) -> np.ndarray:
     return img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
 
 
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse an output folder that cannot be written: checked before any work, so a bad ``--out``
+    costs a second, not a training run.
+
+    Raises:
+        InputError: ``out_dir`` is not a folder, is not empty (without ``overwrite``), or cannot be
+        created or written in.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise InputError(f"{out_dir}: exists and is not a folder")
+        if not overwrite and any(out_dir.iterdir()):
+            raise InputError(f"{out_dir}: output folder exists and is not empty (use --overwrite)")
+    # The output is staged in a sibling folder and renamed into place: its parent must be writable
+    # (or creatable, from the nearest folder that exists).
+    parent = out_dir.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{out_dir}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{out_dir}: cannot write in {parent}")
+
+
 class _Staging:
     """Write into ``OUT.tmp-<id>`` and rename to ``OUT`` on success."""
 
     def __init__(self, out_dir: Path, overwrite: bool):
         self.out_dir = out_dir
-        if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-            raise InputError(f"{out_dir}: output folder exists and is not empty (use --overwrite)")
+        check_out_dir(out_dir, overwrite)  # again: the folder may have been filled while the job ran
         self.tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> Path:
@@ -382,45 +417,35 @@ def align_collection(source: str | os.PathLike | Collection | Source, out_dir: s
     :mod:`models.distributed` launches it): it trains on its shard and rank 0 writes the outputs;
     other ranks return None.
 
+    Every precondition (options, method options, device, output folder, input, reference) is
+    checked before any image is resized or any step trained.
+
     Raises:
-        InputError: unreadable/empty input, fewer than 2 images, unknown reference.
+        InputError: unreadable/empty input, fewer than 2 images, unknown reference, an output folder
+            that cannot be written, a device this machine does not have.
+        ValueError: an unknown method, warp or method option.
         Cancelled: ``should_stop()`` became true.
     """
+    t0 = time.time()
+    method, device = _check_job(options, out_dir, overwrite, world)
     if options.gpus > 1 and world == 1:
         if isinstance(source, (Collection, Source)):
             raise InputError("a job over several processes reads its input from a path")
+        _check_input(_open(source, limits), options)  # here too: the launch itself takes seconds
         from .distributed import launch
 
         return launch(source, out_dir, options, options.gpus, progress=progress, checkpoint_dir=checkpoint_dir,
                       limits=limits, overwrite=overwrite, should_stop=should_stop)
-    if options.gpus < 1:
-        raise InputError(f"gpus={options.gpus}: at least 1")
-    t0 = time.time()
     report = progress or (lambda p: None)
     report(Progress("loading", message="reading images"))
     src = _open(source, limits)
-    if len(src) < 2:
-        raise InputError(f"{len(src)} image(s): congealing needs at least 2 images")
-    G.get_family(options.warp)
-    _check_aligned(options.aligned)
-    ref_index = None
-    if options.reference is not None:
-        ref_index = _find_name(src, options.reference)
-        if ref_index is None:
-            raise InputError(f"reference {options.reference!r} is not one of the collection's image names")
-    if options.method != "dprc" and len(src) > BASELINE_MAX_IMAGES:
-        raise InputError(f"{len(src)} images: method {options.method} holds the whole collection in memory and "
-                         f"takes at most {BASELINE_MAX_IMAGES}; dprc takes any number")
-    device = resolve_device(options.device)
+    ref_index = _check_input(src, options)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
     channels = src.channels
     sizes = [src.uniform_size] if src.uniform_size is not None else [tuple(s) for s in src.sizes()]
     wsize = working_size(sizes, options.max_side)
     out_dir = Path(out_dir)
-    method = create_method(options.method, **options.method_options)
-    if world > 1 and options.method != "dprc":
-        raise InputError(f"method {options.method} runs in one process; only dprc trains over several GPUs")
     lo, hi = shard_bounds(len(src), world)[rank:rank + 2]
     stages = {"opening": round(time.time() - t0, 3)}
     t_stage = time.time()
@@ -483,6 +508,38 @@ def align_collection(source: str | os.PathLike | Collection | Source, out_dir: s
                        metrics["residual_summary"]["n_outliers"], metrics["warnings"])
 
 
+def _check_job(options: AlignOptions, out_dir, overwrite: bool, world: int):
+    """The options, method, device and output folder, checked before any work; returns the
+    method and the device."""
+    if options.gpus < 1:
+        raise InputError(f"gpus={options.gpus}: at least 1")
+    G.get_family(options.warp)
+    _check_aligned(options.aligned)
+    method = create_method(options.method, **options.method_options)
+    if (world > 1 or options.gpus > 1) and options.method != "dprc":
+        raise InputError(f"method {options.method} runs in one process; only dprc trains over several GPUs")
+    device = resolve_device(options.device)
+    if world == 1 and options.gpus > 1 and device.type == "cuda" and options.gpus > torch.cuda.device_count():
+        raise InputError(f"--gpus {options.gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    check_out_dir(out_dir, overwrite)
+    return method, device
+
+
+def _check_input(src: Source, options: AlignOptions) -> int | None:
+    """Enough images, the reference among them, a size the method takes; returns the reference's index."""
+    if len(src) < 2:
+        raise InputError(f"{len(src)} image(s): congealing needs at least 2 images")
+    ref_index = None
+    if options.reference is not None:
+        ref_index = _find_name(src, options.reference)
+        if ref_index is None:
+            raise InputError(f"reference {options.reference!r} is not one of the collection's image names")
+    if options.method != "dprc" and len(src) > BASELINE_MAX_IMAGES:
+        raise InputError(f"{len(src)} images: method {options.method} holds the whole collection in memory and "
+                         f"takes at most {BASELINE_MAX_IMAGES}; dprc takes any number")
+    return ref_index
+
+
 def _check_aligned(mode: str) -> None:
     if mode not in ("auto", "png", "npy", "none"):
         raise InputError(f"aligned={mode!r}: choose one of auto, png, npy, none")
@@ -496,22 +553,27 @@ def apply_model(model_dir: str | os.PathLike, source: str | os.PathLike | Collec
                 should_stop: Callable[[], bool] | None = None) -> AlignReport:
     """Align new images with a trained aligner in one forward pass (no re-fitting).
 
-    Writes the same layout as :func:`align_collection` minus ``model/``.
+    Writes the same layout as :func:`align_collection` minus ``model/``. The model folder, options,
+    device, output folder and input are checked before any image is read.
     """
     t0 = time.time()
     report = progress or (lambda p: None)
     model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise InputError(f"{model_dir}: no such folder")
     pj = model_dir / "pipeline.json"
     if not pj.is_file():
-        raise InputError(f"{model_dir}: not a trained model folder (no pipeline.json)")
+        raise InputError(f"{model_dir}: not a trained model folder (no pipeline.json; 'congeal align' writes "
+                         "one in OUT/model)")
     _check_aligned(aligned)
     pipe = json.loads(pj.read_text())
     dev = resolve_device(device)
+    check_out_dir(out_dir, overwrite)
+    src = _open(source, limits)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     aligner = load_aligner(model_dir, dev)
     report(Progress("loading", message="reading images"))
-    src = _open(source, limits)
     wsize = tuple(pipe["working_size"])
     channels = int(pipe["channels"])
     out_dir = Path(out_dir)

@@ -11,17 +11,24 @@ import logging
 import sys
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from congeal import __version__
 
 from .contracts import ArtifactStore, CeleryDispatcher, Settings, open_dataset_store, open_store
 from .datasets import DatasetChecker
 from .deps import ServiceState, get_settings
+from .metrics import CONTENT_TYPE_LATEST, RequestMiddleware, ServiceMetrics
 from .routers import datasets, health, jobs, models, results
+from .schemas import AUTH_ERRORS, SERVER_ERRORS
 from .uploads import UploadGate
 
-__all__ = ["create_app", "app"]
+__all__ = ["create_app", "app", "check_access", "access_problem", "AccessConfigError"]
 
 log = logging.getLogger("congeal.api")
 
@@ -36,14 +43,27 @@ See docs/service.md for the full guide.
 """
 
 
+class AccessConfigError(RuntimeError):
+    """No API keys configured, and open access was not asked for."""
+
+
+def access_problem(settings: Settings) -> str | None:
+    """Why this configuration must not serve, in one line; None when it may."""
+    if settings.api_key_hashes or settings.allow_open:
+        return None
+    return ("no API keys: set CONGEAL_API_KEYS to 'tenant:<sha256 hex of the key>,...' (docs/service.md, "
+            "'API keys and tenants'), or serve everyone as 'anonymous' with CONGEAL_ALLOW_OPEN=true "
+            "('congeal serve --open')")
+
+
 def check_access(settings: Settings) -> None:
-    """Refuse to serve a shared deployment without keys; say so loudly when open."""
+    """Refuse to serve without keys unless open access was asked for; say so loudly when open."""
     if settings.api_key_hashes:
         log.info("congeal API: %d API key(s) configured", len(settings.api_key_hashes))
         return
-    if not settings.embedded and not settings.allow_open:
-        raise RuntimeError("CONGEAL_API_KEYS is not set: a Redis-backed deployment needs API keys "
-                           "(or CONGEAL_ALLOW_OPEN=true to serve everyone as 'anonymous'); see docs/service.md")
+    problem = access_problem(settings)
+    if problem is not None:
+        raise AccessConfigError(problem)
     # stderr as well as the log: uvicorn does not show this logger by default, and this must be seen.
     msg = ("congeal API: OPEN ACCESS - no API keys configured (CONGEAL_API_KEYS); every caller is "
            "'anonymous' and sees every job. Fine on localhost, not on a network.")
@@ -78,10 +98,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         s = app.dependency_overrides.get(get_settings, get_settings)()
         state = build_state(s)
         app.state.svc = state
+        metrics.attach(state)
         log.info("congeal API: %s mode, artifacts in %s", "embedded" if s.embedded else "redis", state.artifacts.root)
         try:
             yield
         finally:
+            metrics.close()
             state.checker.close()
             state.datasets.close()
             if state.embedded is not None:
@@ -90,14 +112,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 state.dispatcher.close()
             state.store.close()
 
-    app = FastAPI(title="congeal", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # docs_url/redoc_url None: FastAPI's own pages load their scripts from a CDN (blank offline);
+    # ours below are served from service/static/docs.
+    app = FastAPI(title="congeal", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     if settings is not None:
         app.dependency_overrides[get_settings] = lambda: settings
-    app.include_router(jobs.router)
-    app.include_router(results.router)
-    app.include_router(datasets.router)
-    app.include_router(models.router)
-    app.include_router(health.router)
+    for r in (jobs.router, results.router, datasets.router, models.router):
+        app.include_router(r, responses={**AUTH_ERRORS, **SERVER_ERRORS})
+    app.include_router(health.router, responses=SERVER_ERRORS)
+    _mount_docs(app)
+    metrics = ServiceMetrics()
+    app.add_middleware(RequestMiddleware, metrics=metrics)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        """Prometheus text format; no key (aggregates only). See service.metrics."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -110,6 +141,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": "internal server error", "error_id": error_id}, status_code=500)
 
     return app
+
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` from the package's own copies of their files
+    (service/static/docs/NOTICE.md): they work with no network."""
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def urls(request: Request) -> tuple[str, str]:
+        root = request.scope.get("root_path", "").rstrip("/")  # behind a proxy that strips a prefix
+        return root + app.openapi_url, root + "/static/docs"
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        openapi, assets = urls(request)
+        return get_swagger_ui_html(
+            openapi_url=openapi, title="congeal API", swagger_js_url=f"{assets}/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url=f"{assets}/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=f"{assets}/swagger-ui/favicon-32x32.png",
+            # validatorUrl None: no badge fetched from swagger.io.
+            swagger_ui_parameters={"validatorUrl": None, "tryItOutEnabled": True})
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(request: Request) -> HTMLResponse:
+        openapi, assets = urls(request)
+        return get_redoc_html(openapi_url=openapi, title="congeal API", redoc_js_url=f"{assets}/redoc/redoc.standalone.js",
+                              redoc_favicon_url=f"{assets}/swagger-ui/favicon-32x32.png", with_google_fonts=False)
 
 
 def _is_store_outage(exc: Exception) -> bool:

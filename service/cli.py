@@ -31,16 +31,38 @@ def _settings(data_dir: str | None, **overrides):
 
 def _serve(args) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
-    from .app import create_app
+    from .app import access_problem, create_app
+    from .contracts.logs import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    s = _settings(args.data_dir)
-    mode = "embedded (no CONGEAL_REDIS_URL: jobs run in this process)" if s.embedded else f"Redis at {s.redis_url}"
+    try:
+        s = _settings(args.data_dir, **({"allow_open": True} if args.open else {}))
+    except ValidationError as e:
+        # One line per bad setting, named as the operator wrote it; never the value (it may be a key).
+        bad = "; ".join(f"CONGEAL_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors())
+        print(f"congeal serve: error: {bad}", file=sys.stderr)
+        return 2
+    problem = access_problem(s)
+    if problem is not None:
+        print(f"congeal serve: error: {problem}", file=sys.stderr)
+        return 2
+    configure_logging(s.log_level, s.log_format)
+    mode = "embedded (no CONGEAL_REDIS_URL: jobs run in this process)" if s.embedded else f"Redis at {_redacted(s.redis_url)}"
     print(f"congeal API on http://{args.host}:{args.port} (docs at /docs); {mode}; "
           f"artifacts in {Path(s.data_dir).resolve()}", file=sys.stderr)
-    uvicorn.run(create_app(s), host=args.host, port=args.port, log_level="info")
+    # Our handler for uvicorn's loggers too (log_config=None), and our request lines instead of its
+    # access log: they carry the request id, the route and the duration.
+    uvicorn.run(create_app(s), host=args.host, port=args.port, log_config=None, access_log=False)
     return 0
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password, for printing."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    return url if u.password is None else url.replace(f":{u.password}@", ":***@", 1)
 
 
 def sample_images() -> list[Path]:
@@ -57,7 +79,7 @@ def _demo(args) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     # Embedded and open, whatever the environment says: the demo serves itself on 127.0.0.1 only.
-    s = _settings(args.data_dir or "congeal-data", redis_url=None, api_keys=None)
+    s = _settings(args.data_dir or "congeal-data", redis_url=None, api_keys=None, allow_open=True)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))

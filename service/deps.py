@@ -9,6 +9,7 @@ from functools import lru_cache
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from .contracts import ArtifactStore, DatasetStore, Dispatcher, JobRecord, JobStore, Settings, valid_job_id
@@ -60,12 +61,19 @@ ANONYMOUS = "anonymous"
 _RATE_WINDOW_S = 60
 
 
-def _presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization")
-    if auth:
-        scheme, _, token = auth.partition(" ")
-        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-    return request.headers.get("x-api-key") or None
+# Declared as security schemes, so the OpenAPI document says how to authenticate and /docs has an
+# "Authorize" button. auto_error=False: get_owner decides (no keys configured: everyone is anonymous).
+bearer_scheme = HTTPBearer(auto_error=False, scheme_name="bearer",
+                           description="an API key the operator gave you: 'Authorization: Bearer <key>'")
+api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey",
+                              description="the same API key, in this header instead")
+
+
+def _presented_key(request: Request, bearer: HTTPAuthorizationCredentials | None, header: str | None) -> str | None:
+    if request.headers.get("authorization"):
+        # An Authorization header wins; one that is not a bearer token carries no key.
+        return (bearer.credentials.strip() or None) if bearer is not None else None
+    return header or None
 
 
 def authenticate(settings: Settings, presented: str | None) -> str | None:
@@ -83,14 +91,16 @@ def _unauthorized(msg: str) -> HTTPException:
     return HTTPException(401, msg, headers={"WWW-Authenticate": 'Bearer realm="congeal"'})
 
 
-async def get_owner(request: Request, state: StateDep) -> str:
+async def get_owner(request: Request, state: StateDep,
+                    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+                    header: Annotated[str | None, Depends(api_key_scheme)]) -> str:
     """Who is calling: the tenant of the API key (``Authorization: Bearer <key>`` or
-    ``X-API-Key``), 401 without a valid one. With no keys configured (embedded mode, or
-    ``allow_open``) everyone is ``anonymous``. Each call also counts against the tenant's
+    ``X-API-Key``), 401 without a valid one. With no keys configured (the service then runs
+    only with ``allow_open``) everyone is ``anonymous``. Each call also counts against the tenant's
     request rate: 429 with ``Retry-After`` above ``rate_limit_per_minute``."""
     s = state.settings
     if s.api_key_hashes:
-        presented = _presented_key(request)
+        presented = _presented_key(request, bearer, header)
         if presented is None:
             raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
         owner = authenticate(s, presented)
@@ -98,6 +108,7 @@ async def get_owner(request: Request, state: StateDep) -> str:
             raise _unauthorized("invalid API key")
     else:
         owner = ANONYMOUS
+    request.state.tenant = owner  # for the request's log line
     if s.rate_limit_per_minute:
         ok, wait_s = await run_in_threadpool(state.store.hit, f"req:{owner}", s.rate_limit_per_minute,
                                              _RATE_WINDOW_S)

@@ -52,6 +52,10 @@ class EmbeddedRunner:
             raise RuntimeError("the embedded runner is shutting down")
         self._q.put(rec.id)
 
+    def pending(self) -> int:
+        """Jobs waiting for a thread."""
+        return self._q.qsize()
+
     def alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
@@ -64,7 +68,7 @@ class EmbeddedRunner:
             except queue.Empty:
                 continue
             try:
-                log.info("job %s: %s", jid, runner.run(jid, stop=self._stop))
+                runner.run(jid, stop=self._stop)  # logs the outcome, with the job's id
             except Exception:
                 log.exception("job %s: the runner failed; the reconciler will retry it", jid)
 

@@ -1,6 +1,7 @@
 """Job helpers the routers share: accepting an upload as a job, and the public view of a record."""
 from __future__ import annotations
 
+import logging
 import shutil
 from typing import Any
 
@@ -13,12 +14,15 @@ from models.imageio import LoadLimits
 
 from .contracts import RESULT_IMAGES, JobKind, JobOptions, JobRecord, JobStatus, new_job_id
 from .contracts.datasets import DatasetUnavailable, release_use, use_dataset
+from .contracts.logs import bind, current
 from .contracts.store import InFlightLimit
 from .deps import ServiceState
 from .schemas import (AttemptPublic, JobLinks, JobPublic, MetricsPublic, ProgressPublic, ts)
 from .uploads import FILE_FIELD, UploadError, check_upload, receive_upload
 
 __all__ = ["accept_job", "to_public", "multipart_openapi", "field_error"]
+
+log = logging.getLogger("congeal.api")
 
 
 def field_error(field: str, msg: str, kind: str = "value_error") -> RequestValidationError:
@@ -88,7 +92,7 @@ async def accept_job(request: Request, state: ServiceState, owner: str, *, kind:
             n_inputs, input_bytes = len(names), up.total_bytes
         rec = JobRecord(id=job_id, kind=kind, owner=owner, options=job_options, model_id=model_id,
                         n_inputs=n_inputs, input_bytes=input_bytes, input_archive=archive, dataset_id=dataset_id,
-                        idempotency_key=idempotency_key)
+                        idempotency_key=idempotency_key, request_id=current("request_id"))
         stored, created = await run_in_threadpool(state.store.insert, rec, s.max_jobs_in_flight_per_key)
     except InFlightLimit as e:
         _discard(state, job_id, held)
@@ -101,6 +105,10 @@ async def accept_job(request: Request, state: ServiceState, owner: str, *, kind:
         raise
     if not created:  # lost an idempotency race to an identical request: keep the winner only
         _discard(state, job_id, held)
+    else:
+        bind(job_id=stored.id)  # the request's own line names the job too
+        log.info("job %s created: %s, %d image(s)", stored.id, kind.value, stored.n_inputs,
+                 extra={"tenant": owner, "dataset_id": stored.dataset_id} if stored.dataset_id else {"tenant": owner})
     return stored, created
 
 

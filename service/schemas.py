@@ -21,6 +21,9 @@ __all__ = [
     "AlignmentPublic",
     "ModelPublic",
     "ErrorPublic",
+    "ServerErrorPublic",
+    "AUTH_ERRORS",
+    "SERVER_ERRORS",
     "HealthPublic",
     "DatasetFileCreate",
     "DatasetCreate",
@@ -208,6 +211,28 @@ class ModelPublic(BaseModel):
 
 class ErrorPublic(BaseModel):
     detail: Any = Field(description="what is wrong; for 422 on fields, a list naming each field")
+
+
+class ServerErrorPublic(BaseModel):
+    detail: str
+    error_id: str = Field(description="find the traceback in the API's log by this id")
+
+
+_HEADER = {"schema": {"type": "string"}}
+# Answers any route behind an API key may give, whatever it does (see service.deps.get_owner).
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorPublic, "description": "missing or invalid API key",
+          "headers": {"WWW-Authenticate": {**_HEADER, "description": 'Bearer realm="congeal"'}}},
+    429: {"model": ErrorPublic, "description": "over the tenant's request rate; for a new job, over its jobs "
+                                               "in flight; for a new dataset, over the datasets it may hold",
+          "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                      "description": "seconds to wait (not sent for the dataset limit: delete one)"}}},
+}
+# Answers any route may give when something is wrong on the server's side.
+SERVER_ERRORS: dict[int | str, dict[str, Any]] = {
+    500: {"model": ServerErrorPublic, "description": "an unexpected error (a bug); the body has an id to report"},
+    503: {"model": ServerErrorPublic, "description": "the job store is unreachable; try again shortly"},
+}
 
 
 class HealthPublic(BaseModel):

@@ -5,21 +5,19 @@ supervisor, which claims the job, runs the training child and records the
 outcome in the job store. This process never imports torch; only the child
 does (``worker.run_job``), so fork, spawn and CUDA cannot get in each other's way
 whatever pool runs the tasks. One worker per GPU: give each worker container
-one device (docker-compose reserves one per replica).
+its own device (``congeal compose`` writes a service per GPU, each with its device_ids).
 """
 from __future__ import annotations
 
-import logging
 import os
 
 from celery import Celery, signals
 
 from service.contracts import TASK_NAMES, ArtifactStore, CeleryDispatcher, JobKind, Settings, celery_config, open_store
+from service.contracts.logs import configure_logging
 from service.execution import JobRunner, Maintenance, worker_name
 
 __all__ = ["app", "run_align", "run_apply"]
-
-log = logging.getLogger("congeal.worker")
 
 settings = Settings()
 app = Celery("congeal")
@@ -40,9 +38,7 @@ def _runner(hostname: str | None) -> JobRunner:
 
 
 def _run(task, job_id: str) -> str:
-    outcome = _runner(task.request.hostname).run(job_id)
-    log.info("job %s: %s", job_id, outcome)
-    return outcome
+    return _runner(task.request.hostname).run(job_id)  # logs the outcome, with the job's id
 
 
 @app.task(name=TASK_NAMES[JobKind.align], bind=True)
@@ -53,6 +49,13 @@ def run_align(self, job_id: str) -> str:
 @app.task(name=TASK_NAMES[JobKind.apply], bind=True)
 def run_apply(self, job_id: str) -> str:
     return _run(self, job_id)
+
+
+@signals.setup_logging.connect
+def _logging(loglevel=None, **_):
+    """Structured lines (CONGEAL_LOG_FORMAT) for Celery's own loggers and ours, at the worker's
+    --loglevel: connecting here keeps Celery from installing its own handlers."""
+    configure_logging(loglevel or settings.log_level, settings.log_format)
 
 
 _maintenance: dict = {}

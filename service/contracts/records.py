@@ -64,7 +64,9 @@ class JobOptions(BaseModel):
     warp: Literal[WARPS] = Field("homography", description="warp family")  # type: ignore[valid-type]
     reference: str | None = Field(None, min_length=1, max_length=1024,
                                   description="name of the reference image; default: chosen automatically")
-    budget: int | None = Field(None, ge=1, description="training budget in epochs; default: the method's rule")
+    budget: int | None = Field(None, ge=1, description="training length: dprc trains until every image has been "
+                               "seen this many times; the baselines run this many outer iterations; default: the "
+                               "method's own schedule")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     max_side: int = Field(128, ge=8, le=1024, description="longest side of the working size, pixels")
     aligned: Literal["auto", "png", "npy", "none"] = Field(
@@ -144,6 +146,7 @@ class JobRecord(BaseModel):
     input_archive: str | None = None  # set when the upload was one archive: its file name in input/
     dataset_id: str | None = None  # the job reads this dataset's files (input_archive: one of them)
     idempotency_key: str | None = None
+    request_id: str | None = None  # of the request that created it: the worker's log lines carry it too
 
     created_at: float = Field(default_factory=now)
     updated_at: float = Field(default_factory=now)

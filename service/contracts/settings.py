@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,13 +42,17 @@ class Settings(BaseSettings):
     inference_queue: str | None = Field(None, description="queue for inference jobs; default: '<queue>.inference'")
     device: str = Field("auto", description="torch device the training child uses (auto, cpu, cuda, cuda:1)")
     embedded_workers: int = Field(1, ge=1, le=16, description="job threads in embedded mode")
+    log_format: Literal["logfmt", "json"] = Field(
+        "logfmt", description="log lines of the API and the workers: key=value pairs, or one JSON object each")
+    log_level: str = Field("INFO", pattern=r"^(?i:debug|info|warning|error|critical)$",
+                           description="the API's log level (a worker's is its --loglevel)")
 
     # --- tenants
     api_keys: str | None = Field(
         None, description="comma-separated 'tenant:sha256hex' entries (hash: service.contracts.hash_api_key, "
-                          "or `printf %s KEY | sha256sum`); unset: open access, allowed in embedded mode only "
-                          "(or with allow_open)")
-    allow_open: bool = Field(False, description="Redis mode without api_keys: serve everyone as 'anonymous'")
+                          "or `printf %s KEY | sha256sum`); unset: the API refuses to start, unless allow_open")
+    allow_open: bool = Field(False, description="without api_keys: serve everyone as 'anonymous' "
+                                                "(otherwise the API refuses to start)")
     max_jobs_in_flight_per_key: int = Field(8, ge=1, description="queued + running jobs one tenant may have")
     rate_limit_per_minute: int = Field(1200, ge=0, description="requests per tenant per minute "
                                                                "(sliding 60 s window, kept in Redis); 0: off")

@@ -43,7 +43,10 @@ def celery_config(settings: Settings) -> dict:
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        # Task events (received, started, succeeded, ...) for Flower and other monitors; the
+        # task's only argument is the job id, so they name the job.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
 
 

@@ -36,7 +36,9 @@ from pathlib import Path
 from ..contracts.artifacts import ArtifactStore
 from ..contracts.records import JobKind, JobRecord, JobStatus, ProgressRecord
 from ..contracts.settings import Settings
+from ..contracts.logs import bind, log_context
 from ..contracts.store import JobStore
+from ..contracts.usage import UsageStore, attempt_usage, open_usage_store
 from .progress import RESUME_PREFIX, ProgressRelay
 
 __all__ = [
@@ -77,6 +79,7 @@ class JobRunner:
         self.name = name or worker_name()
         self.python = python
         self.poll_s = poll_s
+        self.usage: UsageStore | None = None  # opened on the first attempt that ends
 
     # ------------------------------------------------------------------ spec
 
@@ -109,14 +112,36 @@ class JobRunner:
         """Run one delivery of ``job_id`` to its end. Returns what happened, in words.
 
         Raises only if the store is unreachable at claim time; everything that
-        goes wrong in the job itself is recorded in the job.
+        goes wrong in the job itself is recorded in the job. Every line logged meanwhile
+        names the job (and the request that created it); the attempt's outcome and device
+        time are added to the usage totals.
         """
+        with log_context(job_id=job_id):
+            outcome = self._run(job_id, stop)
+            if not outcome.startswith("skipped"):
+                self._account(job_id)
+            log.info("job %s: %s", job_id, outcome)
+            return outcome
+
+    def _account(self, job_id: str) -> None:
+        try:
+            rec = self.store.get(job_id)
+            amounts = attempt_usage(rec, self.name, self.settings.device) if rec is not None else {}
+            if amounts:
+                if self.usage is None:
+                    self.usage = open_usage_store(self.settings)
+                self.usage.add(amounts)
+        except Exception:  # the totals are for watching, never a reason to fail a job
+            log.exception("job %s: could not add the attempt to the usage totals", job_id)
+
+    def _run(self, job_id: str, stop: threading.Event | None) -> str:
         s = self.settings
         claim = self.store.claim(job_id, self.name, s.lease_ttl_s, s.max_attempts)
         if not claim.run:
             log.info("job %s: not running it (%s)", job_id, claim.reason)
             return f"skipped: {claim.reason}"
         rec = claim.record
+        bind(request_id=rec.request_id)
         attempt = rec.attempts[-1].n
         a = self.artifacts
         ckpt = a.checkpoint_dir(job_id)

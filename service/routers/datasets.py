@@ -109,8 +109,7 @@ def _create(state: ServiceState, owner: str, body: DatasetCreate) -> DatasetReco
              summary="Declare a dataset's files; then PUT each file's bytes, in chunks",
              responses={201: {"headers": {"Location": {"schema": {"type": "string"}}}},
                         413: {"model": ErrorPublic, "description": "more files or bytes than a dataset may hold"},
-                        415: {"model": ErrorPublic}, 422: {"model": ErrorPublic},
-                        429: {"model": ErrorPublic, "description": "the tenant holds its limit of datasets"}},
+                        415: {"model": ErrorPublic}, 422: {"model": ErrorPublic}},
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": _inline(DatasetCreate.model_json_schema())}}}})
 async def create_dataset(request: Request, response: Response, state: StateDep, owner: OwnerDep) -> DatasetPublic:

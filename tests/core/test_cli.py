@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -97,6 +98,7 @@ def test_apply_aligns_new_images_with_the_trained_model(aligned_run, tmp_path):
     (lambda p: Image.fromarray(np.zeros((8, 8), np.uint8)).save(p / "one.png"),
      ["align", "{p}/one.png", "--out", "{p}/o"], "at least 2 images"),
     (lambda p: None, ["apply", "{p}", "{p}", "--out", "{p}/o"], "not a trained model"),
+    (lambda p: None, ["apply", "{p}/nope", "{p}", "--out", "{p}/o"], "nope: no such folder"),
 ])
 def test_errors_are_one_line_and_write_nothing(tmp_path, setup, args, msg):
     setup(tmp_path)
@@ -133,3 +135,59 @@ def test_method_options_reach_the_method_and_its_saved_model(tmp_path, aligned_r
     assert cfg["passes"] == 1 and cfg["destnet"]["stages"] == 2 and cfg["init"] == "centroid"
     meta = json.loads((out / "metrics.json").read_text())
     assert meta["options"]["method_options"] == {"passes": 1, "stages": 2, "init": "centroid"}
+
+
+def test_version_is_the_package_version_and_needs_no_torch():
+    import tomllib
+    from pathlib import Path
+
+    import congeal
+
+    r = _run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"congeal {congeal.__version__}"
+    # pyproject.toml reads the version from congeal.__version__: one place to change it.
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert "version" in pyproject["project"]["dynamic"] and "version" not in pyproject["project"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "congeal.__version__"}
+    code = "import sys\nfrom congeal.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit:\n    pass\n" \
+           "print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_help_lists_methods_and_warps_and_says_what_epochs_means():
+    from models.geometry import WARP_FAMILIES
+    from models.methods import list_methods
+
+    r = _run("align", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    assert f"one of {', '.join(list_methods())}" in text
+    assert all(w in text for w in WARP_FAMILIES)
+    assert "every image has been seen N times" in text and "outer iterations" in text
+    r = _run("apply", "--help")
+    text = " ".join(r.stdout.split())
+    for arg in ("model_dir the model/ folder", "input a folder of images", "--out OUT output folder",
+                "--device DEVICE torch device", "--aligned"):
+        assert arg in text, arg
+    r = _run("align", "x", "--out", "y", "--method", "nope")
+    assert r.returncode == 2 and "invalid choice: 'nope' (choose from 'dprc'" in r.stderr
+
+
+def test_a_non_empty_out_is_refused_before_any_image_is_read(tmp_path, aligned_run):
+    d, out, _ = aligned_run
+    t0 = time.monotonic()
+    r = _run("align", d, "--out", out, "--epochs", "100000", "--device", "cpu")
+    assert r.returncode == 2 and "not empty (use --overwrite)" in r.stderr
+    assert "reading images" not in r.stderr and "training" not in r.stderr  # no progress of any stage
+    assert time.monotonic() - t0 < 60  # 100,000 epochs would take hours
+    r = _run("apply", out / "model", d, "--out", out, "--device", "cpu")
+    assert r.returncode == 2 and "not empty" in r.stderr and "reading images" not in r.stderr
+
+
+def test_apply_progress_counts_images(tmp_path, aligned_run):
+    d, out, _ = aligned_run
+    r = _run("apply", out / "model", d, "--out", tmp_path / "o", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "image/s" in r.stderr and "step/s" not in r.stderr  # tqdm's rate: images, not steps
+    assert "24/24" in r.stderr

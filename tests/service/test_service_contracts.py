@@ -30,7 +30,7 @@ def test_api_process_never_imports_torch():
             "from fastapi.testclient import TestClient\n"
             "import tempfile\n"
             "from service.contracts import Settings\n"
-            "app = service.app.create_app(Settings(redis_url=None, data_dir=tempfile.mkdtemp()))\n"
+            "app = service.app.create_app(Settings(redis_url=None, allow_open=True, data_dir=tempfile.mkdtemp()))\n"
             "with TestClient(app) as c:\n"
             "    assert c.get('/readyz').status_code == 200\n"
             "    assert c.get('/openapi.json').status_code == 200\n")

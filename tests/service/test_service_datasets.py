@@ -608,7 +608,7 @@ def test_a_real_jobs_output_has_the_contract_arrays(client, dataset_jobs):
 
 
 def _embedded(tmp_path, **kw) -> Settings:
-    return Settings(redis_url=None, data_dir=tmp_path, device="cpu", checkpoint_every_s=0, lease_ttl_s=2,
+    return Settings(redis_url=None, allow_open=True, data_dir=tmp_path, device="cpu", checkpoint_every_s=0, lease_ttl_s=2,
                     reconcile_interval_s=0.5, **kw)
 
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def _embedded(data_dir, **kw) -> Settings:
-    return Settings(redis_url=None, data_dir=data_dir, device="cpu", checkpoint_every_s=0, lease_ttl_s=2,
+    return Settings(redis_url=None, allow_open=True, data_dir=data_dir, device="cpu", checkpoint_every_s=0, lease_ttl_s=2,
                     reconcile_interval_s=0.5, **kw)
 
 
@@ -91,7 +91,7 @@ def test_congeal_serve_answers_on_its_port(tmp_path):
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONGEAL_")}
-    proc = subprocess.Popen([sys.executable, "-m", "congeal", "serve", "--port", str(port), "--data-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "congeal", "serve", "--open", "--port", str(port), "--data-dir",
                              str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -110,6 +110,26 @@ def test_congeal_serve_answers_on_its_port(tmp_path):
         proc.wait(timeout=30)
     out = proc.stdout.read()
     assert "embedded" in out and "OPEN ACCESS" in out  # no keys configured: it says so
+
+
+@pytest.mark.parametrize("env,says", [
+    ({}, "no API keys: set CONGEAL_API_KEYS"),  # embedded
+    ({"CONGEAL_REDIS_URL": "redis://127.0.0.1:6379/13"}, "no API keys: set CONGEAL_API_KEYS"),
+    ({"CONGEAL_API_KEYS": "alice:raw-secret-pasted-here"}, "CONGEAL_API_KEYS: Value error"),
+    ({"CONGEAL_API_KEYS": API_KEYS, "CONGEAL_RATE_LIMIT_PER_MINUTE": "-1"}, "CONGEAL_RATE_LIMIT_PER_MINUTE"),
+], ids=["embedded", "redis", "malformed-key", "bad-setting"])
+def test_congeal_serve_refuses_a_bad_configuration_in_one_line(tmp_path, env, says):
+    """No keys (and no --open), or a setting that does not parse: one line on stderr, exit 2, no
+    traceback, the bad value never echoed; and nothing listens."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CONGEAL_")}
+    r = subprocess.run([sys.executable, "-m", "congeal", "serve", "--port", "1", "--data-dir", str(tmp_path)],
+                       env={**base, **env}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("congeal serve: error: ") and says in lines[0], r.stderr
+    assert "raw-secret" not in r.stderr and r.stdout == ""
+    if "no API keys" in says:
+        assert "CONGEAL_ALLOW_OPEN=true" in lines[0] and "--open" in lines[0]
 
 
 def test_finished_jobs_expire_with_their_files(tmp_path):

@@ -59,7 +59,7 @@ def test_the_window_slides(env, redis_client):
 def test_embedded_mode_rate_limit_in_memory(tmp_path):
     from service.contracts import Settings
 
-    s = Settings(redis_url=None, data_dir=tmp_path, rate_limit_per_minute=3, device="cpu")
+    s = Settings(redis_url=None, allow_open=True, data_dir=tmp_path, rate_limit_per_minute=3, device="cpu")
     with TestClient(create_app(s)) as c:
         codes = [c.get("/jobs").status_code for _ in range(8)]
     assert codes == [200] * 3 + [429] * 5, codes
