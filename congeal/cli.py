@@ -76,7 +76,7 @@ class _Registry:
 
 
 def _methods() -> list[str]:
-    from models.methods import list_methods
+    from models.catalog import list_methods
 
     return list_methods()
 

@@ -157,7 +157,7 @@ def test_version_is_the_package_version_and_needs_no_torch():
 
 def test_help_lists_methods_and_warps_and_says_what_epochs_means():
     from models.geometry import WARP_FAMILIES
-    from models.methods import list_methods
+    from models.catalog import list_methods
 
     r = _run("align", "--help")
     assert r.returncode == 0
