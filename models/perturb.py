@@ -11,6 +11,12 @@ with 0), as in the paper.
 
 Pairs: every source image appears twice under independent perturbations, so
 an aligner's consistency is measurable with :func:`models.metrics.pair_residual`.
+
+Two variants keep the object in view, so that a strong perturbation measures the aligner rather
+than what the frame cut away: :func:`make_canvas_pairs` (the object centred on a larger empty
+canvas, perturbed as the protocol perturbs the object's own frame) and :func:`make_photo_pairs`
+(crops of a photograph, each perturbed view sampled from the whole photograph, so content moved
+into the frame is the photograph's own and nothing is filled).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import torch
 
 from . import geometry as G
 
-__all__ = ["random_perturbations", "perturb", "PairedSet", "make_pairs"]
+__all__ = ["random_perturbations", "perturb", "PairedSet", "make_pairs", "make_canvas_pairs", "make_photo_pairs"]
 
 
 def random_perturbations(n: int, size: tuple[int, int], sigma: float | torch.Tensor,
@@ -77,3 +83,54 @@ def make_pairs(sources: torch.Tensor, sigma: float, seed: int = 0) -> PairedSet:
     W = random_perturbations(2 * N, tuple(sources.shape[-2:]), sigma, g)
     both = torch.cat([sources, sources])
     return PairedSet(perturb(both.double(), W).float().clamp(0, 1), W, N, sources)
+
+
+def make_canvas_pairs(sources: torch.Tensor, sigma: float, seed: int = 0, canvas: float = 2.0) -> PairedSet:
+    """:func:`make_pairs` with each ``h x w`` source centred on a ``canvas`` times larger empty canvas.
+
+    The perturbation is the protocol's for the *object's* frame (corner noise ``N(0, (sigma h)^2)``
+    about the object's corners, whose pixels sit at ``(ox, oy)`` on the canvas), so at any sigma
+    the object stays in view. Sources and ground truth are the canvas's: ``(N, C, H, W)`` with
+    ``H = round(canvas h)``.
+    """
+    N, C, h, w = sources.shape
+    H, W = round(canvas * h), round(canvas * w)
+    ox, oy = (W - w) // 2, (H - h) // 2
+    big = sources.new_zeros(N, C, H, W)
+    big[..., oy:oy + h, ox:ox + w] = sources
+    g = torch.Generator().manual_seed(seed)
+    obj = random_perturbations(2 * N, (h, w), sigma, g)  # object pixels -> object pixels
+    T = torch.eye(3, dtype=obj.dtype)
+    T[0, 2], T[1, 2] = ox, oy  # object pixel -> canvas pixel
+    Wc = T @ obj @ torch.linalg.inv(T)
+    both = torch.cat([big, big])
+    return PairedSet(perturb(both.double(), Wc).float().clamp(0, 1), Wc, N, big)
+
+
+def make_photo_pairs(photo: torch.Tensor, n_sources: int, size: int, sigma: float, seed: int = 0,
+                     centre: tuple[float, float] | None = None, jitter: float = 0.1) -> PairedSet:
+    """Pairs of perturbed views of ``n_sources`` crops of one photograph ``(C, Hp, Wp)`` in [0, 1].
+
+    Source ``i`` is a ``size x size`` crop around ``centre`` (pixels ``(x, y)``; the photograph's
+    centre by default) moved by up to ``jitter`` of its side and scaled by up to ``1 +- jitter``:
+    one kind of object seen a little differently each time, as in a collection of photographs.
+    Each copy is the protocol's perturbation of its source's frame, sampled from the whole
+    photograph (``photo(crop_i(W q))``), so the frame's new content is real and nothing is filled.
+    ``src_from_input`` is ``W`` in the crop's pixels, as for :func:`make_pairs`.
+    """
+    C, Hp, Wp = photo.shape
+    g = torch.Generator().manual_seed(seed)
+    cx, cy = centre if centre is not None else ((Wp - 1) / 2, (Hp - 1) / 2)
+    u = torch.rand(n_sources, 3, generator=g, dtype=torch.float64) * 2 - 1
+    scale = 1 + jitter * u[:, 0]  # photo pixels per crop pixel
+    crop = torch.zeros(n_sources, 3, 3, dtype=torch.float64)  # crop pixel -> photo pixel
+    crop[:, 0, 0] = crop[:, 1, 1] = scale
+    crop[:, 0, 2] = cx + jitter * size * u[:, 1] - scale * (size - 1) / 2
+    crop[:, 1, 2] = cy + jitter * size * u[:, 2] - scale * (size - 1) / 2
+    crop[:, 2, 2] = 1
+    Wq = random_perturbations(2 * n_sources, (size, size), sigma, g)
+    ph = photo.double()[None].expand(2 * n_sources, C, Hp, Wp)
+    crops = torch.cat([crop, crop])
+    views = G.warp_pixel(ph, crops @ Wq, (size, size), padding_mode="zeros")
+    sources = G.warp_pixel(ph[:n_sources], crop, (size, size), padding_mode="zeros")
+    return PairedSet(views.float().clamp(0, 1), Wq, n_sources, sources.float().clamp(0, 1))

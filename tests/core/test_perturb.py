@@ -78,3 +78,49 @@ def test_evaluate_warps_scores_the_exact_inverse_as_perfect_on_both_measures():
     # Identity warps score "before" on both measures.
     ev0 = evaluate_warps(pairs, torch.eye(3).expand(12, 3, 3))
     assert ev0.object_residual_ratio == pytest.approx(1.0) and ev0.residual_ratio == pytest.approx(1.0)
+
+
+def _undo_error(pairs):
+    """Mean |undone copy - source| where the undone copy samples inside the perturbed frame."""
+    size = tuple(pairs.images.shape[-2:])
+    inv = torch.linalg.inv(pairs.src_from_input)
+    und = G.warp_pixel(pairs.images.double(), inv, size)
+    inside = G.warp_pixel(torch.ones_like(pairs.images).double(), inv, size) > 0.999
+    err = (und - torch.cat([pairs.sources, pairs.sources]).double()).abs()
+    return float(err[inside].mean()), float(inside.double().mean())
+
+
+def test_canvas_pairs_keep_the_object_in_view_and_carry_exact_ground_truth():
+    from models import metrics as M
+    from models.data import mnist_digits
+    from models.perturb import make_canvas_pairs, make_pairs
+
+    src = mnist_digits(3, 32)
+    p = make_canvas_pairs(src, 0.3, seed=2)
+    assert p.images.shape == (64, 1, 56, 56) and p.sources.shape == (32, 1, 56, 56)
+    assert torch.equal(p.sources[:, :, 14:42, 14:42], src)  # centred
+    err, _ = _undo_error(p)
+    assert err < 0.03
+    # At sigma = 30 % the 28 px frame loses a large part of most digits; the canvas keeps most of
+    # them (not all: the strongest draws are near-degenerate homographies that fold the object).
+    vis_canvas = M.content_kept(torch.cat([p.sources, p.sources]).double(), p.src_from_input, (56, 56))
+    q = make_pairs(src, 0.3, seed=2)
+    vis_frame = M.content_kept(torch.cat([src, src]).double(), q.src_from_input, (28, 28))
+    assert float(vis_canvas.median()) > 0.98 and float(vis_frame.median()) < 0.8
+    assert float((vis_canvas >= 0.95).double().mean()) > 2 * float((vis_frame >= 0.95).double().mean())
+    # The perturbation is the object frame's: its corner pixels move as make_pairs moves them.
+    obj = q.src_from_input  # the same generator draws: same object-frame homographies
+    T = torch.tensor([[1.0, 0, 14], [0, 1, 14], [0, 0, 1]], dtype=torch.float64)
+    assert torch.allclose(p.src_from_input, T @ obj @ torch.linalg.inv(T))
+
+
+def test_photo_pairs_are_sampled_from_the_whole_photograph():
+    from models.perturb import make_photo_pairs
+
+    yy, xx = torch.meshgrid(torch.arange(300.0), torch.arange(400.0), indexing="ij")
+    photo = torch.stack([0.5 + 0.4 * torch.sin(xx / 7), 0.5 + 0.4 * torch.cos(yy / 9), (xx + yy) / 700])
+    p = make_photo_pairs(photo, 5, 64, 0.2, seed=1)
+    assert p.images.shape == (10, 3, 64, 64) and p.sources.shape == (5, 3, 64, 64)
+    assert float((p.images == 0).all(1).double().mean()) < 1e-3  # nothing filled: the frame's new content is real
+    err, inside = _undo_error(p)
+    assert err < 0.01 and 0.3 < inside < 0.95
