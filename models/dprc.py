@@ -456,8 +456,9 @@ class DPRC:
         Collapsed: the aligned frames keep less than :data:`COLLAPSE_KEPT` of the median image's
         content (empty or cropped images), show the objects at less than 1/:data:`COLLAPSE_AREA` or
         more than that many times their area (shrunk away, or a blow-up of a fragment), or the
-        aligner is less self-consistent than not aligning at all (the check of ``metrics.json``'s
-        ``consistency_summary``, on a sample of :data:`COLLAPSE_SAMPLE` images)."""
+        aligner is less self-consistent than not aligning at all (``metrics.json``'s
+        ``consistency_summary`` check, measured at each image's object pixels rather than at the
+        frame's corners, on a sample of :data:`COLLAPSE_SAMPLE` images)."""
         kept, area = self._framing(data, res.in_from_out_norm, ctx)
         if kept < COLLAPSE_KEPT:
             return f"its aligned frames keep a median {kept:.2f} of each image's content"
@@ -470,7 +471,7 @@ class DPRC:
         x = as_float(data.x.index_select(0, idx))
         with torch.no_grad():
             moved, probe = M.self_consistency(res.aligner.align, x, data.bg.index_select(0, idx), sigma=0.1,
-                                              seed=ctx.seed, chunk=4096,
+                                              seed=ctx.seed, chunk=4096, at="object",
                                               warps=res.in_from_out_norm[idx.cpu()].to(x))
         stats = torch.stack([moved.sum(), probe.sum()]).to(data.x.device, torch.float64)
         if ctx.world > 1:
@@ -479,8 +480,8 @@ class DPRC:
             dist.all_reduce(stats)
         ratio = float(stats[0] / stats[1].clamp_min(1e-12))
         if ratio > COLLAPSE_CONSISTENCY:
-            return (f"its aligner is less self-consistent than not aligning (a known 10 % re-warp moves its "
-                    f"aligned frame {ratio:.2f} times as far as the re-warp itself)")
+            return (f"its aligner is less self-consistent than not aligning (a known 10 % re-warp of each image "
+                    f"moves where its aligned frame puts the object {ratio:.2f} times as far as the re-warp itself)")
         return None
 
     def _guard(self, data: TrainData, ctx: FitContext, cfg: DPRCConfig, res: FitResult) -> FitResult:

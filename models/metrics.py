@@ -217,7 +217,8 @@ def consistency_ratio(moved: torch.Tensor, probe: torch.Tensor) -> float:
 
 
 def self_consistency(align, images: torch.Tensor, bg: torch.Tensor, sigma: float = 0.1, seed: int = 0,
-                     chunk: int = 512, warps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     chunk: int = 512, warps: torch.Tensor | None = None,
+                     at: str = "corners") -> tuple[torch.Tensor, torch.Tensor]:
     """Ground-truth-free consistency of a trained aligner, per image.
 
     Each image is re-warped by a random homography ``P`` drawn from the
@@ -237,6 +238,11 @@ def self_consistency(align, images: torch.Tensor, bg: torch.Tensor, sigma: float
         images: ``(N, C, H, W)``; ``bg``: ``(N, C, 1, 1)`` background values.
         warps: ``(N, 3, 3)`` ``align(images)`` when the caller has them already (a fitted
             collection's warps): then only the re-warped copies are aligned.
+        at: where the two maps are compared: ``"corners"``, the output frame's corners; or
+            ``"object"``, each image's own object pixels (weighted by their distance from the
+            background, as :func:`object_residual` weighs the source's), which no frame size
+            magnifies: a small object on a large canvas is judged by the object, not by corners
+            far from it.
     """
     from .perturb import random_perturbations  # perturb imports geometry only; local to keep this module light
 
@@ -251,6 +257,11 @@ def self_consistency(align, images: torch.Tensor, bg: torch.Tensor, sigma: float
         xp = G.warp(x, Pn, size, fill=b)
         M0 = G.pixel_from_normalised((align(x) if warps is None else warps[k:k + chunk]).double().cpu(), size, size)
         Mp = G.pixel_from_normalised(align(xp).double().cpu(), size, size)
+        if at == "object":
+            mass = (x - b).abs().mean(1).double().cpu()  # (n, H, W)
+            moved.append(object_residual(M0, Pk @ Mp, mass))
+            probe.append(object_residual(torch.eye(3, dtype=Pk.dtype).expand_as(Pk), Pk, mass))
+            continue
         moved.append((G.transform_points(Pk @ Mp, c) - G.transform_points(M0, c)).norm(dim=-1).mean(-1))
         probe.append((G.transform_points(Pk, c) - c).norm(dim=-1).mean(-1))
     return torch.cat(moved), torch.cat(probe)

@@ -180,3 +180,23 @@ def test_self_consistency_with_the_known_warps_aligns_only_the_copies():
     got = M.self_consistency(counting, x, bg, sigma=0.03, seed=3, chunk=5, warps=align(x))
     assert torch.allclose(ref[0], got[0]) and torch.equal(ref[1], got[1])
     assert seen == [5, 5, 2]
+
+
+def test_self_consistency_at_the_object_is_zero_for_an_equivariant_aligner_and_one_for_a_blind_one():
+    x, tpl = _four_dots(12)
+    bg = torch.zeros(12, 1, 1, 1)
+    moved, probe = M.self_consistency(_dot_aligner(tpl), x, bg, sigma=0.03, seed=3, at="object")
+    assert probe.mean() > 0.5 and moved.mean() / probe.mean() < 0.1
+    blind = lambda b: torch.eye(3, dtype=torch.float64).expand(b.shape[0], 3, 3)  # noqa: E731
+    moved, probe2 = M.self_consistency(blind, x, bg, sigma=0.03, seed=3, at="object")
+    assert torch.allclose(moved, probe2) and torch.allclose(probe, probe2)
+    # A common change of the aligned frame (every warp composed with one zoom) changes nothing at
+    # the object, while it scales the distances at the frame's corners.
+    Z = G.params_to_matrix(torch.tensor([[0.5, 0.0, 0.1, 0.0]]), "similarity").double()
+    zoomed = lambda b: _dot_aligner(tpl)(b) @ Z  # noqa: E731
+    a = M.self_consistency(zoomed, x, bg, sigma=0.03, seed=3, at="object")[0]
+    b = M.self_consistency(_dot_aligner(tpl), x, bg, sigma=0.03, seed=3, at="object")[0]
+    assert torch.allclose(a, b, atol=1e-9)
+    c = M.self_consistency(zoomed, x, bg, sigma=0.03, seed=3)[0]
+    d = M.self_consistency(_dot_aligner(tpl), x, bg, sigma=0.03, seed=3)[0]
+    assert not torch.allclose(c, d, atol=1e-3)
