@@ -117,7 +117,13 @@ class DPRCConfig:
     # torch.compile the objective (forward and backward) on a GPU; measured, not the default
     # (docs/benchmarks.md, "Speed"): its compile time is longer than a small job.
     compile: bool = False
-    init: str = "moments"  # "moments" (centroid + scale) | "centroid" | "identity"
+    init: str = "moments"  # "moments" (centroid + scale) | "search" (moments, then rotation) | "centroid" | "identity"
+    # init="search": after the moments, the rotation about the reference's centroid (every
+    # search_step degrees up to +-search_degrees, and mirrored if search_flip) whose blurred
+    # image is L1-closest to the blurred reference (models.dprc.rotation_search).
+    search_degrees: float = 45.0
+    search_step: float = 5.0
+    search_flip: bool = False
     blur_start: float = 0.06  # Gaussian sigma as a fraction of the shorter side
     blur_until: float = 0.7  # fraction of training at which blur reaches 0
     curriculum: tuple[float, float, float, float] = (0.0, 0.1, 0.25, 0.4)
@@ -203,6 +209,59 @@ def moment_init(x: torch.Tensor, ref_centroid: torch.Tensor, ref_radius: torch.T
     return out
 
 
+def _rotations(degrees: float, step: float, flip: bool, like: torch.Tensor) -> torch.Tensor:
+    """``(A, 2, 2)``: the search's rotations (0 first), and their mirror images if ``flip``."""
+    n = int(math.floor(degrees / step + 1e-9)) if step > 0 else 0
+    t = torch.arange(-n, n + 1, dtype=torch.float64) * math.radians(step)
+    t = torch.cat([t[n:n + 1], t[:n], t[n + 1:]])  # 0 first: ties keep the moments' own frame
+    c, s = torch.cos(t), torch.sin(t)
+    R = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    if flip:
+        R = torch.cat([R, R @ torch.tensor([[-1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)])
+    return R.to(like)
+
+
+def rotation_search(x: torch.Tensor, base: torch.Tensor, ref: torch.Tensor, ref_centroid: torch.Tensor,
+                    degrees: float = 45.0, step: float = 5.0, flip: bool = False, blur_px: float | None = None,
+                    chunk_pixels: int = 1 << 24) -> torch.Tensor:
+    """Each image's initial warp followed by the best rotation about the reference's object.
+
+    ``x`` ``(B, C, H, W)`` images less their background, ``base`` ``(B, 3, 3)`` their initial
+    ``in_from_out_norm`` (the moment initialisation), ``ref`` ``(1, C, H, W)`` the reference less
+    its background, ``ref_centroid`` ``(2,)`` its object's centroid (normalised). For every
+    rotation of :func:`_rotations` (about the centroid, in pixel-isotropic units), ``x`` is
+    resampled through ``base`` composed with it, blurred (``blur_px``; default 4 % of the shorter
+    side), and compared with the blurred reference (L1); the closest wins. A coarse global search in front of the network, so that strongly
+    rotated objects start in its basin. Returns ``(B, 3, 3)``.
+    """
+    B, C, H, W = x.shape
+    blur_px = 0.04 * min(H, W) if blur_px is None else blur_px
+    R2 = _rotations(degrees, step, flip, base)  # (A, 2, 2)
+    A = R2.shape[0]
+    if A == 1:
+        return base
+    # Rotations in pixel-isotropic units about the centroid: T(c) S^-1 R S T(-c), S = diag(W-1, H-1) / 2.
+    sx, sy = max(W - 1, 1) / 2.0, max(H - 1, 1) / 2.0
+    S = base.new_tensor([[sx, 0.0], [0.0, sy]])
+    Si = base.new_tensor([[1 / sx, 0.0], [0.0, 1 / sy]])
+    L = Si @ R2 @ S  # (A, 2, 2)
+    rot = torch.zeros(A, 3, 3, dtype=base.dtype, device=base.device)
+    rot[:, :2, :2] = L
+    rot[:, :2, 2] = ref_centroid.to(base) - (L @ ref_centroid.to(base))
+    rot[:, 2, 2] = 1
+    target = blur(ref.to(x), blur_px)
+    best = torch.empty(B, dtype=torch.long, device=x.device)
+    step_b = max(1, chunk_pixels // (A * C * H * W))
+    for k in range(0, B, step_b):
+        xb, Mb = x[k:k + step_b], base[k:k + step_b]
+        b = xb.shape[0]
+        M = (Mb[:, None] @ rot[None]).reshape(b * A, 3, 3)  # (b*A, 3, 3)
+        xr = G.warp(xb.repeat_interleave(A, 0), M, (H, W))
+        d = (blur(xr, blur_px) - target).abs().mean(dim=(1, 2, 3)).view(b, A)
+        best[k:k + b] = d.argmin(1)
+    return base @ rot[best]
+
+
 def moment_penalty(aligned: torch.Tensor, bg: torch.Tensor, ref_c: torch.Tensor,
                    ref_r: torch.Tensor) -> torch.Tensor:
     """Mean of ``|c - c_ref|_1 + |log(r / r_ref)|`` over the batch (foreground moments).
@@ -283,7 +342,8 @@ class DPRCAligner:
     reproduces_fit = True  # align() on the fitted images gives the fit's warps (the same float32 pass)
 
     def __init__(self, net: DeSTNet, init: str, ref_centroid: torch.Tensor, ref_radius: torch.Tensor,
-                 padding: str = "border", max_scale: float = 2.5, passes: int = 1):
+                 padding: str = "border", max_scale: float = 2.5, passes: int = 1,
+                 ref_image: torch.Tensor | None = None, search: dict | None = None):
         self.net = net.eval()
         self.init = init
         self.ref_centroid = ref_centroid
@@ -291,12 +351,22 @@ class DPRCAligner:
         self.padding = padding
         self.max_scale = max_scale
         self.passes = passes
+        # init="search": the reference less its background (1, C, H, W), and the search's
+        # degrees, step and flip (models.dprc.rotation_search).
+        self.ref_image = ref_image
+        self.search = dict(search or {})
+        if init == "search" and ref_image is None:
+            raise ValueError("init='search' needs the reference image")
 
     def base(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.init not in ("moments", "centroid"):
+        if self.init not in ("moments", "centroid", "search"):
             return None
-        return moment_init(x, self.ref_centroid.to(x), self.ref_radius.to(x), max_scale=self.max_scale,
-                           scale=self.init == "moments")
+        M0 = moment_init(x, self.ref_centroid.to(x), self.ref_radius.to(x), max_scale=self.max_scale,
+                         scale=self.init != "centroid")
+        if self.init != "search":
+            return M0
+        with torch.no_grad():
+            return rotation_search(x - background(x), M0, self.ref_image, self.ref_centroid, **self.search)
 
     def warps(self, x: torch.Tensor, limit: str | None = None, passes: int | None = None) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, 3, 3)`` ``in_from_out_norm``, differentiable.
@@ -321,11 +391,13 @@ class DPRCAligner:
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
         cfg = {"method": "dprc", "init": self.init, "padding": self.padding, "max_scale": self.max_scale,
-               "passes": self.passes, "destnet": asdict(self.net.cfg)}
+               "passes": self.passes, "destnet": asdict(self.net.cfg), "search": self.search}
         (model_dir / "config.json").write_text(json.dumps(cfg, indent=1))
         tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         tensors["ref_centroid"] = self.ref_centroid.detach().cpu().float()
         tensors["ref_radius"] = self.ref_radius.detach().cpu().float().reshape(1)
+        if self.ref_image is not None:
+            tensors["ref_image"] = self.ref_image.detach().cpu().float().contiguous()
         save_file(tensors, str(model_dir / "aligner.safetensors"))
 
 
@@ -338,9 +410,10 @@ def _load_dprc(model_dir: Path, device: torch.device) -> DPRCAligner:
     net = DeSTNet(DeSTNetConfig(**d))
     t = load_file(str(Path(model_dir) / "aligner.safetensors"))
     net.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("net.")})
+    ref_image = t["ref_image"].to(device) if "ref_image" in t else None
     return DPRCAligner(net.to(device), cfg["init"], t["ref_centroid"].to(device),
                        t["ref_radius"].to(device)[0], cfg.get("padding", "border"), cfg.get("max_scale", 2.5),
-                       int(cfg.get("passes", 1)))
+                       int(cfg.get("passes", 1)), ref_image, cfg.get("search"))
 
 
 # --------------------------------------------------------------------------- method
@@ -364,7 +437,7 @@ class DPRC:
                                                                       and not self.cfg.width > 0):
             raise ValueError(f"dprc options passes={self.cfg.passes} (>= 1), stages={self.cfg.stages} (>= 0, 0: preset) "
                              f"and width={self.cfg.width} (> 0)")
-        for name, allowed in (("init", ("moments", "centroid", "identity")), ("padding", ("border", "zeros")),
+        for name, allowed in (("init", ("moments", "search", "centroid", "identity")), ("padding", ("border", "zeros")),
                               ("reference_frame", ("as_is", "centred", "normalised")),
                               ("distance", ("output", "input", "symmetric")),
                               ("equivariance_frame", ("input", "aligned", "both")),
@@ -579,7 +652,10 @@ class DPRC:
             T[0, :2, 2] = ref_c
             ref_img = G.warp(ref_img, T, (H, W), fill=ref_bg)
             ref_c, ref_r = torch.zeros_like(ref_c), ref_r / scale
-        aligner = DPRCAligner(net, cfg.init, ref_c, ref_r, cfg.padding, cfg.max_scale, cfg.passes)
+        aligner = DPRCAligner(net, cfg.init, ref_c, ref_r, cfg.padding, cfg.max_scale, cfg.passes,
+                              ref_img - ref_bg if cfg.init == "search" else None,
+                              dict(degrees=cfg.search_degrees, step=cfg.search_step, flip=cfg.search_flip)
+                              if cfg.init == "search" else None)
         objective = Objective(aligner, ae, cfg, ref_img, ref_bg, ref_c, ref_r, cfg.blur_start * min(H, W))
         model = objective
         if cfg.compile and dev.type == "cuda" and ctx.world == 1:

@@ -564,3 +564,32 @@ def test_when_the_fallback_collapses_too_the_fit_fails_with_the_reasons(digits3,
         res.in_from_out_norm, aligner=res.aligner))  # a "fallback" that is the collapsed fit itself
     with pytest.raises(AlignmentFailed, match="could not be aligned.*collapsed.*and so did the moment alignment"):
         m.fit(x, FitContext(seed=0))
+
+
+@pytest.mark.parametrize("degrees", [-30.0, 15.0, 40.0])
+def test_rotation_search_undoes_a_known_rotation_about_the_object(digits3, degrees):
+    from models.dprc import rotation_search
+
+    ref = digits3[:1].float()
+    c, r, _ = _moments(ref, background(ref))
+    th = math.radians(degrees)
+    T = torch.eye(3)
+    T[:2, :2] = torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    T[:2, 2] = c[0] - T[:2, :2] @ c[0]  # about the object's centroid (a square image: isotropic units)
+    x = G.warp(ref, T[None], (28, 28))
+    M0 = moment_init(x, c[0], r[0])
+    M = rotation_search(x - background(x), M0, ref - background(ref), c[0])
+    E = torch.linalg.inv(M0) @ M
+    assert abs(math.degrees(math.atan2(float(E[0, 1, 0]), float(E[0, 0, 0]))) + degrees) < 1e-3
+    assert (G.warp(x, M, (28, 28)) - ref).abs().mean() < 0.5 * (G.warp(x, M0, (28, 28)) - ref).abs().mean()
+
+
+def test_search_initialisation_trains_saves_and_reloads(digits3, tmp_path):
+    x = make_pairs(digits3[:8], 0.2, seed=0).images
+    res = DPRC(init="search", steps=2, batch_size=8, preset="small", reframe=0, guard=False).fit(x, FitContext())
+    res.aligner.save(tmp_path / "m")
+    back = load_aligner(tmp_path / "m", torch.device("cpu"))
+    assert back.init == "search" and back.search == {"degrees": 45.0, "step": 5.0, "flip": False}
+    assert torch.allclose(back.align(x), res.in_from_out_norm, atol=1e-5)
+    # The search moves the start away from the moments' alone on rotated copies.
+    assert not torch.allclose(back.base(x), moment_init(x, back.ref_centroid, back.ref_radius), atol=1e-3)
