@@ -18,7 +18,7 @@ timeout 60 python bench/gpu_speed.py --parts inference --out $R > $OUT/inference
 timeout 60 python bench/gpu_speed.py --parts quality --sizes 1000 --quality-configs '[{}, {"steps": 600}]' --out $R 2>&1 | grep -v '^{' | tail -1
 timeout 40 python bench/gpu_speed.py --parts inference_profile --out $R >> $OUT/inference.txt 2>&1
 timeout 40 python bench/gpu_speed.py --parts profile --profile-batch 1024 --out $R > $OUT/profile1024.txt 2>&1
-timeout 40 python bench/reference_size.py --sizes 1000000 --work /tmp/e2e --device cuda --out $OUT/refsize.jsonl 2>&1 | tail -1
+timeout 30 python bench/reference_size.py --sizes 1000000 --work /tmp/e2e --device cuda --out $OUT/refsize.jsonl 2>&1 | tail -1
 python - <<'PY'
 import json, os
 O = os.environ["OUT"]

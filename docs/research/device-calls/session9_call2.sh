@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Ninth session, device call 2: robustness (issue 16) with the defaults: digit 3 on the padded
 # canvas at sigma 10/20/30 %, the paper's 28 px frames at 20/30 % (visible and cut pairs apart),
-# photographs at 64 px at 10/20 %, 1,000 images each; RASL beside DPRC on the canvas at 30 %.
+# photographs at 64 px at 10/20 %, 1,000 images each; the rotation search (init='search') on the
+# canvas and frames at 30 %; RASL beside DPRC on the canvas at 30 %.
 set -uo pipefail
 export CONGEAL_MNIST_NPZ=$PWD/.devdata/mnist.npz PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 R=$OUT/robustness.jsonl
 timeout 200 python bench/robustness.py --sets canvas --sigmas 0.1,0.2,0.3 --digits 3 --n 1000 --out $R > $OUT/rob_log.txt 2>&1
 timeout 120 python bench/robustness.py --sets frame --sigmas 0.2,0.3 --digits 3 --n 1000 --out $R >> $OUT/rob_log.txt 2>&1
 timeout 200 python bench/robustness.py --sets photo --sigmas 0.1,0.2 --n 1000 --out $R >> $OUT/rob_log.txt 2>&1
+timeout 90 python bench/robustness.py --sets canvas,frame --sigmas 0.3 --digits 3 --n 1000 --dprc-options '{"init": "search"}' --out $R >> $OUT/rob_log.txt 2>&1
 timeout 60 python bench/robustness.py --sets canvas --sigmas 0.3 --digits 3 --n 1000 --methods rasl --out $R >> $OUT/rob_log.txt 2>&1
 python - <<'PY'
 import json, os
