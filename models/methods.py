@@ -116,12 +116,14 @@ class AlignmentMethod(Protocol):
 
 
 _METHODS: dict[str, Callable[..., AlignmentMethod]] = {}
+# Other kinds of task (kind -> name -> factory): "pair" methods align two images (models.pairwise).
+_KINDS: dict[str, dict[str, Callable]] = {"collection": _METHODS}
 _ALIGNER_LOADERS: dict[str, Callable[[Path, torch.device], Aligner]] = {}
 
 
-def register_method(name: str):
+def register_method(name: str, kind: str = "collection"):
     def deco(factory):
-        _METHODS[name] = factory
+        _KINDS.setdefault(kind, {})[name] = factory
         return factory
 
     return deco
@@ -141,18 +143,20 @@ def _ensure_builtin() -> None:
     # Importing the modules runs their @register_method decorators (imported here, not at
     # the top, because they import this module).
     from . import baselines, dprc  # noqa: F401
+    from .pairwise import classic, learned  # noqa: F401  (kind "pair")
 
 
-def list_methods() -> list[str]:
+def list_methods(kind: str = "collection") -> list[str]:
     _ensure_builtin()
-    return sorted(_METHODS)
+    return sorted(_KINDS.get(kind, {}))
 
 
-def create_method(name: str, **kwargs) -> AlignmentMethod:
+def create_method(name: str, kind: str = "collection", **kwargs):
     _ensure_builtin()
-    if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(_METHODS))}")
-    return _METHODS[name](**kwargs)
+    methods = _KINDS.get(kind, {})
+    if name not in methods:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(methods))}")
+    return methods[name](**kwargs)
 
 
 def load_aligner(model_dir: str | Path, device: torch.device | str = "cpu") -> Aligner:

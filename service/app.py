@@ -31,7 +31,8 @@ Joint image alignment ("congealing") as a service. Upload a collection with
 transforms, the aligned images and the mean/variance images. A succeeded job's
 trained model aligns new images with `POST /models/{id}/align`. Large collections
 are uploaded once, in resumable chunks, as a dataset (`POST /datasets`) that jobs
-name; their per-image results page through `GET /jobs/{id}/per-image`.
+name; their per-image results page through `GET /jobs/{id}/per-image`. `POST /pairs` estimates
+the homography between two images (or many pairs) as a job; see docs/pairwise.md.
 See docs/service.md for the full guide.
 """
 
@@ -98,6 +99,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    # --- pairwise alignment (models/pairwise; issue 17)
+    from .routers import pairs
+
+    app.include_router(pairs.router)
+    # --- end pairwise
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -17,7 +17,7 @@ from celery import Celery, signals
 from service.contracts import TASK_NAMES, ArtifactStore, CeleryDispatcher, JobKind, Settings, celery_config, open_store
 from service.contracts.runner import JobRunner, Maintenance, worker_name
 
-__all__ = ["app", "run_align", "run_apply"]
+__all__ = ["app", "run_align", "run_apply", "run_pair"]
 
 log = logging.getLogger("congeal.worker")
 
@@ -52,6 +52,11 @@ def run_align(self, job_id: str) -> str:
 
 @app.task(name=TASK_NAMES[JobKind.apply], bind=True)
 def run_apply(self, job_id: str) -> str:
+    return _run(self, job_id)
+
+
+@app.task(name=TASK_NAMES[JobKind.pair], bind=True)
+def run_pair(self, job_id: str) -> str:
     return _run(self, job_id)
 
 

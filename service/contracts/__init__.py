@@ -6,7 +6,7 @@ The dependency arrows point one way: ``service`` -> ``service.contracts`` <-
 """
 from .artifacts import RESULT_IMAGES, ArtifactStore, new_dataset_id, new_job_id, valid_dataset_id, valid_job_id
 from .datasets import DatasetFile, DatasetRecord, DatasetState, DatasetStore, open_dataset_store
-from .records import METHODS, TERMINAL, WARPS, Attempt, JobKind, JobOptions, JobRecord, JobStatus, ProgressRecord
+from .records import METHODS, PAIR_METHODS, TERMINAL, WARPS, Attempt, JobKind, JobOptions, JobRecord, JobStatus, ProgressRecord
 from .settings import Settings
 from .store import Claim, JobStore, RedisJobStore, SqliteJobStore, open_store
 from .tasks import TASK_NAMES, CeleryDispatcher, Dispatcher, celery_config, queue_for
@@ -14,7 +14,7 @@ from .tasks import TASK_NAMES, CeleryDispatcher, Dispatcher, celery_config, queu
 __all__ = [
     "ArtifactStore", "new_job_id", "valid_job_id", "new_dataset_id", "valid_dataset_id", "RESULT_IMAGES",
     "DatasetFile", "DatasetRecord", "DatasetState", "DatasetStore", "open_dataset_store",
-    "METHODS", "WARPS", "TERMINAL", "Attempt", "JobKind", "JobOptions", "JobRecord", "JobStatus", "ProgressRecord",
+    "METHODS", "PAIR_METHODS", "WARPS", "TERMINAL", "Attempt", "JobKind", "JobOptions", "JobRecord", "JobStatus", "ProgressRecord",
     "Settings",
     "Claim", "JobStore", "RedisJobStore", "SqliteJobStore", "open_store",
     "TASK_NAMES", "CeleryDispatcher", "Dispatcher", "celery_config", "queue_for",
