@@ -84,6 +84,12 @@ class LearnedConfig:
     lr_final: float = 0.02  # cosine decay to lr * lr_final within each level
     margin: float = 1.0  # contrastive margin, on unit-length descriptors
     negative_distance: float = 3.0  # negatives: keypoints at least this far apart, pixels of the level
+    # Shifted negatives: each keypoint's source patch moved this far (pixels of the level, a range);
+    # None: none. They make the descriptor, and so the loss, sensitive to misalignment at that scale.
+    hard_negatives: tuple[float, float] | None = (2.0, 4.0)
+    # On the finest level the range shrinks linearly to this fraction of itself: once the estimate
+    # is within a pixel or two, closer negatives sharpen the descriptor (and the estimate) further.
+    hard_negatives_final: float = 0.25
     contrast: float = 0.05  # gradient-magnitude threshold for keypoints (standardised image)
     scale: tuple[float, float] = (1.0, 2.0)  # keypoint scale range (pixels per patch sample), log-uniform
     patch_warp: str = "homography"  # "homography" | "keypoint" (Eqs. 10-12)
@@ -91,6 +97,9 @@ class LearnedConfig:
     start_shift: float = 0.25  # their translations, fraction of the image (normalised units / 2)
     start_steps: int | None = None  # coarsest-level steps before the best start is kept; None: the whole level
     eval_keypoints: int = 256  # keypoints of the confidence measure
+    polish_steps: int = 0  # finest level: steps on the homography alone, network frozen, fixed keypoints
+    polish_keypoints: int = 512
+    polish_lr: float = 0.2  # pixels per step, cosine decay to 0
     seed: int = 0
 
     def __post_init__(self):
@@ -335,21 +344,19 @@ def _level(source: torch.Tensor, target: torch.Tensor, size_s, size_t, cfg: Lear
     return _Level(s, t, w)
 
 
-def _pairs(nets: _Networks, lv: _Level, M_norm: torch.Tensor, xy, theta, scale, cfg: LearnedConfig):
-    """Descriptors of target keypoints and of the source patches ``M_norm`` says correspond.
-
-    Returns target descriptors ``(n, k, d)``, source descriptors ``(n, k, d)`` and which
-    keypoints are usable ``(n, k)`` (the warped centre inside the source).
-    """
+def _source_side(nets: _Networks, lv: _Level, M_norm: torch.Tensor, xy, theta, scale, cfg: LearnedConfig):
+    """Descriptors of the source patches ``M_norm`` says correspond to target keypoint frames
+    ``xy`` ``(n, k, 2)`` (pixels of the target), ``theta``, ``scale`` ``(n, k)``; and which are usable
+    ``(n, k)`` (the warped centre inside the source)."""
     P = cfg.patch
-    offs = _patch_offsets(P, xy)
     size_s, size_t = lv.source.shape[-2:], lv.target.shape[-2:]
-    pts_t = _frame_points(xy, theta, scale, offs)  # (n, k, S, 2)
     M_pix = _to_pixels(M_norm, size_s, size_t)
+    offs = _patch_offsets(P, xy)
     if cfg.patch_warp == "keypoint":
         c, th, sc = _warp_frames(M_pix, xy, theta, scale)
         pts_s = _frame_points(c, th, sc, offs)
     else:
+        pts_t = _frame_points(xy, theta, scale, offs)  # (n, k, S, 2)
         n, k, S, _ = pts_t.shape
         pts_s = G.transform_points(M_pix, pts_t.reshape(n, k * S, 2)).view(n, k, S, 2)
         c = G.transform_points(M_pix, xy)
@@ -357,9 +364,34 @@ def _pairs(nets: _Networks, lv: _Level, M_norm: torch.Tensor, xy, theta, scale, 
     valid = ((c[..., 0] >= 0) & (c[..., 0] <= Ws - 1) & (c[..., 1] >= 0) & (c[..., 1] <= Hs - 1)
              & torch.isfinite(c).all(-1)).to(xy.dtype)
     pts_s = torch.nan_to_num(pts_s, nan=-1e4, posinf=-1e4, neginf=-1e4)
-    dt = nets(_sample(lv.target, pts_t, P), source=False)
-    ds = nets(_sample(lv.source, pts_s, P), source=True)
-    return dt, ds, valid
+    return nets(_sample(lv.source, pts_s, P), source=True), valid
+
+
+def _target_side(nets: _Networks, lv: _Level, xy, theta, scale, cfg: LearnedConfig) -> torch.Tensor:
+    """Descriptors of target patches at keypoint frames, ``(n, k, d)``."""
+    pts_t = _frame_points(xy, theta, scale, _patch_offsets(cfg.patch, xy))
+    return nets(_sample(lv.target, pts_t, cfg.patch), source=False)
+
+
+def _pairs(nets: _Networks, lv: _Level, M_norm: torch.Tensor, xy, theta, scale, cfg: LearnedConfig):
+    """Target descriptors ``(n, k, d)``, their source correspondents' ``(n, k, d)`` and usability ``(n, k)``."""
+    ds, valid = _source_side(nets, lv, M_norm, xy, theta, scale, cfg)
+    return _target_side(nets, lv, xy, theta, scale, cfg), ds, valid
+
+
+def _hard_negatives(nets: _Networks, lv: _Level, M_norm: torch.Tensor, dt, xy, theta, scale, valid,
+                    cfg: LearnedConfig, gen: torch.Generator, shrink: float = 1.0) -> torch.Tensor:
+    """Mean squared hinge ``(n,)`` against source patches of the same frames moved by
+    ``hard_negatives`` pixels (of the target, in a random direction) from where the homography puts
+    them: a descriptor that cannot tell them apart gives the homography no gradient at that scale."""
+    n, k = xy.shape[:2]
+    lo, hi = (shrink * v for v in cfg.hard_negatives)
+    r = lo + (hi - lo) * torch.rand(n, k, generator=gen, device=xy.device, dtype=xy.dtype)
+    a = torch.rand(n, k, generator=gen, device=xy.device, dtype=xy.dtype) * (2 * math.pi)
+    moved = xy + torch.stack([torch.cos(a), torch.sin(a)], dim=-1) * r[..., None]
+    dn, vn = _source_side(nets, lv, M_norm, moved, theta, scale, cfg)
+    w = valid * vn
+    return (F.relu(cfg.margin - (dt - dn).norm(dim=-1)).square() * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
 def _contrastive(dt, ds, valid, xy, cfg: LearnedConfig) -> torch.Tensor:
@@ -399,7 +431,9 @@ def _cosine(step: int, total: int, final: float) -> float:
 
 
 def _train_level(nets: _Networks, p: torch.Tensor, lv: _Level, steps: int, cfg: LearnedConfig,
-                 gen: torch.Generator, should_stop: Callable[[], None] | None) -> torch.Tensor:
+                 gen: torch.Generator, should_stop: Callable[[], None] | None,
+                 trace: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                 finest: bool = False) -> torch.Tensor:
     """Adam on the networks and the homography parameters ``p`` ``(n, 8)`` (a leaf) for ``steps``;
     returns the last step's loss per pair."""
     Ht, Wt = lv.target.shape[-2:]
@@ -414,8 +448,12 @@ def _train_level(nets: _Networks, p: torch.Tensor, lv: _Level, steps: int, cfg: 
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * f
         xy, theta, scale = _keypoints(lv.weights, cfg.keypoints, cfg, gen, (Ht, Wt))
-        dt, ds, valid = _pairs(nets, lv, homography_from_params(p), xy, theta, scale, cfg)
+        M = homography_from_params(p)
+        dt, ds, valid = _pairs(nets, lv, M, xy, theta, scale, cfg)
         loss = _contrastive(dt, ds, valid, xy, cfg)
+        if cfg.hard_negatives is not None:
+            shrink = 1.0 - (1.0 - cfg.hard_negatives_final) * step / max(1, steps - 1) if finest else 1.0
+            loss = loss + _hard_negatives(nets, lv, M, dt, xy, theta, scale, valid, cfg, gen, shrink)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()  # a sum: each pair's gradient is its own
         # A non-finite step (a degenerate homography) must not spread NaN into that pair's Adam state.
@@ -423,12 +461,46 @@ def _train_level(nets: _Networks, p: torch.Tensor, lv: _Level, steps: int, cfg: 
             if t.grad is not None:
                 t.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         opt.step()
+        if trace is not None:
+            trace(step, p.detach(), loss.detach())
     return loss.detach()
+
+
+def _polish(nets: _Networks, p: torch.Tensor, lv: _Level, cfg: LearnedConfig, gen: torch.Generator,
+            should_stop, trace) -> torch.Tensor:
+    """The homography alone against the trained network's positives, on one fixed set of keypoints:
+    no sampling noise left, so the estimate settles where the descriptor distance is least."""
+    Ht, Wt = lv.target.shape[-2:]
+    for t in nets.parameters():
+        t.requires_grad_(False)
+    xy, theta, scale = _keypoints(lv.weights, cfg.polish_keypoints, cfg, gen, (Ht, Wt))
+    with torch.no_grad():
+        dt = _target_side(nets, lv, xy, theta, scale, cfg)
+    lr = cfg.polish_lr * 2.0 / max(1, max(Ht, Wt) - 1)
+    opt = torch.optim.Adam([p], lr=lr)
+    for step in range(cfg.polish_steps):
+        if should_stop is not None:
+            should_stop()
+        opt.param_groups[0]["lr"] = lr * _cosine(step, cfg.polish_steps, 0.0)
+        ds, valid = _source_side(nets, lv, homography_from_params(p), xy, theta, scale, cfg)
+        loss = ((dt - ds).square().sum(-1) * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        opt.step()
+        if trace is not None:
+            trace(step, p.detach(), loss.detach())
+    return p.detach()
+
+
+def _at(trace, level: int):
+    return None if trace is None else (lambda step, p, loss: trace(level, step, p, loss))
 
 
 def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = LearnedConfig(),
               init: torch.Tensor | None = None, progress: Callable[[int, int, str], None] | None = None,
-              should_stop: Callable[[], None] | None = None) -> LearnedFit:
+              should_stop: Callable[[], None] | None = None,
+              trace: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None) -> LearnedFit:
     """Fit a homography to each pair.
 
     Args:
@@ -439,6 +511,7 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
             multi-start at the coarsest level, which then starts around it).
         progress: ``progress(step, total, stage)`` after every level.
         should_stop: called at every step; raise from it to stop.
+        trace: ``trace(level, step, params, loss)`` after every step (diagnostics: ``bench/``).
 
     Returns:
         :class:`LearnedFit`; ``source_from_target_norm`` maps normalised target coordinates to
@@ -474,7 +547,7 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
             lv_all = lv.select(rows)
             nets = _Networks(B * S, target.shape[1], source.shape[1], cfg, gen, like=source)
             n0 = cfg.start_steps if cfg.start_steps is not None else steps[0]
-            _train_level(nets, p, lv_all, n0, cfg, gen, should_stop)
+            _train_level(nets, p, lv_all, n0, cfg, gen, should_stop, _at(trace, li))
             share, eval_loss = _retrieval(nets, lv_all, homography_from_params(p.detach()), cfg, gen)
             # The start whose own descriptor retrieves best; ties (e.g. all 0) by the lower loss.
             score = (share - 1e-3 * eval_loss).view(B, S)
@@ -485,18 +558,20 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
             nets.select(keep)
             rest = steps[0] - n0
             if rest > 0:
-                loss = _train_level(nets, p, lv, rest, cfg, gen, should_stop)
+                loss = _train_level(nets, p, lv, rest, cfg, gen, should_stop, _at(trace, li), li == levels - 1)
         else:
             nets = _Networks(B, target.shape[1], source.shape[1], cfg, gen, like=source)
             if S > 1 and li == 0:
                 pass
             if p.shape[0] != B:  # one start: rows are the pairs already
                 p = p.detach()[:B].clone().requires_grad_()
-            loss = _train_level(nets, p, lv, steps[li], cfg, gen, should_stop)
+            loss = _train_level(nets, p, lv, steps[li], cfg, gen, should_stop, _at(trace, li), li == levels - 1)
         done += steps[li]
         history.append({"level": li, "size": list(sizes_t[li]), "loss": loss.tolist()})
         if progress is not None:
             progress(done, total, "training")
+    if cfg.polish_steps:
+        p = _polish(nets, p.detach().clone().requires_grad_(), lv, cfg, gen, should_stop, _at(trace, levels))
     M = homography_from_params(p.detach())
     confidence, _ = _retrieval(nets, lv, M, cfg, gen)
     return LearnedFit(M, confidence, loss, chosen, history)

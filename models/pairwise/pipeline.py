@@ -211,7 +211,7 @@ def align_pairs(pairs: Sequence[PairInput | tuple], options: PairOptions = PairO
     dev = resolve_device(options.device)
     try:
         method = create_pair_method(options.method, **options.method_options)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # an unknown method, option or option value
         raise InputError(f"method {options.method}: {e}") from None
     threshold = options.min_confidence
     if threshold is None:
