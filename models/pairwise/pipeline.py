@@ -197,6 +197,18 @@ def _resized(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 
+def _method(options: PairOptions):
+    """The method and its confidence threshold; an unknown method, option or value is an input error."""
+    try:
+        method = create_pair_method(options.method, **options.method_options)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"method {options.method}: {e}") from None
+    threshold = options.min_confidence
+    if threshold is None:
+        threshold = getattr(method, "min_confidence", 0.5)
+    return method, threshold
+
+
 def align_pairs(pairs: Sequence[PairInput | tuple], options: PairOptions = PairOptions(), *,
                 progress: Callable[[Progress], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> list[PairResult]:
@@ -209,13 +221,7 @@ def align_pairs(pairs: Sequence[PairInput | tuple], options: PairOptions = PairO
         raise InputError("no pairs")
     names = _names(pairs)
     dev = resolve_device(options.device)
-    try:
-        method = create_pair_method(options.method, **options.method_options)
-    except (TypeError, ValueError) as e:  # an unknown method, option or option value
-        raise InputError(f"method {options.method}: {e}") from None
-    threshold = options.min_confidence
-    if threshold is None:
-        threshold = getattr(method, "min_confidence", 0.5)
+    method, threshold = _method(options)
     report = progress or (lambda p: None)
     src = [_tensor(p.source) for p in pairs]
     tgt = [_tensor(p.target) for p in pairs]
@@ -364,6 +370,8 @@ def run_pairs(specs: Sequence[tuple[str, str, str]], out_dir: str | Path, option
     :func:`models.imageio.load_collection` reads), the names of images in it.
     """
     t0 = time.time()
+    _method(options)  # fail before reading anything
+    resolve_device(options.device)
     report = progress or (lambda p: None)
     report(Progress("loading", message="reading images"))
     if collection is None:
