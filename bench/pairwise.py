@@ -131,8 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="an option of the learned method (JSON value), repeatable")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     options = {}
     for o in args.option:
         k, _, v = o.partition("=")

@@ -139,9 +139,12 @@ def _run_pairs(spec: dict, out: Path, progress, should_stop, limits) -> dict:
     o = req["options"]
     opts = PairOptions(method=o["method"], device=spec["device"], max_side=o["max_side"], seed=o["seed"],
                        method_options=o.get("method_options") or {}, min_confidence=o.get("min_confidence"))
-    # overwrite: an earlier attempt may have finished writing and died before recording it.
-    return run_pairs([tuple(p) for p in req["pairs"]], out, opts, points=req.get("points"), progress=progress,
-                     should_stop=should_stop, limits=limits, collection=spec["input_path"], overwrite=True)
+    try:
+        # overwrite: an earlier attempt may have finished writing and died before recording it.
+        return run_pairs([tuple(p) for p in req["pairs"]], out, opts, points=req.get("points"), progress=progress,
+                         should_stop=should_stop, limits=limits, collection=spec["input_path"], overwrite=True)
+    except ImportError as e:  # a reference method whose library this worker lacks: the request's to change
+        raise InputError(f"method {opts.method} is not available on this worker: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

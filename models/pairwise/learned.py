@@ -75,8 +75,8 @@ class LearnedConfig:
     channels: tuple[int, int] = (32, 64)  # the two conv layers
     descriptor: int = 128  # descriptor length
     shared_first_layer: bool = False  # True: fully siamese; False: the paper's partially shared network
-    keypoints: int = 128  # keypoints per pair and step (positives; every other keypoint is a negative)
-    steps: tuple[int, ...] = (150, 150, 200)  # steps per pyramid level, coarsest first; the last repeats
+    keypoints: int = 64  # keypoints per pair and step (positives; every other keypoint is a negative)
+    steps: tuple[int, ...] = (60, 60, 200)  # steps per pyramid level, coarsest first; the last repeats
     coarsest: int = 32  # longer side of the coarsest pyramid level, pixels
     max_levels: int = 5
     lr: float = 3e-3  # network (Adam)
@@ -87,19 +87,13 @@ class LearnedConfig:
     # Shifted negatives: each keypoint's source patch moved this far (pixels of the level, a range);
     # None: none. They make the descriptor, and so the loss, sensitive to misalignment at that scale.
     hard_negatives: tuple[float, float] | None = (2.0, 4.0)
-    # On the finest level the range shrinks linearly to this fraction of itself: once the estimate
-    # is within a pixel or two, closer negatives sharpen the descriptor (and the estimate) further.
-    hard_negatives_final: float = 0.25
     contrast: float = 0.05  # gradient-magnitude threshold for keypoints (standardised image)
     scale: tuple[float, float] = (1.0, 2.0)  # keypoint scale range (pixels per patch sample), log-uniform
     patch_warp: str = "homography"  # "homography" | "keypoint" (Eqs. 10-12)
     starts: int = 9  # initial homographies tried at the coarsest level (1: the identity only)
     start_shift: float = 0.25  # their translations, fraction of the image (normalised units / 2)
-    start_steps: int | None = None  # coarsest-level steps before the best start is kept; None: the whole level
+    start_steps: int | None = 30  # coarsest-level steps before the best start is kept; None: the whole level
     eval_keypoints: int = 256  # keypoints of the confidence measure
-    polish_steps: int = 0  # finest level: steps on the homography alone, network frozen, fixed keypoints
-    polish_keypoints: int = 512
-    polish_lr: float = 0.2  # pixels per step, cosine decay to 0
     seed: int = 0
 
     def __post_init__(self):
@@ -380,12 +374,12 @@ def _pairs(nets: _Networks, lv: _Level, M_norm: torch.Tensor, xy, theta, scale, 
 
 
 def _hard_negatives(nets: _Networks, lv: _Level, M_norm: torch.Tensor, dt, xy, theta, scale, valid,
-                    cfg: LearnedConfig, gen: torch.Generator, shrink: float = 1.0) -> torch.Tensor:
+                    cfg: LearnedConfig, gen: torch.Generator) -> torch.Tensor:
     """Mean squared hinge ``(n,)`` against source patches of the same frames moved by
     ``hard_negatives`` pixels (of the target, in a random direction) from where the homography puts
     them: a descriptor that cannot tell them apart gives the homography no gradient at that scale."""
     n, k = xy.shape[:2]
-    lo, hi = (shrink * v for v in cfg.hard_negatives)
+    lo, hi = cfg.hard_negatives
     r = lo + (hi - lo) * torch.rand(n, k, generator=gen, device=xy.device, dtype=xy.dtype)
     a = torch.rand(n, k, generator=gen, device=xy.device, dtype=xy.dtype) * (2 * math.pi)
     moved = xy + torch.stack([torch.cos(a), torch.sin(a)], dim=-1) * r[..., None]
@@ -432,8 +426,7 @@ def _cosine(step: int, total: int, final: float) -> float:
 
 def _train_level(nets: _Networks, p: torch.Tensor, lv: _Level, steps: int, cfg: LearnedConfig,
                  gen: torch.Generator, should_stop: Callable[[], None] | None,
-                 trace: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                 finest: bool = False) -> torch.Tensor:
+                 trace: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Adam on the networks and the homography parameters ``p`` ``(n, 8)`` (a leaf) for ``steps``;
     returns the last step's loss per pair."""
     Ht, Wt = lv.target.shape[-2:]
@@ -452,8 +445,7 @@ def _train_level(nets: _Networks, p: torch.Tensor, lv: _Level, steps: int, cfg: 
         dt, ds, valid = _pairs(nets, lv, M, xy, theta, scale, cfg)
         loss = _contrastive(dt, ds, valid, xy, cfg)
         if cfg.hard_negatives is not None:
-            shrink = 1.0 - (1.0 - cfg.hard_negatives_final) * step / max(1, steps - 1) if finest else 1.0
-            loss = loss + _hard_negatives(nets, lv, M, dt, xy, theta, scale, valid, cfg, gen, shrink)
+            loss = loss + _hard_negatives(nets, lv, M, dt, xy, theta, scale, valid, cfg, gen)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()  # a sum: each pair's gradient is its own
         # A non-finite step (a degenerate homography) must not spread NaN into that pair's Adam state.
@@ -464,33 +456,6 @@ def _train_level(nets: _Networks, p: torch.Tensor, lv: _Level, steps: int, cfg: 
         if trace is not None:
             trace(step, p.detach(), loss.detach())
     return loss.detach()
-
-
-def _polish(nets: _Networks, p: torch.Tensor, lv: _Level, cfg: LearnedConfig, gen: torch.Generator,
-            should_stop, trace) -> torch.Tensor:
-    """The homography alone against the trained network's positives, on one fixed set of keypoints:
-    no sampling noise left, so the estimate settles where the descriptor distance is least."""
-    Ht, Wt = lv.target.shape[-2:]
-    for t in nets.parameters():
-        t.requires_grad_(False)
-    xy, theta, scale = _keypoints(lv.weights, cfg.polish_keypoints, cfg, gen, (Ht, Wt))
-    with torch.no_grad():
-        dt = _target_side(nets, lv, xy, theta, scale, cfg)
-    lr = cfg.polish_lr * 2.0 / max(1, max(Ht, Wt) - 1)
-    opt = torch.optim.Adam([p], lr=lr)
-    for step in range(cfg.polish_steps):
-        if should_stop is not None:
-            should_stop()
-        opt.param_groups[0]["lr"] = lr * _cosine(step, cfg.polish_steps, 0.0)
-        ds, valid = _source_side(nets, lv, homography_from_params(p), xy, theta, scale, cfg)
-        loss = ((dt - ds).square().sum(-1) * valid).sum(1) / valid.sum(1).clamp_min(1.0)
-        opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        opt.step()
-        if trace is not None:
-            trace(step, p.detach(), loss.detach())
-    return p.detach()
 
 
 def _at(trace, level: int):
@@ -546,7 +511,7 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
         if li == 0 and S > 1:
             lv_all = lv.select(rows)
             nets = _Networks(B * S, target.shape[1], source.shape[1], cfg, gen, like=source)
-            n0 = cfg.start_steps if cfg.start_steps is not None else steps[0]
+            n0 = steps[0] if cfg.start_steps is None else min(cfg.start_steps, steps[0])
             _train_level(nets, p, lv_all, n0, cfg, gen, should_stop, _at(trace, li))
             share, eval_loss = _retrieval(nets, lv_all, homography_from_params(p.detach()), cfg, gen)
             # The start whose own descriptor retrieves best; ties (e.g. all 0) by the lower loss.
@@ -558,20 +523,14 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
             nets.select(keep)
             rest = steps[0] - n0
             if rest > 0:
-                loss = _train_level(nets, p, lv, rest, cfg, gen, should_stop, _at(trace, li), li == levels - 1)
+                loss = _train_level(nets, p, lv, rest, cfg, gen, should_stop, _at(trace, li))
         else:
             nets = _Networks(B, target.shape[1], source.shape[1], cfg, gen, like=source)
-            if S > 1 and li == 0:
-                pass
-            if p.shape[0] != B:  # one start: rows are the pairs already
-                p = p.detach()[:B].clone().requires_grad_()
-            loss = _train_level(nets, p, lv, steps[li], cfg, gen, should_stop, _at(trace, li), li == levels - 1)
+            loss = _train_level(nets, p, lv, steps[li], cfg, gen, should_stop, _at(trace, li))
         done += steps[li]
         history.append({"level": li, "size": list(sizes_t[li]), "loss": loss.tolist()})
         if progress is not None:
             progress(done, total, "training")
-    if cfg.polish_steps:
-        p = _polish(nets, p.detach().clone().requires_grad_(), lv, cfg, gen, should_stop, _at(trace, levels))
     M = homography_from_params(p.detach())
     confidence, _ = _retrieval(nets, lv, M, cfg, gen)
     return LearnedFit(M, confidence, loss, chosen, history)

@@ -26,9 +26,10 @@ from .. import geometry as G
 __all__ = ["NATURAL_IMAGES", "COLOUR_IMAGES", "MODALITIES", "SyntheticPair", "load_image", "homography_pair",
            "derive_modality", "photometric", "corner_error"]
 
-# skimage.data images bundled with the package (no download), grayscale or colour.
-NATURAL_IMAGES = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "brick", "gravel", "moon",
-                  "immunohistochemistry", "stereo_motorcycle", "clock")
+# skimage.data photographs bundled with the package (no download), grayscale or colour. Pure textures
+# (brick, gravel, grass) are left out: their period is shorter than the protocol's 32 px moves, so a
+# shifted copy matches as well as the true one (DeTone et al. drew from MS-COCO scenes).
+NATURAL_IMAGES = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "clock", "stereo_motorcycle")
 COLOUR_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "stereo_motorcycle")
 MODALITIES = ("gradient", "inverted", "remap", "channel")
 
