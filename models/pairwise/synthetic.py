@@ -16,6 +16,7 @@ Images come from ``skimage.data`` (shipped inside scikit-image; never downloaded
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,8 @@ import torch
 
 from .. import geometry as G
 
-__all__ = ["NATURAL_IMAGES", "COLOUR_IMAGES", "MODALITIES", "SyntheticPair", "load_image", "homography_pair",
+__all__ = ["NATURAL_IMAGES", "COLOUR_IMAGES", "MODALITIES", "SyntheticPair", "raw_image", "save_images", "load_image",
+           "homography_pair",
            "derive_modality", "photometric", "corner_error"]
 
 # skimage.data photographs bundled with the package (no download), grayscale or colour. Pure textures
@@ -42,16 +44,30 @@ class SyntheticPair:
     name: str
 
 
+def raw_image(name: str) -> np.ndarray:
+    """A ``skimage.data`` image as shipped (``uint8`` or ``bool``). With ``CONGEAL_SKIMAGE_NPZ`` set,
+    from that file instead (``save_images``): for a machine where scikit-image cannot be installed."""
+    path = os.environ.get("CONGEAL_SKIMAGE_NPZ")
+    if path:
+        with np.load(path, allow_pickle=False) as f:
+            return f[name]
+    import skimage.data
+
+    im = getattr(skimage.data, name)()
+    return np.asarray(im[0] if isinstance(im, tuple) else im)  # stereo pairs: the left view
+
+
+def save_images(path: str | os.PathLike, names=NATURAL_IMAGES) -> None:
+    """Write the images :func:`raw_image` reads to one ``.npz`` (for ``CONGEAL_SKIMAGE_NPZ``)."""
+    np.savez_compressed(path, **{n: raw_image(n) for n in dict.fromkeys(names)})
+
+
 def load_image(name: str, short_side: int = 240) -> np.ndarray:
     """A ``skimage.data`` image as float32 in [0, 1], ``(H, W)`` or ``(H, W, 3)``, resized so its
     shorter side is ``short_side`` (DeTone et al. used 320 x 240 frames)."""
-    import skimage.data
     from PIL import Image
 
-    im = getattr(skimage.data, name)()
-    if isinstance(im, tuple):  # stereo pairs: the left view
-        im = im[0]
-    im = np.asarray(im)
+    im = raw_image(name)
     if im.dtype == bool:
         im = im.astype(np.uint8) * 255
     if im.ndim == 3:
