@@ -7,7 +7,7 @@ Sets (``models/pairwise/synthetic.py``; images from ``skimage.data``, shorter si
   noise sigma <= 0.03); grayscale.
 * ``cross``: the same geometry; the source in colour, the target a derived modality that breaks
   intensity matching (gradient magnitude, inverted, a non-monotonic remap, the blue channel),
-  cycling through them.
+  cycling through them (and through the images: 24 pairs hold every combination).
 * ``unrelated``: patches of two different images, no true homography: how often each method
   still says "aligned" (its confidence above its threshold).
 
@@ -58,7 +58,7 @@ def make_set(kind: str, n: int, seed: int, rho: float, patch: int = 128) -> list
             out.append(dict(source=p.source, target=S.photometric(p.target, rng), truth=p.source_from_target,
                             image=nm, modality="gray"))
         elif kind == "cross":
-            mod = S.MODALITIES[(i // len(names)) % len(S.MODALITIES)]
+            mod = S.MODALITIES[i % len(S.MODALITIES)]  # with the image cycling too: every combination
             p = S.homography_pair(images[nm], rng, patch, rho, nm)
             out.append(dict(source=p.source, target=S.derive_modality(p.target, mod), truth=p.source_from_target,
                             image=nm, modality=mod))
