@@ -101,9 +101,10 @@ def summary(rec: dict) -> dict:
     if rec["set"] != "unrelated":
         e = np.array(rec["errors"], float)
         finite = e[np.isfinite(e)]
+        said = np.array(rec["aligned"], bool)
         s.update(mace=float(finite.mean()) if len(finite) else None, median=float(np.median(e)),
                  under_1px=float(np.mean(e < 1)), under_3px=float(np.mean(e < 3)),
-                 failures=int((~np.isfinite(e)).sum()))
+                 failures=int((~np.isfinite(e)).sum()), aligned_but_wrong=float(np.mean(said & (e >= 3))))
         if rec["set"] == "cross":
             mods = np.array(rec["modality"])
             s["under_3px_by_modality"] = {m: float(np.mean(e[mods == m] < 3)) for m in S.MODALITIES if (mods == m).any()}
@@ -111,14 +112,15 @@ def summary(rec: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| set | method | device | pairs | MACE px | median px | < 1 px | < 3 px | failed | s / pair | conf. median | said aligned |"
-    lines = [head, "|" + "---|" * 12]
+    head = ("| set | method | device | pairs | MACE px | median px | < 1 px | < 3 px | failed | s / pair | "
+            "conf. median | said aligned | said aligned, ≥ 3 px |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         f = lambda k, fmt: "–" if r.get(k) is None else format(r[k], fmt)  # noqa: E731
         lines.append(f"| {r['set']} | {r['method']} | {r['device']} | {r['n']} | {f('mace', '.2f')} | "
                      f"{f('median', '.2f')} | {f('under_1px', '.0%')} | {f('under_3px', '.0%')} | "
                      f"{f('failures', 'd')} | {r['seconds_per_pair']:.3f} | {r['confidence_median']:.2f} | "
-                     f"{r['share_reported_aligned']:.0%} |")
+                     f"{r['share_reported_aligned']:.0%} | {f('aligned_but_wrong', '.0%')} |")
     return "\n".join(lines)
 
 
@@ -140,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-images", default=None, metavar="NPZ",
                     help="only write the benchmark's images to NPZ and exit (then CONGEAL_SKIMAGE_NPZ=NPZ on a "
                          "machine without scikit-image)")
+    ap.add_argument("--report", default=None, metavar="JSONL", help="only print the table of a results file")
     args = ap.parse_args(argv)
+    if args.report:
+        print(table([json.loads(line) for line in Path(args.report).read_text().splitlines() if line.strip()]))
+        return 0
     if args.save_images:
         S.save_images(args.save_images, S.NATURAL_IMAGES + S.COLOUR_IMAGES)
         return 0
@@ -182,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 with out.open("a") as f:
                     f.write(json.dumps({**s, "rho": args.rho, "seed": args.seed, "options": rec["options"],
                                         "command": " ".join(sys.argv), "errors": rec["errors"],
-                                        "confidence": rec["confidence"], "images": rec["images"],
+                                        "confidence": rec["confidence"], "aligned": rec["aligned"],
+                                        "images": rec["images"],
                                         "modality": rec["modality"]}) + "\n")
     print(table(rows))
     return 0
