@@ -462,6 +462,7 @@ def _at(trace, level: int):
     return None if trace is None else (lambda step, p, loss: trace(level, step, p, loss))
 
 
+@torch.enable_grad()  # the fit is gradient descent, even when called under no_grad
 def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = LearnedConfig(),
               init: torch.Tensor | None = None, progress: Callable[[int, int, str], None] | None = None,
               should_stop: Callable[[], None] | None = None,
