@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from models.pairwise.points import DIRECTIONS, transfer
 
+from ..bodies import json_body_openapi, read_json_body
 from ..contracts import PAIR_METHODS, JobKind, JobRecord, JobStatus
 from ..deps import OwnerDep, ServiceState, StateDep, load_job
 from ..jobs import accept_job, field_error, multipart_openapi, to_public
@@ -290,11 +291,18 @@ def download_pair_image(job_id: str, name: str, image: Literal[PAIR_IMAGES], sta
 
 
 @router.post("/{job_id}/{name}/points", response_model=PointsPublic, name="transfer_pair_points",
-             responses=_ERRORS, summary="Map points between a pair's images with its homography")
-def transfer_pair_points(job_id: str, name: str, body: PointsCreate, state: StateDep,
-                         owner: OwnerDep) -> PointsPublic:
-    """``target_to_source`` maps target pixels into the source (with the matrix),
-    ``source_to_target`` the other way (with its inverse)."""
+             responses={**_ERRORS, 415: {"model": ErrorPublic}}, openapi_extra=json_body_openapi(PointsCreate),
+             summary="Map points between a pair's images with its homography")
+async def transfer_pair_points(job_id: str, name: str, request: Request, state: StateDep,
+                               owner: OwnerDep) -> PointsPublic:
+    """``{"points": [[x, y], ...], "direction": "target_to_source"}``: ``target_to_source`` maps target
+    pixels into the source (with the matrix), ``source_to_target`` the other way (with its inverse)."""
+    body = await read_json_body(request, PointsCreate, 64 * MAX_POINTS + 1024,
+                                '{"points": [[x, y], ...], "direction": "target_to_source"}')
+    return await run_in_threadpool(_transfer, state, owner, job_id, name, body)
+
+
+def _transfer(state: ServiceState, owner: str, job_id: str, name: str, body: PointsCreate) -> PointsPublic:
     _, doc = _finished(state, owner, job_id)
     e = _entry(doc, name)
     if e["matrix"] is None:

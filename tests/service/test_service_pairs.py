@@ -73,6 +73,11 @@ def test_two_images_are_a_pair_job_with_the_homography_points_and_images(client,
     back = client.post(e["links"]["points"], json={"points": there["points"], "direction": "source_to_target"}).json()
     assert np.allclose(there["points"], e["points"]["target_in_source"][:1])
     assert np.allclose(back["points"], [[10, 20]], atol=1e-6)
+    # bodies that are not JSON points are refused, never a 500 (bytes that are not UTF-8 included)
+    assert client.post(e["links"]["points"], files=_files(**{"x.png": p.source})).status_code == 415
+    bad = client.post(e["links"]["points"], content=b'{"points": "\x86\xff"}', headers={"Content-Type": "application/json"})
+    assert bad.status_code == 422
+    assert client.post(e["links"]["points"], json={"points": [[1, 2]], "direction": "up"}).status_code == 422
 
 
 def test_learned_pairs_by_name_and_an_unalignable_pair_says_so(client, pairs):
