@@ -29,7 +29,7 @@ Implemented as in the paper:
   on its longer side; the homography carries over between levels, the network is
   discarded (Section 5.3).
 
-Where we differ, and why (each measured in ``bench/pairwise.py``, see docs/pairwise.md):
+Where we differ, and why (measurements in docs/benchmarks.md, "Pairwise homographies"):
 
 * Adam, with the learning rate of the homography in pixels of the current level and a
   cosine decay, instead of SGD with momentum: the step size of each parameter then no
@@ -37,10 +37,14 @@ Where we differ, and why (each measured in ``bench/pairwise.py``, see docs/pairw
 * The negatives are the other keypoints of the same step (every non-matching pair
   at least ``negative_distance`` pixels apart), not a fixed random set: they cost no
   extra patches.
+* Shifted negatives (``hard_negatives``): each keypoint's source patch moved 2-4 px off
+  where the homography puts it. With far-apart negatives only, the network learns to match
+  the current misalignment and the homography stops moving (camera pair 3.6 -> 1.3 px).
 * Multi-start (``starts``): the paper needs a rough initial alignment. Several initial
-  homographies (the identity and shifted, rotated and scaled copies of it) are fitted
-  side by side at the coarsest level, each with its own network, and every pair keeps
-  the one whose learned descriptor matches best (:func:`_retrieval`).
+  homographies (the identity and shifted copies of it; more starts add rotated, scaled and
+  farther-shifted ones) are fitted side by side for ``start_steps`` at the coarsest level,
+  each with its own network, and every pair keeps the one whose learned descriptor matches
+  best (:func:`_retrieval`).
 * A confidence: after the fit, fresh keypoints are described by the pair's own network
   and each target patch is matched against the source patches; the confidence is the
   share whose nearest source descriptor is the one the homography says corresponds.
