@@ -263,12 +263,13 @@ def align_pairs(pairs: Sequence[PairInput | tuple], options: PairOptions = PairO
 
 
 def align_pair(source, target, options: PairOptions = PairOptions()) -> PairResult:
-    """One pair; ``source`` and ``target`` are image paths or arrays."""
-    if isinstance(source, (str, Path)) or isinstance(target, (str, Path)):
-        (pair,) = load_pairs([(str(source), str(target), "")])
-    else:
-        pair = PairInput(source, target)
-    return align_pairs([pair], options)[0]
+    """One pair; ``source`` and ``target`` are each an image path or an array."""
+
+    def image(x):
+        return _read_image(Path(x), LoadLimits()) if isinstance(x, (str, Path)) else x
+
+    names = [Path(x).name if isinstance(x, (str, Path)) else None for x in (source, target)]
+    return align_pairs([PairInput(image(source), image(target), "", *names)], options)[0]
 
 
 # --------------------------------------------------------------------------- images of a result
