@@ -103,6 +103,21 @@ def test_learned_pairs_by_name_and_an_unalignable_pair_says_so(client, pairs):
     assert client.get(f"/pairs/{jid}/unrelated/warped").status_code == 404
 
 
+def test_a_running_pair_job_can_be_cancelled(client, pairs):
+    """The learned method checks for a stop at every step: DELETE stops a long fit within seconds."""
+    p = pairs["a"]
+    r = client.post("/pairs", files=_files(**{"s.png": p.source, "t.png": p.target}),
+                    data={"options": json.dumps({"starts": 1, "steps": [2000]})})
+    jid = r.json()["job"]["id"]
+    j = wait_job(client, jid, until=lambda j: (j["progress"] or {}).get("stage") == "aligning"
+                 or j["status"] in ("succeeded", "failed", "cancelled"))
+    assert j["status"] == "running", j
+    assert client.delete(f"/jobs/{jid}").status_code == 202
+    done = wait_job(client, jid, timeout=60)
+    assert done["status"] == "cancelled", done
+    assert client.get(f"/pairs/{jid}").json()["pairs"] is None
+
+
 @pytest.fixture(scope="module")
 def api(make_env):
     """An API whose queue no worker consumes: requests are checked and queued, never run."""
