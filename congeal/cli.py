@@ -174,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="GPUs each worker holds, so the most one job trains on (default: 1)")
     c.add_argument("-o", "--output", default="-", metavar="FILE",
                    help="where to write it (default: standard output)")
+    _pair_parser(sub)  # pairwise alignment (models/pairwise)
     return ap
 
 
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "compose":
         return _compose(args)
+    if args.cmd == "pair":
+        return _run_pair(args)
     if args.cmd in ("serve", "demo"):
         from service.cli import run as service_run  # the service stack, only when asked for
 
@@ -248,4 +251,78 @@ def main(argv: list[str] | None = None) -> int:
           f"{rep.n_outliers} flagged; results in {rep.out_dir}")
     for w in rep.warnings:
         print(f"congeal {args.cmd}: warning: {w}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------- congeal pair (models/pairwise)
+
+
+def _pair_parser(sub) -> None:
+    q = sub.add_parser("pair", help="the homography between two images of one scene (or many pairs)",
+                       description="Estimate the homography mapping TARGET onto SOURCE for one pair, or for every "
+                                   "pair of a CSV file (source,target[,name] a line). Writes pairs.json (3x3 matrix "
+                                   "target pixel -> source pixel, confidence, transferred points) and, per aligned "
+                                   "pair, the warped source, an overlay and a checkerboard.")
+    q.add_argument("source", nargs="?", help="the image to warp onto the target")
+    q.add_argument("target", nargs="?", help="the reference image (the aligned output's frame)")
+    q.add_argument("--pairs", default=None, metavar="CSV", help="a file of pairs: source,target[,name] a line "
+                                                                "(paths relative to the file)")
+    q.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    q.add_argument("--method", default="learned", help="learned (default), sift, orb, ecc or kornia")
+    q.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, repeatable (LearnedConfig fields for learned; VALUE read as JSON)")
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    q.add_argument("--max-side", type=int, default=256, help="longest side of each image's working size")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--min-confidence", type=float, default=None,
+                   help="report a pair as aligned from this confidence on (default: the method's threshold)")
+    q.add_argument("--point", action="append", default=[], metavar="X,Y",
+                   help="a target pixel to map into the source (repeatable); results in pairs.json")
+    q.add_argument("--source-point", action="append", default=[], metavar="X,Y",
+                   help="a source pixel to map into the target (repeatable)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _points(items: list[str], flag: str) -> list[list[float]]:
+    out = []
+    for it in items:
+        try:
+            x, y = (float(v) for v in it.split(","))
+        except ValueError:
+            raise ValueError(f"{flag} {it!r}: expected X,Y, e.g. 12.5,40") from None
+        out.append([x, y])
+    return out
+
+
+def _run_pair(args) -> int:
+    from models.imageio import InputError
+    from models.pairwise.pipeline import PairOptions, read_pairs_file, run_pairs
+
+    try:
+        if args.pairs is not None:
+            if args.source or args.target:
+                raise ValueError("give either SOURCE TARGET or --pairs CSV, not both")
+            specs = read_pairs_file(args.pairs)
+        elif args.source and args.target:
+            specs = [(args.source, args.target, "pair")]
+        else:
+            raise ValueError("give SOURCE and TARGET images, or --pairs CSV")
+        pts = {"target": _points(args.point, "--point"), "source": _points(args.source_point, "--source-point")}
+        opts = PairOptions(method=args.method, device=args.device, max_side=args.max_side, seed=args.seed,
+                           method_options=_method_options(args.option), min_confidence=args.min_confidence)
+        t0 = time.time()
+        rep = run_pairs(specs, args.out, opts, points=[pts] * len(specs) if any(pts.values()) else None,
+                        progress=None if args.quiet else _bar("pair"), overwrite=args.overwrite)
+    except (InputError, FileNotFoundError, ValueError, ImportError) as e:
+        print(f"congeal pair: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("congeal pair: interrupted; nothing was written to --out", file=sys.stderr)
+        return 130
+    print(f"{rep['n_pairs']} pair(s) in {time.time() - t0:.1f}s with {args.method}; {rep['n_aligned']} aligned "
+          f"(confidence min {rep['confidence_min']:.2f}, mean {rep['confidence_mean']:.2f}); results in {args.out}")
+    if rep["n_aligned"] < rep["n_pairs"]:
+        print(f"congeal pair: warning: {rep['n_pairs'] - rep['n_aligned']} pair(s) could not be aligned with "
+              f"confidence; see pairs.json", file=sys.stderr)
     return 0

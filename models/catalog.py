@@ -13,14 +13,15 @@ from pathlib import Path
 import torch
 
 from . import baselines, dprc  # noqa: F401  (imported for their registrations)
+from .pairwise import classic, learned  # noqa: F401  (kind "pair")
 from .methods import Aligner, AlignmentMethod, registered_aligners, registered_methods
 
-__all__ = ["create_method", "list_methods", "list_aligners", "load_aligner"]
+__all__ = ["create_method", "list_methods", "list_aligners", "load_aligner", "create_pair_method", "list_pair_methods"]
 
 
-def list_methods() -> list[str]:
-    """Every method name, sorted."""
-    return sorted(registered_methods())
+def list_methods(kind: str = "collection") -> list[str]:
+    """Every method name of ``kind`` (``"collection"``: congealing; ``"pair"``: two images), sorted."""
+    return sorted(registered_methods(kind))
 
 
 def list_aligners() -> list[str]:
@@ -28,9 +29,10 @@ def list_aligners() -> list[str]:
     return sorted(registered_aligners())
 
 
-def create_method(name: str, **kwargs) -> AlignmentMethod:
-    """The method ``name`` with its options (``kwargs``) applied; ``ValueError`` for an unknown name."""
-    methods = registered_methods()
+def create_method(name: str, kind: str = "collection", **kwargs) -> AlignmentMethod:
+    """The method ``name`` of ``kind`` with its options (``kwargs``) applied; ``ValueError`` for an
+    unknown name."""
+    methods = registered_methods(kind)
     if name not in methods:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(methods))}")
     return methods[name](**kwargs)
@@ -50,3 +52,13 @@ def load_aligner(model_dir: str | Path, device: torch.device | str = "cpu") -> A
     if method not in loaders:
         raise ValueError(f"{model_dir}: method {method!r} has no saved-model support")
     return loaders[method](model_dir, torch.device(device))
+
+
+def list_pair_methods() -> list[str]:
+    """The pair methods (:mod:`models.pairwise`), sorted."""
+    return list_methods(kind="pair")
+
+
+def create_pair_method(name: str, **options):
+    """The pair method ``name`` with its options applied."""
+    return create_method(name, kind="pair", **options)

@@ -54,6 +54,7 @@ __all__ = [
     "offsets_to_homography",
     "homography_to_offsets",
     "project_offsets",
+    "original_from_resized",
 ]
 
 
@@ -498,3 +499,16 @@ def homography_to_offsets(M: torch.Tensor) -> torch.Tensor:
     c = unit_corners(like=M)
     return (transform_points(M, c) - c).reshape(-1, 8)
 
+
+
+def original_from_resized(sizes, resized: tuple[int, int]) -> torch.Tensor:
+    """Pixel maps ``(k, 3, 3)`` float64 from a resized image back to its original, for the
+    resize geometry of Pillow and ``interpolate(align_corners=False)`` (pixel centres of the two
+    sampled over the same extent); ``sizes`` ``(k, 2)`` original ``(H, W)``, ``resized`` ``(H, W)``."""
+    s = torch.as_tensor(sizes, dtype=torch.float64).reshape(-1, 2)
+    sy, sx = s[:, 0] / resized[0], s[:, 1] / resized[1]
+    out = torch.zeros(len(s), 3, 3, dtype=torch.float64)
+    out[:, 0, 0], out[:, 0, 2] = sx, 0.5 * sx - 0.5
+    out[:, 1, 1], out[:, 1, 2] = sy, 0.5 * sy - 0.5
+    out[:, 2, 2] = 1
+    return out

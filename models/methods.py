@@ -139,6 +139,8 @@ class AlignmentMethod(Protocol):
 
 
 _METHODS: dict[str, Callable[..., AlignmentMethod]] = {}
+# Other kinds of task (kind -> name -> factory): "pair" methods align two images (models.pairwise).
+_KINDS: dict[str, dict[str, Callable]] = {"collection": _METHODS}
 _ALIGNER_LOADERS: dict[str, Callable[[Path, torch.device], Aligner]] = {}
 
 
@@ -156,11 +158,13 @@ def _register(table: dict, kind: str, name: str, obj):
     return obj
 
 
-def register_method(name: str):
-    """Decorator: register ``factory(**options) -> AlignmentMethod`` under ``name``."""
+def register_method(name: str, kind: str = "collection"):
+    """Decorator: register ``factory(**options)`` under ``name`` for tasks of ``kind``:
+    ``"collection"`` (an :class:`AlignmentMethod`, congealing), or ``"pair"`` (two images,
+    :mod:`models.pairwise`)."""
 
     def deco(factory):
-        return _register(_METHODS, "method", name, factory)
+        return _register(_KINDS.setdefault(kind, {}), f"{kind} method", name, factory)
 
     return deco
 
@@ -174,10 +178,10 @@ def register_aligner(method: str):
     return deco
 
 
-def registered_methods() -> dict[str, Callable[..., AlignmentMethod]]:
-    """The methods registered so far, by name (a copy). :func:`models.catalog.list_methods` is
-    the product's list: it imports every family first."""
-    return dict(_METHODS)
+def registered_methods(kind: str = "collection") -> dict[str, Callable]:
+    """The methods of ``kind`` registered so far, by name (a copy). :func:`models.catalog.list_methods`
+    is the product's list: it imports every family first."""
+    return dict(_KINDS.get(kind, {}))
 
 
 def registered_aligners() -> dict[str, Callable[[Path, torch.device], Aligner]]:

@@ -50,6 +50,7 @@ from .catalog import create_method, load_aligner
 from .imageio import Collection, InputError, LoadLimits, save_png, working_size
 from .imageops import background
 from .methods import Cancelled, FitContext, Progress, shard_bounds
+from .runtime import StagedOutput, check_out_dir, resolve_device
 from .sources import CollectionSource, Source, open_source
 
 __all__ = [
@@ -133,28 +134,6 @@ def per_image_dtype(channels: int) -> np.dtype:
 PER_IMAGE_DTYPE = per_image_dtype(1)
 
 
-def resolve_device(spec: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> first CUDA device if any, else CPU; otherwise as given, checked to exist here.
-
-    Raises:
-        InputError: a spec torch does not read, or a CUDA device this machine does not have.
-    """
-    if isinstance(spec, torch.device):
-        return spec
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise InputError(f"--device {spec}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {spec}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
 def _channels(im: np.ndarray, channels: int) -> np.ndarray:
     if channels == 3 and im.ndim == 2:
         return np.repeat(im[..., None], 3, axis=2)
@@ -195,18 +174,6 @@ def aligned_file_names(names: list[str]) -> list[str]:
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
     return ["aligned/" + (s if counts[s] == 1 else n + ".png") for s, n in zip(stems, names)]
-
-
-def _orig_from_work(sizes: np.ndarray, work_size: tuple[int, int]) -> torch.Tensor:
-    """Pixel maps ``(k, 3, 3)`` from a resized (working) image back to its original, for Pillow's
-    resize geometry; ``sizes`` ``(k, 2)`` original ``(H, W)``."""
-    s = torch.as_tensor(sizes, dtype=torch.float64)
-    sy, sx = s[:, 0] / work_size[0], s[:, 1] / work_size[1]
-    out = torch.zeros(len(s), 3, 3, dtype=torch.float64)
-    out[:, 0, 0], out[:, 0, 2] = sx, 0.5 * sx - 0.5
-    out[:, 1, 1], out[:, 1, 2] = sy, 0.5 * sy - 0.5
-    out[:, 2, 2] = 1
-    return out
 
 
 # A job whose median aligned frame keeps less of the objects than this (or shows them at less
@@ -266,57 +233,6 @@ def _consistency_warnings(s: dict | None) -> list[str]:
 
 def _hwc(img: np.ndarray) -> np.ndarray:
     return img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
-
-
-def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse an output folder that cannot be written: checked before any work, so a bad ``--out``
-    costs a second, not a training run.
-
-    Raises:
-        InputError: ``out_dir`` is not a folder, is not empty (without ``overwrite``), or cannot be
-        created or written in.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise InputError(f"{out_dir}: exists and is not a folder")
-        if not overwrite and any(out_dir.iterdir()):
-            raise InputError(f"{out_dir}: output folder exists and is not empty (use --overwrite)")
-    # The output is staged in a sibling folder and renamed into place: its parent must be writable
-    # (or creatable, from the nearest folder that exists).
-    parent = out_dir.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"{out_dir}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{out_dir}: cannot write in {parent}")
-
-
-class _Staging:
-    """Write into ``OUT.tmp-<id>`` and rename to ``OUT`` on success."""
-
-    def __init__(self, out_dir: Path, overwrite: bool):
-        self.out_dir = out_dir
-        check_out_dir(out_dir, overwrite)  # again: the folder may have been filled while the job ran
-        self.tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> Path:
-        self.tmp.mkdir(parents=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.out_dir, old)
-        os.replace(self.tmp, self.out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
 
 
 def _open(source, limits: LoadLimits) -> Source:
@@ -488,7 +404,7 @@ def align_collection(source: str | os.PathLike | Collection | Source, out_dir: s
             "seed": options.seed, "options": {k: v for k, v in asdict(options).items() if k != "device"},
             "history": result.history[-200:], "notes": result.notes, "schedule": result.plan,
         }
-        with _Staging(out_dir, overwrite) as tmp:
+        with StagedOutput(out_dir, overwrite) as tmp:
             model_dir = None
             if result.aligner is not None:
                 result.aligner.save(tmp / "model")
@@ -589,7 +505,7 @@ def apply_model(model_dir: str | os.PathLike, source: str | os.PathLike | Collec
                 report(Progress("aligning", step=min(k + batch, len(src)), total=len(src)))
         meta = {"method": pipe["method"], "warp": pipe["warp"], "reference": None, "device": str(dev),
                 "working_size": list(wsize), "channels": channels, "model_dir": str(model_dir)}
-        with _Staging(out_dir, overwrite) as tmp:
+        with StagedOutput(out_dir, overwrite) as tmp:
             metrics = _finish(tmp, src, work, warps, meta, lambda b: aligner.align(b.to(dev)), dev, aligned,
                               report, should_stop, t0, warps_are_aligned=True)
     finally:
@@ -714,7 +630,7 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
         images = None if uniform else next(source_chunks)[1]
         Mn = in_from_out_norm[k:k + n].double().cpu()
         work_from_out = G.pixel_from_normalised(Mn, wsize, wsize)
-        orig_from_out = _orig_from_work(sizes[k:k + n], wsize) @ work_from_out
+        orig_from_out = G.original_from_resized(sizes[k:k + n], wsize) @ work_from_out
         orig_from_out = orig_from_out / orig_from_out[:, 2:3, 2:3]
         transforms[k:k + n] = orig_from_out.numpy()
         a = aligned_chunk(k, images, work_from_out, orig_from_out)
@@ -759,7 +675,7 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
         else:
             images = None if uniform else next(source_chunks)[1]
             work_from_out = G.pixel_from_normalised(in_from_out_norm[k:k + n].double().cpu(), wsize, wsize)
-            orig_from_out = _orig_from_work(sizes[k:k + n], wsize) @ work_from_out
+            orig_from_out = G.original_from_resized(sizes[k:k + n], wsize) @ work_from_out
             a = aligned_chunk(k, images, work_from_out, orig_from_out / orig_from_out[:, 2:3, 2:3])
         resid[k:k + n] = ((a - mean_dev) * 255.0).abs().mean(dim=(1, 2, 3)).float().cpu()
     if N < 2:

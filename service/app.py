@@ -38,7 +38,8 @@ Joint image alignment ("congealing") as a service. Upload a collection with
 transforms, the aligned images and the mean/variance images. A succeeded job's
 trained model aligns new images with `POST /models/{id}/align`. Large collections
 are uploaded once, in resumable chunks, as a dataset (`POST /datasets`) that jobs
-name; their per-image results page through `GET /jobs/{id}/per-image`.
+name; their per-image results page through `GET /jobs/{id}/per-image`. `POST /pairs` estimates
+the homography between two images (or many pairs) as a job; see docs/pairwise.md.
 See docs/service.md for the full guide.
 """
 
@@ -118,7 +119,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   docs_url=None, redoc_url=None)
     if settings is not None:
         app.dependency_overrides[get_settings] = lambda: settings
-    for r in (jobs.router, results.router, datasets.router, models.router):
+    # --- pairwise alignment (models/pairwise; issue 17): routers.pairs
+    from .routers import pairs
+
+    for r in (jobs.router, results.router, datasets.router, models.router, pairs.router):
         app.include_router(r, responses={**AUTH_ERRORS, **SERVER_ERRORS})
     app.include_router(health.router, responses=SERVER_ERRORS)
     _mount_docs(app)

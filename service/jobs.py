@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -51,9 +51,12 @@ def _limits(state: ServiceState) -> LoadLimits:
 
 async def accept_job(request: Request, state: ServiceState, owner: str, *, kind: JobKind,
                      options_model: type[BaseModel], min_images: int, model_id: str | None = None,
-                     idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
+                     idempotency_key: str | None = None,
+                     prepare: Callable[[BaseModel, list[str], str], None] | None = None) -> tuple[JobRecord, bool]:
     """Receive an upload into a new job's input folder, validate it, store the record.
 
+    ``prepare(options, image names, job id)``, if given, checks the options against the uploaded
+    images and writes what else the job needs (raising a 4xx to refuse), before the record exists.
     Returns the record and whether it is new (``False``: an idempotent replay).
     The task is not sent here; the caller dispatches new jobs.
     """
@@ -90,6 +93,8 @@ async def accept_job(request: Request, state: ServiceState, owner: str, *, kind:
             if job_options.reference is not None and job_options.reference not in names:
                 raise field_error("reference", f"{job_options.reference!r} is not the name of an uploaded image")
             n_inputs, input_bytes = len(names), up.total_bytes
+            if prepare is not None:
+                await run_in_threadpool(prepare, opts, names, job_id)
         rec = JobRecord(id=job_id, kind=kind, owner=owner, options=job_options, model_id=model_id,
                         n_inputs=n_inputs, input_bytes=input_bytes, input_archive=archive, dataset_id=dataset_id,
                         idempotency_key=idempotency_key, request_id=current("request_id"))
@@ -172,7 +177,9 @@ def to_public(rec: JobRecord, request: Request) -> JobPublic:
     links = JobLinks(self=path("get_job", job_id=rec.id))
     if not rec.terminal:
         links.cancel = path("cancel_job", job_id=rec.id)
-    if rec.status == JobStatus.succeeded:
+    if rec.kind == JobKind.pair:
+        links.pairs = path("get_pair_job", job_id=rec.id)
+    elif rec.status == JobStatus.succeeded:
         links.transforms = path("download_transforms", job_id=rec.id)
         links.metrics = path("download_metrics", job_id=rec.id)
         if (rec.result or {}).get("has_report"):

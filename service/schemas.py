@@ -148,13 +148,14 @@ class JobLinks(BaseModel):
     names_txt: str | None = Field(None, description="image names, one a line, in index order, when the output "
                                                     "has it")
     dataset: str | None = Field(None, description="the dataset the job read")
+    pairs: str | None = Field(None, description="a pair job: its results (matrices, confidence, images)")
 
 
 class JobPublic(BaseModel):
     id: str
     kind: JobKind
     status: JobStatus
-    options: JobOptions | None = Field(None, description="align jobs: the options; inference: none")
+    options: JobOptions | None = Field(None, description="align jobs: the options; inference and pair jobs: none")
     n_images: int
     model_id: str | None = Field(None, description="align: the id of the trained model, once succeeded; "
                                                    "apply: the model used")

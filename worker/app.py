@@ -17,7 +17,7 @@ from service.contracts import TASK_NAMES, ArtifactStore, CeleryDispatcher, JobKi
 from service.contracts.logs import configure_logging
 from service.execution import JobRunner, Maintenance, worker_name
 
-__all__ = ["app", "run_align", "run_apply"]
+__all__ = ["app", "run_align", "run_apply", "run_pair"]
 
 settings = Settings()
 app = Celery("congeal")
@@ -56,6 +56,11 @@ def _logging(loglevel=None, **_):
     """Structured lines (CONGEAL_LOG_FORMAT) for Celery's own loggers and ours, at the worker's
     --loglevel: connecting here keeps Celery from installing its own handlers."""
     configure_logging(loglevel or settings.log_level, settings.log_format)
+
+
+@app.task(name=TASK_NAMES[JobKind.pair], bind=True)
+def run_pair(self, job_id: str) -> str:
+    return _run(self, job_id)
 
 
 _maintenance: dict = {}

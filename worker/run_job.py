@@ -96,6 +96,12 @@ def run(spec: dict, events: _Events, should_stop) -> int:
             # overwrite: an earlier attempt may have finished writing and died before recording it.
             align_collection(spec["input_path"], out, opts, progress=progress, checkpoint_dir=spec["checkpoint_dir"],
                              should_stop=should_stop, limits=limits, overwrite=True)
+        elif spec["kind"] == "pair":
+            summary = _run_pairs(spec, out, progress, should_stop, limits)
+            if should_stop():
+                raise Cancelled("cancelled")
+            events.send({"type": "result", "summary": summary})
+            return EXIT_OK
         else:
             if not spec["model_dir"] or not (Path(spec["model_dir"]) / "pipeline.json").is_file():
                 raise InputError("the trained model for this job is missing from the artifact store")
@@ -119,6 +125,26 @@ def run(spec: dict, events: _Events, should_stop) -> int:
         traceback.print_exc()
         events.send({"type": "error", "kind": "internal", "message": f"{type(e).__name__}: {e}"})
         return EXIT_INTERNAL
+
+
+def _run_pairs(spec: dict, out: Path, progress, should_stop, limits) -> dict:
+    """A pair job: the request the API wrote beside the uploads, run by models.pairwise."""
+    from models.imageio import InputError
+    from models.pairwise.pipeline import PairOptions, run_pairs
+
+    try:
+        req = json.loads(Path(spec["pair_request"]).read_text())
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(f"the pair request of this job is missing or unreadable ({e})") from None
+    o = req["options"]
+    opts = PairOptions(method=o["method"], device=spec["device"], max_side=o["max_side"], seed=o["seed"],
+                       method_options=o.get("method_options") or {}, min_confidence=o.get("min_confidence"))
+    try:
+        # overwrite: an earlier attempt may have finished writing and died before recording it.
+        return run_pairs([tuple(p) for p in req["pairs"]], out, opts, points=req.get("points"), progress=progress,
+                         should_stop=should_stop, limits=limits, collection=spec["input_path"], overwrite=True)
+    except ImportError as e:  # a reference method whose library this worker lacks: the request's to change
+        raise InputError(f"method {opts.method} is not available on this worker: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

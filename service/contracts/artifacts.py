@@ -8,6 +8,7 @@ Layout, one folder per job::
     DATA/jobs/<id>/output/       models.pipeline's output folder (written atomically), report.html included
     DATA/jobs/<id>/output/aligned.zip   all aligned images, built by the worker
     DATA/jobs/<id>/run.json      what the training child is asked to do
+    DATA/jobs/<id>/pair_request.json   a pair job: its pairs, points and options (written by the API)
     DATA/jobs/<id>/child.log     the training child's stderr
     DATA/datasets/<id>/files/    a dataset's files, as uploaded (jobs naming it read them in place)
     DATA/datasets/<id>/names.txt its image names, one a line, written when it was validated
@@ -78,6 +79,9 @@ class ArtifactStore:
 
     def run_spec(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "run.json"
+
+    def pair_request(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "pair_request.json"
 
     def log_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "child.log"

@@ -17,6 +17,7 @@ __all__ = [
     "JobKind",
     "TERMINAL",
     "METHODS",
+    "PAIR_METHODS",
     "WARPS",
     "JobOptions",
     "ProgressRecord",
@@ -28,6 +29,8 @@ __all__ = [
 # Methods the API accepts: the API cannot ask models.methods (torch) itself, so a
 # contract test checks that this is exactly the core's registry.
 METHODS = ("dprc", "lsc", "pssv", "rasl", "tgrasta")
+# Pair methods (models.pairwise), checked against the core's "pair" registry the same way.
+PAIR_METHODS = ("ecc", "kornia", "learned", "orb", "sift")
 WARPS = ("translation", "similarity", "affine", "homography")
 
 
@@ -49,6 +52,7 @@ TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled
 class JobKind(str, Enum):
     align = "align"  # congeal a collection, train an aligner
     apply = "apply"  # align new images with a trained aligner
+    pair = "pair"  # homographies between pairs of images (models.pairwise)
 
 
 # The DPRC options a client may set (a bounded subset of DPRCConfig in models/dprc.py).

@@ -107,6 +107,7 @@ class Settings(BaseSettings):
                                                                  "answered synchronously")
     sync_inference_timeout_s: float = Field(60.0, gt=0, description="how long a synchronous inference "
                                                                     "waits before answering 202 with the job")
+    max_pairs_per_job: int = Field(1000, ge=1, description="image pairs one POST /pairs may ask for")
     page_size_max: int = Field(100, ge=1)
     per_image_page_size_max: int = Field(
         10_000, ge=1, description="largest 'limit' of GET /jobs/{id}/per-image (a row is ~0.3 kB of JSON: "

@@ -17,11 +17,13 @@ __all__ = ["TASK_NAMES", "queue_for", "celery_config", "Dispatcher", "CeleryDisp
 TASK_NAMES: dict[JobKind, str] = {
     JobKind.align: "congeal.align",
     JobKind.apply: "congeal.apply",
+    JobKind.pair: "congeal.pair",
 }
 
 
 def queue_for(kind: JobKind, settings: Settings) -> str:
-    """Inference has its own queue so that a dedicated worker pool can keep its latency low."""
+    """Inference has its own queue so that a dedicated worker pool can keep its latency low; pair
+    jobs train a network per pair, so they queue with training."""
     return settings.inference_queue_name if kind == JobKind.apply else settings.queue
 
 

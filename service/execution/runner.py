@@ -102,6 +102,7 @@ class JobRunner:
             "checkpoint_dir": str(a.checkpoint_dir(rec.id)),
             "model_dir": str(a.model_dir(rec.model_id)) if rec.model_id else None,
             "aligned_zip": str(a.aligned_zip(rec.id)),
+            "pair_request": str(a.pair_request(rec.id)) if rec.kind == JobKind.pair else None,
             "limits": {"max_images": s.max_images_per_job, "max_pixels": s.max_pixels_per_image,
                        "max_side": s.max_side_per_image},
         }
@@ -274,7 +275,8 @@ class JobRunner:
         elif err.get("kind") == "input":
             kind, msg = "input", err.get("message") or "the input could not be used"
         elif err.get("message"):
-            what = "inference" if cur is not None and cur.kind == JobKind.apply else "training"
+            what = {JobKind.apply: "inference", JobKind.pair: "pair alignment"}.get(cur.kind if cur else None,
+                                                                                   "training")
             msg = f"{what} failed: {err['message']}"
         elif rc < 0:
             msg = f"the job process was killed by {_signal_name(-rc)}"

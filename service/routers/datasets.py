@@ -9,14 +9,13 @@ the form field ``dataset=<id>`` aligns it. See ``service.datasets``.
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
 
+from ..bodies import json_body_openapi, read_json_body
 from ..contracts import new_dataset_id
 from ..contracts.datasets import (DatasetFile, DatasetQuota, DatasetRecord, begin_delete, check_file_name,
                                   classify_files, purge_dataset)
@@ -30,39 +29,6 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 _E404 = {"model": ErrorPublic, "description": "no such dataset (or another tenant's)"}
 _CREATE_BYTES_PER_FILE = 1024  # a file's entry in POST /datasets is well under this
-
-
-def _inline(schema: dict) -> dict:
-    """A model's JSON schema with its ``$defs`` references resolved in place, for a request
-    body documented by hand (the body is read by the route itself, capped, not by FastAPI)."""
-    defs = schema.pop("$defs", {})
-
-    def walk(x: Any) -> Any:
-        if isinstance(x, dict):
-            if "$ref" in x and x["$ref"].startswith("#/$defs/"):
-                return walk(defs[x["$ref"].rsplit("/", 1)[1]])
-            return {k: walk(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [walk(v) for v in x]
-        return x
-
-    return walk(schema)
-
-
-async def _read_capped(request: Request, cap: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > cap:
-        raise HTTPException(413, f"the request body is larger than {cap} bytes (CONGEAL_MAX_DATASET_FILES files "
-                                 f"at most)")
-    body = bytearray()
-    try:
-        async for piece in request.stream():
-            body += piece
-            if len(body) > cap:
-                raise HTTPException(413, f"the request body is larger than {cap} bytes")
-    except ClientDisconnect:
-        raise HTTPException(400, "the client disconnected before the body was sent") from None
-    return bytes(body)
 
 
 def _create(state: ServiceState, owner: str, body: DatasetCreate) -> DatasetRecord:
@@ -109,21 +75,15 @@ def _create(state: ServiceState, owner: str, body: DatasetCreate) -> DatasetReco
              summary="Declare a dataset's files; then PUT each file's bytes, in chunks",
              responses={201: {"headers": {"Location": {"schema": {"type": "string"}}}},
                         413: {"model": ErrorPublic, "description": "more files or bytes than a dataset may hold"},
-                        415: {"model": ErrorPublic}, 422: {"model": ErrorPublic}},
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": _inline(DatasetCreate.model_json_schema())}}}})
+                        415: {"model": ErrorPublic}, 422: {"model": ErrorPublic},
+                        429: {"model": ErrorPublic, "description": "the tenant holds its limit of datasets"}},
+             openapi_extra=json_body_openapi(DatasetCreate))
 async def create_dataset(request: Request, response: Response, state: StateDep, owner: OwnerDep) -> DatasetPublic:
     """``{"files": [{"name": "shard-000.npy", "size": 123, "sha256": "..."}], "label": "..."}``. Nothing
     is uploaded yet; the answer's ``links.upload`` is where each file's chunks go."""
-    if not request.headers.get("content-type", "").lower().startswith("application/json"):
-        raise HTTPException(415, "send the dataset's files as JSON: {\"files\": [{\"name\": ..., \"size\": ...}]}")
-    raw = await _read_capped(request, 4096 + _CREATE_BYTES_PER_FILE * state.settings.max_dataset_files)
-    try:
-        body = DatasetCreate.model_validate_json(raw)
-    except ValidationError as e:
-        # Without the input: it may be bytes that are not UTF-8, which no JSON answer can echo.
-        errors = e.errors(include_url=False, include_context=False, include_input=False)
-        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in errors]) from None
+    body = await read_json_body(request, DatasetCreate, 4096 + _CREATE_BYTES_PER_FILE * state.settings.max_dataset_files,
+                                "the dataset's files: {\"files\": [{\"name\": ..., \"size\": ...}]}",
+                                " (CONGEAL_MAX_DATASET_FILES files at most)")
     rec = await run_in_threadpool(_create, state, owner, body)
     files = await run_in_threadpool(state.datasets.files, rec.id)
     pub = to_public(rec, request, state.settings, files)

@@ -46,7 +46,7 @@ def test_unknown_names_are_named_errors(tmp_path):
 
 
 def test_a_taken_name_cannot_be_taken_by_another_factory(monkeypatch):
-    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))  # changes go to a copy
+    monkeypatch.setattr(methods, "_KINDS", {k: dict(v) for k, v in methods._KINDS.items()})  # changes go to a copy
 
     def impostor(**_):
         raise AssertionError("never called")
@@ -58,6 +58,8 @@ def test_a_taken_name_cannot_be_taken_by_another_factory(monkeypatch):
     assert methods.register_method("lsc")(again) is again  # the same definition again: harmless
     methods.register_method("test-only")(impostor)
     assert methods.registered_methods()["test-only"] is impostor
+    methods.register_method("dprc", kind="pair")(impostor)  # names are per kind of task
+    assert methods.registered_methods("pair")["dprc"] is impostor
 
 
 def test_the_registry_imports_no_family():

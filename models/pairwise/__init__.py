@@ -1,0 +1,31 @@
+"""Pairwise alignment: the homography between two images of one scene.
+
+``learned`` (the default) learns a patch descriptor from scratch on the pair itself, jointly
+with the homography (Dong et al., 3DV 2018; :mod:`models.pairwise.learned`); ``sift``,
+``orb``, ``ecc`` and ``kornia`` are classic references (:mod:`models.pairwise.classic`,
+``pip install 'congeal[bench]'``).
+
+    from models.pairwise import PairOptions, align_pair
+    r = align_pair("photo.png", "nir.png", PairOptions(method="learned"))
+    r.matrix, r.confidence, r.aligned, r.target_to_source([[10, 20]])
+
+Submodules load lazily: :mod:`models.pairwise.points` is NumPy-only, and the service's API
+imports it without torch.
+"""
+import importlib
+
+_EXPORTS = {
+    "PairOptions": "pipeline", "PairInput": "pipeline", "PairResult": "pipeline", "align_pairs": "pipeline",
+    "align_pair": "pipeline", "run_pairs": "pipeline", "read_pairs_file": "pipeline", "load_pairs": "pipeline",
+    "write_pairs": "pipeline", "warp_source": "pipeline", "CONVENTION": "pipeline",
+    "LearnedConfig": "learned", "fit_pairs": "learned",
+    "PairContext": "methods", "PairEstimate": "methods", "register_pair_method": "methods",
+    "target_to_source": "points", "source_to_target": "points",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(name)

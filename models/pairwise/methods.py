@@ -1,0 +1,56 @@
+"""Pair methods: what they take, what they return, and their registry.
+
+A pair method estimates, for a batch of image pairs of one size, the homography that maps
+the target onto the source: ``source_from_target`` in normalised coordinates
+(:mod:`models.geometry`), so ``target(p) ~ source(M p)``, the product's backward-map
+convention with the target as the aligned output. Pair methods live in the registry of
+:mod:`models.methods` under the kind ``"pair"``; :func:`models.catalog.create_pair_method` and
+:func:`models.catalog.list_pair_methods` look them up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Protocol
+
+import torch
+
+from ..methods import Cancelled, register_method
+
+__all__ = ["PairContext", "PairEstimate", "PairMethod", "register_pair_method", "KIND"]
+
+KIND = "pair"
+
+
+@dataclass
+class PairContext:
+    """What a pair method needs besides the images."""
+
+    seed: int = 0
+    progress: Callable[[int, int, str], None] | None = None  # (done, total, stage) within this batch
+    should_stop: Callable[[], bool] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def check_stop(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled("cancelled")
+
+
+@dataclass
+class PairEstimate:
+    """One batch's answer."""
+
+    source_from_target_norm: torch.Tensor  # (B, 3, 3); non-finite where the method found nothing
+    confidence: torch.Tensor  # (B,) in [0, 1], in the method's own terms
+    notes: list[str] = field(default_factory=list)
+
+
+class PairMethod(Protocol):
+    name: ClassVar[str]
+
+    def estimate(self, source: torch.Tensor, target: torch.Tensor, ctx: PairContext) -> PairEstimate:
+        """``source`` ``(B, Cs, Hs, Ws)``, ``target`` ``(B, Ct, Ht, Wt)``: float in [0, 1] on the target device."""
+
+
+def register_pair_method(name: str):
+    return register_method(name, kind=KIND)
+
