@@ -75,8 +75,7 @@ def _create(state: ServiceState, owner: str, body: DatasetCreate) -> DatasetReco
              summary="Declare a dataset's files; then PUT each file's bytes, in chunks",
              responses={201: {"headers": {"Location": {"schema": {"type": "string"}}}},
                         413: {"model": ErrorPublic, "description": "more files or bytes than a dataset may hold"},
-                        415: {"model": ErrorPublic}, 422: {"model": ErrorPublic},
-                        429: {"model": ErrorPublic, "description": "the tenant holds its limit of datasets"}},
+                        415: {"model": ErrorPublic}, 422: {"model": ErrorPublic}},
              openapi_extra=json_body_openapi(DatasetCreate))
 async def create_dataset(request: Request, response: Response, state: StateDep, owner: OwnerDep) -> DatasetPublic:
     """``{"files": [{"name": "shard-000.npy", "size": 123, "sha256": "..."}], "label": "..."}``. Nothing

@@ -180,7 +180,7 @@ class _Scripted(DPRC):
     """DPRC whose fits return given warps: tests the re-fit decision on exact answers."""
 
     def __init__(self, warps, **kw):
-        super().__init__(**kw)
+        super().__init__(**{"guard": False, **kw})  # the re-fit decision alone (the guard: tests below)
         self.warps, self.fits = list(warps), []
 
     def _fit(self, x, ctx, cfg, checkpoint_dir):

@@ -179,7 +179,7 @@ def test_results_wait_for_success_and_other_jobs_are_not_pair_jobs(api, pairs):
 
 def test_embedded_mode_runs_pair_jobs(tmp_path, pairs):
     p = pairs["a"]
-    s = Settings(redis_url=None, data_dir=tmp_path, device="cpu")
+    s = Settings(redis_url=None, allow_open=True, data_dir=tmp_path, device="cpu")
     with TestClient(create_app(s)) as c:
         r = c.post("/pairs", files=_files(**{"s.png": p.source, "t.png": p.target}), data={"method": "ecc"})
         assert r.status_code == 202, r.text
