@@ -356,6 +356,8 @@ def align_collection(source: str | os.PathLike | Collection | Source, out_dir: s
     report(Progress("loading", message="reading images"))
     src = _open(source, limits)
     ref_index = _check_input(src, options)
+    if hasattr(method, "check_size"):  # methods for small collections refuse a big one before it is read
+        method.check_size(len(src))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
     channels = src.channels

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from models.imageio import LoadLimits
 
-from .contracts import RESULT_IMAGES, JobKind, JobOptions, JobRecord, JobStatus, new_job_id
+from .contracts import METHOD_MAX_IMAGES, RESULT_IMAGES, JobKind, JobOptions, JobRecord, JobStatus, new_job_id
 from .contracts.datasets import DatasetUnavailable, release_use, use_dataset
 from .contracts.logs import bind, current
 from .contracts.store import InFlightLimit
@@ -95,6 +95,11 @@ async def accept_job(request: Request, state: ServiceState, owner: str, *, kind:
             n_inputs, input_bytes = len(names), up.total_bytes
             if prepare is not None:
                 await run_in_threadpool(prepare, opts, names, job_id)
+        cap = METHOD_MAX_IMAGES.get(job_options.method) if kind == JobKind.align else None
+        if cap is not None and n_inputs > cap:
+            raise field_error("method", f"method {job_options.method} aligns small collections, at most {cap} images "
+                                        f"(this job has {n_inputs}): its cost grows with the square of the "
+                                        f"collection; use dprc")
         rec = JobRecord(id=job_id, kind=kind, owner=owner, options=job_options, model_id=model_id,
                         n_inputs=n_inputs, input_bytes=input_bytes, input_archive=archive, dataset_id=dataset_id,
                         idempotency_key=idempotency_key, request_id=current("request_id"))

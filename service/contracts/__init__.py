@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .artifacts import RESULT_IMAGES, ArtifactStore, new_dataset_id, new_job_id, valid_dataset_id, valid_job_id
 from .datasets import DatasetFile, DatasetRecord, DatasetState, DatasetStore
-from .records import (METHODS, PAIR_METHODS, TERMINAL, WARPS, Attempt, JobKind, JobOptions, JobRecord, JobStatus,
+from .records import (METHOD_MAX_IMAGES, METHODS, PAIR_METHODS, TERMINAL, WARPS, Attempt, JobKind, JobOptions, JobRecord, JobStatus,
                       ProgressRecord)
 from .redis_store import RedisDatasetStore, RedisJobStore
 from .settings import Settings
@@ -21,7 +21,7 @@ __all__ = [
     "ArtifactStore", "new_job_id", "valid_job_id", "new_dataset_id", "valid_dataset_id", "RESULT_IMAGES",
     "DatasetFile", "DatasetRecord", "DatasetState", "DatasetStore", "RedisDatasetStore", "SqliteDatasetStore",
     "open_dataset_store",
-    "METHODS", "PAIR_METHODS", "WARPS", "TERMINAL", "Attempt", "JobKind", "JobOptions", "JobRecord", "JobStatus", "ProgressRecord",
+    "METHODS", "METHOD_MAX_IMAGES", "PAIR_METHODS", "WARPS", "TERMINAL", "Attempt", "JobKind", "JobOptions", "JobRecord", "JobStatus", "ProgressRecord",
     "Settings",
     "Claim", "JobStore", "RedisJobStore", "SqliteJobStore", "open_store",
     "TASK_NAMES", "CeleryDispatcher", "Dispatcher", "celery_config", "queue_for",

@@ -18,6 +18,7 @@ __all__ = [
     "TERMINAL",
     "METHODS",
     "PAIR_METHODS",
+    "METHOD_MAX_IMAGES",
     "WARPS",
     "JobOptions",
     "ProgressRecord",
@@ -28,7 +29,10 @@ __all__ = [
 
 # Methods the API accepts: the API cannot ask models.methods (torch) itself, so a
 # contract test checks that this is exactly the core's registry.
-METHODS = ("dprc", "lsc", "pssv", "rasl", "tgrasta")
+METHODS = ("dense", "dprc", "lsc", "pssv", "rasl", "tgrasta")
+# Methods for small collections only, and their largest (models.dense.asic.MAX_IMAGES; a contract
+# test checks it): the API refuses a bigger job at once instead of failing it on the worker.
+METHOD_MAX_IMAGES = {"dense": 64}
 # Pair methods (models.pairwise), checked against the core's "pair" registry the same way.
 PAIR_METHODS = ("ecc", "kornia", "learned", "orb", "sift")
 WARPS = ("translation", "similarity", "affine", "homography")
