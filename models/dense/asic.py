@@ -57,17 +57,17 @@ MAX_IMAGES = 64
 
 @dataclass(frozen=True)
 class DenseConfig:
-    steps: int = 400
-    net_size: int = 64  # the net's input side (images are resized to it; maps come back at image size)
+    steps: int = 600
+    net_size: int = 32  # the net's input side (images are resized to it; maps come back at image size)
     width: int = 16
-    flow_grid: int = 16
+    flow_grid: int = 8
     atlas_size: int = 64
     lr: float = 2e-3
     atlas_lr: float = 3e-2
-    pairs_per_step: int = 16
+    pairs_per_step: int = 8
     matches_per_step: int = 32  # matches of a pair per step (the contrastive table is this square)
     tau: float = 0.01
-    equi_images: int = 8
+    equi_images: int = 4
     equi_rotation_deg: float = 15.0
     equi_scale: float = 0.1
     equi_translation: float = 0.1
@@ -227,8 +227,9 @@ def fit_dense(images: torch.Tensor, cfg: DenseConfig = DenseConfig(), *, progres
     atlas.requires_grad_(True)
     opt = torch.optim.Adam([{"params": net.parameters(), "lr": cfg.lr},
                             {"params": [atlas], "lr": cfg.atlas_lr}])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[cfg.lr, cfg.atlas_lr], total_steps=cfg.steps,
-                                                pct_start=0.1)
+    warm = max(1, cfg.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
+        0.5 + 0.5 * math.cos(math.pi * min(1.0, i / max(1, cfg.steps)))))  # warm-up, then cosine
     S = cfg.net_size
     xs = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
     fg = F.interpolate(matches.foreground.unsqueeze(1), size=(S, S), mode="bilinear", align_corners=True)[:, 0]
@@ -240,15 +241,18 @@ def fit_dense(images: torch.Tensor, cfg: DenseConfig = DenseConfig(), *, progres
     for step in range(cfg.steps):
         if should_stop is not None and should_stop():
             raise Cancelled("cancelled")
-        cmap, A, flow = net(xs)  # (N, S, S, 2)
-        cfield = cmap.permute(0, 3, 1, 2)  # (N, 2, S, S)
-        # Contrastive on a few pairs' matches.
+        # A step sees the images of a few pairs (SGD over the collection: a CPU step stays cheap).
         pick = usable[torch.randint(usable.numel(), (min(cfg.pairs_per_step, usable.numel()),), generator=gen)]
+        batch, inv = torch.unique(matches.pairs[pick].reshape(-1), return_inverse=True)
+        ab = inv.view(-1, 2).to(dev)  # the pairs' positions in the batch
+        batch = batch.to(dev)
+        cmap, A, flow = net(xs[batch])  # (B, S, S, 2)
+        cfield = cmap.permute(0, 3, 1, 2)  # (B, 2, S, S)
+        # Contrastive on the pairs' matches.
         wts = matches.weight[pick]  # (P, Mp)
         idx = torch.multinomial(wts + 1e-12, M, replacement=True, generator=gen).to(dev)
         pa = torch.gather(matches.pts_a[pick].to(dev), 1, idx.unsqueeze(-1).expand(-1, -1, 2))
         pb = torch.gather(matches.pts_b[pick].to(dev), 1, idx.unsqueeze(-1).expand(-1, -1, 2))
-        ab = matches.pairs[pick].to(dev)
         ca = W.sample_points(cfield[ab[:, 0]], pa)  # (P, M, 2)
         cb = W.sample_points(cfield[ab[:, 1]], pb)
         logits = -torch.cdist(ca, cb).pow(2) / cfg.tau  # (P, M, M)
@@ -257,19 +261,20 @@ def fit_dense(images: torch.Tensor, cfg: DenseConfig = DenseConfig(), *, progres
         logits = logits.masked_fill(same & ~torch.eye(M, dtype=torch.bool, device=dev), float("-inf"))
         l_con = 0.5 * (F.cross_entropy(logits.reshape(-1, M), eye.repeat(len(pick)))
                        + F.cross_entropy(logits.transpose(1, 2).reshape(-1, M), eye.repeat(len(pick))))
-        # Equivariance under a small random warp.
-        e = torch.randperm(N, generator=gen)[:cfg.equi_images].to(dev)
+        # Equivariance under a small random warp, on some of the batch.
+        e = torch.randperm(len(batch), generator=gen)[:cfg.equi_images].to(dev)
         Ae, ce, pe = _random_warps(len(e), cfg, xs, gen)
         tmap = W.warp_map(Ae, ce, pe, S, S)  # (E, S, S, 2): warped pixel -> original pixel
-        xw = W.sample_map(xs[e], tmap, padding_mode="reflection")
+        xw = W.sample_map(xs[batch[e]], tmap, padding_mode="reflection")
         cw, _, _ = net(xw)
         target = W.sample_map(cfield[e], tmap, padding_mode="border").permute(0, 2, 3, 1)
         inside = (tmap.abs() <= 1).all(-1).to(x.dtype)  # (E, S, S)
         l_equi = ((cw - target).norm(dim=-1) * inside).sum() / inside.sum().clamp_min(1)
         # Reconstruction of the foreground from the atlas, and of the foreground estimate from its alpha.
-        rec = W.sample_map(atlas.unsqueeze(0).expand(N, -1, -1, -1), cmap, padding_mode="border")
-        l_rec = ((rec[:, :3] - xs).abs().mean(1) * fg).sum() / fg.sum().clamp_min(1e-6)
-        l_mask = F.binary_cross_entropy_with_logits(rec[:, 3], fg)
+        rec = W.sample_map(atlas.unsqueeze(0).expand(len(batch), -1, -1, -1), cmap, padding_mode="border")
+        fb = fg[batch]
+        l_rec = ((rec[:, :3] - xs[batch]).abs().mean(1) * fb).sum() / fb.sum().clamp_min(1e-6)
+        l_mask = F.binary_cross_entropy_with_logits(rec[:, 3], fb)
         l_smooth = ((flow[..., 1:, :] - flow[..., :-1, :]).pow(2).mean() + (flow[..., 1:] - flow[..., :-1]).pow(2).mean()) \
             * cfg.flow_grid ** 2
         l_anchor = (A - torch.eye(2, 3, dtype=A.dtype, device=dev)).mean(0).pow(2).sum()
@@ -282,9 +287,9 @@ def fit_dense(images: torch.Tensor, cfg: DenseConfig = DenseConfig(), *, progres
         with torch.no_grad():
             atlas[:3].clamp_(0, 1)
         if step % 50 == 0 or step == cfg.steps - 1:
-            rec_ = {"step": step, "loss": round(float(loss), 5), "contrast": round(float(l_con), 5),
-                    "equi": round(float(l_equi), 5), "recon": round(float(l_rec), 5),
-                    "smooth": round(float(l_smooth), 6), "anchor": round(float(l_anchor), 6)}
+            parts = {"loss": loss, "contrast": l_con, "equi": l_equi, "recon": l_rec, "smooth": l_smooth,
+                     "anchor": l_anchor}
+            rec_ = {"step": step, **{k: round(v.detach().item(), 6) for k, v in parts.items()}}
             history.append(rec_)
             if progress is not None:
                 el = time.time() - t_train
