@@ -127,11 +127,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dprc-epochs", type=int, default=None, help="default: DPRC's own schedule")
     ap.add_argument("--cycles", type=int, default=200, help="random cycles per k")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest for these small convs "
+                                                            "on a shared CPU, measured in docs/dense.md)")
     ap.add_argument("--out", default="bench/results/dense")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     rows = []
     for k, name in enumerate(args.objects.split(",")):

@@ -83,6 +83,7 @@ class DenseConfig:
     vit_heads: int | None = None
     per_pair: int = 64  # matches kept for a pair
     ratio: float = 0.9  # the matches' ratio test
+    verify: float = 0.15  # affine RANSAC tolerance on each pair's matches (normalised units); 0: off
     seed: int = 0
 
     def __post_init__(self):
@@ -215,7 +216,7 @@ def fit_dense(images: torch.Tensor, cfg: DenseConfig = DenseConfig(), *, progres
         with torch.no_grad():
             feats = make_extractor(cfg.feature_config()).to(dev)(x)
         timings["features"] = round(time.time() - t0, 3)
-        matches = pseudo_correspondences(feats, per_pair=cfg.per_pair, ratio=cfg.ratio)
+        matches = pseudo_correspondences(feats, per_pair=cfg.per_pair, ratio=cfg.ratio, verify=cfg.verify)
         timings["matching"] = round(time.time() - t0 - timings["features"], 3)
     usable = (matches.weight.sum(1) > 0).nonzero().squeeze(1)
     if usable.numel() == 0:
