@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     # An explicit metavar: argparse would otherwise list the choices (and import torch) at parser build.
     a.add_argument("--method", default="dprc", choices=_Registry(_methods), metavar="METHOD",
                    help="alignment method, one of %(choices)s: dprc is Deep Penalised Reconstruction "
-                        "Congealing, the others classic baselines (default: %(default)s)")
+                        "Congealing, dense maps small collections (at most 64 images) densely onto a learned canonical "
+                        "grid (docs/dense.md), the others are classic baselines (default: %(default)s)")
     a.add_argument("--warp", default="homography", choices=_Registry(_warps), metavar="WARP",
                    help="warp family, one of %(choices)s, least to most general (default: %(default)s)")
     a.add_argument("--reference", default=None, metavar="NAME",
@@ -119,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
                         "default: the image closest to the blurred mean of the collection")
     a.add_argument("--epochs", type=int, default=None, metavar="N",
                    help="training length: dprc trains until every image has been seen N times (N passes over "
-                        "the collection, in steps of one batch); the baselines run N outer iterations. Default: "
+                        "the collection, in steps of one batch); the baselines run N outer iterations; dense trains N steps. Default: "
                         "the method's own schedule (dprc: a step count chosen from the device and the "
                         "collection's size, written to metrics.json as 'schedule')")
     a.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
