@@ -117,8 +117,23 @@ def run_sift(col) -> tuple[object, float, int]:
     return f, secs, failed
 
 
+KEYS = ["pck@0.1", "pck@0.05", "2-cycle pck@0.1", "3-cycle pck@0.1", "3-chain pck@0.1", "seconds"]
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| object | seed | method | " + " | ".join(KEYS) + " | pseudo-match precision |",
+             "|---|---|---|" + "---|" * (len(KEYS) + 1)]
+    for r in rows:
+        pp = r.get("pseudo_precision")
+        lines.append(f"| {r['object']} | {r.get('seed', '')} | {r['method']} | " + " | ".join(
+            f"{r[k]:.3f}" if k != "seconds" else f"{r[k]:.1f}" for k in KEYS) + f" | {'' if pp is None else pp} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--report", nargs="+", metavar="RESULTS_JSON", help="print one table of these results files "
+                                                                       "and exit")
     ap.add_argument("--objects", default="chelsea,astronaut,coffee")
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--size", type=int, default=64)
@@ -131,6 +146,9 @@ def main(argv=None) -> int:
                                                             "on a shared CPU, measured in docs/dense.md)")
     ap.add_argument("--out", default="bench/results/dense")
     args = ap.parse_args(argv)
+    if args.report:
+        print(table([r for f in args.report for r in json.loads(Path(f).read_text())["rows"]]), end="")
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -142,7 +160,7 @@ def main(argv=None) -> int:
         size = col.size
         cycles = {kk: sample_cycles(args.n, kk, args.cycles, seed=args.seed + kk) for kk in (2, 3)}
         for m in methods:
-            row = {"object": name, "method": m, "n": args.n, "size": args.size}
+            row = {"object": name, "seed": args.seed + k, "method": m, "n": args.n, "size": args.size}
             if m == "identity":
                 row.update(_scores(lambda a, b, p: np.asarray(p, np.float64), col, cycles, size), seconds=0.0)
             elif m.startswith("dense-"):
@@ -175,13 +193,8 @@ def main(argv=None) -> int:
                       f"CPU only (GPU unmeasured)",
            "rows": rows}
     (out / "results.json").write_text(json.dumps(doc, indent=1))
-    keys = ["pck@0.1", "pck@0.05", "2-cycle pck@0.1", "3-cycle pck@0.1", "3-chain pck@0.1", "seconds"]
-    lines = ["| object | method | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-    for r in rows:
-        lines.append(f"| {r['object']} | {r['method']} | " + " | ".join(
-            f"{r[k]:.3f}" if k != "seconds" else f"{r[k]:.1f}" for k in keys) + " |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (out / "results.md").write_text(table(rows))
+    print(table(rows), end="")
     return 0
 
 
