@@ -78,7 +78,7 @@ class DenseConfig:
     w_mask: float = 0.1
     w_smooth: float = 1.0
     w_anchor: float = 10.0
-    features: str = "hog"
+    features: str = "randconv"  # measured best of the weight-free two on the synthetic sets (docs/dense.md)
     vit_path: str | None = None
     vit_heads: int | None = None
     per_pair: int = 64  # matches kept for a pair
