@@ -121,11 +121,11 @@ KEYS = ["pck@0.1", "pck@0.05", "2-cycle pck@0.1", "3-cycle pck@0.1", "3-chain pc
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| object | seed | method | " + " | ".join(KEYS) + " | pseudo-match precision |",
+    lines = ["| run | object | method | " + " | ".join(KEYS) + " | pseudo-match precision |",
              "|---|---|---|" + "---|" * (len(KEYS) + 1)]
     for r in rows:
         pp = r.get("pseudo_precision")
-        lines.append(f"| {r['object']} | {r.get('seed', '')} | {r['method']} | " + " | ".join(
+        lines.append(f"| {r.get('run', '')} | {r['object']} | {r['method']} | " + " | ".join(
             f"{r[k]:.3f}" if k != "seconds" else f"{r[k]:.1f}" for k in KEYS) + f" | {'' if pp is None else pp} |")
     return "\n".join(lines) + "\n"
 
@@ -147,7 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results/dense")
     args = ap.parse_args(argv)
     if args.report:
-        print(table([r for f in args.report for r in json.loads(Path(f).read_text())["rows"]]), end="")
+        print(table([{**r, "run": Path(f).parent.name} for f in args.report
+                     for r in json.loads(Path(f).read_text())["rows"]]), end="")
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
