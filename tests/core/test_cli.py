@@ -171,7 +171,8 @@ def test_help_lists_methods_and_warps_and_says_what_epochs_means():
                 "--device DEVICE torch device", "--aligned"):
         assert arg in text, arg
     r = _run("align", "x", "--out", "y", "--method", "nope")
-    assert r.returncode == 2 and "invalid choice: 'nope' (choose from 'dprc'" in r.stderr
+    assert r.returncode == 2 and f"invalid choice: 'nope' (choose from {', '.join(map(repr, list_methods()))})" \
+        in r.stderr
 
 
 def test_a_non_empty_out_is_refused_before_any_image_is_read(tmp_path, aligned_run):
