@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -124,13 +125,15 @@ def _all_images_loaded(page, selector: str) -> int:
     return page.eval_on_selector_all(selector, "els => els.length")
 
 
-def _upload_job(page, server: Server, files, budget: str) -> str:
+def _upload_job(page, server: Server, files, budget: str, shot: str | None = None) -> str:
     page.goto(server.base + "/ui")
     page.wait_for_selector("#opt-method")
     page.set_input_files("#pick-files", [str(p) for p in files])
     page.fill("#opt-budget", budget)
     page.fill("#opt-max_side", "28")
     page.select_option("#opt-warp", "similarity")
+    if shot:
+        _shot(page, shot)
     # Every text the progress line shows, as it shows it.
     page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
         const p = document.querySelector('#job-progress-text'); if (p && p.textContent) window.seen.push(p.textContent);
@@ -144,9 +147,10 @@ def test_upload_progress_results_gallery_downloads_and_inference(page, open_serv
     s = open_server
     page.goto(s.base + "/")  # the root sends a person to the page
     assert page.url.endswith("/ui")
-    _shot(page, "new_job")
-    jid = _upload_job(page, s, TRAIN, budget="3")
-    _shot(page, "job_running")
+    jid = _upload_job(page, s, TRAIN, budget="2", shot="new_job")
+    if SHOTS:
+        page.wait_for_selector("#job-progress-text:has-text('stage: training')", timeout=60_000)
+        _shot(page, "job_running")
     page.wait_for_selector("#job-status.succeeded", timeout=120_000)
     seen = page.evaluate("window.seen")
     # The live line followed the job through its stages to the end, with training steps and the loss.
@@ -159,7 +163,11 @@ def test_upload_progress_results_gallery_downloads_and_inference(page, open_serv
     summary = _get(s, f"/jobs/{jid}/summary").json()
     job = _get(s, f"/jobs/{jid}").json()
     apsnr = page.text_content("#apsnr")
-    assert f"{summary['apsnr_before']:.4g} dB before" in apsnr and f"{summary['apsnr_after']:.4g} dB after" in apsnr
+    shown = re.fullmatch(r"APSNR ([\d.]+) dB before alignment, ([\d.]+) dB after \(8 images, method dprc, "
+                         r"similarity warps\)\.", apsnr)
+    assert shown, apsnr
+    assert [float(x) for x in shown.groups()] == pytest.approx([summary["apsnr_before"], summary["apsnr_after"]],
+                                                               abs=0.01)
     rows = page.eval_on_selector_all("#checks tbody tr", "trs => trs.map(r => [...r.cells].map(c => c.textContent))")
     assert rows == [[c["name"], c["value"], c["meaning"]] for c in summary["checks"]]
     warn = page.text_content("#warnings")
@@ -207,6 +215,17 @@ def test_upload_progress_results_gallery_downloads_and_inference(page, open_serv
     page.wait_for_selector(f"#jobs-table a[href='#/job/{jid}']")
     assert "Jobs 1–" in page.text_content("#jobs-range")
     _shot(page, "job_list")
+
+
+def test_a_running_job_is_cancelled_from_its_page(page, open_server):
+    jid = _upload_job(page, open_server, TRAIN, budget="500")
+    page.wait_for_selector("#job-cancel:visible", timeout=30_000)
+    page.once("dialog", lambda d: d.accept())  # "Cancel this job?"
+    page.click("#job-cancel")
+    page.wait_for_selector("#job-status.cancelled", timeout=30_000)
+    assert page.text_content("#job-error") == "This job was cancelled."
+    assert page.is_hidden("#job-cancel") and page.is_hidden("#job-results")
+    assert _get(open_server, f"/jobs/{jid}").json()["status"] == "cancelled"
 
 
 def test_a_bad_upload_shows_the_services_error(page, open_server):
@@ -273,12 +292,12 @@ def test_the_page_works_with_api_keys(browser, tmp_path):
         page.wait_for_selector("#jobs-range:has-text('No jobs yet')")
         assert page.evaluate("sessionStorage.getItem('congeal.apiKey')") == KEYS["alice"]
 
-        jid = _upload_job(page, s, TRAIN[:4], budget="1")
+        jid = _upload_job(page, s, TRAIN[:3], budget="1")
         page.wait_for_selector("#job-status.succeeded", timeout=120_000)
         # Pictures and downloads behind the key: fetched with it, shown and saved.
         assert _all_images_loaded(page, "#stats img") == 4
         page.wait_for_selector("#gallery .card")
-        assert _all_images_loaded(page, "#gallery img") == 8
+        assert _all_images_loaded(page, "#gallery img") == 6
         with page.expect_download() as d:
             page.click("text=transforms (JSON)")
         got = json.loads(Path(d.value.path()).read_text())

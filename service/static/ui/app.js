@@ -368,7 +368,7 @@ async function renderResults(j, v, token) {
     else w.append(el("p", { class: "ok" }, "No warnings: the framing and consistency checks are within their limits."));
     const tb = $("#checks tbody", v);
     for (const c of s.checks) tb.append(el("tr", {}, el("th", { scope: "row" }, c.name), el("td", {}, c.value), el("td", {}, c.meaning)));
-    if (s.notes.length) w.append(el("ul", {}, ...s.notes.map(x => el("li", {}, x))));
+    if (s.notes.length) w.append(el("p", { class: "notes-head" }, "Notes"), el("ul", { class: "notes" }, ...s.notes.map(x => el("li", {}, x))));
   } catch (e) { flash(`Could not read the summary: ${e.message}`); }
 
   const L = j.links;
