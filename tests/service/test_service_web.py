@@ -45,6 +45,7 @@ class Server:
     def __init__(self, settings: Settings):
         import uvicorn
 
+        self.settings = settings
         self.port = _port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
@@ -125,10 +126,17 @@ def _all_images_loaded(page, selector: str) -> int:
     return page.eval_on_selector_all(selector, "els => els.length")
 
 
-def _upload_job(page, server: Server, files, budget: str, shot: str | None = None) -> str:
+def _upload_job(page, server: Server, files, budget: str, shot: str | None = None, chosen: str | None = None) -> str:
+    """Upload through the form: ``files`` is a list of paths (the file picker) or one folder (the
+    folder picker); ``chosen``: what the page must say it is about to send."""
     page.goto(server.base + "/ui")
     page.wait_for_selector("#opt-method")
-    page.set_input_files("#pick-files", [str(p) for p in files])
+    if isinstance(files, Path):
+        page.set_input_files("#pick-folder", files)
+    else:
+        page.set_input_files("#pick-files", [str(p) for p in files])
+    if chosen is not None:
+        assert page.text_content("#chosen") == chosen
     page.fill("#opt-budget", budget)
     page.fill("#opt-max_side", "28")
     page.select_option("#opt-warp", "similarity")
@@ -147,7 +155,15 @@ def test_upload_progress_results_gallery_downloads_and_inference(page, open_serv
     s = open_server
     page.goto(s.base + "/")  # the root sends a person to the page
     assert page.url.endswith("/ui")
-    jid = _upload_job(page, s, TRAIN, budget="2", shot="new_job")
+    folder = tmp_path / "digits"
+    (folder / "more").mkdir(parents=True)
+    for i, p in enumerate(TRAIN):  # a folder with a subfolder, and files a folder brings along
+        shutil.copy(p, folder / ("more" if i % 2 else "") / p.name)
+    (folder / ".DS_Store").write_bytes(b"\0" * 10)
+    (folder / "notes.txt").write_text("not an image")
+    size = sum(p.stat().st_size for p in TRAIN) / 1024
+    jid = _upload_job(page, s, folder, budget="2", shot="new_job",
+                      chosen=f"8 file(s) chosen, {size:.1f} KiB; 2 other file(s) left out")
     if SHOTS:
         page.wait_for_selector("#job-progress-text:has-text('stage: training')", timeout=60_000)
         _shot(page, "job_running")
@@ -217,6 +233,32 @@ def test_upload_progress_results_gallery_downloads_and_inference(page, open_serv
     _shot(page, "job_list")
 
 
+def test_the_job_list_pages(page, open_server):
+    from service.contracts import JobKind, JobRecord, JobStatus, new_job_id, open_store
+
+    store = open_store(open_server.settings)  # the server's own SQLite store: 25 more finished jobs
+    try:
+        for i in range(25):
+            store.insert(JobRecord(id=new_job_id(), kind=JobKind.align, status=JobStatus.failed, n_inputs=i + 2,
+                                   created_at=time.time() - 3600 - i, error="planted"))
+    finally:
+        store.close()
+    total = _get(open_server, "/jobs").json()["total"]
+    assert total >= 25 + 1
+    page.goto(open_server.base + "/ui#/jobs")
+    page.wait_for_selector("#jobs-table tbody tr")
+    assert page.locator("#jobs-table tbody tr").count() == 20
+    assert page.text_content("#jobs-range") == f"Jobs 1–20 of {total}, newest first."
+    assert page.is_disabled("#jobs-prev") and page.is_enabled("#jobs-next")
+    page.click("#jobs-next")
+    page.wait_for_selector(f"#jobs-range:has-text('Jobs 21–{min(40, total)} of {total}')")
+    ids = page.eval_on_selector_all("#jobs-table tbody a", "as => as.map(a => a.textContent)")
+    want = [j["id"] for j in _get(open_server, "/jobs?offset=20&limit=20").json()["data"]]
+    assert ids == want and page.url.endswith("#/jobs?offset=20")
+    page.click("#jobs-prev")
+    page.wait_for_selector("#jobs-range:has-text('Jobs 1–20')")
+
+
 def test_a_running_job_is_cancelled_from_its_page(page, open_server):
     jid = _upload_job(page, open_server, TRAIN, budget="500")
     page.wait_for_selector("#job-cancel:visible", timeout=30_000)
@@ -232,9 +274,14 @@ def test_a_bad_upload_shows_the_services_error(page, open_server):
     s = open_server
     page.goto(s.base + "/ui")
     page.wait_for_selector("#opt-method")
-    page.set_input_files("#pick-files", [
-        {"name": SAMPLES[0].name, "mimeType": "image/png", "buffer": SAMPLES[0].read_bytes()},
-        {"name": "broken.png", "mimeType": "image/png", "buffer": b"not a png"}])
+    # Dropped on the page, as a person drags files from their desktop.
+    good = list(SAMPLES[0].read_bytes())
+    page.evaluate("""good => { const dt = new DataTransfer();
+        dt.items.add(new File([new Uint8Array(good)], 'good.png', {type: 'image/png'}));
+        dt.items.add(new File(['not a png'], 'broken.png', {type: 'image/png'}));
+        document.querySelector('#drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true,
+                                                                             cancelable: true})); }""", good)
+    page.wait_for_selector("#chosen:has-text('2 file(s) chosen')")
     page.click("#submit")
     page.wait_for_selector("#new-error:not([hidden])")
     text = page.text_content("#new-error")
@@ -292,7 +339,10 @@ def test_the_page_works_with_api_keys(browser, tmp_path):
         page.wait_for_selector("#jobs-range:has-text('No jobs yet')")
         assert page.evaluate("sessionStorage.getItem('congeal.apiKey')") == KEYS["alice"]
 
-        jid = _upload_job(page, s, TRAIN[:3], budget="1")
+        with zipfile.ZipFile(tmp_path / "three.zip", "w") as z:  # an archive this time
+            for p in TRAIN[:3]:
+                z.write(p, f"digits/{p.name}")
+        jid = _upload_job(page, s, [tmp_path / "three.zip"], budget="1")
         page.wait_for_selector("#job-status.succeeded", timeout=120_000)
         # Pictures and downloads behind the key: fetched with it, shown and saved.
         assert _all_images_loaded(page, "#stats img") == 4
