@@ -1,5 +1,6 @@
 """The web page (``/ui``) end to end in a real browser: Debian's headless Chromium driven by
-Playwright, against the API served by a real uvicorn in embedded mode (real training children).
+Playwright, against the API served by a real uvicorn: in embedded mode (open access), and once
+on Redis with a Celery worker process and API keys. Jobs train for real, tiny (8 digits, 28 px).
 
 Nothing is downloaded at test time: Playwright launches the system ``chromium``
 (``.ci/run`` installs it). With ``CONGEAL_UI_SCREENSHOTS=<folder>`` set, each page is saved
@@ -23,7 +24,7 @@ import pytest
 
 from service.app import create_app
 from service.contracts import Settings
-from service_testlib import API_KEYS, KEYS, SAMPLES, png_bytes
+from service_testlib import KEYS, SAMPLES, png_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -327,8 +328,11 @@ def test_pair_page_transfers_a_clicked_point(page, open_server, tmp_path):
     _shot(page, "pair")
 
 
-def test_the_page_works_with_api_keys(browser, tmp_path):
-    with Server(_settings(tmp_path, api_keys=API_KEYS)) as s:
+def test_the_page_works_with_api_keys_on_redis_and_a_celery_worker(browser, make_env, start_worker, tmp_path):
+    """The same page on the other deployment: jobs in Redis, run by a Celery worker process, keys on."""
+    env = make_env()
+    start_worker(env, name=f"web-{env.tag}", wait=False)  # starts while the browser does its first steps
+    with Server(env.settings()) as s:
         ctx = browser.new_context(viewport={"width": 1200, "height": 900}, accept_downloads=True)
         page = ctx.new_page()
         page.goto(s.base + "/ui#/jobs")
