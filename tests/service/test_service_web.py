@@ -327,6 +327,31 @@ def test_pair_page_transfers_a_clicked_point(page, open_server, tmp_path):
     assert page.locator("#pick-source .marker.mapped").count() == 1
     _shot(page, "pair")
 
+    # A job of two pairs (made through the API): the page shows the one chosen, with its own matrix.
+    import httpx
+
+    files = [("files", (n, (tmp_path / n).read_bytes(), "image/png")) for n in ("src.png", "tgt.png")]
+    spec = json.dumps([["src.png", "tgt.png", "forward"], ["tgt.png", "src.png", "backward"]])
+    r = httpx.post(s.base + "/pairs", files=files, data={"method": "ecc", "pairs": spec}, timeout=30)
+    assert r.status_code == 202, r.text
+    jid2 = r.json()["job"]["id"]
+    page.goto(s.base + f"/ui#/pair/{jid2}")
+    page.wait_for_selector("#pair-choose", timeout=120_000)
+    page.select_option("#pair-choose", "1")
+    page.wait_for_selector("#pair-summary:has-text('tgt.png → src.png')")
+    _all_images_loaded(page, ".pair img")
+    box = page.locator("#pick-target").bounding_box()  # the target of "backward" is src.png
+    sh, sw = p.source.shape[:2]
+    page.mouse.click(box["x"] + (x + 0.5) / sw * box["width"], box["y"] + (y + 0.5) / sh * box["height"])
+    page.wait_for_function("() => document.querySelector('#pair-point').dataset.x")
+    back = (float(page.get_attribute("#pair-point", "data-x")), float(page.get_attribute("#pair-point", "data-y")))
+    H2 = np.array(_get(s, f"/pairs/{jid2}").json()["pairs"][1]["matrix"])
+    q2 = H2 @ np.array([x, y, 1.0])
+    assert back == pytest.approx((q2[0] / q2[2], q2[1] / q2[2]), abs=0.5)
+    inv = np.linalg.inv(p.source_from_target) @ np.array([x, y, 1.0])  # and it is the inverse direction
+    assert back == pytest.approx((inv[0] / inv[2], inv[1] / inv[2]), abs=1.5)
+    assert page.locator(".marker").count() == 2  # the first pair's markers are gone
+
 
 def test_the_page_works_with_api_keys_on_redis_and_a_celery_worker(browser, make_env, start_worker, tmp_path):
     """The same page on the other deployment: jobs in Redis, run by a Celery worker process, keys on."""

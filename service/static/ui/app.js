@@ -519,14 +519,32 @@ async function viewPair(id) {
       err.textContent = j.status === "cancelled" ? "This job was cancelled." : `This job failed: ${j.error || "no reason recorded"}`;
       show(err, true);
     }
-    if (j.status === "succeeded") { renderPair(id, r, v); return; }
+    if (j.status === "succeeded") { pairChooser(id, r, v); return; }
     if (!["failed", "cancelled"].includes(j.status)) setTimeout(poll, POLL_MS);
   };
   poll();
 }
 
-function renderPair(id, r, v) {
-  const p = r.pairs[0];
+// A job of many pairs (made through the API) shows one at a time.
+function pairChooser(id, r, v) {
+  if (r.pairs.length > 1) {
+    const sel = el("select", { id: "pair-choose" }, ...r.pairs.map((p, i) => el("option", { value: i },
+      `${p.name}: ${p.source} → ${p.target}${p.aligned ? "" : " (not aligned)"}`)));
+    sel.addEventListener("change", () => renderPair(id, r, v, +sel.value));
+    $("#pair-result", v).before(el("p", {}, el("label", { for: "pair-choose" }, `Pair (${r.n_aligned} of ${r.n_pairs} aligned) `), sel));
+  }
+  renderPair(id, r, v, 0);
+}
+
+function renderPair(id, r, v, index) {
+  const p = r.pairs[index];
+  const fresh = $("#pair-result", v).cloneNode(true);  // drops the previous pair's click handlers
+  $("#pair-result", v).replaceWith(fresh);
+  fresh.querySelectorAll(".marker").forEach(m => m.remove());
+  $("#pair-point", v).textContent = "";
+  delete $("#pair-point", v).dataset.x;
+  delete $("#pair-point", v).dataset.y;
+  $("#pair-overlay-img", v).closest("figure").hidden = false;
   show($("#pair-result", v), true);
   $("#pair-summary", v).textContent = `${p.source} → ${p.target}: method ${r.method}, confidence ${fmt(p.confidence, 3)}, ` +
     (p.aligned ? "aligned." : "not aligned: treat the matrix as a guess.") +
