@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from models.imageio import IMAGE_EXTENSIONS, InputError, LoadLimits, decode_image, is_archive
+from models.imageio import InputError, LoadLimits, decode_image, is_archive
 
 __all__ = ["InputUnavailable", "input_png"]
 
@@ -97,12 +97,15 @@ def input_png(source: Path, name: str, max_side: int, limits: LoadLimits = LoadL
     cap = limits.max_file_bytes
     low = source.name.lower()
     try:
-        if source.is_dir() or (source.is_file() and low.endswith(IMAGE_EXTENSIONS)):
-            if source.is_dir() and any(p.suffix.lower() in (".npy", ".npz") for p in source.iterdir()):
+        if source.is_dir():
+            try:
+                arr = decode_image(_from_folder(source, name, cap), name, limits)
+            except InputUnavailable:
+                # Not a file: an image of a folder of array shards has a name and no file. Only
+                # then is the folder listed (a dataset folder may hold very many files).
+                if not any(p.suffix.lower() in (".npy", ".npz") for p in source.iterdir()):
+                    raise
                 arr = _from_arrays(source, name, limits)
-            else:
-                root = source if source.is_dir() else source.parent
-                arr = decode_image(_from_folder(root, name, cap), name, limits)
         elif low.endswith(".zip"):
             arr = decode_image(_from_zip(source, name, cap), name, limits)
         elif is_archive(low):

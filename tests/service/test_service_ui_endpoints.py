@@ -162,6 +162,15 @@ def test_an_array_inputs_image_is_its_row(setup):
     np.testing.assert_array_equal(_decode(c.get(f"/jobs/{jid}/inputs/000003.png").content), arr[3])
     assert c.get(f"/jobs/{jid}/inputs/000009.png").status_code == 404
 
+    # A folder of array shards (a dataset's layout): names are <shard>/<row>.png.
+    jid, d = _job(store, data)
+    (d / "input").mkdir(parents=True)
+    np.save(d / "input" / "a.npy", arr[:2])
+    np.save(d / "input" / "b.npy", arr[2:])
+    np.testing.assert_array_equal(_decode(c.get(f"/jobs/{jid}/inputs/b/000001.png").content), arr[3])
+    np.testing.assert_array_equal(_decode(c.get(f"/jobs/{jid}/inputs/a/000000.png").content), arr[0])
+    assert c.get(f"/jobs/{jid}/inputs/a/000002.png").status_code == 404
+
 
 def test_the_model_downloads_as_one_zip(setup):
     c, store, data = setup
