@@ -8,7 +8,6 @@ there as a PNG (docs/ui/ was made so; see docs/web.md).
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -163,7 +162,8 @@ def test_upload_progress_results_gallery_downloads_and_inference(page, open_serv
     (folder / ".DS_Store").write_bytes(b"\0" * 10)
     (folder / "notes.txt").write_text("not an image")
     size = sum(p.stat().st_size for p in TRAIN) / 1024
-    jid = _upload_job(page, s, folder, budget="2", shot="new_job",
+    # Five steps: the training stage outlasts the page's 1 s poll even on an idle CPU (~0.4 s a step).
+    jid = _upload_job(page, s, folder, budget="5", shot="new_job",
                       chosen=f"8 file(s) chosen, {size:.1f} KiB; 2 other file(s) left out")
     if SHOTS:
         page.wait_for_selector("#job-progress-text:has-text('stage: training')", timeout=60_000)
