@@ -290,6 +290,15 @@ def test_a_bad_upload_shows_the_services_error(page, open_server):
     assert page.url.endswith("/ui")  # no job: still on the form
     _shot(page, "bad_upload")
 
+    # Without a mouse: Tab reaches the skip link first, then the file and folder pickers.
+    page.goto(s.base + "/ui")
+    page.wait_for_selector("#opt-method")
+    order = []
+    for _ in range(15):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("() => document.activeElement.id || document.activeElement.className"))
+    assert order[0] == "skip" and order.index("pick-files") < order.index("pick-folder") < order.index("opt-method")
+
 
 def test_pair_page_transfers_a_clicked_point(page, open_server, tmp_path):
     from models.pairwise import synthetic as S
