@@ -191,8 +191,11 @@ def to_public(rec: JobRecord, request: Request) -> JobPublic:
             setattr(links, n, path("download_result_image", job_id=rec.id, image=n))
         if rec.kind == JobKind.align and (rec.result or {}).get("has_model"):
             links.model = path("get_model", model_id=rec.id)
+            links.model_download = path("download_model", model_id=rec.id)
             links.align_with_model = path("align_with_model", model_id=rec.id)
         links.per_image = path("list_per_image", job_id=rec.id)
+        links.gallery = path("list_gallery", job_id=rec.id)
+        links.summary = path("get_summary", job_id=rec.id)
         arrays = (rec.result or {}).get("array_files") or []
         if "transforms.npy" in arrays:
             links.transforms_npy = path("download_transforms_npy", job_id=rec.id)

@@ -144,8 +144,12 @@ class JobLinks(BaseModel):
     mean_after: str | None = None
     var_after: str | None = None
     model: str | None = None
+    model_download: str | None = Field(None, description="the trained model's folder as one zip")
     align_with_model: str | None = None
     per_image: str | None = Field(None, description="paged per-image results (JSON)")
+    gallery: str | None = Field(None, description="the per-image results ranked by residual, largest first, "
+                                                  "with input and aligned image links (what the web page shows)")
+    summary: str | None = Field(None, description="the checks and warnings in words, APSNR, mean/variance links")
     transforms_npy: str | None = Field(None, description="every matrix, float64 (N, 3, 3), when the output has it")
     per_image_npy: str | None = Field(None, description="per-image metrics, a structured array, when the output "
                                                         "has it")

@@ -174,7 +174,7 @@ def test_an_array_inputs_image_is_its_row(setup):
 
 def test_the_model_downloads_as_one_zip(setup):
     c, store, data = setup
-    jid, d = _job(store, data)
+    jid, d = _job(store, data, result={"n_images": 3, "has_model": True})
     model = d / "output" / "model"
     model.mkdir(parents=True)
     files = {"pipeline.json": json.dumps({"method": "dprc", "warp": "affine", "working_size": [28, 28],
@@ -183,6 +183,9 @@ def test_the_model_downloads_as_one_zip(setup):
     for n, b in files.items():
         (model / n).write_bytes(b)
     assert c.get(f"/models/{jid}").json()["links"]["download"] == f"/models/{jid}/download"
+    links = c.get(f"/jobs/{jid}").json()["links"]
+    assert links["model_download"] == f"/models/{jid}/download"
+    assert (links["gallery"], links["summary"]) == (f"/jobs/{jid}/gallery", f"/jobs/{jid}/summary")
     r = c.get(f"/models/{jid}/download")
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
     assert f'filename="model-{jid}.zip"' in r.headers["content-disposition"]

@@ -348,7 +348,7 @@ async function renderResults(j, v, token) {
   const id = j.id;
   show($("#job-results", v), true);
   try {
-    const s = (await api(`/jobs/${id}/summary`)).body;
+    const s = (await api(j.links.summary)).body;
     if (token !== viewToken) return;
     $("#apsnr", v).textContent = `APSNR ${fmt(s.apsnr_before, 4)} dB before alignment, ${fmt(s.apsnr_after, 4)} dB after ` +
       `(${s.n_images} images, method ${s.method || "?"}, ${s.warp || "?"} warps).`;
@@ -381,16 +381,16 @@ async function renderResults(j, v, token) {
   add(L.transforms_npy, "transforms (NumPy, N×3×3)", `${id}-transforms.npy`);
   add(L.per_image_npy, "per-image metrics (NumPy)", `${id}-per_image.npy`);
   add(L.names_txt, "image names (text)", `${id}-names.txt`);
-  if (L.model) add(`/models/${id}/download`, "trained model (zip)", `model-${id}.zip`);
+  add(L.model_download, "trained model (zip)", `model-${id}.zip`);
 
-  if (L.per_image) gallery(id, 0, v, token);
-  if (L.align_with_model) tryModel(id, v);
+  if (L.gallery) gallery(L.gallery, 0, v, token);
+  if (L.align_with_model) tryModel(L.align_with_model, v);
 }
 
-async function gallery(id, offset, v, token) {
+async function gallery(link, offset, v, token) {
   const box = $("#gallery", v);
   let page;
-  try { page = (await api(`/jobs/${id}/gallery?offset=${offset}&limit=${GALLERY_PAGE}`)).body; }
+  try { page = (await api(`${link}?offset=${offset}&limit=${GALLERY_PAGE}`)).body; }
   catch (e) { box.replaceChildren(el("p", { class: "error" }, `Could not read the gallery: ${e.message}`)); return; }
   if (token !== viewToken) return;
   const cards = page.data.map(r => {
@@ -409,11 +409,11 @@ async function gallery(id, offset, v, token) {
   $("#gallery-range", v).textContent = page.total ? `Images ${offset + 1}–${last} of ${page.total}; each card: the input, then its aligned image.` : "No images.";
   const prev = $("#gallery-prev", v), next = $("#gallery-next", v);
   prev.disabled = offset === 0; next.disabled = !page.next;
-  prev.onclick = () => gallery(id, Math.max(0, offset - GALLERY_PAGE), v, token);
-  next.onclick = () => gallery(id, offset + GALLERY_PAGE, v, token);
+  prev.onclick = () => gallery(link, Math.max(0, offset - GALLERY_PAGE), v, token);
+  next.onclick = () => gallery(link, offset + GALLERY_PAGE, v, token);
 }
 
-function tryModel(id, v) {
+function tryModel(link, v) {
   show($("#try", v), true);
   $("#try-form", v).addEventListener("submit", async e => {
     e.preventDefault();
@@ -426,7 +426,7 @@ function tryModel(id, v) {
     state.textContent = "aligning…";
     out.replaceChildren();
     try {
-      const r = await api(`/models/${id}/align?include_images=true`, { method: "POST", body: fd });
+      const r = await api(`${link}?include_images=true`, { method: "POST", body: fd });
       state.textContent = "";
       if (r.status === 202) {
         out.append(el("p", {}, "A large batch: it runs as a job, ", el("a", { href: "#/job/" + r.body.id }, "follow it here"), "."));
