@@ -24,7 +24,8 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
 
 @router.get("/", name="root")
 def root() -> RedirectResponse:
-    return RedirectResponse("/ui", status_code=307)
+    # Relative: behind a proxy that serves the API under a prefix, the page is under it too.
+    return RedirectResponse("ui", status_code=307)
 
 
 @router.get("/ui", name="web_page")

@@ -409,3 +409,7 @@ def test_the_page_and_its_files_are_served_with_a_strict_policy(open_server):
         assert asset in r.text
         assert _get(s, "/" + asset).status_code == 200
     assert "http" not in r.text.replace("http-equiv", "")  # nothing from another origin
+    import httpx
+
+    root = httpx.get(s.base + "/", follow_redirects=False)
+    assert root.status_code == 307 and root.headers["location"] == "ui"  # relative: works under a prefix
