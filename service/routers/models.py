@@ -65,7 +65,8 @@ def get_model(model_id: str, request: Request, state: StateDep, owner: OwnerDep)
                        200: {"content": {"application/zip": {}}}},
             summary="The trained aligner's folder (weights, config, pipeline.json) as one zip")
 def download_model(model_id: str, state: StateDep, owner: OwnerDep):
-    """What ``congeal apply --model`` reads, once unzipped. Built once per model, then served as is."""
+    """Unzipped, its ``model/`` folder is what ``congeal apply MODEL_DIR INPUT --out OUT`` reads. Built
+    once per model, then served as it is."""
     _model_job(state, owner, model_id)
     return FileResponse(_model_zip(state, model_id), media_type="application/zip",
                         filename=f"model-{model_id}.zip")
