@@ -82,7 +82,8 @@ def main() -> int:
         sys.exit("Debian's chromium is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    server, base = _serve(tempfile.mkdtemp(prefix="congeal-a11y-"))
+    tmp = tempfile.TemporaryDirectory(prefix="congeal-a11y-")
+    server, base = _serve(tmp.name)
     ids = _jobs(base)
     results = []
     with sync_playwright() as p:
@@ -106,6 +107,8 @@ def main() -> int:
             print(json.dumps(row))
         browser.close()
     server.should_exit = True
+    time.sleep(1)  # let the server's lifespan close the store before its folder goes
+    tmp.cleanup()
     out = {"axe_core": json.loads(Path(args.axe).with_name("package.json").read_text())["version"]
            if Path(args.axe).with_name("package.json").is_file() else None,
            "chromium": chromium, "views": results}
