@@ -268,9 +268,11 @@ def _pair_parser(sub) -> None:
     q.add_argument("--pairs", default=None, metavar="CSV", help="a file of pairs: source,target[,name] a line "
                                                                 "(paths relative to the file)")
     q.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    q.add_argument("--method", default="learned", help="learned (default), sift, orb, ecc or kornia")
+    q.add_argument("--method", default="learned", help="learned (default), sift, orb, ecc, kornia, or semantic (dense: two "
+                                                          "instances of one category; docs/semantic.md)")
     q.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option, repeatable (LearnedConfig fields for learned; VALUE read as JSON)")
+                   help="a method option, repeatable (LearnedConfig fields for learned; semantic: model=DIR, "
+                        "features=FILE.safetensors, synthetic_steps, weak_steps, ...; VALUE read as JSON)")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     q.add_argument("--max-side", type=int, default=256, help="longest side of each image's working size")
     q.add_argument("--seed", type=int, default=0)
