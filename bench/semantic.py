@@ -46,6 +46,7 @@ from models.semantic.synthetic import WarpSpec, appearance, random_warps, warp_i
 from models.semantic.train import TrainConfig, fit_semantic  # noqa: E402
 
 SIZE = 64
+STRONG = WarpSpec(rotation=30.0, scale=0.25, aspect=0.15, shear=0.15, translation=0.15, tps_sigma=0.12)
 
 
 def mnist_set(digit: int, n_train: int, n_test: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,6 +194,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=TrainConfig.batch)
     ap.add_argument("--homography", default="", help="comma-separated pair methods (e.g. ecc,sift,learned)")
     ap.add_argument("--homography-pairs", type=int, default=100, help="test pairs given to the homography methods")
+    ap.add_argument("--test-warps", choices=("default", "strong"), default="default",
+                    help="default: the training's ranges; strong: rotation 30 deg, scale 25 %%, aspect 15 %%, shear "
+                         "0.15, translation 0.15, TPS 0.12")
     ap.add_argument("--model", default=None, help="a trained model to load instead of training")
     ap.add_argument("--save-model", default=None)
     ap.add_argument("--cross", type=int, default=100)
@@ -216,14 +220,21 @@ def main(argv=None) -> int:
         tc = TrainConfig(synthetic_steps=args.synthetic_steps, weak_steps=args.weak_steps, batch=args.batch,
                          seed=args.seed)
         t0 = time.time()
-        model, rep = fit_semantic(train, SemanticConfig(), tc)
+        def show(p):
+            if p.step % 100 == 0:
+                print(f"step {p.step}/{p.total} {p.message} loss {p.loss:.4f} {time.time() - t0:.0f}s",
+                      file=sys.stderr, flush=True)
+
+        model, rep = fit_semantic(train, SemanticConfig(), tc, progress=show)
         rec["train_seconds"] = round(time.time() - t0, 1)
         rec["train"] = tc.to_dict()
         rec["history"] = rep.history[-3:]
         if args.save_model:
             save_model(model, args.save_model, {"train": tc.to_dict()})
     model.eval()
-    pairs = make_pairs(test, args.seed)
+    spec = WarpSpec() if args.test_warps == "default" else STRONG
+    rec["test_warps"] = {"name": args.test_warps, **spec.__dict__}
+    pairs = make_pairs(test, args.seed, spec)
     methods = {}
     ident = [k for k in pairs["kp"]]
     methods["identity"] = pck(ident, pairs["kp_true"])
