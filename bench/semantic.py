@@ -41,11 +41,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.semantic import geometry as SG  # noqa: E402
-from models.semantic.model import SemanticConfig, load_model, save_model  # noqa: E402
+from models.semantic.model import SemanticConfig, load_model, match_share, save_model  # noqa: E402
 from models.semantic.synthetic import WarpSpec, appearance, random_warps, warp_images  # noqa: E402
 from models.semantic.train import TrainConfig, fit_semantic  # noqa: E402
 
 SIZE = 64
+from models.semantic.method import SemanticPairMethod  # noqa: E402
+
+THRESHOLD = SemanticPairMethod.min_confidence
 STRONG = WarpSpec(rotation=30.0, scale=0.25, aspect=0.15, shear=0.15, translation=0.15, tps_sigma=0.12)
 
 
@@ -160,6 +163,25 @@ def cross_agreement(model, a: torch.Tensor, b: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
+def confidence_sets(model, pairs: dict, test: torch.Tensor, digit: int) -> dict:
+    """The pair method's confidence (match share) on pairs of decreasing relatedness."""
+    other, _ = mnist_set((digit + 4) % 10, len(test), 0)
+    n = len(test) // 2
+    noise = torch.rand(len(test), 1, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    sets = {"synthetic (same digit, warped)": (pairs["source"], pairs["target"]),
+            "cross-instance (two digits of the class)": (test[:n], test[n:2 * n]),
+            f"other digit ({(digit + 4) % 10}) as target": (test, other),
+            "noise as target": (test, noise)}
+    out = {}
+    for name, (s, t) in sets.items():
+        c = match_share(model, model(s, t))
+        q = torch.quantile(c, torch.tensor([0.05, 0.5, 0.95]))
+        out[name] = {"q05": round(float(q[0]), 4), "median": round(float(q[1]), 4), "q95": round(float(q[2]), 4),
+                     f"share_at_or_above_{THRESHOLD}": round(float((c >= THRESHOLD).float().mean()), 3), "n": len(c)}
+    return out
+
+
+@torch.no_grad()
 def figure(model, a: torch.Tensor, b: torch.Tensor, path: Path, n: int = 6) -> None:
     from PIL import Image
     n = min(n, len(a))
@@ -201,6 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--save-model", default=None)
     ap.add_argument("--cross", type=int, default=100)
     ap.add_argument("--figure", default=None)
+    ap.add_argument("--confidence", action="store_true", help="mnist: the method's confidence on synthetic, "
+                    "cross-instance, other-digit and noise pairs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
@@ -256,6 +280,8 @@ def main(argv=None) -> int:
         if args.figure:
             figure(model, a, b, Path(args.figure))
             rec["figure"] = args.figure
+    if args.set == "mnist" and args.confidence:
+        rec["confidence"] = confidence_sets(model, pairs, test, args.digit)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=1))

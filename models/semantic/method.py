@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from ..imageio import InputError
 from ..methods import Progress
 from ..pairwise.methods import PairContext, PairEstimate, register_pair_method
-from . import geometry as SG
-from .model import SemanticConfig, SemanticModel, feature_cell_points, load_model, save_model, soft_inlier_count
+from .model import SemanticConfig, SemanticModel, load_model, match_share, save_model
 from .train import TrainConfig, fit_semantic
 
 __all__ = ["SemanticPairMethod", "images_to_tensor"]
@@ -59,9 +58,10 @@ class SemanticPairMethod:
     """Affine + thin-plate-spline maps between two instances of one category."""
 
     name = "semantic"
-    # Below this confidence a pair is reported as not aligned; docs/semantic.md gives the measured
-    # values on aligned and on unrelated pairs.
-    min_confidence = 0.3
+    # Below this confidence a pair is reported as not aligned. Measured (bench/semantic.py --confidence,
+    # docs/semantic.md): 0.22-0.26 on digit pairs of the class, 0.21-0.24 with another digit, 0.11-0.14
+    # with noise: it tells unrelated content apart, not a wrong category.
+    min_confidence = 0.18
 
     def __init__(self, model: str | None = None, features: str | None = None, size: int | None = None, **train):
         unknown = sorted(set(train) - set(_TRAIN))
@@ -111,9 +111,7 @@ class SemanticPairMethod:
         m = self.model.to(source.device).eval()
         ctx.check_stop()
         out = m(source, target)
-        B, g = source.shape[0], m.cfg.grid
-        cells = feature_cell_points(g, g, B, like=out.theta)
-        to_src = SG.tps_points(m.ctrl(cells), out.tps_dst, cells)
-        conf = soft_inlier_count(out.corr_tps ** 2, to_src, m.cfg.inlier_radius).clamp(0, 1)
+        B = source.shape[0]
+        conf = match_share(m, out)
         M = torch.cat([out.theta, out.theta.new_tensor([0, 0, 1]).expand(B, 1, 3)], dim=1)
         return PairEstimate(M, conf, list(self.notes), tps_dst=out.tps_dst, tps_grid=m.cfg.tps_grid)

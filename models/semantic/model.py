@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from . import geometry as SG
 
 __all__ = ["SemanticConfig", "ConvFeatures", "normalised_correlation", "RegressionHead", "SemanticModel",
-           "StageOutput", "soft_inlier_count", "feature_cell_points", "save_model", "load_model", "CONFIG_NAME",
+           "StageOutput", "soft_inlier_count", "match_share", "feature_cell_points", "save_model", "load_model", "CONFIG_NAME",
            "WEIGHTS_NAME"]
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "semantic.safetensors"
@@ -298,6 +298,18 @@ def soft_inlier_count(corr: torch.Tensor, src_pts: torch.Tensor, radius: int = 1
     v = F.grid_sample(maps, src_pts.reshape(B * ht * wt, 1, 1, 2).to(maps.dtype), mode="bilinear",
                       padding_mode="zeros", align_corners=True)  # (B * ht * wt, 1, 1, 1)
     return v.reshape(B, ht * wt).mean(dim=1)
+
+
+def match_share(model: SemanticModel, out: StageOutput) -> torch.Tensor:
+    """``(B,)`` in [0, 1]: the share of the final correlation's match energy (``s^2``, which sums to 1
+    over the source for each target cell) within the inlier radius of where the map sends each
+    target cell; the pair method's confidence."""
+    B, g = out.theta.shape[0], model.cfg.grid
+    cells = feature_cell_points(g, g, B, like=out.theta)
+    if out.tps_dst is None:
+        return soft_inlier_count(out.corr_affine ** 2, SG.affine_points(out.theta, cells), model.cfg.inlier_radius).clamp(0, 1)
+    to_src = SG.tps_points(model.ctrl(cells), out.tps_dst, cells)
+    return soft_inlier_count(out.corr_tps ** 2, to_src, model.cfg.inlier_radius).clamp(0, 1)
 
 
 def save_model(model: SemanticModel, model_dir: str | Path, extra: dict | None = None) -> None:
