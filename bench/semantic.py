@@ -219,6 +219,11 @@ def main(argv=None) -> int:
     ap.add_argument("--test-warps", choices=("default", "strong"), default="default",
                     help="default: the training's ranges; strong: rotation 30 deg, scale 25 %%, aspect 15 %%, shear "
                          "0.15, translation 0.15, TPS 0.12")
+    ap.add_argument("--init-model", default=None, help="train starting from this model (e.g. --synthetic-steps 0 "
+                    "for the weak stage alone)")
+    ap.add_argument("--freeze-features", action="store_true")
+    ap.add_argument("--weak-synthetic", choices=("inlier", "grid"), default="inlier")
+    ap.add_argument("--weak-lr", type=float, default=TrainConfig.weak_lr)
     ap.add_argument("--model", default=None, help="a trained model to load instead of training")
     ap.add_argument("--save-model", default=None)
     ap.add_argument("--cross", type=int, default=100)
@@ -242,14 +247,18 @@ def main(argv=None) -> int:
         rec["model"] = args.model
     else:
         tc = TrainConfig(synthetic_steps=args.synthetic_steps, weak_steps=args.weak_steps, batch=args.batch,
-                         seed=args.seed)
+                         seed=args.seed, freeze_features=args.freeze_features, weak_synthetic=args.weak_synthetic,
+                         weak_lr=args.weak_lr)
         t0 = time.time()
         def show(p):
             if p.step % 100 == 0:
                 print(f"step {p.step}/{p.total} {p.message} loss {p.loss:.4f} {time.time() - t0:.0f}s",
                       file=sys.stderr, flush=True)
 
-        model, rep = fit_semantic(train, SemanticConfig(), tc, progress=show)
+        init = load_model(args.init_model).train() if args.init_model else None
+        if init is not None:
+            rec["init_model"] = args.init_model
+        model, rep = fit_semantic(train, init.cfg if init else SemanticConfig(), tc, progress=show, model=init)
         rec["train_seconds"] = round(time.time() - t0, 1)
         rec["train"] = tc.to_dict()
         rec["history"] = rep.history[-3:]

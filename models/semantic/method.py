@@ -33,7 +33,7 @@ from .train import TrainConfig, fit_semantic
 
 __all__ = ["SemanticPairMethod", "images_to_tensor"]
 
-_TRAIN = ("synthetic_steps", "weak_steps", "batch", "seed", "freeze_features")
+_TRAIN = ("synthetic_steps", "weak_steps", "batch", "seed", "freeze_features", "weak_synthetic", "weak_lr")
 
 
 def images_to_tensor(images, size: int, channels: int) -> torch.Tensor:

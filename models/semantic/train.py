@@ -28,7 +28,7 @@ import torch
 
 from ..methods import Cancelled, Progress
 from . import geometry as SG
-from .model import SemanticConfig, SemanticModel, feature_cell_points, soft_inlier_count
+from .model import SemanticConfig, SemanticModel, StageOutput, feature_cell_points, soft_inlier_count
 from .synthetic import WarpSpec, appearance, random_warps, warp_images
 
 __all__ = ["TrainConfig", "FitReport", "fit_semantic", "grid_loss"]
@@ -44,6 +44,9 @@ class TrainConfig:
     lr: float = 1e-3
     weak_lr: float = 1e-4
     freeze_features: bool = False  # True: only the regression heads train (an operator's features kept)
+    # How the weak stage scores its half of synthetic pairs: "inlier" (the soft-inlier count, no
+    # ground truth) or "grid" (their known warps, as in the first stage).
+    weak_synthetic: str = "inlier"
     warps: WarpSpec = field(default_factory=WarpSpec)
     seed: int = 0
 
@@ -90,6 +93,8 @@ def fit_semantic(images: torch.Tensor, cfg: SemanticConfig = SemanticConfig(), t
                  should_stop: Callable[[], bool] | None = None) -> tuple[SemanticModel, FitReport]:
     """Train on ``images`` ``(N, C, H, W)`` float in [0, 1] (any size: resized to ``cfg.size``), on
     their device. ``model``: start from it (e.g. :meth:`SemanticModel.from_feature_file`)."""
+    if train.weak_synthetic not in ("inlier", "grid"):
+        raise ValueError(f"weak_synthetic must be 'inlier' or 'grid', not {train.weak_synthetic!r}")
     if images.ndim != 4 or images.shape[0] < 2:
         raise ValueError(f"training needs at least 2 images as (N, C, H, W), got {tuple(images.shape)}")
     t0 = time.time()
@@ -148,9 +153,15 @@ def fit_semantic(images: torch.Tensor, cfg: SemanticConfig = SemanticConfig(), t
         i = torch.randint(N, (train.batch - half,), generator=gen).to(dev)
         j = torch.randint(N, (train.batch - half,), generator=gen).to(dev)
         src2, tgt2 = x[i], appearance(x[j], strength=0.5, generator=gen)
-        src1, tgt1, _ = pair_batch(half)
+        src1, tgt1, w1 = pair_batch(half)
         out = model(torch.cat([src1, src2]), torch.cat([tgt1, tgt2]))
-        loss = inlier_loss(model, out)
+        if train.weak_synthetic == "grid":
+            cross = StageOutput(out.theta[half:], out.tps_dst[half:], out.corr_affine[half:], out.corr_tps[half:])
+            own = StageOutput(out.theta[:half], out.tps_dst[:half], out.corr_affine[:half], out.corr_tps[:half])
+            p = pts.expand(half, -1, -1)
+            loss = inlier_loss(model, cross) + grid_loss(model, own, w1.map_points(p), p)
+        else:
+            loss = inlier_loss(model, out)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
