@@ -222,6 +222,7 @@ def main(argv=None) -> int:
     ap.add_argument("--init-model", default=None, help="train starting from this model (e.g. --synthetic-steps 0 "
                     "for the weak stage alone)")
     ap.add_argument("--freeze-features", action="store_true")
+    ap.add_argument("--weak-bn-frozen", action="store_true")
     ap.add_argument("--weak-synthetic", choices=("inlier", "grid"), default="inlier")
     ap.add_argument("--weak-lr", type=float, default=TrainConfig.weak_lr)
     ap.add_argument("--model", default=None, help="a trained model to load instead of training")
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
     else:
         tc = TrainConfig(synthetic_steps=args.synthetic_steps, weak_steps=args.weak_steps, batch=args.batch,
                          seed=args.seed, freeze_features=args.freeze_features, weak_synthetic=args.weak_synthetic,
-                         weak_lr=args.weak_lr)
+                         weak_lr=args.weak_lr, weak_bn_frozen=args.weak_bn_frozen)
         t0 = time.time()
         def show(p):
             if p.step % 100 == 0:

@@ -8,7 +8,8 @@ Two stages, both drawing their pairs from the collection alone:
    grid of target points, for the affine stage and for affine + TPS. It gives a feature extractor
    trained from scratch something to stand on (the paper starts from ImageNet features, which we
    never download).
-2. *weakly supervised* (the paper): pairs of **different** images of the collection; the loss is
+2. *weakly supervised* (the paper; ``weak_steps``, 0 by default: see :class:`TrainConfig` and
+   docs/semantic.md for what it measured): pairs of **different** images of the collection; the loss is
    minus the soft-inlier count of the affine map on the first correlation plus that of the TPS on
    the second (:func:`models.semantic.model.soft_inlier_count`). Half of each batch stays a
    synthetic pair of one image, scored by the same inlier count (no ground truth used), which keeps
@@ -39,7 +40,9 @@ class TrainConfig:
     """How a model is trained; saved in the model's ``config.json`` under ``"train"``."""
 
     synthetic_steps: int = 600
-    weak_steps: int = 150
+    # Off by default: measured on MNIST 3 (docs/semantic.md), every variant of the weak stage tried
+    # lowered both the synthetic pairs' PCK and the cross-instance agreement of the first stage's model.
+    weak_steps: int = 0
     batch: int = 16
     lr: float = 1e-3
     weak_lr: float = 1e-4
@@ -47,6 +50,7 @@ class TrainConfig:
     # How the weak stage scores its half of synthetic pairs: "inlier" (the soft-inlier count, no
     # ground truth) or "grid" (their known warps, as in the first stage).
     weak_synthetic: str = "inlier"
+    weak_bn_frozen: bool = False  # the weak stage keeps the heads' batch-norm statistics
     warps: WarpSpec = field(default_factory=WarpSpec)
     seed: int = 0
 
@@ -145,6 +149,12 @@ def fit_semantic(images: torch.Tensor, cfg: SemanticConfig = SemanticConfig(), t
         log("self-supervised", loss.item())
     for g in opt.param_groups:
         g["lr"] = train.weak_lr
+    if train.weak_steps and train.weak_bn_frozen:
+        # Fine-tuning on pairs unlike the first stage's: batch statistics of those would replace the
+        # running ones the heads were trained with.
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.eval()
     half = train.batch // 2
     for _ in range(train.weak_steps):
         if should_stop is not None and should_stop():

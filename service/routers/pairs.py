@@ -90,7 +90,8 @@ class SemanticOptions(BaseModel):
                                   description="an earlier succeeded semantic pair job of yours: reuse its trained "
                                               "model instead of training")
     synthetic_steps: int | None = Field(None, ge=0, le=5000, description="self-supervised steps (default 600)")
-    weak_steps: int | None = Field(None, ge=0, le=2000, description="weakly supervised steps (default 150)")
+    weak_steps: int | None = Field(None, ge=0, le=2000, description="weakly supervised (soft-inlier) steps (default 0; "
+                                                                            "docs/semantic.md)")
     batch: int | None = Field(None, ge=2, le=128)
     size: int | None = Field(None, ge=16, le=128, description="the network's input side (default 48)")
 
