@@ -54,6 +54,14 @@ class TrainConfig:
     warps: WarpSpec = field(default_factory=WarpSpec)
     seed: int = 0
 
+    def __post_init__(self):
+        if self.synthetic_steps < 0 or self.weak_steps < 0 or self.batch < 2 or self.lr <= 0 or self.weak_lr <= 0:
+            raise ValueError(f"bad training config: steps must be >= 0, batch >= 2, learning rates > 0 "
+                             f"(got synthetic_steps={self.synthetic_steps}, weak_steps={self.weak_steps}, "
+                             f"batch={self.batch}, lr={self.lr}, weak_lr={self.weak_lr})")
+        if self.weak_synthetic not in ("inlier", "grid"):
+            raise ValueError(f"weak_synthetic must be 'inlier' or 'grid', not {self.weak_synthetic!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -97,8 +105,6 @@ def fit_semantic(images: torch.Tensor, cfg: SemanticConfig = SemanticConfig(), t
                  should_stop: Callable[[], bool] | None = None) -> tuple[SemanticModel, FitReport]:
     """Train on ``images`` ``(N, C, H, W)`` float in [0, 1] (any size: resized to ``cfg.size``), on
     their device. ``model``: start from it (e.g. :meth:`SemanticModel.from_feature_file`)."""
-    if train.weak_synthetic not in ("inlier", "grid"):
-        raise ValueError(f"weak_synthetic must be 'inlier' or 'grid', not {train.weak_synthetic!r}")
     if images.ndim != 4 or images.shape[0] < 2:
         raise ValueError(f"training needs at least 2 images as (N, C, H, W), got {tuple(images.shape)}")
     t0 = time.time()

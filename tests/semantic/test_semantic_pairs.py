@@ -141,6 +141,11 @@ def test_bad_options_are_input_errors(tmp_path):
     with pytest.raises(InputError, match="no such feature weights file"):
         run_pairs([("a", "b", "")], tmp_path / "o", PairOptions(method="semantic",
                                                                  method_options={"features": str(tmp_path / "f")}))
+    with pytest.raises(InputError, match="batch >= 2"):
+        run_pairs([("a", "b", "")], tmp_path / "o", PairOptions(method="semantic", method_options={"batch": 1}))
+    with pytest.raises(InputError, match="weak_synthetic"):
+        run_pairs([("a", "b", "")], tmp_path / "o", PairOptions(method="semantic",
+                                                                 method_options={"weak_synthetic": "x"}))
     with pytest.raises(InputError, match="as it is"):
         SemanticPairMethod  # noqa: B018  (the class is importable)
         run_pairs([("a", "b", "")], tmp_path / "o", PairOptions(method="semantic",
