@@ -191,3 +191,30 @@ def test_cli_pair_semantic(tmp_path):
                                  "--method", "semantic", "--option", "synthetic_steps=1", "--option", "weak_steps=1",
                                  "--option", "batch=2", "--option", "size=16", "--quiet", "--device", "cpu")]) == 0
     assert json.loads((tmp_path / "o3" / "pairs.json").read_text())["pairs"][0]["source_name"] == "d0.png"
+
+
+def test_pipeline_convention_through_resizing_and_sizes(known, tmp_path):
+    """Source and target of different sizes and channels, both resized for the estimate: the map in
+    original pixels goes through each image's resize (models.geometry.original_from_resized)."""
+    from models import geometry as G
+    theta, dst = known
+    save_model(_fixed_model(theta, dst), tmp_path / "m")
+    g = np.random.default_rng(4)
+    src, tgt = g.uniform(0, 1, (60, 90, 3)), g.uniform(0, 1, (50, 40))
+    r = align_pairs([PairInput(src, tgt, "p")], PairOptions(method="semantic", device="cpu", max_side=30,
+                                                              method_options={"model": str(tmp_path / "m")}))[0]
+    ss, ts = (20, 30), (30, 24)  # working sizes: longer side 30
+    rs = G.original_from_resized([(60, 90)], ss)[0].numpy()
+    rt = G.original_from_resized([(50, 40)], ts)[0].numpy()
+    pts = g.uniform(0, 39, (20, 2))
+    p_work = (np.c_[pts, np.ones(len(pts))] @ np.linalg.inv(rt).T)[:, :2]  # target working pixels
+    # the torch geometry by hand: normalised in the target's working frame, out in the source's
+    ctrl = SG.tps_control_points(3, like=torch.zeros((), dtype=D))
+    n = SG.norm_from_pixel_points(torch.as_tensor(p_work)[None], ts)
+    m = SG.affine_points(torch.as_tensor(theta)[None], SG.tps_points(ctrl, torch.as_tensor(dst)[None], n))
+    q_work = SG.pixel_from_norm_points(m, ss)[0].numpy()
+    expected = (np.c_[q_work, np.ones(len(q_work))] @ rs.T)[:, :2]
+    assert np.allclose(r.target_to_source(pts), expected, atol=1e-4)
+    assert r.flow().shape == (50, 40, 2)
+    w = warp_source(src, r.matrix, r.target_size, flow=r.flow())
+    assert w.shape == (50, 40, 3)
