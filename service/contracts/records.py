@@ -30,7 +30,7 @@ __all__ = [
 # contract test checks that this is exactly the core's registry.
 METHODS = ("dprc", "lsc", "pssv", "rasl", "tgrasta")
 # Pair methods (models.pairwise), checked against the core's "pair" registry the same way.
-PAIR_METHODS = ("ecc", "kornia", "learned", "orb", "sift")
+PAIR_METHODS = ("ecc", "kornia", "learned", "orb", "semantic", "sift")
 WARPS = ("translation", "similarity", "affine", "homography")
 
 
