@@ -268,10 +268,15 @@ def _pair_parser(sub) -> None:
     q.add_argument("target", nargs="?", help="the reference image (the aligned output's frame)")
     q.add_argument("--pairs", default=None, metavar="CSV", help="a file of pairs: source,target[,name] a line "
                                                                 "(paths relative to the file)")
+    q.add_argument("--collection", default=None, metavar="DIR|ARCHIVE",
+                   help="with --pairs: the pairs name images of this folder or archive (relative names), and a "
+                        "method that learns (semantic) trains on all of its images first, leaving OUT/model")
     q.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    q.add_argument("--method", default="learned", help="learned (default), sift, orb, ecc or kornia")
+    q.add_argument("--method", default="learned", help="learned (default), sift, orb, ecc, kornia, or semantic (dense: two "
+                                                          "instances of one category; docs/semantic.md)")
     q.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option, repeatable (LearnedConfig fields for learned; VALUE read as JSON)")
+                   help="a method option, repeatable (LearnedConfig fields for learned; semantic: model=DIR, "
+                        "features=FILE.safetensors, synthetic_steps, weak_steps, ...; VALUE read as JSON)")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     q.add_argument("--max-side", type=int, default=256, help="longest side of each image's working size")
     q.add_argument("--seed", type=int, default=0)
@@ -305,6 +310,13 @@ def _run_pair(args) -> int:
             if args.source or args.target:
                 raise ValueError("give either SOURCE TARGET or --pairs CSV, not both")
             specs = read_pairs_file(args.pairs)
+            if args.collection is not None:  # names inside the collection, as the file gives them
+                import os
+
+                base = os.path.dirname(os.path.abspath(args.pairs))
+                specs = [tuple(os.path.relpath(p, base) for p in sp[:2]) + (sp[2],) for sp in specs]
+        elif args.collection is not None:
+            raise ValueError("--collection goes with --pairs (a file of pairs of its image names)")
         elif args.source and args.target:
             specs = [(args.source, args.target, "pair")]
         else:
@@ -314,7 +326,8 @@ def _run_pair(args) -> int:
                            method_options=_method_options(args.option), min_confidence=args.min_confidence)
         t0 = time.time()
         rep = run_pairs(specs, args.out, opts, points=[pts] * len(specs) if any(pts.values()) else None,
-                        progress=None if args.quiet else _bar("pair"), overwrite=args.overwrite)
+                        progress=None if args.quiet else _bar("pair"), overwrite=args.overwrite,
+                        collection=args.collection)
     except (InputError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"congeal pair: error: {e}", file=sys.stderr)
         return 2

@@ -51,9 +51,9 @@ measured against ground truth in ``docs/research/quality-rounds-1-9.md``):
   curriculum (``curriculum``), background-aware padding (``padding``),
   cosine learning-rate decay.
 
-Reference rule (``reference_index=None``): among the images whose object size (foreground RMS
-radius) is in the central fifth of the collection's, the one whose blurred version is closest (L1)
-to the blurred mean of the collection: a typical, central member of typical size.
+Reference rule (``reference_index=None``): the image whose blurred version is closest (L1) to the
+blurred mean of the collection: a typical, central member (:func:`choose_reference` can restrict
+it to typical object sizes; measured, not the default).
 
 How long and on what batches it trains is :mod:`models.schedule`'s (images seen,
 chosen from the device and the collection); how a step runs fast is
@@ -85,8 +85,10 @@ from .imageops import background, blur
 from .nets import PRESETS, AutoEncoderConfig, DeSTNet, DeSTNetConfig, PenalisedAutoEncoder, set_compute_dtype
 
 DEFAULT_WIDTH = {"mnist": 4.0, "small": 4.0, "lfw": 1.0}
-# The reference is chosen among images whose object size is in this central share of the collection's.
-REFERENCE_SIZE_BAND = 0.2
+# choose_reference's default size band: 1, every image. A band of 0.2 (a median-size reference) made the
+# 1,000-image CPU job's first fit zoom in (content kept 0.69 against 1.00, area 0.56; object ratio
+# 0.133 against 0.139): bench/results/session9/reference_band_cpu.jsonl.
+REFERENCE_SIZE_BAND = 1.0
 # A fit has collapsed (DPRC._collapse) when its aligned frames keep less than this median share of
 # each image's content, scale the objects' area by more than this factor either way, or its aligner is
 # less self-consistent than this (1: no better than not aligning), measured on this many images.
@@ -109,7 +111,7 @@ class DPRCConfig:
     batch_size: int | None = None  # GPU: 256 up to 8k images, growing to 1,024; CPU: 64
     epochs: int | None = None  # an explicit budget in epochs (overrides steps)
     steps: int | None = None  # an explicit number of steps
-    steps_target: int | None = None  # steps of a collection large enough to fill them; None: GPU 1500, CPU 450
+    steps_target: int | None = None  # steps of a collection large enough to fill them; None: GPU 1500, CPU 600
     max_epochs: int = 300  # a small collection trains at most this many epochs
     warmup: float = 0.05  # linear learning-rate warm-up (fraction of training), batches above 256 only
     precision: str = "auto"  # network arithmetic: "auto" (bfloat16 on CUDA, float32 elsewhere) | "float32" | "bfloat16"
@@ -277,14 +279,15 @@ def moment_penalty(aligned: torch.Tensor, bg: torch.Tensor, ref_c: torch.Tensor,
 def choose_reference(x: torch.Tensor, bg: torch.Tensor | None = None, chunk: int = 4096, world: int = 1,
                      start: int = 0, band: float = REFERENCE_SIZE_BAND) -> int:
     """Index of the image whose blurred version is L1-closest to the blurred mean, among the
-    images of typical size: those whose foreground RMS radius lies in the central ``band`` of
-    the collection's radii (the 40th to 60th percentiles by default; 1: every image).
+    images whose foreground RMS radius lies in the central ``band`` of the collection's radii
+    (1, the default: every image; 0.2: the 40th to 60th percentiles).
 
-    The size band matters at scale: the closest image to the blurred mean is a larger object the
-    more images there are to choose from (at 1,000,000 infiMNIST-style digits its radius was
-    1.18x the median, the 90th percentile; at 6,000, 0.97x), and the moment initialisation scales
-    every image after the reference (at 1M every object was shown at 0.72 of its area, and the
-    fits cropped; ``bench/reference_size.py``).
+    The closest image to the blurred mean is a larger object the more images there are to choose
+    from (at 1,000,000 infiMNIST-style digits its radius was 1.18x the median, the 90th
+    percentile; at 6,000, 0.97x; ``bench/reference_size.py``), and the moment initialisation
+    scales every image after the reference. A median-size reference (band 0.2) is not the cure:
+    at 1,000 images on the CPU it made the first fit zoom in and crop (see
+    :data:`REFERENCE_SIZE_BAND`).
 
     ``x`` ``(N, C, H, W)`` uint8 or float, ``bg`` its backgrounds ``(N, C, 1, 1)`` (computed if
     None). With ``world > 1`` it is this process's shard of the collection, whose first image has
@@ -451,8 +454,9 @@ class DPRC:
 
         On a GPU: Table 1's auto-encoder (``mnist`` up to 48 px a side, ``lfw`` above), the MNIST
         DeSTNet at 4x its width, 1,500 steps. On a CPU: the narrow ``small`` auto-encoder up to 48 px,
-        Table 1's DeSTNet width, 450 steps of 64 (docs/benchmarks.md, "On a CPU": the GPU defaults
-        take ~40 min for 1,000 images on 2 cores). An option the job sets is kept as set.
+        Table 1's DeSTNet width, 600 steps of 64 (docs/benchmarks.md, "On a CPU": the GPU defaults
+        take ~40 min for 1,000 images on 2 cores; 450 steps left the self-consistency check at 0.53, a
+        warning on every job). An option the job sets is kept as set.
         """
         cfg = self.cfg
         cpu = device_type != "cuda"
@@ -462,7 +466,7 @@ class DPRC:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)} or auto")
         width = cfg.width if cfg.width is not None else (1.0 if cpu else DEFAULT_WIDTH[preset])
-        steps_target = cfg.steps_target if cfg.steps_target is not None else (450 if cpu else 1500)
+        steps_target = cfg.steps_target if cfg.steps_target is not None else (600 if cpu else 1500)
         precision = cfg.precision if cfg.precision != "auto" else ("float32" if cpu else "bfloat16")
         return replace(cfg, preset=preset, width=width, steps_target=steps_target, precision=precision)
 

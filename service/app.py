@@ -24,7 +24,7 @@ from .contracts import ArtifactStore, CeleryDispatcher, Settings, open_dataset_s
 from .datasets import DatasetChecker
 from .deps import ServiceState, get_settings
 from .metrics import CONTENT_TYPE_LATEST, RequestMiddleware, ServiceMetrics
-from .routers import datasets, health, jobs, models, pairs, points, results
+from .routers import datasets, health, jobs, models, pairs, points, results, ui
 from .schemas import AUTH_ERRORS, SERVER_ERRORS
 from .uploads import UploadGate
 
@@ -122,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for r in (jobs.router, results.router, datasets.router, models.router, pairs.router, points.router):
         app.include_router(r, responses={**AUTH_ERRORS, **SERVER_ERRORS})
     app.include_router(health.router, responses=SERVER_ERRORS)
+    app.include_router(ui.router)
     _mount_docs(app)
     metrics = ServiceMetrics()
     app.add_middleware(RequestMiddleware, metrics=metrics)

@@ -49,7 +49,7 @@ def _serve(args) -> int:
         return 2
     configure_logging(s.log_level, s.log_format)
     mode = "embedded (no CONGEAL_REDIS_URL: jobs run in this process)" if s.embedded else f"Redis at {_redacted(s.redis_url)}"
-    print(f"congeal API on http://{args.host}:{args.port} (docs at /docs); {mode}; "
+    print(f"congeal API on http://{args.host}:{args.port} (web page at /ui, docs at /docs); {mode}; "
           f"artifacts in {Path(s.data_dir).resolve()}", file=sys.stderr)
     # Our handler for uvicorn's loggers too (log_config=None), and our request lines instead of its
     # access log: they carry the request id, the route and the duration.

@@ -20,7 +20,7 @@ from .deps import ServiceState
 from .schemas import (AttemptPublic, JobLinks, JobPublic, MetricsPublic, ProgressPublic, ts)
 from .uploads import FILE_FIELD, UploadError, check_upload, receive_upload
 
-__all__ = ["accept_job", "to_public", "multipart_openapi", "field_error"]
+__all__ = ["accept_job", "to_public", "multipart_openapi", "field_error", "upload_limits"]
 
 log = logging.getLogger("congeal.api")
 
@@ -40,7 +40,8 @@ def _parse_options(model: type[BaseModel], fields: dict[str, str]) -> BaseModel:
         ) from None
 
 
-def _limits(state: ServiceState) -> LoadLimits:
+def upload_limits(state: ServiceState) -> LoadLimits:
+    """The image limits an upload is checked against."""
     s = state.settings
     return LoadLimits(max_images=s.max_images_per_job, max_pixels=s.max_pixels_per_image,
                       max_side=s.max_side_per_image, max_archive_members=s.max_archive_members,
@@ -88,7 +89,7 @@ async def accept_job(request: Request, state: ServiceState, owner: str, *, kind:
             ds, held = await _dataset_input(state, owner, dataset_id, job_id, up.files, min_images, job_options)
             n_inputs, input_bytes, archive = ds.n_images, ds.bytes_declared, ds.input_name
         else:
-            names, archive = await check_upload(dest, up.files, _limits(state), min_images,  # decodes: last
+            names, archive = await check_upload(dest, up.files, upload_limits(state), min_images,  # decodes: last
                                                 s.image_formats, gate=state.upload_gate, owner=owner)
             if job_options.reference is not None and job_options.reference not in names:
                 raise field_error("reference", f"{job_options.reference!r} is not the name of an uploaded image")
@@ -195,8 +196,11 @@ def to_public(rec: JobRecord, request: Request) -> JobPublic:
             setattr(links, n, path("download_result_image", job_id=rec.id, image=n))
         if rec.kind == JobKind.align and (rec.result or {}).get("has_model"):
             links.model = path("get_model", model_id=rec.id)
+            links.model_download = path("download_model", model_id=rec.id)
             links.align_with_model = path("align_with_model", model_id=rec.id)
         links.per_image = path("list_per_image", job_id=rec.id)
+        links.gallery = path("list_gallery", job_id=rec.id)
+        links.summary = path("get_summary", job_id=rec.id)
         arrays = (rec.result or {}).get("array_files") or []
         if "transforms.npy" in arrays:
             links.transforms_npy = path("download_transforms_npy", job_id=rec.id)

@@ -48,6 +48,26 @@ class PerImageSource:
     _idx: Any = None  # (N + 1,) memmap
     _names_path: Path | None = None
     _json_rows: list[dict] | None = None
+    _order: Any = None  # (N,) int64, filled by by_residual()
+
+    def by_residual(self) -> np.ndarray:
+        """``(N,)`` int64: every index, largest residual first (outliers first); images with no
+        residual (NaN) first of all, then ties in index order. Computed once per source: N floats."""
+        if self._order is None:
+            if self._json_rows is not None:
+                r = np.array([np.nan if x.get("residual") is None else x["residual"] for x in self._json_rows],
+                             dtype=np.float64)
+            elif self._per is not None and "residual" in (self._per.dtype.names or ()):
+                r = np.asarray(self._per["residual"], dtype=np.float64)
+            else:
+                r = np.zeros(self.total)
+            r = np.nan_to_num(r, nan=np.inf, posinf=np.inf)
+            self._order = np.argsort(-r, kind="stable").astype(np.int64)
+        return self._order
+
+    def rows_at(self, indices) -> list[dict]:
+        """The rows of ``indices``, in that order."""
+        return [self.rows(int(i), 1)[0] for i in indices]
 
     def rows(self, offset: int, limit: int) -> list[dict]:
         if offset >= self.total:

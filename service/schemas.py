@@ -34,6 +34,10 @@ __all__ = [
     "PerImagePublic",
     "PerImagePage",
     "ReadyPublic",
+    "GalleryItemPublic",
+    "GalleryPage",
+    "CheckPublic",
+    "SummaryPublic",
     "ts",
 ]
 
@@ -140,8 +144,12 @@ class JobLinks(BaseModel):
     mean_after: str | None = None
     var_after: str | None = None
     model: str | None = None
+    model_download: str | None = Field(None, description="the trained model's folder as one zip")
     align_with_model: str | None = None
     per_image: str | None = Field(None, description="paged per-image results (JSON)")
+    gallery: str | None = Field(None, description="the per-image results ranked by residual, largest first, "
+                                                  "with input and aligned image links (what the web page shows)")
+    summary: str | None = Field(None, description="the checks and warnings in words, APSNR, mean/variance links")
     transforms_npy: str | None = Field(None, description="every matrix, float64 (N, 3, 3), when the output has it")
     per_image_npy: str | None = Field(None, description="per-image metrics, a structured array, when the output "
                                                         "has it")
@@ -345,3 +353,43 @@ class PerImagePage(BaseModel):
     next: str | None = None
     source: Literal["arrays", "json"] = Field(description="arrays: transforms.npy / per_image.npy / names.txt; "
                                               "json: transforms.json and metrics.json (outputs without arrays)")
+
+
+# ---------------------------------------------------------------------- what the web page shows
+
+
+class GalleryItemPublic(PerImagePublic):
+    rank: int = Field(description="position by residual, 0 = largest")
+    input_url: str = Field(description="the input image as a small PNG (GET /jobs/{id}/inputs/{name})")
+
+
+class GalleryPage(BaseModel):
+    """Per-image results ordered by residual, largest first: outliers lead."""
+
+    data: list[GalleryItemPublic]
+    total: int
+    offset: int
+    limit: int
+    next: str | None = None
+    order: Literal["residual_desc"] = "residual_desc"
+
+
+class CheckPublic(BaseModel):
+    name: str
+    value: str = Field(description="the measure, in words")
+    meaning: str = Field(description="what it means")
+
+
+class SummaryPublic(BaseModel):
+    """A finished job's result at a glance: the report's checks and warnings in words
+    (models/report.py) and the mean/variance images before and after."""
+
+    n_images: int
+    method: str | None = None
+    warp: str | None = None
+    apsnr_before: float | None = None
+    apsnr_after: float | None = None
+    checks: list[CheckPublic]
+    warnings: list[str] = Field(description="empty: every framing and consistency check is within its limits")
+    notes: list[str] = Field(default_factory=list)
+    images: dict[str, str] = Field(description="mean_before, mean_after, var_before, var_after: PNG links")

@@ -21,6 +21,7 @@ _EXPORTS = {
     "LearnedConfig": "learned", "fit_pairs": "learned",
     "PairContext": "methods", "PairEstimate": "methods", "register_pair_method": "methods",
     "target_to_source": "points", "source_to_target": "points",
+    "dense_target_to_source": "dense", "dense_source_to_target": "dense", "dense_flow": "dense",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -42,9 +42,18 @@ class PairEstimate:
     source_from_target_norm: torch.Tensor  # (B, 3, 3); non-finite where the method found nothing
     confidence: torch.Tensor  # (B,) in [0, 1], in the method's own terms
     notes: list[str] = field(default_factory=list)
+    # Dense methods (models.semantic): a thin-plate spline applied to the target's normalised points
+    # before the matrix, target(p) ~ source(M tps(p)); tps_grid x tps_grid control points on [-1, 1]^2
+    # (x fastest) landing at tps_dst (B, K, 2). None: the matrix alone.
+    tps_dst: torch.Tensor | None = None
+    tps_grid: int = 0
 
 
 class PairMethod(Protocol):
+    """A method may also offer ``fit_collection(images, device, progress, should_stop)`` (train on the
+    job's images before any pair; :func:`models.pairwise.pipeline.run_pairs` calls it) and
+    ``save(model_dir)`` (the pair model it trained, written into the output as ``model/``)."""
+
     name: ClassVar[str]
 
     def estimate(self, source: torch.Tensor, target: torch.Tensor, ctx: PairContext) -> PairEstimate:

@@ -16,6 +16,12 @@ Output folder::
       <name>/overlay.png     warped source in magenta over the target in green (grey where they agree)
       <name>/checkerboard.png  squares of the target and of the warped source, alternating
 
+Dense methods (``semantic``, :mod:`models.semantic`) add per pair a ``warp`` (target pixel -> source
+pixel through an affine map and a thin-plate spline, :mod:`models.pairwise.dense`) that moves the
+points and makes the images, and ``<name>/flow.npy`` (``(H, W, 2)`` float32: the source pixel of every
+target pixel); their ``matrix`` is the affine stage alone. A method that trained on the job's images
+leaves its reusable pair model in ``OUT/model/``.
+
 A pair whose confidence is below the method's threshold is reported with ``aligned: false``
 (its matrix is still given, as the method's best guess) and gets no images; a pair the
 method found nothing for has ``matrix: null``.
@@ -41,6 +47,7 @@ from .. import geometry as G
 from ..imageio import InputError, LoadLimits, decode_image, load_collection, save_png, working_size
 from ..methods import Progress
 from ..runtime import StagedOutput, resolve_device
+from . import dense as DP
 from . import points as P
 from ..catalog import create_pair_method
 from .methods import PairContext
@@ -96,20 +103,35 @@ class PairResult:
     method: str
     source_name: str | None = None
     target_name: str | None = None
+    warp: dict | None = None  # dense methods: the full map (models.pairwise.dense); matrix: its affine stage
 
     def target_to_source(self, points) -> np.ndarray:
         """``(N, 2)`` target pixels -> source pixels."""
+        if self.warp is not None:
+            return DP.dense_target_to_source(self.warp, points)
         return P.target_to_source(self._m(), points)
 
     def source_to_target(self, points) -> np.ndarray:
         """``(N, 2)`` source pixels -> target pixels."""
+        if self.warp is not None:
+            return DP.dense_source_to_target(self.warp, points)
         return P.source_to_target(self._m(), points)
+
+    def flow(self) -> np.ndarray:
+        """``(H, W, 2)``: the source pixel of every target pixel (dense or from the matrix)."""
+        if self.warp is not None:
+            return DP.dense_flow(self.warp, self.target_size)
+        H, W = self.target_size
+        ys, xs = np.mgrid[0:H, 0:W]
+        return P.apply_homography(self._m(), np.stack([xs.ravel(), ys.ravel()], 1)).reshape(H, W, 2).astype(np.float32)
 
     def _m(self) -> np.ndarray:
         return self.matrix if self.matrix is not None else np.full((3, 3), np.nan)
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["warp"] is None:
+            del d["warp"]
         d["matrix"] = None if self.matrix is None else np.asarray(self.matrix).tolist()
         d["source_size"], d["target_size"] = list(self.source_size), list(self.target_size)
         return d
@@ -212,17 +234,21 @@ def _method(options: PairOptions):
 
 def align_pairs(pairs: Sequence[PairInput | tuple], options: PairOptions = PairOptions(), *,
                 progress: Callable[[Progress], None] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> list[PairResult]:
+                should_stop: Callable[[], bool] | None = None, method=None) -> list[PairResult]:
     """Estimate the homography of every pair; pairs of one working size run as one batch.
 
-    ``pairs``: :class:`PairInput` or ``(source, target)`` arrays.
+    ``pairs``: :class:`PairInput` or ``(source, target)`` arrays. ``method``: an instance to use
+    (one :func:`run_pairs` trained), else ``options.method`` is created.
     """
     pairs = [p if isinstance(p, PairInput) else PairInput(*p) for p in pairs]
     if not pairs:
         raise InputError("no pairs")
     names = _names(pairs)
     dev = resolve_device(options.device)
-    method, threshold = _method(options)
+    if method is None:
+        method, threshold = _method(options)
+    else:
+        threshold = options.min_confidence if options.min_confidence is not None else getattr(method, "min_confidence", 0.5)
     report = progress or (lambda p: None)
     src = [_tensor(p.source) for p in pairs]
     tgt = [_tensor(p.target) for p in pairs]
@@ -254,10 +280,17 @@ def align_pairs(pairs: Sequence[PairInput | tuple], options: PairOptions = PairO
                 m = m / m[2, 2] if torch.isfinite(m).all() and m[2, 2].abs() > 1e-12 else None
                 conf = float(est.confidence[j])
                 conf = conf if np.isfinite(conf) else 0.0
+                warp = None
+                if est.tps_dst is not None and m is not None:
+                    # target pixel -> working normalised; spline; then the matrix and back to source pixels
+                    pre = G.normaliser(*ts, dtype=torch.float64) @ torch.linalg.inv(rt)
+                    post = rs @ torch.linalg.inv(G.normaliser(*ss, dtype=torch.float64)) @ M[j]
+                    warp = {"type": DP.DENSE_TYPE, "pre": pre.tolist(), "tps_grid": int(est.tps_grid),
+                            "tps_dst": est.tps_dst[j].detach().double().cpu().tolist(), "post": post.tolist()}
                 out[i] = PairResult(names[i], None if m is None else m.numpy(), conf,
                                     m is not None and conf >= threshold, tuple(src[i].shape[-2:]),
                                     tuple(tgt[i].shape[-2:]), options.method, pairs[i].source_name,
-                                    pairs[i].target_name)
+                                    pairs[i].target_name, warp)
             done += len(chunk)
             report(Progress("aligning", step=done, total=n))
     return out  # type: ignore[return-value]
@@ -276,9 +309,18 @@ def align_pair(source, target, options: PairOptions = PairOptions()) -> PairResu
 # --------------------------------------------------------------------------- images of a result
 
 
-def warp_source(source: np.ndarray, matrix: np.ndarray, target_size: tuple[int, int]) -> np.ndarray:
-    """The source resampled into the target's frame, ``(H, W[, 3])`` float in [0, 1]; outside 0."""
+def warp_source(source: np.ndarray, matrix: np.ndarray, target_size: tuple[int, int], *,
+                flow: np.ndarray | None = None) -> np.ndarray:
+    """The source resampled into the target's frame, ``(H, W[, 3])`` float in [0, 1]; outside 0.
+    ``flow`` ``(H, W, 2)`` (source pixels of the target's pixels), if given, replaces ``matrix``."""
     x = _tensor(source)[None].double()
+    if flow is not None:
+        h, w = x.shape[-2:]
+        g = torch.from_numpy(np.asarray(flow, np.float64)).clone()
+        g[..., 0] = g[..., 0] * (2 / max(w - 1, 1)) - 1
+        g[..., 1] = g[..., 1] * (2 / max(h - 1, 1)) - 1
+        out = F.grid_sample(x, g[None], mode="bilinear", padding_mode="zeros", align_corners=True)[0].float().clamp(0, 1)
+        return out[0].numpy() if out.shape[0] == 1 else out.permute(1, 2, 0).numpy()
     out = G.warp_pixel(x, torch.as_tensor(np.asarray(matrix), dtype=torch.float64)[None], tuple(target_size))
     out = out[0].float().clamp(0, 1)
     return out[0].numpy() if out.shape[0] == 1 else out.permute(1, 2, 0).numpy()
@@ -315,8 +357,9 @@ def checkerboard(warped: np.ndarray, target: np.ndarray, squares: int = 8) -> np
 
 def write_pairs(out_dir: str | Path, pairs: Sequence[PairInput], results: Sequence[PairResult], *,
                 points: Sequence[dict | None] | None = None, meta: dict | None = None,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, save_model: Callable[[Path], None] | None = None) -> dict:
     """Write the output folder (layout in the module docstring); returns what ``pairs.json`` holds.
+    ``save_model(model_dir)``: writes the job's trained pair model into ``OUT/model``.
 
     ``points``: per pair ``None`` or ``{"target": [[x, y], ...], "source": [[x, y], ...]}``:
     target points are mapped into the source and source points into the target.
@@ -338,17 +381,25 @@ def write_pairs(out_dir: str | Path, pairs: Sequence[PairInput], results: Sequen
             if r.matrix is not None and r.aligned:
                 d = tmp / r.name
                 d.mkdir(parents=True, exist_ok=True)
-                w = warp_source(p.source, r.matrix, r.target_size)
+                flow = r.flow() if r.warp is not None else None
+                w = warp_source(p.source, r.matrix, r.target_size, flow=flow)
                 t = _tensor(p.target).numpy()
                 t = t[0] if t.shape[0] == 1 else t.transpose(1, 2, 0)
                 save_png(d / "warped.png", w)
                 save_png(d / "overlay.png", overlay(w, t))
                 save_png(d / "checkerboard.png", checkerboard(w, t))
                 files = {k: f"{r.name}/{k}.png" for k in ("warped", "overlay", "checkerboard")}
+                if flow is not None:
+                    np.save(d / "flow.npy", flow)
+                    files["flow"] = f"{r.name}/flow.npy"
             e["files"] = files
             entries.append(e)
+        if save_model is not None:
+            save_model(tmp / "model")
         doc = {"convention": CONVENTION, **(meta or {}), "n_pairs": len(entries),
                "n_aligned": sum(1 for e in entries if e["aligned"]), "pairs": entries}
+        if save_model is not None:
+            doc["model"] = "model"
         (tmp / "pairs.json").write_text(json.dumps(doc, indent=1, allow_nan=False))
     return doc
 
@@ -372,8 +423,8 @@ def run_pairs(specs: Sequence[tuple[str, str, str]], out_dir: str | Path, option
     :func:`models.imageio.load_collection` reads), the names of images in it.
     """
     t0 = time.time()
-    _method(options)  # fail before reading anything
-    resolve_device(options.device)
+    method, _ = _method(options)  # fail before reading anything
+    dev = resolve_device(options.device)
     report = progress or (lambda p: None)
     report(Progress("loading", message="reading images"))
     if collection is None:
@@ -385,11 +436,19 @@ def run_pairs(specs: Sequence[tuple[str, str, str]], out_dir: str | Path, option
         if missing:
             raise InputError(f"pairs name image(s) that are not in the input: {', '.join(missing[:5])}")
         pairs = [PairInput(images[s], images[t], n, s, t) for s, t, n in specs]
-    results = align_pairs(pairs, options, progress=progress, should_stop=should_stop)
+    trained = False
+    if hasattr(method, "fit_collection"):
+        # A method that learns from the job's images (the collection if given, else the pairs' images)
+        # trains once, before any pair, and its model is written with the results.
+        pool = list(col.images) if collection is not None else list({id(a): a for p in pairs
+                                                                      for a in (p.source, p.target)}.values())
+        trained = method.fit_collection(pool, dev, progress=report, should_stop=should_stop)
+    results = align_pairs(pairs, options, progress=progress, should_stop=should_stop, method=method)
     report(Progress("writing", message="writing results"))
-    meta = {"method": options.method, "device": str(resolve_device(options.device)),
+    meta = {"method": options.method, "device": str(dev),
             "max_side": options.max_side, "seconds": round(time.time() - t0, 3)}
-    doc = write_pairs(out_dir, pairs, results, points=points, meta=meta, overwrite=overwrite)
+    doc = write_pairs(out_dir, pairs, results, points=points, meta=meta, overwrite=overwrite,
+                      save_model=method.save if trained else None)
     report(Progress("done"))
     conf = [e["confidence"] for e in doc["pairs"]]
     n_images = len({id(p.source) for p in pairs} | {id(p.target) for p in pairs})

@@ -4,11 +4,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import time
+import zipfile
 from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
@@ -53,7 +56,34 @@ def get_model(model_id: str, request: Request, state: StateDep, owner: OwnerDep)
     return ModelPublic(id=model_id, job=model_id, method=pipe["method"], warp=pipe["warp"],
                        working_size=pipe["working_size"], channels=pipe["channels"], created_at=ts(rec.finished_at),
                        links={"job": path("get_job", job_id=model_id),
-                              "align": path("align_with_model", model_id=model_id)})
+                              "align": path("align_with_model", model_id=model_id),
+                              "download": path("download_model", model_id=model_id)})
+
+
+@router.get("/{model_id}/download", name="download_model", response_class=FileResponse,
+            responses={404: {"model": ErrorPublic}, 409: {"model": ErrorPublic},
+                       200: {"content": {"application/zip": {}}}},
+            summary="The trained aligner's folder (weights, config, pipeline.json) as one zip")
+def download_model(model_id: str, state: StateDep, owner: OwnerDep):
+    """Unzipped, its ``model/`` folder is what ``congeal apply MODEL_DIR INPUT --out OUT`` reads. Built
+    once per model, then served as it is."""
+    _model_job(state, owner, model_id)
+    return FileResponse(_model_zip(state, model_id), media_type="application/zip",
+                        filename=f"model-{model_id}.zip")
+
+
+def _model_zip(state: ServiceState, model_id: str):
+    path = state.artifacts.job_dir(model_id) / "model.zip"
+    if path.is_file():
+        return path
+    src = state.artifacts.model_dir(model_id)
+    tmp = path.with_name(f".model.zip.{os.getpid()}.{time.monotonic_ns()}")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(src.rglob("*")):
+            if f.is_file() and not f.is_symlink():
+                zf.write(f, arcname=f"model/{f.relative_to(src).as_posix()}")
+    tmp.replace(path)  # two requests at once each build one; either result is the same
+    return path
 
 
 @router.post(

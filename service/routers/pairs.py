@@ -1,4 +1,7 @@
-"""``/pairs``: homographies between pairs of images (``models.pairwise``), as jobs.
+"""``/pairs``: homographies between pairs of images (``models.pairwise``), as jobs; with
+``method=semantic``, dense maps between two instances of one category (``models.semantic``): the
+job trains on its uploaded images (its collection) unless ``options.model_job`` names an earlier
+semantic job whose model to reuse, and its pairs carry a ``warp`` and a ``flow`` download.
 
 ``POST /pairs`` takes two images (source first, then target), or many images and a ``pairs``
 field saying which go together, and answers at once with a job that runs on a worker like an
@@ -15,9 +18,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field, Json, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
+from models.pairwise.dense import dense_transfer
 from models.pairwise.points import DIRECTIONS, transfer
 
 from ..bodies import json_body_openapi, read_json_body
@@ -32,7 +36,7 @@ __all__ = ["router", "PairCreate", "PairJobPublic", "PairPublic", "PointsCreate"
 router = APIRouter(prefix="/pairs", tags=["pairs"])
 
 MAX_POINTS = 10_000  # per list of points, in a request or in one pair's spec
-PAIR_IMAGES = ("warped", "overlay", "checkerboard")
+PAIR_IMAGES = ("warped", "overlay", "checkerboard", "flow")  # flow: .npy, dense methods only
 Point = tuple[float, float]
 
 
@@ -76,6 +80,25 @@ class LearnedOptions(BaseModel):
     coarsest: int | None = Field(None, ge=16, le=256)
 
 
+class SemanticOptions(BaseModel):
+    """The options of the semantic method a client may set (bounded: a job's training cost stays
+    predictable). Without ``model_job`` the job trains on its own uploaded images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_job: str | None = Field(None, min_length=1, max_length=100,
+                                  description="an earlier succeeded semantic pair job of yours: reuse its trained "
+                                              "model instead of training")
+    synthetic_steps: int | None = Field(None, ge=0, le=5000, description="self-supervised steps (default 600)")
+    weak_steps: int | None = Field(None, ge=0, le=2000, description="weakly supervised (soft-inlier) steps (default 0; "
+                                                                            "docs/semantic.md)")
+    batch: int | None = Field(None, ge=2, le=128)
+    size: int | None = Field(None, ge=16, le=128, description="the network's input side (default 48)")
+
+
+_OPTIONS = {"learned": LearnedOptions, "semantic": SemanticOptions}
+
+
 class PairCreate(BaseModel):
     """Options of ``POST /pairs``, as multipart form fields beside the images. ``pairs``, ``points``
     and ``options`` are JSON text."""
@@ -83,7 +106,8 @@ class PairCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal[PAIR_METHODS] = Field("learned", description="learned (a descriptor learned on the pair), "  # type: ignore[valid-type]
-                                          "or a reference: sift, orb, ecc, kornia (if the worker has them)")
+                                          "or a reference: sift, orb, ecc, kornia (if the worker has them); "
+                                          "semantic: dense maps between two instances of one category")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     max_side: int = Field(256, ge=16, le=1024, description="longest side of each image's working size")
     min_confidence: float | None = Field(None, ge=0, le=1, description="aligned from this confidence on; "
@@ -94,7 +118,8 @@ class PairCreate(BaseModel):
                           'images: the first uploaded is the source, the second the target')
     points: Json[PairPoints] | None = Field(None, description='JSON: {"target": [[x, y], ...], "source": [...]}, '
                                                              'transferred for every pair')
-    options: Json[LearnedOptions] | None = Field(None, description="JSON: options of the learned method")
+    options: Json[LearnedOptions | SemanticOptions] | None = Field(
+        None, description="JSON: options of the learned or the semantic method")
 
     @field_validator("pairs", mode="before")
     @classmethod
@@ -128,8 +153,11 @@ class PairPublic(BaseModel):
     confidence: float = Field(description="0-1, in the method's terms (learned: the share of fresh patches "
                                           "its descriptor matches to the right place)")
     aligned: bool = Field(description="confidence at or above the threshold; false: treat the matrix as a guess")
+    warp: dict[str, Any] | None = Field(None, description="dense methods (semantic): target pixel -> source pixel "
+                                        "as post @ tps(pre @ p) (docs/semantic.md); 'matrix' is then its affine stage")
     points: PairPointsPublic | None = None
-    links: dict[str, str] = Field(description="warped, overlay, checkerboard (aligned pairs), points")
+    links: dict[str, str] = Field(description="warped, overlay, checkerboard (aligned pairs), flow (dense "
+                                              "methods: .npy, (H, W, 2) source pixel of each target pixel), points")
 
 
 class PairJobPublic(BaseModel):
@@ -138,6 +166,8 @@ class PairJobPublic(BaseModel):
     convention: str | None = Field(None, description="once succeeded: how to read 'matrix'")
     n_pairs: int | None = None
     n_aligned: int | None = None
+    model_job: str | None = Field(None, description="a job that trained a pair model (semantic): this job's id, to "
+                                                    "pass as options.model_job")
     pairs: list[PairPublic] | None = Field(None, description="once succeeded")
 
 
@@ -159,7 +189,25 @@ _ERRORS = {404: {"model": ErrorPublic, "description": "no such pair job"},
            422: {"model": ErrorPublic, "description": "bad file, option or pair; the message names it"}}
 
 
-def _prepare(state: ServiceState):
+def _reuse_model(state: ServiceState, owner: str, method_options: dict) -> dict:
+    """``model_job`` -> ``model``: the folder of that job's trained pair model in the artifact store."""
+    other = dict(method_options)
+    job_id = other.pop("model_job")
+    if set(other):
+        raise field_error("options", f"model_job reuses a trained model as it is: drop {', '.join(sorted(other))}")
+    try:
+        rec = load_job(state, owner, job_id)
+    except HTTPException:
+        raise field_error("options", f"model_job {job_id!r}: no such job of yours") from None
+    if rec.kind != JobKind.pair or rec.status != JobStatus.succeeded:
+        raise field_error("options", f"model_job {job_id!r}: not a succeeded pair job")
+    model_dir = state.artifacts.model_dir(rec.id)
+    if not (model_dir / "semantic.safetensors").is_file():
+        raise field_error("options", f"model_job {job_id!r}: that job left no pair model (it did not train one)")
+    return {"model": str(model_dir)}
+
+
+def _prepare(state: ServiceState, owner: str):
     """Checks a request's pairs against its uploaded images and writes ``pair_request.json``."""
 
     def prepare(opts: PairCreate, names: list[str], job_id: str) -> None:
@@ -181,13 +229,22 @@ def _prepare(state: ServiceState):
                 if getattr(p, side) not in known:
                     raise field_error("pairs", f"pair {i}: {side} {getattr(p, side)!r} is not the name of an "
                                                f"uploaded image")
-        if opts.options is not None and opts.method != "learned":
-            raise field_error("options", f"options apply to method learned only, not {opts.method}")
+        method_options = {}
+        if opts.options is not None:
+            if opts.method not in _OPTIONS:
+                raise field_error("options", f"options apply to methods {', '.join(_OPTIONS)} only, not {opts.method}")
+            try:
+                method_options = _OPTIONS[opts.method].model_validate(opts.options.model_dump(exclude_none=True)) \
+                    .model_dump(exclude_none=True)
+            except ValidationError as e:
+                raise field_error("options", f"not options of method {opts.method}: "
+                                             f"{'; '.join(err['msg'] + ' at ' + '.'.join(map(str, err['loc'])) for err in e.errors())}") from None
+        if "model_job" in method_options:
+            method_options = _reuse_model(state, owner, method_options)
         shared = opts.points.model_dump() if opts.points is not None else None
         request = {
             "options": {"method": opts.method, "seed": opts.seed, "max_side": opts.max_side,
-                        "min_confidence": opts.min_confidence,
-                        "method_options": opts.options.model_dump(exclude_none=True) if opts.options else {}},
+                        "min_confidence": opts.min_confidence, "method_options": method_options},
             "pairs": [[p.source, p.target, p.name or ""] for p in specs],
             "points": [p.points.model_dump() if p.points is not None else shared for p in specs],
         }
@@ -201,7 +258,8 @@ def _prepare(state: ServiceState):
 
 @router.post(
     "", status_code=202, response_model=PairJobPublic, name="create_pair_job",
-    summary="Upload two images (or many and the pairs among them) and estimate their homographies",
+    summary="Upload two images (or many and the pairs among them) and estimate their homographies "
+            "(or, method semantic, their dense maps)",
     responses={**_ERRORS, 202: {"description": "accepted; poll the 'Location'",
                                 "headers": {"Location": {"schema": {"type": "string"}}}}},
     openapi_extra=multipart_openapi(PairCreate, "the images (PNG, JPEG, TIFF, BMP), or one .zip/.tar[.gz] archive "
@@ -215,7 +273,7 @@ async def create_pair_job(request: Request, response: Response, state: StateDep,
     created = False
     if rec is None:
         rec, created = await accept_job(request, state, owner, kind=JobKind.pair, options_model=PairCreate,
-                                        min_images=2, idempotency_key=idempotency_key, prepare=_prepare(state))
+                                        min_images=2, idempotency_key=idempotency_key, prepare=_prepare(state, owner))
         if created:
             await run_in_threadpool(dispatch_new, state, rec)
             rec = await run_in_threadpool(state.store.get, rec.id) or rec
@@ -268,15 +326,17 @@ def get_pair_job(job_id: str, request: Request, state: StateDep, owner: OwnerDep
         links["points"] = path("transfer_pair_points", job_id=job_id, name=e["name"])
         pairs.append(PairPublic(name=e["name"], source=e.get("source_name"), target=e.get("target_name"),
                                 source_size=e["source_size"], target_size=e["target_size"], matrix=e["matrix"],
-                                confidence=e["confidence"], aligned=e["aligned"], points=e.get("points"),
-                                links=links))
+                                confidence=e["confidence"], aligned=e["aligned"], warp=e.get("warp"),
+                                points=e.get("points"), links=links))
     return pub.model_copy(update=dict(method=doc.get("method"), convention=doc["convention"], n_pairs=doc["n_pairs"],
-                                      n_aligned=doc["n_aligned"], pairs=pairs))
+                                      n_aligned=doc["n_aligned"], pairs=pairs,
+                                      model_job=job_id if doc.get("model") else None))
 
 
 @router.get("/{job_id}/{name}/{image}", name="download_pair_image", response_class=FileResponse,
-            responses={**_ERRORS, 200: {"content": {"image/png": {}}}},
-            summary="A pair's warped source, overlay or checkerboard (PNG; aligned pairs only)")
+            responses={**_ERRORS, 200: {"content": {"image/png": {}, "application/octet-stream": {}}}},
+            summary="A pair's warped source, overlay or checkerboard (PNG; aligned pairs only), or its flow "
+                    "(NumPy .npy; dense methods)")
 def download_pair_image(job_id: str, name: str, image: Literal[PAIR_IMAGES], state: StateDep,  # type: ignore[valid-type]
                         owner: OwnerDep):
     rec, doc = _finished(state, owner, job_id)
@@ -286,7 +346,9 @@ def download_pair_image(job_id: str, name: str, image: Literal[PAIR_IMAGES], sta
     out = state.artifacts.output_dir(rec.id).resolve()
     path = (out / rel).resolve()
     if out not in path.parents or not path.is_file():  # a hand-edited pairs.json must not leak files
-        raise HTTPException(404, f"{image}.png of pair {name!r} is missing from the artifact store")
+        raise HTTPException(404, f"{image} of pair {name!r} is missing from the artifact store")
+    if image == "flow":
+        return FileResponse(path, media_type="application/octet-stream", filename=f"{name}-flow.npy")
     return FileResponse(path, media_type="image/png")
 
 
@@ -307,6 +369,9 @@ def _transfer(state: ServiceState, owner: str, job_id: str, name: str, body: Poi
     e = _entry(doc, name)
     if e["matrix"] is None:
         raise HTTPException(409, f"pair {name!r} has no homography (the method found nothing)")
-    out = transfer(e["matrix"], body.points, body.direction)
+    if e.get("warp") is not None:  # a dense method: its full map (NumPy; nan where a point is not reached)
+        out = dense_transfer(e["warp"], body.points, body.direction)
+    else:
+        out = transfer(e["matrix"], body.points, body.direction)
     return PointsPublic(direction=body.direction,
                         points=[None if any(v != v for v in q) else [float(q[0]), float(q[1])] for q in out])

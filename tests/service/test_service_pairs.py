@@ -137,7 +137,7 @@ def _three(pairs):
     ({"pairs": "[[a.png, b.png]]"}, 422, "JSON"),
     ({"pairs": '[["a.png"]]'}, 422, "pairs"),
     ({"pairs": '[["a.png", "b.png"], ["a.png", "c.png"], ["b.png", "c.png"]]'}, 413, "above the limit of 2"),
-    ({"pairs": '[["a.png", "b.png"]]', "method": "ecc", "options": '{"starts": 2}'}, 422, "method learned only"),
+    ({"pairs": '[["a.png", "b.png"]]', "method": "ecc", "options": '{"starts": 2}'}, 422, "methods learned, semantic only"),
     ({"pairs": '[["a.png", "b.png"]]', "options": '{"stpes": [3]}'}, 422, "stpes"),
     ({"pairs": '[["a.png", "b.png"]]', "options": '{"starts": 99}'}, 422, "starts"),
     ({"pairs": '[["a.png", "b.png"]]', "method": "surf"}, 422, "method"),
