@@ -162,8 +162,9 @@ def test_upload_progress_results_gallery_downloads_and_inference(page, open_serv
     (folder / ".DS_Store").write_bytes(b"\0" * 10)
     (folder / "notes.txt").write_text("not an image")
     size = sum(p.stat().st_size for p in TRAIN) / 1024
-    # Five steps: the training stage outlasts the page's 1 s poll even on an idle CPU (~0.4 s a step).
-    jid = _upload_job(page, s, folder, budget="5", shot="new_job",
+    # 40 steps: the training stage must outlast the page's 1 s poll and the progress relay's throttle
+    # on a fast idle CPU too (5 steps were missed between two polls on a CI machine).
+    jid = _upload_job(page, s, folder, budget="40", shot="new_job",
                       chosen=f"8 file(s) chosen, {size:.1f} KiB; 2 other file(s) left out")
     if SHOTS:
         page.wait_for_selector("#job-progress-text:has-text('stage: training')", timeout=60_000)
