@@ -8,7 +8,7 @@ Gupta et al., ICCV 2023): collection method ``dense``. See docs/dense.md.
 Submodules load lazily: :mod:`models.dense.transfer` and :mod:`models.dense.outputs` are
 NumPy-only, and the service's API imports them without torch.
 """
-import importlib
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "DenseConfig": "asic", "DenseMethod": "asic", "DenseAligner": "asic", "fit_dense": "asic",
@@ -21,8 +21,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

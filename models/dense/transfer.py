@@ -140,31 +140,29 @@ def _carry(transfer, seq, pts):
     return pts
 
 
-def cycle_pck(transfer, keypoints, visible, cycles: np.ndarray, alpha: float, size) -> float:
-    """k-cycle PCK (ASIC): around ``i1 -> ... -> ik -> i1``, back within ``alpha * max(size)`` of the
-    start; keypoints visible in every image of the cycle only."""
+def _pck_along(transfer, keypoints, visible, cycles: np.ndarray, alpha: float, size, back: bool) -> float:
+    """Share of keypoints carried along each sequence (and back to its start if ``back``) that land
+    within ``alpha * max(size)`` of their true position there; keypoints visible in every image of
+    the sequence only."""
     thr = alpha * max(size)
     hits = total = 0
     for seq in cycles:
         v = visible[seq].all(0)
         if not v.any():
             continue
-        start = keypoints[seq[0]][v]
-        end = _carry(transfer, list(seq) + [seq[0]], start)
-        hits += int((np.linalg.norm(end - start, axis=1) <= thr).sum())
+        path = list(seq) + [seq[0]] if back else list(seq)
+        end = _carry(transfer, path, keypoints[seq[0]][v])
+        hits += int((np.linalg.norm(end - keypoints[path[-1]][v], axis=1) <= thr).sum())
         total += int(v.sum())
     return hits / total if total else float("nan")
+
+
+def cycle_pck(transfer, keypoints, visible, cycles: np.ndarray, alpha: float, size) -> float:
+    """k-cycle PCK (ASIC): around ``i1 -> ... -> ik -> i1``, back within ``alpha * max(size)`` of the
+    start; keypoints visible in every image of the cycle only."""
+    return _pck_along(transfer, keypoints, visible, cycles, alpha, size, back=True)
 
 
 def chain_pck(transfer, keypoints, visible, cycles: np.ndarray, alpha: float, size) -> float:
     """Along ``i1 -> ... -> ik``, within ``alpha * max(size)`` of the truth in ``ik``."""
-    thr = alpha * max(size)
-    hits = total = 0
-    for seq in cycles:
-        v = visible[seq].all(0)
-        if not v.any():
-            continue
-        end = _carry(transfer, list(seq), keypoints[seq[0]][v])
-        hits += int((np.linalg.norm(end - keypoints[seq[-1]][v], axis=1) <= thr).sum())
-        total += int(v.sum())
-    return hits / total if total else float("nan")
+    return _pck_along(transfer, keypoints, visible, cycles, alpha, size, back=False)

@@ -12,7 +12,7 @@ with the homography (Dong et al., 3DV 2018; :mod:`models.pairwise.learned`); ``s
 Submodules load lazily: :mod:`models.pairwise.points` is NumPy-only, and the service's API
 imports it without torch.
 """
-import importlib
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "PairOptions": "pipeline", "PairInput": "pipeline", "PairResult": "pipeline", "align_pairs": "pipeline",
@@ -25,8 +25,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -13,7 +13,7 @@ then a thin-plate spline, and the soft-inlier count as the weakly supervised los
 
 Submodules load lazily.
 """
-import importlib
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "SemanticConfig": "model", "SemanticModel": "model", "ConvFeatures": "model", "normalised_correlation": "model",
@@ -23,8 +23,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
