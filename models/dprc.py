@@ -233,8 +233,9 @@ def rotation_search(x: torch.Tensor, base: torch.Tensor, ref: torch.Tensor, ref_
     its background, ``ref_centroid`` ``(2,)`` its object's centroid (normalised). For every
     rotation of :func:`_rotations` (about the centroid, in pixel-isotropic units), ``x`` is
     resampled through ``base`` composed with it, blurred (``blur_px``; default 4 % of the shorter
-    side), and compared with the blurred reference (L1); the closest wins. A coarse global search in front of the network, so that strongly
-    rotated objects start in its basin. Returns ``(B, 3, 3)``.
+    side), and compared with the blurred reference (L1); the closest wins. A coarse global search
+    in front of the network, so that strongly rotated objects start in its basin. Returns
+    ``(B, 3, 3)``.
     """
     B, C, H, W = x.shape
     blur_px = 0.04 * min(H, W) if blur_px is None else blur_px
