@@ -10,7 +10,7 @@ at the end). Also the pseudo-correspondences' precision (share within 0.1 x side
 Methods: ``identity`` (every point stays put), ``dense`` with the weight-free ``hog`` descriptors
 (the default) and with ``randconv`` (a random conv net), ``dprc`` (one homography per image, the
 product's congealing, through ``models.pipeline``), and ``sift`` (models.pairwise's classic pairwise
-homography, every pair). CPU wall seconds are measured; no GPU was used.
+homography, every pair). Wall seconds of each fit; ``--device cuda`` trains dense and dprc on a GPU.
 
     PYTHONPATH=$PWD nice python bench/dense.py --out bench/results/dense
 """
@@ -56,23 +56,31 @@ def _scores(transfer, col, cycles: dict, size) -> dict:
 
 def _match_precision(matches, col) -> float:
     tm = col.template_from_image.permute(0, 3, 1, 2)
-    ta = W.sample_points(tm[matches.pairs[:, 0]], matches.pts_a)
-    tb = W.sample_points(tm[matches.pairs[:, 1]], matches.pts_b)
+    pairs, pts_a, pts_b = matches.pairs.cpu(), matches.pts_a.cpu(), matches.pts_b.cpu()
+    ta = W.sample_points(tm[pairs[:, 0]], pts_a)
+    tb = W.sample_points(tm[pairs[:, 1]], pts_b)
     # Template units -> image pixels (the warps' base scale), against the same 0.1 x side threshold.
     err = (ta - tb).norm(dim=-1) / 1.4 * (col.size[0] - 1) / 2
-    w = matches.weight > 0
+    w = matches.weight.cpu() > 0
     return float((err[w] <= 0.1 * max(col.size)).float().mean())
 
 
-def run_dense(col, features: str, steps: int, seed: int):
+def run_dense(col, features: str, steps: int, seed: int, device: str = "cpu"):
+    images = col.images.to(device)
+    if images.is_cuda:
+        torch.cuda.synchronize()
     t0 = time.time()
-    fit = fit_dense(col.images, DenseConfig(steps=steps, features=features, seed=seed))
+    fit = fit_dense(images, DenseConfig(steps=steps, features=features, seed=seed))
+    if images.is_cuda:
+        torch.cuda.synchronize()
     secs = time.time() - t0
+    fit.flows, fit.masks = fit.flows.cpu(), fit.masks.cpu()
+    fit.atlas = fit.atlas.cpu()
     fl, ms = fit.flows.numpy(), fit.masks.numpy()
     return fit, secs, (lambda a, b, p: transfer_points(fl, a, b, p, ms))
 
 
-def run_dprc(col, epochs: int | None) -> tuple[np.ndarray, float]:
+def run_dprc(col, epochs: int | None, device: str = "cpu") -> tuple[np.ndarray, float]:
     from PIL import Image
 
     from models.pipeline import AlignOptions, align_collection
@@ -84,7 +92,7 @@ def run_dprc(col, epochs: int | None) -> tuple[np.ndarray, float]:
         for i, im in enumerate(u8):
             Image.fromarray(im).save(d / f"{i:03d}.png")
         t0 = time.time()
-        align_collection(d, Path(tmp) / "out", AlignOptions(method="dprc", device="cpu", max_side=max(col.size),
+        align_collection(d, Path(tmp) / "out", AlignOptions(method="dprc", device=device, max_side=max(col.size),
                                                             budget=epochs, aligned="none"))
         secs = time.time() - t0
         return np.load(Path(tmp) / "out" / "transforms.npy"), secs
@@ -144,6 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest for these small convs "
                                                             "on a shared CPU, measured in docs/dense.md)")
+    ap.add_argument("--device", default="cpu", help="where dense and dprc train (scores on the CPU)")
     ap.add_argument("--out", default="bench/results/dense")
     args = ap.parse_args(argv)
     if args.report:
@@ -165,7 +174,7 @@ def main(argv=None) -> int:
             if m == "identity":
                 row.update(_scores(lambda a, b, p: np.asarray(p, np.float64), col, cycles, size), seconds=0.0)
             elif m.startswith("dense-"):
-                fit, secs, tr = run_dense(col, m.split("-", 1)[1], args.steps, args.seed)
+                fit, secs, tr = run_dense(col, m.split("-", 1)[1], args.steps, args.seed, args.device)
                 row.update(_scores(tr, col, cycles, size), seconds=round(secs, 1), timings=fit.timings,
                            steps=args.steps, pseudo_matches=fit.matches.count,
                            pseudo_precision=round(_match_precision(fit.matches, col), 4))
@@ -180,7 +189,7 @@ def main(argv=None) -> int:
                     Image.fromarray((at * 255).round().astype(np.uint8)).resize((192, 192), Image.NEAREST) \
                         .save(out / f"atlas_{name}.png")
             elif m == "dprc":
-                mats, secs = run_dprc(col, args.dprc_epochs)
+                mats, secs = run_dprc(col, args.dprc_epochs, args.device)
                 row.update(_scores(_homography_transfer(mats), col, cycles, size), seconds=round(secs, 1))
             elif m == "sift":
                 tr, secs, failed = run_sift(col)
@@ -190,8 +199,9 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     doc = {"command": "PYTHONPATH=$PWD nice python bench/dense.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-                      f"CPU only (GPU unmeasured)",
+           "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, " + (
+               "CPU only" if args.device == "cpu" else f"training on {torch.cuda.get_device_name()}"
+               if args.device.startswith("cuda") else f"training on {args.device}"),
            "rows": rows}
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     (out / "results.md").write_text(table(rows))

@@ -233,6 +233,7 @@ def main(argv=None) -> int:
                     "cross-instance, other-digit and noise pairs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where the model trains (scores on the CPU)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -242,7 +243,7 @@ def main(argv=None) -> int:
         train, test = photo_set(args.photo, args.train, args.test, args.seed)
     rec = {"set": args.set, "digit": args.digit if args.set == "mnist" else None,
            "photo": args.photo if args.set == "photo" else None, "n_train": len(train), "n_test": len(test),
-           "seed": args.seed, "device": "cpu", "threads": args.threads}
+           "seed": args.seed, "device": args.device, "threads": args.threads}
     if args.model:
         model = load_model(args.model)
         rec["model"] = args.model
@@ -259,8 +260,14 @@ def main(argv=None) -> int:
         init = load_model(args.init_model).train() if args.init_model else None
         if init is not None:
             rec["init_model"] = args.init_model
-        model, rep = fit_semantic(train, init.cfg if init else SemanticConfig(), tc, progress=show, model=init)
+        if init is not None:
+            init = init.to(args.device)
+        model, rep = fit_semantic(train.to(args.device), init.cfg if init else SemanticConfig(), tc, progress=show,
+                                  model=init)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
         rec["train_seconds"] = round(time.time() - t0, 1)
+        model = model.cpu()
         rec["train"] = tc.to_dict()
         rec["history"] = rep.history[-3:]
         if args.save_model:
