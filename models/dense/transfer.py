@@ -5,7 +5,9 @@ A job's flows are ``canon_from_image`` maps ``(N, H, W, 2)``: for each pixel of 
 image, its point on the canonical grid (normalised, ``align_corners=True``). A point ``p`` of
 image ``a`` goes to the pixel ``q`` of image ``b`` whose canonical point is nearest to ``a``'s at
 ``p`` (ASIC's transfer), refined below the pixel by Newton steps on ``b``'s map. Points are
-``(x, y)`` in working-size pixels: pixel centres at integers, origin at the top-left centre.
+``(x, y)`` in working-size pixels: pixel centres at integers, origin at the top-left centre;
+:func:`input_from_working` and :func:`working_from_input` carry them to and from an input image's
+own pixels (the resize geometry of ``models.geometry.original_from_resized``).
 
 Scores (``bench/dense.py``): PCK@alpha is the share of ground-truth-visible keypoints
 transferred within ``alpha * max(H, W)`` pixels of the truth. *k-cycle PCK* (ASIC) carries each
@@ -18,9 +20,24 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["bilinear", "transfer_points", "pck", "pair_pck", "cycle_pck", "chain_pck", "sample_cycles"]
+__all__ = ["bilinear", "input_from_working", "working_from_input", "transfer_points", "pck", "pair_pck", "cycle_pck", "chain_pck", "sample_cycles"]
 
 _CHUNK = 1 << 22  # point-candidate distances computed at once (floats)
+
+
+def input_from_working(points, input_size, working_size) -> np.ndarray:
+    """Pixel points ``(M, 2)`` (x, y) of a working-size image -> the same points in the input image
+    it was resized from; sizes ``(H, W)``. Pixel centres of the two span the same extent."""
+    p = np.asarray(points, np.float64).reshape(-1, 2)
+    s = np.array([input_size[1] / working_size[1], input_size[0] / working_size[0]], np.float64)
+    return p * s + 0.5 * s - 0.5
+
+
+def working_from_input(points, input_size, working_size) -> np.ndarray:
+    """The inverse of :func:`input_from_working`."""
+    p = np.asarray(points, np.float64).reshape(-1, 2)
+    s = np.array([input_size[1] / working_size[1], input_size[0] / working_size[0]], np.float64)
+    return (p + 0.5) / s - 0.5
 
 
 def bilinear(field: np.ndarray, pts: np.ndarray) -> np.ndarray:

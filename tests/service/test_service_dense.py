@@ -35,7 +35,9 @@ def dense_job(tmp_path_factory):
 
     col = make_collection("chelsea", n=6, size=32, seed=1, n_keypoints=4)
     u8 = (col.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    files = [("files", (f"im{i}.png", _png(a), "image/png")) for i, a in enumerate(u8)]
+    # Uploaded larger than the working size (48 x 40 -> 32 x 27), so input and working pixels differ.
+    files = [("files", (f"im{i}.png", _png(np.asarray(Image.fromarray(a).resize((40, 48)))), "image/png"))
+             for i, a in enumerate(u8)]
     s = Settings(redis_url=None, allow_open=True, data_dir=tmp_path_factory.mktemp("dense"), device="cpu")
     with TestClient(create_app(s)) as c:
         r = c.post("/jobs", files=files, data={"method": "dense", "budget": "10", "max_side": "32"})
@@ -48,17 +50,27 @@ def dense_job(tmp_path_factory):
 def test_points_transfer_between_images_of_a_dense_job(dense_job):
     c, jid, col = dense_job
     pts = [[10.0, 12.0], [20.5, 15.0]]
-    r = c.post(f"/jobs/{jid}/points", json={"source": "im0.png", "points": pts, "targets": ["im3.png", 5]})
+    r = c.post(f"/jobs/{jid}/points", json={"source": "im0.png", "points": pts, "targets": ["im3.png", 5],
+                                            "units": "working"})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["source"] == "im0.png" and body["index"] == 0 and body["size"] == [32, 32]
+    assert body["source"] == "im0.png" and body["index"] == 0 and body["size"] == [32, 27]
+    assert body["units"] == "working" and body["input_size"] == [48, 40]
     assert [t["name"] for t in body["targets"]] == ["im3.png", "im5.png"]
     flows = np.load(io.BytesIO(c.get(f"/jobs/{jid}/dense/flows.npy").content))
     masks = np.load(io.BytesIO(c.get(f"/jobs/{jid}/dense/masks.npy").content))
-    assert flows.shape == (6, 32, 32, 2)
+    assert flows.shape == (6, 32, 27, 2)
     from models.dense.transfer import transfer_points
 
     assert np.allclose(body["targets"][0]["points"], transfer_points(flows, 0, 3, pts, masks))
+    # The default: the images' own pixels, the resize's geometry either side of the same transfer.
+    sx, sy = 40 / 27, 48 / 32
+    inp = [[(x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5] for x, y in pts]
+    r2 = c.post(f"/jobs/{jid}/points", json={"source": "im0.png", "points": inp, "targets": ["im3.png"]}).json()
+    assert r2["units"] == "input" and r2["targets"][0]["input_size"] == [48, 40]
+    want = transfer_points(flows, 0, 3, pts, masks)
+    got = np.asarray(r2["targets"][0]["points"])
+    assert np.allclose((got[:, 0] + 0.5) / sx - 0.5, want[:, 0]) and np.allclose((got[:, 1] + 0.5) / sy - 0.5, want[:, 1])
     every = c.post(f"/jobs/{jid}/points", json={"source": 2, "points": pts}).json()
     assert [t["index"] for t in every["targets"]] == [0, 1, 3, 4, 5]
     for f in ("atlas.png", "transfer.png"):
@@ -69,7 +81,9 @@ def test_points_transfer_between_images_of_a_dense_job(dense_job):
 @pytest.mark.parametrize("body,status,text", [
     ({"source": "nope.png", "points": [[1, 1]]}, 422, "not the name"),
     ({"source": 9, "points": [[1, 1]]}, 422, "out of range"),
-    ({"source": 0, "points": [[40, 1]]}, 422, "outside"),
+    ({"source": 0, "points": [[40, 1]]}, 422, "outside"),  # x in [0, 39] as uploaded
+    ({"source": 0, "points": [[27, 1]], "units": "working"}, 422, "outside"),
+    ({"source": 0, "points": [[1, 1]], "units": "cm"}, 422, "units"),
     ({"source": 0, "points": []}, 422, "points"),
     ({"source": 0, "points": [[1, 1]], "extra": 1}, 422, "extra"),
 ])
