@@ -83,6 +83,9 @@ async def accept_job(request: Request, state: ServiceState, owner: str, *, kind:
             raise field_error("gpus", f"at most {s.max_gpus_per_job} GPU(s) a job on this service")
         if job_options.gpus > 1 and job_options.method != "dprc":
             raise field_error("gpus", f"method {job_options.method} trains on one device; only dprc uses several")
+        if job_options.features == "vit" and s.vit_weights is None:
+            raise field_error("features", "this service has no ViT weights (its operator sets CONGEAL_VIT_WEIGHTS); "
+                                          "use randconv or hog")
         if job_options.time_limit_s is not None and job_options.time_limit_s > s.job_time_limit_s:
             raise field_error("time_limit_s", f"at most {s.job_time_limit_s} s on this service")
         if dataset_id is not None:

@@ -61,6 +61,9 @@ class JobKind(str, Enum):
 
 # The DPRC options a client may set (a bounded subset of DPRCConfig in models/dprc.py).
 DPRC_FIELDS = ("passes", "moment_weight", "reframe", "width", "batch_size")
+# The dense options a client may set (DenseConfig in models/dense/asic.py); the ViT's weights file is
+# the operator's (Settings.vit_weights), never a client's path.
+DENSE_FIELDS = ("features",)
 
 
 class JobOptions(BaseModel):
@@ -97,16 +100,21 @@ class JobOptions(BaseModel):
     batch_size: int | None = Field(None, ge=8, le=8192, description="dprc: training batch size (default 256 on a GPU "
                                    "up to 8,191 images, doubling with the collection up to 1,024; 64 on a CPU)")
 
+    features: Literal["randconv", "hog", "vit"] | None = Field(
+        None, description="dense: the descriptors its pseudo-correspondences come from (default randconv, "
+                          "weight-free; vit: the operator's ViT weights, when the service has them)")
+
     @model_validator(mode="after")
-    def _dprc_fields_need_dprc(self) -> "JobOptions":
-        used = [k for k in DPRC_FIELDS if getattr(self, k) is not None]
-        if used and self.method != "dprc":
-            raise ValueError(f"{', '.join(used)} apply to method dprc only, not {self.method}")
+    def _method_fields_need_their_method(self) -> "JobOptions":
+        for method, fields in (("dprc", DPRC_FIELDS), ("dense", DENSE_FIELDS)):
+            used = [k for k in fields if getattr(self, k) is not None]
+            if used and self.method != method:
+                raise ValueError(f"{', '.join(used)} apply to method {method} only, not {self.method}")
         return self
 
     def method_options(self) -> dict[str, Any]:
-        """The DPRC options the client set, for ``AlignOptions.method_options``."""
-        return {k: getattr(self, k) for k in DPRC_FIELDS if getattr(self, k) is not None}
+        """The method options the client set, for ``AlignOptions.method_options``."""
+        return {k: getattr(self, k) for k in DPRC_FIELDS + DENSE_FIELDS if getattr(self, k) is not None}
 
 
 

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     allowed_formats: str = Field("png,jpeg,tiff,bmp", description="image formats accepted, comma-separated, "
                                                                  "among png, jpeg, tiff, bmp (checked by content)")
     max_budget: int = Field(1000, ge=1, description="largest training budget (epochs) a job may ask for")
+    vit_weights: Path | None = Field(
+        None, description="a ViT's weights (safetensors, DINO-style ViT-S/B) for dense jobs that ask for "
+                          "features 'vit'; read from disk, never downloaded; unset: such jobs are refused")
     max_gpus_per_job: int = Field(1, ge=1, description="GPUs one job may train on (a worker's GPUs; one job "
                                                        "over several runs torchrun inside the worker's child)")
     sync_inference_max_images: int = Field(64, ge=0, description="inference batches up to this size are "

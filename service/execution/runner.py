@@ -90,6 +90,9 @@ class JobRunner:
             method_options = rec.options.method_options()
             if rec.options.method == "dprc" and s.checkpoint_every_s is not None:
                 method_options["checkpoint_every_s"] = s.checkpoint_every_s
+            if method_options.get("features") == "vit" and s.vit_weights is not None:
+                # (a worker without the file fails the job with DenseConfig's own reason)
+                method_options["vit_path"] = str(s.vit_weights)
         return {
             "job_id": rec.id,
             "kind": rec.kind.value,

@@ -107,3 +107,40 @@ def test_a_collection_above_the_dense_cap_is_refused_at_once(dense_job):
     r = c.post("/jobs", files=[("files", (f"{i}.png", tiny, "image/png")) for i in range(n)],
                data={"method": "dense"})
     assert r.status_code == 422 and "at most 64 images" in r.text and "dprc" in r.text, r.text
+
+
+@pytest.mark.parametrize("data,text", [
+    ({"method": "dense", "features": "vit"}, "no ViT weights"),  # this service has none
+    ({"method": "dense", "features": "sift"}, "features"),
+    ({"method": "dprc", "features": "hog"}, "method dense only"),
+])
+def test_dense_options_are_checked_at_submission(dense_job, data, text):
+    c, _, col = dense_job
+    files = [("files", (f"{i}.png", _png(np.full((8, 8, 3), 40 * i, np.uint8)), "image/png")) for i in range(3)]
+    r = c.post("/jobs", files=files, data=data)
+    assert r.status_code == 422 and text in r.text, r.text
+
+
+def test_a_dense_job_uses_the_operators_vit_weights(tmp_path):
+    """features=vit reads the file the operator configured (CONGEAL_VIT_WEIGHTS), never a client's path."""
+    from safetensors.torch import save_file
+
+    from models.dense.synthetic import make_collection
+    from models.dense.vit import ViT
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in ViT(64, 1, 1, 8, 4, 64).state_dict().items()},
+              str(tmp_path / "vit.safetensors"))
+    col = make_collection("chelsea", n=4, size=32, seed=2, n_keypoints=4)
+    u8 = (col.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    files = [("files", (f"im{i}.png", _png(a), "image/png")) for i, a in enumerate(u8)]
+    s = Settings(redis_url=None, allow_open=True, data_dir=tmp_path / "data", device="cpu",
+                 vit_weights=tmp_path / "vit.safetensors")
+    with TestClient(create_app(s)) as c:
+        r = c.post("/jobs", files=files, data={"method": "dense", "budget": "5", "features": "vit"})
+        assert r.status_code == 202, r.text
+        job = wait_job(c, r.json()["id"], timeout=180)
+        assert job["status"] == "succeeded", job
+        notes = job["metrics"]["notes"]
+        assert any("(vit features)" in n for n in notes), notes
