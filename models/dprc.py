@@ -147,6 +147,11 @@ class DPRCConfig:
     # and scaled to the collection's median object size (a strongly perturbed reference can be
     # far larger or smaller than the typical object; every image would be scaled after it)
     reference_frame: str = "as_is"
+    reference_band: float = REFERENCE_SIZE_BAND  # choose_reference's size band (1: every image)
+    # Weight of the common-zoom anchor: (batch mean of log(aligned frame area / its initial area))^2.
+    # It holds the collection's average frame at the initialisation's scale, while each image's own
+    # scale stays free (a zoom common to all images changes no residual, only what the frame keeps).
+    zoom_anchor: float = 0.0
     max_scale: float = 2.5  # clamp of the moment initialisation's scale (and of its inverse)
     distance: str = "output"  # D compared in the "output" (reference) frame, the "input" frame, or "symmetric"
     passes: int = 2  # the DeSTNet applied this many times in a row, same weights (trained and at inference)
@@ -642,7 +647,7 @@ class DPRC:
                        world=ctx.world)
         opt = make_optimizer(params, plan.lr, dev)
 
-        ref_img, ref, ref_bg = _reference(data, ctx)
+        ref_img, ref, ref_bg = _reference(data, ctx, cfg.reference_band)
         ref_c, ref_r, _ = _moments(ref_img, ref_bg)
         ref_c, ref_r = ref_c[0], ref_r[0]
         if cfg.reference_frame in ("centred", "normalised"):
@@ -819,13 +824,14 @@ def _backgrounds(x: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     return torch.cat([background(as_float(x[k:k + chunk])) for k in range(0, x.shape[0], chunk)])
 
 
-def _reference(data: TrainData, ctx: FitContext) -> tuple[torch.Tensor, int, torch.Tensor]:
+def _reference(data: TrainData, ctx: FitContext, band: float = REFERENCE_SIZE_BAND
+               ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """The reference image ``(1, C, H, W)`` float, its global index, and its background ``(1, C, 1, 1)``."""
     x = data.x
     if ctx.reference_index is not None:
         ref = int(ctx.reference_index)
     else:
-        ref = choose_reference(x, data.bg, world=ctx.world, start=ctx.shard_start)
+        ref = choose_reference(x, data.bg, world=ctx.world, start=ctx.shard_start, band=band)
     if ctx.world <= 1:
         return as_float(x[ref:ref + 1]), ref, data.bg[ref:ref + 1]
     import bisect

@@ -170,7 +170,19 @@ class Objective(nn.Module):
         else:  # D only (the paper's ablation): the auto-encoder costs nothing
             Cterm = xb.new_zeros(())
         loss = D + cfg.lam * Cterm + cfg.equivariance * E
+        if cfg.zoom_anchor > 0:
+            loss = loss + cfg.zoom_anchor * zoom_drift(Mb, al.base(xb)).pow(2)
         return loss, torch.stack([D, Cterm, E]).detach(), aligned.detach()
+
+
+def zoom_drift(M: torch.Tensor, M0: torch.Tensor | None) -> torch.Tensor:
+    """The batch mean of ``log(area(M) / area(M0))``: how far the aligned frames (``(B, 3, 3)``
+    ``in_from_out_norm``) have zoomed out (> 0) or in (< 0) from their initial warps, in log area
+    (``M0`` None: the identity's). The area is the output frame's quadrilateral in the input."""
+    c = G.unit_corners(like=M)
+    a = G.polygon_area(G.transform_points(M, c)).abs().clamp_min(1e-6)
+    a0 = 4.0 if M0 is None else G.polygon_area(G.transform_points(M0.detach(), c)).abs().clamp_min(1e-6)
+    return torch.log(a / a0).mean()
 
 
 def equivariance_distance(As: list[torch.Tensor], Mps: list[torch.Tensor], Mb: torch.Tensor,
