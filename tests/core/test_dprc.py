@@ -7,7 +7,7 @@ import torch
 
 from models import geometry as G
 from models.dprc import DPRC, _moments, background, choose_reference, curriculum_family, moment_init
-from models.dprc_train import distance, equivariance_distance, guarded_update, make_optimizer
+from models.dprc_train import distance, equivariance_distance, guarded_update, make_optimizer, zoom_drift
 from models.evaluate import evaluate_warps
 from models.catalog import load_aligner
 from models.methods import Cancelled, FitContext
@@ -323,6 +323,21 @@ def test_equivariance_in_frame_units_does_not_change_with_a_common_zoom(s):
     Mp = S @ K
     assert equivariance_distance([A], [Mp], S, "input").item() == pytest.approx(s * float(t.norm()), rel=1e-5)
     assert equivariance_distance([A], [Mp], S, "frame").item() == pytest.approx(float(t.norm()), rel=1e-5)
+
+
+def test_zoom_drift_is_the_mean_log_area_change_and_ignores_per_image_scale_that_cancels():
+    # Frames of scales s_i (linear, in the input) against initial frames of scale 1 and shifted
+    # centres: log area ratio 2 log s_i, averaged; a translation changes nothing.
+    s = torch.tensor([0.5, 2.0, 1.25, 0.8], dtype=torch.float64)
+    M = torch.zeros(4, 3, 3, dtype=torch.float64)
+    M[:, 0, 0], M[:, 1, 1], M[:, 2, 2] = s, s, 1
+    M[:, 0, 2] = torch.tensor([0.1, -0.2, 0.3, 0.0], dtype=torch.float64)
+    M0 = torch.eye(3, dtype=torch.float64).expand(4, 3, 3).clone()
+    M0[:, 1, 2] = 0.25
+    assert zoom_drift(M, M0).item() == pytest.approx(0.0, abs=1e-12)  # 0.5 * 2 and 1.25 * 0.8 cancel
+    assert zoom_drift(M[:1], M0[:1]).item() == pytest.approx(2 * math.log(0.5), rel=1e-12)
+    assert zoom_drift(0.5 * M0 + 0.5 * torch.diag(torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)), None).item() \
+        == pytest.approx(2 * math.log(0.5), rel=1e-12)  # against the identity's frame
 
 
 def test_input_frame_distance_compares_the_reference_warped_onto_each_image(digits3):
