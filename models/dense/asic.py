@@ -267,7 +267,7 @@ def _fit_dense(images: torch.Tensor, cfg: DenseConfig, *, progress=None, should_
         cfield = cmap.permute(0, 3, 1, 2)  # (B, 2, S, S)
         # Contrastive on the pairs' matches.
         wts = matches.weight[pick]  # (P, Mp)
-        idx = torch.multinomial(wts + 1e-12, M, replacement=True, generator=gen).to(dev)
+        idx = torch.multinomial(wts.cpu() + 1e-12, M, replacement=True, generator=gen).to(dev)  # gen: a CPU generator
         pa = torch.gather(matches.pts_a[pick].to(dev), 1, idx.unsqueeze(-1).expand(-1, -1, 2))
         pb = torch.gather(matches.pts_b[pick].to(dev), 1, idx.unsqueeze(-1).expand(-1, -1, 2))
         ca = W.sample_points(cfield[ab[:, 0]], pa)  # (P, M, 2)
