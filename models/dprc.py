@@ -93,6 +93,11 @@ REFERENCE_SIZE_BAND = 1.0
 # each image's content, scale the objects' area by more than this factor either way, or its aligner is
 # less self-consistent than this (1: no better than not aligning), measured on this many images.
 COLLAPSE_KEPT, COLLAPSE_AREA, COLLAPSE_CONSISTENCY, COLLAPSE_SAMPLE = 0.5, 6.0, 1.0, 2048
+# ... or when more than COLLAPSE_SHARE of the images are lost one by one (each image's own frame keeps
+# less than COLLAPSE_KEPT, scales by more than COLLAPSE_AREA, or has a corner beyond COLLAPSE_FAR in
+# normalised input units: one frame width outside): medians alone passed a sigma = 30 % canvas fit
+# that had sent a third of the frames off (object ratio 2.4; bench/results/session10/call1_robustness.jsonl).
+COLLAPSE_SHARE, COLLAPSE_FAR = 0.25, 3.0
 
 __all__ = ["DEFAULT_WIDTH", "DPRCConfig", "DPRC", "DPRCAligner", "choose_reference", "moment_init", "blur",
            "background", "curriculum_family", "MAX_BAD_STEPS"]
@@ -538,15 +543,26 @@ class DPRC:
 
         Collapsed: the aligned frames keep less than :data:`COLLAPSE_KEPT` of the median image's
         content (empty or cropped images), show the objects at less than 1/:data:`COLLAPSE_AREA` or
-        more than that many times their area (shrunk away, or a blow-up of a fragment), or the
+        more than that many times their area (shrunk away, or a blow-up of a fragment), more than
+        :data:`COLLAPSE_SHARE` of the images are lost one by one in those ways or by a frame sent
+        off the image (:meth:`_framing_rows`), or the
         aligner is less self-consistent than not aligning at all (``metrics.json``'s
         ``consistency_summary`` check, measured at each image's object pixels rather than at the
         frame's corners, on a sample of :data:`COLLAPSE_SAMPLE` images)."""
-        kept, area = self._framing(data, res.in_from_out_norm, ctx)
+        kept_i, area_i, far_i = self._framing_rows(data, res.in_from_out_norm, ctx)
+        kept, area = float(kept_i.nanmedian()), float(area_i.nanmedian())
         if kept < COLLAPSE_KEPT:
             return f"its aligned frames keep a median {kept:.2f} of each image's content"
         if not 1 / COLLAPSE_AREA <= area <= COLLAPSE_AREA:
             return f"its aligned frames show the objects at {1 / area:.2g} times their area"
+        far_i = far_i | ~torch.isfinite(kept_i) | ~torch.isfinite(area_i)
+        lost = far_i | (kept_i < COLLAPSE_KEPT) | (area_i < 1 / COLLAPSE_AREA) | (area_i > COLLAPSE_AREA)
+        share = float(lost.float().mean())
+        if share > COLLAPSE_SHARE:
+            return (f"{share:.0%} of the images lost theirs: {int(far_i.sum())} aligned frames flew off the image, "
+                    f"{int((~far_i & (kept_i < COLLAPSE_KEPT)).sum())} more keep less than {COLLAPSE_KEPT:.0%} of the "
+                    f"content, and {int((~far_i & (kept_i >= COLLAPSE_KEPT) & lost).sum())} more scale the object's "
+                    f"area more than {COLLAPSE_AREA:g}-fold")
         if res.aligner is None:
             return None
         n = len(data)
@@ -614,18 +630,32 @@ class DPRC:
                  chunk: int = 8192) -> tuple[float, float]:
         """Median content kept and median area scale over the collection (every process's shard
         in a distributed job); see :func:`models.metrics.framing`."""
+        kept, area, _ = DPRC._framing_rows(data, in_from_out_norm, ctx, chunk)
+        return float(kept.nanmedian()), float(area.nanmedian())
+
+    @staticmethod
+    def _framing_rows(data: TrainData, in_from_out_norm: torch.Tensor, ctx: FitContext | None = None,
+                      chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per image ``(N,)`` (every process's shard in a distributed job): content kept, area
+        scale (:func:`models.metrics.framing`), and whether the aligned frame flew off: a corner
+        more than one frame width outside the input, behind the horizon, or not finite."""
         size = tuple(data.x.shape[-2:])
-        kept, area = [], []
+        kept, area, far = [], [], []
         for k in range(0, len(data), chunk):
             x = as_float(data.x[k:k + chunk]).double()
-            pix = G.pixel_from_normalised(in_from_out_norm[k:k + chunk].double().to(x.device), size, size)
+            Mn = in_from_out_norm[k:k + chunk].double().to(x.device)
+            pix = G.pixel_from_normalised(Mn, size, size)
             f = M.framing(x, pix, size, data.bg[k:k + chunk].double())
             kept.append(f[0].cpu())
             area.append(f[1].cpu())
-        kept, area = torch.cat(kept).float(), torch.cat(area).float()
+            h = torch.cat([G.unit_corners(like=Mn), torch.ones(4, 1, dtype=Mn.dtype, device=Mn.device)], 1) @ Mn.mT
+            q = h[..., :2] / h[..., 2:].clamp_min(1e-12)
+            bad = (h[..., 2] <= 0).any(1) | (q.abs() > COLLAPSE_FAR).any(2).any(1) | ~torch.isfinite(Mn).all(2).all(1)
+            far.append(bad.cpu())
+        kept, area, far = torch.cat(kept).float(), torch.cat(area).float(), torch.cat(far).float()
         if ctx is not None and ctx.world > 1:
-            kept, area = all_gather_rows(kept, data.x.device), all_gather_rows(area, data.x.device)
-        return float(kept.median()), float(area.median())
+            kept, area, far = (all_gather_rows(v, data.x.device) for v in (kept, area, far))
+        return kept, area, far.bool()
 
     def _fit(self, data: TrainData, ctx: FitContext, cfg: DPRCConfig, checkpoint_dir: Path | None) -> FitResult:
         x = data.x

@@ -570,6 +570,23 @@ def test_an_aligner_less_self_consistent_than_not_aligning_is_a_collapse(digits3
     assert why is not None and "self-consistent" in why
 
 
+@pytest.mark.parametrize("lost,collapsed", [(3, False), (8, False), (9, True), (20, True)])
+def test_a_fit_that_loses_a_share_of_the_images_one_by_one_is_a_collapse(digits3, lost, collapsed):
+    """Medians pass while frames fly off one image at a time (a strong perspective sends a corner
+    beyond the horizon): more than a quarter of 32 images (9) lost is a collapse, 8 is not."""
+    from models.dprc import TrainData, _backgrounds
+    from models.methods import FitResult
+
+    x = make_pairs(digits3[:16], 0.05, seed=0).images
+    data = TrainData(x, _backgrounds(x))
+    M = torch.eye(3).expand(32, 3, 3).clone()
+    M[:lost, 2, 0] = torch.linspace(0.8, 1.5, lost)  # w <= 0.2 at the left corners: at least 5 widths out
+    why = DPRC(**COLLAPSING)._collapse(data, FitContext(), FitResult(M))
+    assert (why is not None) == collapsed, why
+    if collapsed:
+        assert f"{lost / 32:.0%} of the images" in why and f"{lost} aligned frames flew off" in why
+
+
 def test_when_the_fallback_collapses_too_the_fit_fails_with_the_reasons(digits3, monkeypatch):
     from models.methods import AlignmentFailed, FitResult
 
