@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Tenth session, device call 2: issue 14 at scale and the before/after of the kernel reduction;
-# issue 16's other settings. Trainer throughput at 4,096 and the eighth session's trainer (.devold,
+# Tenth session, device call 2 (not run: the session's device time went on failed starts): the
+# 1k job with the common-zoom anchor (does it stop the first fit's zoom and so the re-fit?), then
+# issue 14 at scale and the before/after of the kernel reduction; issue 16's other settings. Trainer throughput at 4,096 and the eighth session's trainer (.devold,
 # commit 1f2877f) at 256 / 1,024 on the same card; the 1M end-to-end job with congeal apply of its
 # model; aligner inference throughput; robustness: photographs at 64 px at 20 %, canvas at 10 / 20 %.
 set -uo pipefail
 export CONGEAL_MNIST_NPZ=$PWD/.devdata/mnist.npz PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name --format=csv,noheader
+for o in "--option zoom_anchor=1" "--option zoom_anchor=1 --option max_epochs=100"; do
+  timeout 60 python bench/e2e_jobs.py --sizes 1000 --device cuda --work /tmp/e2e --options "$o" --out $OUT/speed.jsonl >> $OUT/log.txt 2>&1
+done
 timeout 290 python bench/e2e_jobs.py --sizes 1000000 --device cuda --apply --work /tmp/e2e --out $OUT/speed.jsonl > $OUT/log.txt 2>&1
 tail -n 40 /tmp/e2e/align1000000.log > $OUT/align1m_log_tail.txt 2>/dev/null
 timeout 35 python bench/gpu_speed.py --parts throughput --configs '[{}]' --batches 4096 --steps 48 --out $OUT/speed.jsonl >> $OUT/log.txt 2>&1

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Tenth session, device call 3: the pairwise benchmark on the GPU beside kornia (issue 17; kornia
+# Tenth session, device call 3 (not run): the dense method's fit time (issue 19; its GPU path failed
+# in call 1 on a CPU generator, since fixed), the pairwise benchmark on the GPU beside kornia (issue 17; kornia
 # travels as wheels in .whl), robustness of the paper's frames at 20 % and photographs at 10 %
 # (issue 16), and the 1k job at 50 epochs (issue 14).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export CONGEAL_MNIST_NPZ=$PWD/.devdata/mnist.npz PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site
 nvidia-smi --query-gpu=name --format=csv,noheader
+timeout 90 python bench/dense.py --device cuda --methods dense-randconv --out $OUT/dense > $OUT/dense_log.txt 2>&1; tail -n 6 $OUT/dense_log.txt
 timeout 240 python bench/pairwise.py --pairs 128 --limit kornia=24 --device cuda --out $OUT/pairwise_gpu.jsonl > $OUT/pairwise_log.txt 2>&1
 tail -n 30 $OUT/pairwise_log.txt
 R=$OUT/robustness.jsonl
