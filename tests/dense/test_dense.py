@@ -114,6 +114,14 @@ def test_a_tiny_fit_transfers_keypoints_better_than_the_identity(col):
     assert dense > ident + 0.1, (dense, ident)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_fit_on_the_gpu_runs_and_gives_its_maps_on_the_gpu(col):
+    # The CPU tests cannot see a tensor left on the wrong device (a GPU fit once failed on one).
+    fit = fit_dense(col.images.cuda(), DenseConfig(steps=5, net_size=40, pairs_per_step=4, equi_images=2))
+    assert fit.flows.is_cuda and fit.flows.shape == (8, 40, 40, 2) and torch.isfinite(fit.flows).all()
+
+
 def _tiny_vit_file(path, dim=32, depth=2, patch=8, grid=4, hidden=64):
     from safetensors.torch import save_file
 
