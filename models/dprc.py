@@ -676,6 +676,7 @@ class DPRC:
                        max_epochs=cfg.max_epochs, lr=cfg.lr, lr_final=cfg.lr_final, warmup=cfg.warmup,
                        world=ctx.world)
         opt = make_optimizer(params, plan.lr, dev)
+        t_nets = _lap(dev)
 
         ref_img, ref, ref_bg = _reference(data, ctx, cfg.reference_band)
         ref_c, ref_r, _ = _moments(ref_img, ref_bg)
@@ -697,6 +698,7 @@ class DPRC:
                               dict(degrees=cfg.search_degrees, step=cfg.search_step, flip=cfg.search_flip)
                               if cfg.init == "search" else None)
         objective = Objective(aligner, ae, cfg, ref_img, ref_bg, ref_c, ref_r, cfg.blur_start * min(H, W))
+        t_ref = _lap(dev)
         model = objective
         if cfg.compile and dev.type == "cuda" and ctx.world == 1:
             model = torch.compile(objective, dynamic=False)
@@ -728,7 +730,9 @@ class DPRC:
         net.train()
         ae.train()
         skipped = bad_run = 0
-        timings = {"setup": round(time.perf_counter() - t_setup, 3)}  # networks, reference, schedule
+        # networks (and the device's first kernels), the reference, the rest (checkpoint, runner)
+        timings = {"setup": round(time.perf_counter() - t_setup, 3), "setup_networks": round(t_nets - t_setup, 3),
+                   "setup_reference": round(t_ref - t_nets, 3)}
         t_train = time.perf_counter()
         t0, last_ckpt = time.time(), time.time()
         last_loss = None
@@ -848,6 +852,13 @@ class DPRC:
 
 # --------------------------------------------------------------------------- collection-wide statistics
 # Over every process's shard in a distributed job (all-reduces), over the data otherwise.
+
+
+def _lap(dev: torch.device) -> float:
+    """``time.perf_counter()`` once the device's queued work is done (for stage timings)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
 
 
 def _backgrounds(x: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
