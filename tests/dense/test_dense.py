@@ -109,9 +109,11 @@ def test_a_tiny_fit_transfers_keypoints_better_than_the_identity(col):
     fit = fit_dense(col.images, DenseConfig(steps=60, net_size=40, pairs_per_step=8, equi_images=4))
     fl, ms = fit.flows.numpy(), fit.masks.numpy()
     assert fl.shape == (8, 40, 40, 2) and ms.shape == (8, 40, 40)
-    dense = pair_pck(lambda a, b, p: transfer_points(fl, a, b, p, ms), kp, vis, 0.1, col.size)
-    ident = pair_pck(lambda a, b, p: p, kp, vis, 0.1, col.size)
-    assert dense > ident + 0.1, (dense, ident)
+    # At 0.1 x the side the identity already scores 0.86 on these small warps; 0.05 tells them apart
+    # (0.56-0.57 against 0.35 over fit seeds; the margin at 0.1 moved with the machine's CPU).
+    pck = {a: (pair_pck(lambda a_, b, p: transfer_points(fl, a_, b, p, ms), kp, vis, a, col.size),
+               pair_pck(lambda a_, b, p: p, kp, vis, a, col.size)) for a in (0.05, 0.1)}
+    assert pck[0.05][0] > pck[0.05][1] + 0.1 and pck[0.1][0] > pck[0.1][1], pck
 
 
 @pytest.mark.gpu
