@@ -169,6 +169,8 @@ function optionInput(name, spec) {
   let input;
   if (s.enum) {
     input = el("select", { id, name });
+    // An optional choice (no default of its own) starts at "default": nothing is sent for it.
+    if (s.default === undefined || s.default === null) input.append(el("option", { value: "", selected: true }, "default"));
     for (const v of s.enum) input.append(el("option", { value: v, selected: v === s.default }, v));
   } else if (s.type === "integer" || s.type === "number") {
     input = el("input", { id, name, type: "number", step: s.type === "integer" ? "1" : "any",
