@@ -66,6 +66,7 @@ import torch.nn.functional as F
 
 from .. import geometry as G
 from .methods import PairContext, PairEstimate, register_pair_method
+from .search import SearchConfig, global_search
 
 __all__ = ["LearnedConfig", "LearnedFit", "LearnedMethod", "fit_pairs", "homography_from_params", "params_from_homography",
            "start_homographies", "pyramid_sizes"]
@@ -97,6 +98,15 @@ class LearnedConfig:
     starts: int = 9  # initial homographies tried at the coarsest level (1: the identity only)
     start_shift: float = 0.25  # their translations, fraction of the image (normalised units / 2)
     start_steps: int | None = 30  # coarsest-level steps before the best start is kept; None: the whole level
+    # Global search for the start (models/pairwise/search.py): similarities by FFT correlation of
+    # orientation features, then block matching + RANSAC; replaces the fixed starts above.
+    search: bool = True
+    search_size: int = 64  # longer side of the similarity search's level, px
+    search_candidates: int = 6  # similarities refined by block matching, ranked by their correlation
+    search_starts: int = 1  # of those, how many the learned fit tries (multi-start, as with `starts`)
+    search_steps: tuple[int, ...] = (100,)  # after the search: steps per level, finest last (its length: levels)
+    search_lr_homography: float = 0.15  # after the search: the homography's step, px of the level
+    warmup: int = 30  # after the search: first steps of each level that train the network alone
     eval_keypoints: int = 256  # keypoints of the confidence measure
     seed: int = 0
 
@@ -105,6 +115,8 @@ class LearnedConfig:
             raise ValueError(f"patch_warp must be 'homography' or 'keypoint', not {self.patch_warp!r}")
         if self.patch < 8:
             raise ValueError("patch must be at least 8 samples")
+        if self.search_starts < 1 or self.search_candidates < self.search_starts:
+            raise ValueError("search_candidates >= search_starts >= 1 are needed")
         if self.starts < 1 or self.keypoints < 4 or not self.steps or min(self.steps) < 1:
             raise ValueError("starts >= 1, keypoints >= 4 and at least one step per level are needed")
 
@@ -444,6 +456,8 @@ def _train_level(nets: _Networks, p: torch.Tensor, lv: _Level, steps: int, cfg: 
         f = _cosine(step, steps, cfg.lr_final)
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * f
+        if step < cfg.warmup:
+            opt.param_groups[1]["lr"] = 0.0
         xy, theta, scale = _keypoints(lv.weights, cfg.keypoints, cfg, gen, (Ht, Wt))
         M = homography_from_params(p)
         dt, ds, valid = _pairs(nets, lv, M, xy, theta, scale, cfg)
@@ -493,6 +507,14 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
     B = source.shape[0]
     dev, dt = source.device, source.dtype
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    searched = init is None and cfg.search
+    if searched:
+        # The start is already within a pixel or two: the joint fit runs on the finest levels only,
+        # with a smaller homography step, after a warm-up of the network alone.
+        cfg = replace(cfg, steps=tuple(cfg.search_steps), max_levels=len(cfg.search_steps), coarsest=1,
+                      lr_homography=cfg.search_lr_homography)
+    else:
+        cfg = replace(cfg, warmup=0)
     sizes_s = pyramid_sizes(tuple(source.shape[-2:]), cfg.coarsest, cfg.max_levels)
     sizes_t = pyramid_sizes(tuple(target.shape[-2:]), cfg.coarsest, cfg.max_levels)
     levels = min(len(sizes_s), len(sizes_t))
@@ -500,13 +522,20 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
     steps = [cfg.steps[min(i, len(cfg.steps) - 1)] for i in range(levels)]
     total = sum(steps)
 
-    S = cfg.starts
-    base = init.to(dev, dt) if init is not None else torch.eye(3, dtype=dt, device=dev).expand(B, 3, 3)
-    starts = start_homographies(S, cfg.start_shift, like=source)  # (S, 3, 3), in the target's frame
-    M0 = (base[:, None] @ starts[None]).reshape(B * S, 3, 3)  # pair-major: row b*S + s
+    history: list[dict] = []
+    if searched:
+        scfg = SearchConfig(size=cfg.search_size, candidates=cfg.search_candidates)
+        cands, scores = global_search(source, target, scfg, generator=gen)  # (B, K, 3, 3), best first
+        S = cfg.search_starts
+        M0 = cands[:, :S].reshape(B * S, 3, 3)
+        history.append({"search_scores": scores.tolist(), "search_starts": cands.tolist()})
+    else:
+        S = cfg.starts
+        base = init.to(dev, dt) if init is not None else torch.eye(3, dtype=dt, device=dev).expand(B, 3, 3)
+        starts = start_homographies(S, cfg.start_shift, like=source)  # (S, 3, 3), in the target's frame
+        M0 = (base[:, None] @ starts[None]).reshape(B * S, 3, 3)  # pair-major: row b*S + s
     p = params_from_homography(M0).detach().clone().requires_grad_()
     rows = torch.arange(B, device=dev).repeat_interleave(S)
-    history: list[dict] = []
     done = 0
     chosen = torch.zeros(B, dtype=torch.long, device=dev)
     loss = torch.zeros(B, dtype=dt, device=dev)
