@@ -105,8 +105,12 @@ class LearnedConfig:
     search_candidates: int = 6  # similarities refined by block matching, ranked by their correlation
     search_starts: int = 1  # of those, how many the learned fit tries (multi-start, as with `starts`)
     search_steps: tuple[int, ...] = (100,)  # after the search: steps per level, finest last (its length: levels)
-    search_lr_homography: float = 0.15  # after the search: the homography's step, px of the level
-    warmup: int = 30  # after the search: first steps of each level that train the network alone
+    # After the search: also move the homography with the learned loss (the paper's joint fit). Off by
+    # default: from the search's start it lost precision (docs/benchmarks.md); the network then trains
+    # on the pair at the searched homography and gives the confidence.
+    search_joint: bool = False
+    search_lr_homography: float = 0.15  # with search_joint: the homography's step, px of the level
+    warmup: int = 30  # with search_joint: first steps of each level that train the network alone
     eval_keypoints: int = 256  # keypoints of the confidence measure
     seed: int = 0
 
@@ -512,7 +516,8 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
         # The start is already within a pixel or two: the joint fit runs on the finest levels only,
         # with a smaller homography step, after a warm-up of the network alone.
         cfg = replace(cfg, steps=tuple(cfg.search_steps), max_levels=len(cfg.search_steps), coarsest=1,
-                      lr_homography=cfg.search_lr_homography)
+                      lr_homography=cfg.search_lr_homography,
+                      warmup=cfg.warmup if cfg.search_joint else max(cfg.search_steps))
     else:
         cfg = replace(cfg, warmup=0)
     sizes_s = pyramid_sizes(tuple(source.shape[-2:]), cfg.coarsest, cfg.max_levels)

@@ -16,9 +16,12 @@ closed-form computations, nothing pretrained:
    computed, and the normalised cross-correlation with the target's features over their overlap is
    evaluated at every translation at once by FFT. The best candidates, kept apart by non-maximum
    suppression on their corner positions, are returned.
-3. **A local refinement to a full homography** (:func:`refine`): gradient ascent of the same
-   normalised correlation in the eight corner offsets (the 4-point parametrisation), coarse to fine,
-   all candidates of all pairs as one batch; the candidates are then ranked by their final score.
+3. **Block matching and a robust fit** (:func:`match_refine`, a few rounds, coarse to fine): the
+   source is warped by a candidate, the target cut into blocks, each block's best shift found by the
+   same FFT correlation (sub-pixel), and a homography fitted to the block matches by RANSAC and
+   weighted least squares (:func:`ransac_homography`), all candidates of all pairs as one batch. After
+   the first rounds only the best candidates go on; they are ranked by the correlation at the end
+   (:func:`global_search`).
 
 Conventions (those of :mod:`models.geometry`): a homography ``M`` is ``source_from_target`` in
 *normalised* coordinates of each image (``[-1, 1]`` from the centre of the first pixel to the centre
@@ -37,7 +40,7 @@ from .. import geometry as G
 from ..imageops import blur
 
 __all__ = ["SearchConfig", "orientation_features", "similarity_homographies", "translation_ncc",
-           "similarity_search", "refine", "global_search", "corner_distance", "fit_homography",
+           "similarity_search", "global_search", "corner_distance", "fit_homography",
            "ransac_homography", "match_refine"]
 
 
@@ -57,12 +60,11 @@ class SearchConfig:
     min_overlap: float = 0.35  # smallest overlap (fraction of the target) a candidate may have
     candidates: int = 6  # candidates kept after the similarity search
     separation: float = 0.15  # their smallest mean corner distance, normalised units
-    refine_sizes: tuple[int, ...] = (64, 128)  # levels of the refinement (longer side, px)
-    refine_steps: int = 60  # steps per refinement level
-    refine_lr: float = 0.01  # Adam's step, normalised corner units (refine(), not used by global_search)
     # block-matching rounds of global_search: (level's longer side px, blocks a side, block px, search radius px)
     rounds: tuple[tuple[int, int, int, int], ...] = ((64, 4, 24, 12), (128, 5, 32, 8), (128, 6, 32, 4),
                                                      (128, 8, 24, 3))
+    prune_after: int = 2  # before this round, keep only the `keep` best candidates (by correlation)
+    keep: int = 2
 
 
 # --------------------------------------------------------------------------- features
@@ -158,7 +160,8 @@ def translation_ncc(ft: torch.Tensor, mt: torch.Tensor, fw: torch.Tensor, mw: to
         ``sum ft(p) fw(p + t) / sqrt(sum |ft(p)|^2 mw(p + t) * sum |fw(p + t)|^2 mt(p))``.
     """
     H, W = ft.shape[-2:]
-    size = (H + 2 * pad, W + 2 * pad)
+    if tuple(fw.shape[-2:]) != (H + 2 * pad, W + 2 * pad):
+        raise ValueError(f"the canvas must be {(H + 2 * pad, W + 2 * pad)}, not {tuple(fw.shape[-2:])}")
 
     def place(x):
         return F.pad(x, (pad, pad, pad, pad))
@@ -176,7 +179,6 @@ def translation_ncc(ft: torch.Tensor, mt: torch.Tensor, fw: torch.Tensor, mw: to
     num, e_s, e_t, ov = crop(num), crop(e_s), crop(e_t), crop(ov)
     score = num / (e_s.clamp_min(1e-9) * e_t.clamp_min(1e-9)).sqrt()
     need = min_overlap * mt.sum((-3, -2, -1))[:, None, None]
-    assert size == fw.shape[-2:]
     return torch.where(ov >= need, score, torch.full_like(score, -1.0))
 
 
@@ -265,7 +267,6 @@ def similarity_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchCon
         fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid)
         score = translation_ncc(ft[b:b + 1].expand(R, -1, -1, -1), mt[b:b + 1].expand(R, -1, -1, -1), fw, valid, pad,
                                 cfg.min_overlap)  # (R, 2pad+1, 2pad+1)
-        n = 2 * pad + 1
         t = torch.arange(-pad, pad + 1, dtype=dt, device=dev)
         ty, tx = torch.meshgrid(t, t, indexing="ij")
         shift = _translate(torch.stack([tx.flatten(), ty.flatten()], -1))  # (n*n, 3, 3): p -> p + t
@@ -277,11 +278,10 @@ def similarity_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchCon
         Mk, sk = _nms(Mn, flat[top], cfg.candidates, cfg.separation)
         best_M.append(Mk)
         best_s.append(sk)
-        del n
     return torch.stack(best_M), torch.stack(best_s)
 
 
-# --------------------------------------------------------------------------- refinement
+# --------------------------------------------------------------------------- scoring a homography
 
 
 def _ncc_at(src: torch.Tensor, ft: torch.Tensor, M: torch.Tensor, cfg: SearchConfig) -> torch.Tensor:
@@ -299,46 +299,6 @@ def _ncc_at(src: torch.Tensor, ft: torch.Tensor, M: torch.Tensor, cfg: SearchCon
     den = (ftm.square().sum((1, 2, 3)) * fw.square().sum((1, 2, 3))).clamp_min(1e-9).sqrt()
     ov = valid.mean((1, 2, 3))
     return torch.where(ov >= cfg.min_overlap, num / den, torch.full_like(num, -1.0))
-
-
-@torch.enable_grad()
-def refine(source: torch.Tensor, target: torch.Tensor, M0: torch.Tensor, cfg: SearchConfig = SearchConfig()
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient ascent of the normalised feature correlation in the 8 corner offsets, coarse to fine.
-
-    Args:
-        source ``(B, Cs, Hs, Ws)``, target ``(B, Ct, Ht, Wt)``; ``M0`` ``(B, K, 3, 3)`` normalised
-        ``source_from_target`` starts (``K`` candidates per pair, refined side by side).
-
-    Returns:
-        The refined ``(B, K, 3, 3)`` and their final scores ``(B, K)`` at the finest refinement level.
-    """
-    B, K = M0.shape[:2]
-    M = M0.reshape(B * K, 3, 3).detach()
-    score = torch.full((B * K,), -1.0, dtype=source.dtype, device=source.device)
-    unit = G.unit_corners(like=M)
-    for longer in cfg.refine_sizes:
-        ss = _level_size(tuple(source.shape[-2:]), longer)
-        st = _level_size(tuple(target.shape[-2:]), longer)
-        src = _standardise(_resize(source, ss)).repeat_interleave(K, 0)
-        ft = orientation_features(_standardise(_resize(target, st)), cfg.bins, cfg.kappa, cfg.cell)
-        ft = ft.repeat_interleave(K, 0)
-        # corners of the target's frame, in the source's normalised coordinates: the parameters
-        q = G.transform_points(M, unit).detach().clone().requires_grad_()
-        lr = cfg.refine_lr * 64 / longer
-        opt = torch.optim.Adam([q], lr=lr)
-        for step in range(cfg.refine_steps):
-            opt.param_groups[0]["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / cfg.refine_steps)))
-            Mq = G.square_to_quad(q)
-            s = _ncc_at(src, ft, Mq, cfg)
-            opt.zero_grad(set_to_none=True)
-            (-s.sum()).backward()
-            q.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            opt.step()
-        with torch.no_grad():
-            M = G.square_to_quad(q.detach())
-            score = _ncc_at(src, ft, M, cfg)
-    return M.view(B, K, 3, 3), score.view(B, K)
 
 
 # --------------------------------------------------------------------------- block matching + RANSAC
@@ -504,33 +464,49 @@ def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, lo
     return torch.where(good, Hn, M), inl.to(dt).mean(1)
 
 
+def _score(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, longer: int, cfg: SearchConfig) -> torch.Tensor:
+    """:func:`_ncc_at` of ``M`` ``(B * K, 3, 3)`` (``K`` candidates per pair, pair-major) at a level whose
+    longer side is ``longer``, ``(B * K,)``; -1 for a non-finite candidate."""
+    K = M.shape[0] // source.shape[0]
+    ss = _level_size(tuple(source.shape[-2:]), longer)
+    st = _level_size(tuple(target.shape[-2:]), longer)
+    ft = orientation_features(_standardise(_resize(target, st)), cfg.bins, cfg.kappa, cfg.cell).repeat_interleave(K, 0)
+    src = _standardise(_resize(source, ss)).repeat_interleave(K, 0)
+    finite = torch.isfinite(M).flatten(1).all(1)
+    s = _ncc_at(src, ft, torch.where(finite[:, None, None], M, torch.eye(3, dtype=M.dtype, device=M.device)), cfg)
+    return torch.where(finite, s, torch.full_like(s, -1.0))
+
+
 @torch.no_grad()
 def global_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchConfig = SearchConfig(),
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidate starts for each pair: :func:`similarity_search`, then every candidate through the
-    rounds of :func:`match_refine` (``cfg.rounds``), ranked by the normalised feature correlation at
-    the last round's level.
+    """Candidate starts for each pair: :func:`similarity_search`, then the candidates through the
+    rounds of :func:`match_refine` (``cfg.rounds``; from round ``cfg.prune_after`` on, only the
+    ``cfg.keep`` best by the normalised feature correlation), ranked by that correlation at the last
+    round's level.
 
     Args:
         source ``(B, Cs, Hs, Ws)``, target ``(B, Ct, Ht, Wt)``.
 
     Returns:
         ``(B, K, 3, 3)`` normalised ``source_from_target`` homographies, best first, and their scores
-        ``(B, K)`` in [-1, 1] (-1: overlap below ``cfg.min_overlap``).
+        ``(B, K)`` in [-1, 1] (-1: overlap below ``cfg.min_overlap``); ``K`` is ``cfg.keep`` if the
+        rounds prune, else ``cfg.candidates``.
     """
     M, score = similarity_search(source, target, cfg)
     B, K = M.shape[:2]
     Mf = M.reshape(B * K, 3, 3)
-    sf, tf = source.repeat_interleave(K, 0), target.repeat_interleave(K, 0)
-    for longer, grid, block, radius in cfg.rounds:
+    for r, (longer, grid, block, radius) in enumerate(cfg.rounds):
+        if r == cfg.prune_after and cfg.keep < K:
+            # only the best few candidates go on to the finer (dearer) rounds
+            score = _score(source, target, Mf, longer, cfg).view(B, K)
+            top = torch.topk(score, cfg.keep, dim=1).indices  # (B, keep)
+            Mf = torch.gather(Mf.view(B, K, 3, 3), 1, top[..., None, None].expand(-1, -1, 3, 3)).reshape(-1, 3, 3)
+            K = cfg.keep
+        sf, tf = source.repeat_interleave(K, 0), target.repeat_interleave(K, 0)
         Mf, _ = match_refine(sf, tf, Mf, longer, grid, block, radius, cfg, generator=generator)
     if cfg.rounds:
-        longer = cfg.rounds[-1][0]
-        ss = _level_size(tuple(source.shape[-2:]), longer)
-        st = _level_size(tuple(target.shape[-2:]), longer)
-        ft = orientation_features(_standardise(_resize(tf, st)), cfg.bins, cfg.kappa, cfg.cell)
-        score = _ncc_at(_standardise(_resize(sf, ss)), ft, Mf, cfg).view(B, K)
-        score = torch.where(torch.isfinite(Mf).flatten(1).all(1).view(B, K), score, torch.full_like(score, -1.0))
+        score = _score(source, target, Mf, cfg.rounds[-1][0], cfg).view(B, K)
     order = torch.argsort(score, dim=1, descending=True)
     M = torch.gather(Mf.view(B, K, 3, 3), 1, order[..., None, None].expand(-1, -1, 3, 3))
     return M, torch.gather(score, 1, order)
