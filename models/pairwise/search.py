@@ -58,6 +58,7 @@ class SearchConfig:
     kappa: float = 2.0  # concentration of the soft orientation binning
     cell: float = 1.5  # Gaussian smoothing of the histograms, px of the search level
     min_overlap: float = 0.35  # smallest overlap (fraction of the target) a candidate may have
+    overlap_power: float = 1.0  # the similarity search's score times (overlap fraction) ** this
     candidates: int = 6  # candidates kept after the similarity search
     separation: float = 0.15  # their smallest mean corner distance, normalised units
     # block-matching rounds of global_search: (level's longer side px, blocks a side, block px, search radius px)
@@ -144,7 +145,7 @@ def _correlate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def translation_ncc(ft: torch.Tensor, mt: torch.Tensor, fw: torch.Tensor, mw: torch.Tensor, pad: int,
-                    min_overlap: float) -> torch.Tensor:
+                    min_overlap: float, overlap_power: float = 0.0) -> torch.Tensor:
     """Normalised cross-correlation of target features with warped source features at every shift.
 
     Args:
@@ -153,6 +154,8 @@ def translation_ncc(ft: torch.Tensor, mt: torch.Tensor, fw: torch.Tensor, mw: to
             target's pixel ``q - pad``; ``mw`` ``(N, 1, ...)`` where they are valid.
         pad: the largest shift, px.
         min_overlap: shifts whose overlap is below this fraction of the target's valid pixels get -1.
+        overlap_power: the score is multiplied by the overlap's fraction of the target to this power
+            (0: not at all).
 
     Returns:
         ``(N, 2 pad + 1, 2 pad + 1)``: entry ``[pad + ty, pad + tx]`` scores the map that sends the
@@ -178,7 +181,11 @@ def translation_ncc(ft: torch.Tensor, mt: torch.Tensor, fw: torch.Tensor, mw: to
 
     num, e_s, e_t, ov = crop(num), crop(e_s), crop(e_t), crop(ov)
     score = num / (e_s.clamp_min(1e-9) * e_t.clamp_min(1e-9)).sqrt()
-    need = min_overlap * mt.sum((-3, -2, -1))[:, None, None]
+    total = mt.sum((-3, -2, -1))[:, None, None]
+    if overlap_power:
+        # a small overlap matches well by chance more easily: its score counts for less
+        score = score * (ov.clamp_min(0) / total).clamp_max(1) ** overlap_power
+    need = min_overlap * total
     return torch.where(ov >= need, score, torch.full_like(score, -1.0))
 
 
@@ -266,7 +273,7 @@ def similarity_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchCon
         valid = -F.max_pool2d(-valid.to(dt), 5, 1, 2)  # erode: no features of the border padding
         fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid)
         score = translation_ncc(ft[b:b + 1].expand(R, -1, -1, -1), mt[b:b + 1].expand(R, -1, -1, -1), fw, valid, pad,
-                                cfg.min_overlap)  # (R, 2pad+1, 2pad+1)
+                                cfg.min_overlap, cfg.overlap_power)  # (R, 2pad+1, 2pad+1)
         t = torch.arange(-pad, pad + 1, dtype=dt, device=dev)
         ty, tx = torch.meshgrid(t, t, indexing="ij")
         shift = _translate(torch.stack([tx.flatten(), ty.flatten()], -1))  # (n*n, 3, 3): p -> p + t
