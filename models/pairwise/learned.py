@@ -40,11 +40,20 @@ Where we differ, and why (measurements in docs/benchmarks.md, "Pairwise homograp
 * Shifted negatives (``hard_negatives``): each keypoint's source patch moved 2-4 px off
   where the homography puts it. With far-apart negatives only, the network learns to match
   the current misalignment and the homography stops moving (camera pair 3.6 -> 1.3 px).
-* Multi-start (``starts``): the paper needs a rough initial alignment. Several initial
-  homographies (the identity and shifted copies of it; more starts add rotated, scaled and
-  farther-shifted ones) are fitted side by side for ``start_steps`` at the coarsest level,
-  each with its own network, and every pair keeps the one whose learned descriptor matches
-  best (:func:`_retrieval`).
+* A global search for the start (``search``, on by default; :mod:`models.pairwise.search`): the
+  paper needs a rough initial alignment, and DeTone-style pairs (corners moved by up to a quarter of
+  the image) mostly start outside the joint fit's basin. Classic closed-form computations, nothing
+  pretrained: a similarity search by FFT correlation of unsigned gradient-orientation histograms
+  (which survive the changes of modality), then block matching + RANSAC rounds to a full homography.
+  After it the network trains on the pair at the searched homography (``search_steps`` on the finest
+  level) and gives the confidence; the homography is held, because the joint fit from the search's
+  start lost precision on the benchmark (``search_joint=True`` runs it, with a warm-up of the network
+  alone and a smaller homography step).
+* Multi-start (``starts``, with ``search=False``): several initial homographies (the identity and
+  shifted copies of it; more starts add rotated, scaled and farther-shifted ones) are fitted side by
+  side for ``start_steps`` at the coarsest level, each with its own network, and every pair keeps
+  the one whose learned descriptor matches best (:func:`_retrieval`). With the search,
+  ``search_starts`` of its best candidates are tried the same way.
 * A confidence: after the fit, fresh keypoints are described by the pair's own network
   and each target patch is matched against the source patches; the confidence is the
   share whose nearest source descriptor is the one the homography says corresponds.
@@ -496,7 +505,7 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
         target: ``(B, Ct, Ht, Wt)`` float in [0, 1]; the channel counts may differ (then the
             first layer must not be shared).
         init: optional ``(B, 3, 3)`` ``source_from_target_norm`` to start from (instead of the
-            multi-start at the coarsest level, which then starts around it).
+            global search; the multi-start at the coarsest level then starts around it).
         progress: ``progress(step, total, stage)`` after every level.
         should_stop: called at every step; raise from it to stop.
         trace: ``trace(level, step, params, loss)`` after every step (diagnostics: ``bench/``).
@@ -529,9 +538,10 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
 
     history: list[dict] = []
     if searched:
-        scfg = SearchConfig(size=cfg.search_size, candidates=cfg.search_candidates)
+        scfg = SearchConfig(size=cfg.search_size, candidates=cfg.search_candidates,
+                            keep=min(cfg.search_candidates, max(SearchConfig.keep, cfg.search_starts)))
         cands, scores = global_search(source, target, scfg, generator=gen)  # (B, K, 3, 3), best first
-        S = cfg.search_starts
+        S = min(cfg.search_starts, cands.shape[1])
         M0 = cands[:, :S].reshape(B * S, 3, 3)
         history.append({"search_scores": scores.tolist(), "search_starts": cands.tolist()})
     else:

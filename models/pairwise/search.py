@@ -56,6 +56,7 @@ class SearchConfig:
     shift: float = 0.375  # largest translation searched, fraction of the image side
     bins: int = 8  # orientation bins over [0, pi)
     kappa: float = 2.0  # concentration of the soft orientation binning
+    smooth: float = 0.0  # Gaussian smoothing of the images before their gradients, px of the level
     cell: float = 1.5  # Gaussian smoothing of the histograms, px of the search level
     min_overlap: float = 0.35  # smallest overlap (fraction of the target) a candidate may have
     overlap_power: float = 1.0  # the similarity search's score times (overlap fraction) ** this
@@ -77,7 +78,7 @@ def _standardise(x: torch.Tensor) -> torch.Tensor:
 
 
 def orientation_features(x: torch.Tensor, bins: int = 8, kappa: float = 2.0, cell: float = 1.5,
-                         mask: torch.Tensor | None = None) -> torch.Tensor:
+                         mask: torch.Tensor | None = None, smooth: float = 0.0) -> torch.Tensor:
     """Soft histograms of unsigned gradient orientation, ``(B, C, H, W)`` -> ``(B, bins, H, W)``.
 
     The gradient of every channel (central differences of the image standardised per channel) is
@@ -90,6 +91,8 @@ def orientation_features(x: torch.Tensor, bins: int = 8, kappa: float = 2.0, cel
     subtracted. Differentiable in ``x``.
     """
     x = _standardise(x) if mask is None else x
+    if smooth > 0:
+        x = blur(x, smooth)
     p = F.pad(x, (1, 1, 1, 1), mode="replicate")
     gx = 0.5 * (p[..., 1:-1, 2:] - p[..., 1:-1, :-2])
     gy = 0.5 * (p[..., 2:, 1:-1] - p[..., :-2, 1:-1])
@@ -252,7 +255,7 @@ def similarity_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchCon
     src = _standardise(_resize(source, ss))
     tgt = _standardise(_resize(target, st))
     mt = torch.ones(B, 1, *st, dtype=dt, device=dev)
-    ft = orientation_features(tgt, cfg.bins, cfg.kappa, cfg.cell)
+    ft = orientation_features(tgt, cfg.bins, cfg.kappa, cfg.cell, smooth=cfg.smooth)
     n_a = int(round(2 * cfg.angles / cfg.angle_step)) + 1 if cfg.angles > 0 else 1
     angles = torch.linspace(-cfg.angles, cfg.angles, n_a, dtype=dt, device=dev) * (math.pi / 180)
     lo, hi = math.log(cfg.scales[0]), math.log(cfg.scales[1])
@@ -271,7 +274,7 @@ def similarity_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchCon
         warped = G.warp_pixel(s_b, from_canvas, canvas, padding_mode="border")
         valid = G.warp_pixel(ones.expand(R, -1, -1, -1), from_canvas, canvas) > 0.999
         valid = -F.max_pool2d(-valid.to(dt), 5, 1, 2)  # erode: no features of the border padding
-        fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid)
+        fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
         score = translation_ncc(ft[b:b + 1].expand(R, -1, -1, -1), mt[b:b + 1].expand(R, -1, -1, -1), fw, valid, pad,
                                 cfg.min_overlap, cfg.overlap_power)  # (R, 2pad+1, 2pad+1)
         t = torch.arange(-pad, pad + 1, dtype=dt, device=dev)
@@ -300,7 +303,7 @@ def _ncc_at(src: torch.Tensor, ft: torch.Tensor, M: torch.Tensor, cfg: SearchCon
     valid = G.warp(ones, M, tuple(size))
     valid = (valid > 0.999).to(src.dtype) * valid  # differentiable inside, 0 outside
     valid = -F.max_pool2d(-valid, 5, 1, 2)
-    fw = orientation_features(w, cfg.bins, cfg.kappa, cfg.cell, mask=valid)
+    fw = orientation_features(w, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
     ftm = ft * valid
     num = (ftm * fw).sum((1, 2, 3))
     den = (ftm.square().sum((1, 2, 3)) * fw.square().sum((1, 2, 3))).clamp_min(1e-9).sqrt()
@@ -428,7 +431,7 @@ def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, lo
     st = _level_size(tuple(target.shape[-2:]), longer)
     H, W = st
     src = _standardise(_resize(source, ss))
-    ft = orientation_features(_standardise(_resize(target, st)), cfg.bins, cfg.kappa, cfg.cell)
+    ft = orientation_features(_standardise(_resize(target, st)), cfg.bins, cfg.kappa, cfg.cell, smooth=cfg.smooth)
     pad = radius
     canvas = (H + 2 * pad, W + 2 * pad)
     M_pix = G.pixel_from_normalised(M, ss, st)
@@ -437,7 +440,7 @@ def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, lo
     ones = torch.ones(N, 1, *ss, dtype=dt, device=dev)
     valid = (G.warp_pixel(ones, from_canvas, canvas) > 0.999).to(dt)
     valid = -F.max_pool2d(-valid, 5, 1, 2)
-    fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid)
+    fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
     b = min(block, H, W)
     ys = torch.linspace(0, H - b, grid).round().long().tolist()
     xs = torch.linspace(0, W - b, grid).round().long().tolist()
@@ -477,7 +480,7 @@ def _score(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, longer: 
     K = M.shape[0] // source.shape[0]
     ss = _level_size(tuple(source.shape[-2:]), longer)
     st = _level_size(tuple(target.shape[-2:]), longer)
-    ft = orientation_features(_standardise(_resize(target, st)), cfg.bins, cfg.kappa, cfg.cell).repeat_interleave(K, 0)
+    ft = orientation_features(_standardise(_resize(target, st)), cfg.bins, cfg.kappa, cfg.cell, smooth=cfg.smooth).repeat_interleave(K, 0)
     src = _standardise(_resize(source, ss)).repeat_interleave(K, 0)
     finite = torch.isfinite(M).flatten(1).all(1)
     s = _ncc_at(src, ft, torch.where(finite[:, None, None], M, torch.eye(3, dtype=M.dtype, device=M.device)), cfg)
