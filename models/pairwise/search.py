@@ -61,6 +61,7 @@ class SearchConfig:
     min_overlap: float = 0.35  # smallest overlap (fraction of the target) a candidate may have
     overlap_power: float = 1.0  # the similarity search's score times (overlap fraction) ** this
     candidates: int = 6  # candidates kept after the similarity search
+    identity: bool = True  # the identity refined beside them
     separation: float = 0.15  # their smallest mean corner distance, normalised units
     # block-matching rounds of global_search: (level's longer side px, blocks a side, block px, search radius px)
     rounds: tuple[tuple[int, int, int, int], ...] = ((64, 4, 24, 12), (128, 5, 32, 8), (128, 6, 32, 4),
@@ -490,7 +491,8 @@ def _score(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, longer: 
 @torch.no_grad()
 def global_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchConfig = SearchConfig(),
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidate starts for each pair: :func:`similarity_search`, then the candidates through the
+    """Candidate starts for each pair: :func:`similarity_search` (and the identity, ``cfg.identity``),
+    then the candidates through the
     rounds of :func:`match_refine` (``cfg.rounds``; from round ``cfg.prune_after`` on, only the
     ``cfg.keep`` best by the normalised feature correlation), ranked by that correlation at the last
     round's level.
@@ -504,6 +506,10 @@ def global_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchConfig 
         rounds prune, else ``cfg.candidates``.
     """
     M, score = similarity_search(source, target, cfg)
+    if cfg.identity:
+        # the identity too: a pair that is nearly aligned already must not depend on the grid's luck
+        eye = torch.eye(3, dtype=M.dtype, device=M.device).expand(M.shape[0], 1, 3, 3)
+        M = torch.cat([M, eye], dim=1)
     B, K = M.shape[:2]
     Mf = M.reshape(B * K, 3, 3)
     for r, (longer, grid, block, radius) in enumerate(cfg.rounds):
