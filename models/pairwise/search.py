@@ -492,10 +492,9 @@ def _score(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, longer: 
 def global_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchConfig = SearchConfig(),
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate starts for each pair: :func:`similarity_search` (and the identity, ``cfg.identity``),
-    then the candidates through the
-    rounds of :func:`match_refine` (``cfg.rounds``; from round ``cfg.prune_after`` on, only the
-    ``cfg.keep`` best by the normalised feature correlation), ranked by that correlation at the last
-    round's level.
+    then the candidates through the rounds of :func:`match_refine` (``cfg.rounds``; from round
+    ``cfg.prune_after`` on, only the ``cfg.keep`` best by the normalised feature correlation), ranked
+    by that correlation at the last round's level.
 
     Args:
         source ``(B, Cs, Hs, Ws)``, target ``(B, Ct, Ht, Wt)``.
