@@ -350,6 +350,8 @@ def ransac_homography(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tenso
     Args:
         src, dst: ``(N, n, 2)``; weights: ``(N, n)`` (0: not a match; sampling is proportional to it).
         threshold: inlier distance, in the units of ``dst``.
+        generator: the random numbers, drawn once for all ``N`` rows: each row's answer depends on
+            its own points and the generator's state only.
 
     Returns:
         ``(N, 3, 3)`` (``dst ~ H src``; the identity where fewer than 4 points have weight) and the
@@ -359,9 +361,12 @@ def ransac_homography(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tenso
     dev, dt = src.device, src.dtype
     w = weights.clamp_min(0)
     ok = (w > 0).sum(1) >= 4
-    prob = torch.where(ok[:, None], w + 1e-12 * (w > 0), torch.ones_like(w))
-    idx = torch.multinomial(prob.repeat_interleave(hypotheses, 0), 4, replacement=False, generator=generator)
-    idx = idx.view(N, hypotheses, 4)
+    # Samples of 4 without replacement, with probabilities proportional to the weights, by Gumbel
+    # top-k. The random numbers are drawn once for all pairs ((hypotheses, n): their count does not
+    # depend on the batch), so a pair's answer never depends on the other pairs of its batch.
+    u = torch.rand(hypotheses, n, generator=generator, device=dev, dtype=dt).clamp(1e-12, 1 - 1e-12)
+    keys = torch.log(w)[:, None, :] - torch.log(-torch.log(u))[None]  # (N, h, n); log 0 = -inf
+    idx = torch.topk(keys, 4, dim=-1).indices  # (N, hypotheses, 4)
     s4 = torch.gather(src[:, None].expand(-1, hypotheses, -1, -1), 2, idx[..., None].expand(-1, -1, -1, 2))
     d4 = torch.gather(dst[:, None].expand(-1, hypotheses, -1, -1), 2, idx[..., None].expand(-1, -1, -1, 2))
     H = fit_homography(s4.reshape(-1, 4, 2), d4.reshape(-1, 4, 2)).view(N, hypotheses, 3, 3)

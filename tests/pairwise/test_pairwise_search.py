@@ -137,3 +137,15 @@ def test_the_learned_fit_starts_from_the_search():
                                               warmup=2))
     moved = Q.corner_distance(joint.source_from_target_norm, start.to(joint.source_from_target_norm.dtype))
     assert 0 < moved.item() < 0.05  # it moved, by less than 2.4 px of this image
+
+
+def test_a_pairs_search_does_not_depend_on_its_batch():
+    a, b = make_pair("camera", rho=20, seed=7, patch=64), make_pair("coffee", rho=20, seed=8, patch=64)
+
+    def search(pairs):
+        src = torch.stack([chw(p.source) for p in pairs])
+        tgt = torch.stack([chw(p.target) for p in pairs])
+        return Q.global_search(src, tgt, generator=torch.Generator().manual_seed(0))[0]
+
+    alone, batched = search([a]), search([b, a])  # second in its batch: after another pair's draws
+    assert Q.corner_distance(alone[0], batched[1]).max() < 1e-4
