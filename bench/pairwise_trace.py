@@ -1,11 +1,13 @@
 """Watch the learned pair method fit: the corner error (px, against the ground truth) every few
-steps of every pyramid level, and, with several starts, each start's error before and after the
-multi-start phase beside its retrieval score. For choosing defaults and diagnosing failures.
+steps of every pyramid level; the global search's candidates' errors beside their scores; and, with
+several starts, each start's error before and after the multi-start phase beside its retrieval score. For choosing defaults and diagnosing failures.
 
     # the astronaut and camera pairs of the development runs, +-8 px, one start
     python bench/pairwise_trace.py --pairs 0,1 --rho 8 --option starts=1
-    # the same-modality benchmark pairs 4-6 (+-32 px) and their starts
+    # the same-modality benchmark pairs 4-6 (+-32 px): the global search's candidates, then the fit
     python bench/pairwise_trace.py --set same --pairs 4,5,6 --rho 32
+    # the same without the search: the nine fixed starts before and after the multi-start phase
+    python bench/pairwise_trace.py --set same --pairs 4,5,6 --rho 32 --option search=false
 
 ``--set dev`` builds pairs as the development runs did (one stream of random numbers over the
 photographs in order, photometric change on the target); ``same`` / ``cross`` take them from
@@ -68,6 +70,11 @@ def main() -> int:
         M = G.pixel_from_normalised(homography_from_params(p.double()), size, size).numpy()
         return S.corner_error(M, np.repeat(truth, reps, 0), size).reshape(len(pairs), reps)
 
+    def err_of(M: torch.Tensor) -> np.ndarray:  # (B, K, 3, 3) normalised -> (B, K) corner errors
+        B, K = M.shape[:2]
+        Mp = G.pixel_from_normalised(M.reshape(-1, 3, 3), size, size).numpy()
+        return S.corner_error(Mp, np.repeat(truth, K, 0), size).reshape(B, K)
+
     multi = {}
 
     def trace(level, step, p, loss):
@@ -77,6 +84,11 @@ def main() -> int:
             print(f"level {level} step {step:4d}  error {err(p)[:, 0]}  loss {loss.numpy()}", flush=True)
 
     fit = fit_pairs(src, tgt, cfg, trace=trace)
+    searched = [h for h in fit.history if "search_starts" in h]
+    if searched:  # the global search's candidates, best first, and their correlation scores
+        cands = torch.tensor(searched[0]["search_starts"], dtype=torch.float64)  # (B, K, 3, 3)
+        print("search candidates' errors (rows: pairs, best first)\n", err_of(cands))
+        print("their scores\n", np.array(searched[0]["search_scores"]))
     if "p" in multi:
         starts = start_homographies(cfg.starts, cfg.start_shift, like=torch.zeros(1, dtype=torch.float64))
         before = np.stack([S.corner_error(G.pixel_from_normalised(starts, size, size).numpy(),

@@ -40,11 +40,20 @@ Where we differ, and why (measurements in docs/benchmarks.md, "Pairwise homograp
 * Shifted negatives (``hard_negatives``): each keypoint's source patch moved 2-4 px off
   where the homography puts it. With far-apart negatives only, the network learns to match
   the current misalignment and the homography stops moving (camera pair 3.6 -> 1.3 px).
-* Multi-start (``starts``): the paper needs a rough initial alignment. Several initial
-  homographies (the identity and shifted copies of it; more starts add rotated, scaled and
-  farther-shifted ones) are fitted side by side for ``start_steps`` at the coarsest level,
-  each with its own network, and every pair keeps the one whose learned descriptor matches
-  best (:func:`_retrieval`).
+* A global search for the start (``search``, on by default; :mod:`models.pairwise.search`): the
+  paper needs a rough initial alignment, and DeTone-style pairs (corners moved by up to a quarter of
+  the image) mostly start outside the joint fit's basin. Classic closed-form computations, nothing
+  pretrained: a similarity search by FFT correlation of unsigned gradient-orientation histograms
+  (which survive the changes of modality), then block matching + RANSAC rounds to a full homography.
+  After it the network trains on the pair at the searched homography (``search_steps`` on the finest
+  level) and gives the confidence; the homography is held, because the joint fit from the search's
+  start lost precision on the benchmark (``search_joint=True`` runs it, with a warm-up of the network
+  alone and a smaller homography step).
+* Multi-start (``starts``, with ``search=False``): several initial homographies (the identity and
+  shifted copies of it; more starts add rotated, scaled and farther-shifted ones) are fitted side by
+  side for ``start_steps`` at the coarsest level, each with its own network, and every pair keeps
+  the one whose learned descriptor matches best (:func:`_retrieval`). With the search,
+  ``search_starts`` of its best candidates are tried the same way.
 * A confidence: after the fit, fresh keypoints are described by the pair's own network
   and each target patch is matched against the source patches; the confidence is the
   share whose nearest source descriptor is the one the homography says corresponds.
@@ -66,6 +75,7 @@ import torch.nn.functional as F
 
 from .. import geometry as G
 from .methods import PairContext, PairEstimate, register_pair_method
+from .search import SearchConfig, global_search
 
 __all__ = ["LearnedConfig", "LearnedFit", "LearnedMethod", "fit_pairs", "homography_from_params", "params_from_homography",
            "start_homographies", "pyramid_sizes"]
@@ -97,6 +107,19 @@ class LearnedConfig:
     starts: int = 9  # initial homographies tried at the coarsest level (1: the identity only)
     start_shift: float = 0.25  # their translations, fraction of the image (normalised units / 2)
     start_steps: int | None = 30  # coarsest-level steps before the best start is kept; None: the whole level
+    # Global search for the start (models/pairwise/search.py): similarities by FFT correlation of
+    # orientation features, then block matching + RANSAC; replaces the fixed starts above.
+    search: bool = True
+    search_size: int = 64  # longer side of the similarity search's level, px
+    search_candidates: int = 6  # similarities refined by block matching, ranked by their correlation
+    search_starts: int = 1  # of those, how many the learned fit tries (multi-start, as with `starts`)
+    search_steps: tuple[int, ...] = (100,)  # after the search: steps per level, finest last (its length: levels)
+    # After the search: also move the homography with the learned loss (the paper's joint fit). Off by
+    # default: from the search's start it lost precision (docs/benchmarks.md); the network then trains
+    # on the pair at the searched homography and gives the confidence.
+    search_joint: bool = False
+    search_lr_homography: float = 0.15  # with search_joint: the homography's step, px of the level
+    warmup: int = 30  # with search_joint: first steps of each level that train the network alone
     eval_keypoints: int = 256  # keypoints of the confidence measure
     seed: int = 0
 
@@ -105,6 +128,8 @@ class LearnedConfig:
             raise ValueError(f"patch_warp must be 'homography' or 'keypoint', not {self.patch_warp!r}")
         if self.patch < 8:
             raise ValueError("patch must be at least 8 samples")
+        if self.search_starts < 1 or self.search_candidates < self.search_starts:
+            raise ValueError("search_candidates >= search_starts >= 1 are needed")
         if self.starts < 1 or self.keypoints < 4 or not self.steps or min(self.steps) < 1:
             raise ValueError("starts >= 1, keypoints >= 4 and at least one step per level are needed")
 
@@ -444,6 +469,8 @@ def _train_level(nets: _Networks, p: torch.Tensor, lv: _Level, steps: int, cfg: 
         f = _cosine(step, steps, cfg.lr_final)
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * f
+        if step < cfg.warmup:
+            opt.param_groups[1]["lr"] = 0.0
         xy, theta, scale = _keypoints(lv.weights, cfg.keypoints, cfg, gen, (Ht, Wt))
         M = homography_from_params(p)
         dt, ds, valid = _pairs(nets, lv, M, xy, theta, scale, cfg)
@@ -478,7 +505,7 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
         target: ``(B, Ct, Ht, Wt)`` float in [0, 1]; the channel counts may differ (then the
             first layer must not be shared).
         init: optional ``(B, 3, 3)`` ``source_from_target_norm`` to start from (instead of the
-            multi-start at the coarsest level, which then starts around it).
+            global search; the multi-start at the coarsest level then starts around it).
         progress: ``progress(step, total, stage)`` after every level.
         should_stop: called at every step; raise from it to stop.
         trace: ``trace(level, step, params, loss)`` after every step (diagnostics: ``bench/``).
@@ -493,6 +520,15 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
     B = source.shape[0]
     dev, dt = source.device, source.dtype
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    searched = init is None and cfg.search
+    if searched:
+        # The start is already within a pixel or two: the joint fit runs on the finest levels only,
+        # with a smaller homography step, after a warm-up of the network alone.
+        cfg = replace(cfg, steps=tuple(cfg.search_steps), max_levels=len(cfg.search_steps), coarsest=1,
+                      lr_homography=cfg.search_lr_homography,
+                      warmup=cfg.warmup if cfg.search_joint else max(cfg.search_steps))
+    else:
+        cfg = replace(cfg, warmup=0)
     sizes_s = pyramid_sizes(tuple(source.shape[-2:]), cfg.coarsest, cfg.max_levels)
     sizes_t = pyramid_sizes(tuple(target.shape[-2:]), cfg.coarsest, cfg.max_levels)
     levels = min(len(sizes_s), len(sizes_t))
@@ -500,13 +536,21 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
     steps = [cfg.steps[min(i, len(cfg.steps) - 1)] for i in range(levels)]
     total = sum(steps)
 
-    S = cfg.starts
-    base = init.to(dev, dt) if init is not None else torch.eye(3, dtype=dt, device=dev).expand(B, 3, 3)
-    starts = start_homographies(S, cfg.start_shift, like=source)  # (S, 3, 3), in the target's frame
-    M0 = (base[:, None] @ starts[None]).reshape(B * S, 3, 3)  # pair-major: row b*S + s
+    history: list[dict] = []
+    if searched:
+        scfg = SearchConfig(size=cfg.search_size, candidates=cfg.search_candidates,
+                            keep=min(cfg.search_candidates, max(SearchConfig.keep, cfg.search_starts)))
+        cands, scores = global_search(source, target, scfg, generator=gen)  # (B, K, 3, 3), best first
+        S = min(cfg.search_starts, cands.shape[1])
+        M0 = cands[:, :S].reshape(B * S, 3, 3)
+        history.append({"search_scores": scores.tolist(), "search_starts": cands.tolist()})
+    else:
+        S = cfg.starts
+        base = init.to(dev, dt) if init is not None else torch.eye(3, dtype=dt, device=dev).expand(B, 3, 3)
+        starts = start_homographies(S, cfg.start_shift, like=source)  # (S, 3, 3), in the target's frame
+        M0 = (base[:, None] @ starts[None]).reshape(B * S, 3, 3)  # pair-major: row b*S + s
     p = params_from_homography(M0).detach().clone().requires_grad_()
     rows = torch.arange(B, device=dev).repeat_interleave(S)
-    history: list[dict] = []
     done = 0
     chosen = torch.zeros(B, dtype=torch.long, device=dev)
     loss = torch.zeros(B, dtype=dt, device=dev)

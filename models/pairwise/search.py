@@ -1,0 +1,532 @@
+"""A global search for a pair's homography: where the learned method starts.
+
+The learned method (:mod:`models.pairwise.learned`) refines a homography by gradient descent and,
+like the paper's, needs a rough initial alignment: DeTone-style pairs (each corner moved by up to a
+quarter of the image) mostly start outside its basin. This module finds a start with classic,
+closed-form computations, nothing pretrained:
+
+1. **Features that survive a change of modality**: a soft histogram of *unsigned* gradient
+   orientation (angle modulo pi) per pixel, weighted by a saturating function of the gradient
+   magnitude, smoothed over a cell, the image's mean histogram subtracted
+   (:func:`orientation_features`). Inverting intensities, remapping them non-monotonically,
+   taking one colour channel or the gradient magnitude changes the sign and the size of the
+   gradients but mostly not their orientation modulo pi.
+2. **An exhaustive search over similarities** at a coarse level (:func:`similarity_search`): the
+   source is warped by every rotation x scale of a grid (about the images' centres), its features
+   computed, and the normalised cross-correlation with the target's features over their overlap is
+   evaluated at every translation at once by FFT. The best candidates, kept apart by non-maximum
+   suppression on their corner positions, are returned.
+3. **Block matching and a robust fit** (:func:`match_refine`, a few rounds, coarse to fine): the
+   source is warped by a candidate, the target cut into blocks, each block's best shift found by the
+   same FFT correlation (sub-pixel), and a homography fitted to the block matches by RANSAC and
+   weighted least squares (:func:`ransac_homography`), all candidates of all pairs as one batch. After
+   the first rounds only the best candidates go on; they are ranked by the correlation at the end
+   (:func:`global_search`).
+
+Conventions (those of :mod:`models.geometry`): a homography ``M`` is ``source_from_target`` in
+*normalised* coordinates of each image (``[-1, 1]`` from the centre of the first pixel to the centre
+of the last, x right, y down), so ``target(p) ~ source(M p)`` at any resolution. Images are
+``(B, C, H, W)`` floats; device and dtype follow the input.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import geometry as G
+from ..imageops import blur
+
+__all__ = ["SearchConfig", "orientation_features", "similarity_homographies", "translation_ncc",
+           "similarity_search", "global_search", "corner_distance", "fit_homography",
+           "ransac_homography", "match_refine"]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Options of the global search (the learned method's ``search_*`` options map onto these)."""
+
+    size: int = 64  # longer side of the search level, px
+    angles: float = 30.0  # rotations searched: -angles..+angles degrees
+    angle_step: float = 7.5
+    scales: tuple[float, float] = (0.7, 1.43)  # scale range searched (source px per target px)
+    scale_steps: int = 7  # log-spaced
+    shift: float = 0.375  # largest translation searched, fraction of the image side
+    bins: int = 8  # orientation bins over [0, pi)
+    kappa: float = 2.0  # concentration of the soft orientation binning
+    smooth: float = 0.0  # Gaussian smoothing of the images before their gradients, px of the level
+    cell: float = 1.5  # Gaussian smoothing of the histograms, px of the search level
+    min_overlap: float = 0.35  # smallest overlap (fraction of the target) a candidate may have
+    overlap_power: float = 1.0  # the similarity search's score times (overlap fraction) ** this
+    candidates: int = 6  # candidates kept after the similarity search
+    identity: bool = True  # the identity refined beside them
+    separation: float = 0.15  # their smallest mean corner distance, normalised units
+    # block-matching rounds of global_search: (level's longer side px, blocks a side, block px, search radius px)
+    rounds: tuple[tuple[int, int, int, int], ...] = ((64, 4, 24, 12), (128, 5, 32, 8), (128, 6, 32, 4),
+                                                     (128, 8, 24, 3))
+    prune_after: int = 2  # before this round, keep only the `keep` best candidates (by correlation)
+    keep: int = 2
+
+
+# --------------------------------------------------------------------------- features
+
+
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    m = x.mean(dim=(-2, -1), keepdim=True)
+    return (x - m) / x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
+
+
+def orientation_features(x: torch.Tensor, bins: int = 8, kappa: float = 2.0, cell: float = 1.5,
+                         mask: torch.Tensor | None = None, smooth: float = 0.0) -> torch.Tensor:
+    """Soft histograms of unsigned gradient orientation, ``(B, C, H, W)`` -> ``(B, bins, H, W)``.
+
+    The gradient of every channel (central differences of the image standardised per channel) is
+    turned into its doubled-angle vector ``(gx^2 - gy^2, 2 gx gy)`` and these are summed over
+    channels: the sum's angle is twice the dominant orientation modulo pi, its length the squared
+    magnitude ``m^2``. Each pixel votes ``w = m / (m + mean m)`` (saturating, so that a modality
+    that changes the gradients' strength changes the votes little) into ``bins`` orientations with
+    the weight ``exp(kappa (cos 2(phi - c_k) - 1))``; the votes are smoothed by a Gaussian of
+    ``cell`` px and each channel's mean over the image (over ``mask`` ``(B, 1, H, W)`` if given) is
+    subtracted. Differentiable in ``x``.
+    """
+    x = _standardise(x) if mask is None else x
+    if smooth > 0:
+        x = blur(x, smooth)
+    p = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    gx = 0.5 * (p[..., 1:-1, 2:] - p[..., 1:-1, :-2])
+    gy = 0.5 * (p[..., 2:, 1:-1] - p[..., :-2, 1:-1])
+    c2 = (gx.square() - gy.square()).sum(1)  # (B, H, W): |v| cos 2 phi
+    s2 = (2 * gx * gy).sum(1)
+    m2 = (c2.square() + s2.square() + 1e-12).sqrt()  # squared gradient magnitude
+    cos2, sin2 = c2 / m2, s2 / m2  # cos 2 phi, sin 2 phi
+    m = m2.sqrt()
+    if mask is not None:
+        m = m * mask[:, 0]
+        mean = m.sum((-2, -1), keepdim=True) / mask[:, 0].sum((-2, -1), keepdim=True).clamp_min(1.0)
+    else:
+        mean = m.mean((-2, -1), keepdim=True)
+    w = m / (m + mean.clamp_min(1e-6))
+    k = torch.arange(bins, dtype=x.dtype, device=x.device) * (math.pi / bins)
+    # cos 2(phi - c) = cos 2phi cos 2c + sin 2phi sin 2c
+    d = cos2[:, None] * torch.cos(2 * k)[None, :, None, None] + sin2[:, None] * torch.sin(2 * k)[None, :, None, None]
+    h = torch.exp(kappa * (d - 1)) * w[:, None]
+    h = blur(h, cell)
+    if mask is None:
+        return h - h.mean((-2, -1), keepdim=True)
+    h = h * mask
+    mean = h.sum((-2, -1), keepdim=True) / mask.sum((-2, -1), keepdim=True).clamp_min(1.0)
+    return (h - mean) * mask
+
+
+# --------------------------------------------------------------------------- similarity search
+
+
+def similarity_homographies(angles: torch.Tensor, scales: torch.Tensor, src_size: tuple[int, int],
+                            tgt_size: tuple[int, int]) -> torch.Tensor:
+    """Rotations by ``angles`` (radians, ``(K,)``) with isotropic scalings ``scales`` ``(K,)`` about
+    the images' centres, as ``source_from_target`` **pixel** matrices ``(K, 3, 3)``: the target's
+    centre goes to the source's centre, a target vector ``v`` to ``s R(a) v`` (x right, y down: a
+    positive angle turns x towards y). Dtype and device follow ``angles``."""
+    (hs, ws), (ht, wt) = src_size, tgt_size
+    c, s = torch.cos(angles) * scales, torch.sin(angles) * scales
+    cs = angles.new_tensor([(ws - 1) / 2, (hs - 1) / 2])
+    ct = angles.new_tensor([(wt - 1) / 2, (ht - 1) / 2])
+    M = torch.zeros(angles.shape[0], 3, 3, dtype=angles.dtype, device=angles.device)
+    M[:, 0, 0], M[:, 0, 1], M[:, 1, 0], M[:, 1, 1] = c, -s, s, c
+    M[:, 0, 2] = cs[0] - (c * ct[0] - s * ct[1])
+    M[:, 1, 2] = cs[1] - (s * ct[0] + c * ct[1])
+    M[:, 2, 2] = 1
+    return M
+
+
+def _correlate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Circular cross-correlation summed over channels: ``out[t] = sum_c sum_q a[c, q] b[c, q + t]``,
+    ``(N, C, H, W)`` x ``(N, C, H, W)`` -> ``(N, H, W)``."""
+    fa, fb = torch.fft.rfft2(a), torch.fft.rfft2(b)
+    return torch.fft.irfft2((fa.conj() * fb).sum(1), s=a.shape[-2:])
+
+
+def translation_ncc(ft: torch.Tensor, mt: torch.Tensor, fw: torch.Tensor, mw: torch.Tensor, pad: int,
+                    min_overlap: float, overlap_power: float = 0.0) -> torch.Tensor:
+    """Normalised cross-correlation of target features with warped source features at every shift.
+
+    Args:
+        ft: ``(N, C, H, W)`` target features, ``mt`` ``(N, 1, H, W)`` where they are valid.
+        fw: ``(N, C, H + 2 pad, W + 2 pad)`` source features on a canvas whose pixel ``q`` is the
+            target's pixel ``q - pad``; ``mw`` ``(N, 1, ...)`` where they are valid.
+        pad: the largest shift, px.
+        min_overlap: shifts whose overlap is below this fraction of the target's valid pixels get -1.
+        overlap_power: the score is multiplied by the overlap's fraction of the target to this power
+            (0: not at all).
+
+    Returns:
+        ``(N, 2 pad + 1, 2 pad + 1)``: entry ``[pad + ty, pad + tx]`` scores the map that sends the
+        target's pixel ``p`` to the canvas at ``p + (tx, ty)``,
+        ``sum ft(p) fw(p + t) / sqrt(sum |ft(p)|^2 mw(p + t) * sum |fw(p + t)|^2 mt(p))``.
+    """
+    H, W = ft.shape[-2:]
+    if tuple(fw.shape[-2:]) != (H + 2 * pad, W + 2 * pad):
+        raise ValueError(f"the canvas must be {(H + 2 * pad, W + 2 * pad)}, not {tuple(fw.shape[-2:])}")
+
+    def place(x):
+        return F.pad(x, (pad, pad, pad, pad))
+
+    ftp, mtp = place(ft * mt), place(mt)
+    num = _correlate(ftp, fw * mw)
+    e_s = _correlate(mtp, (fw * mw).square().sum(1, keepdim=True))
+    e_t = _correlate(place((ft * mt).square().sum(1, keepdim=True)), mw)
+    ov = _correlate(mtp, mw)
+
+    def crop(x):  # shifts -pad..pad: index t mod size
+        x = torch.roll(x, shifts=(pad, pad), dims=(-2, -1))
+        return x[..., : 2 * pad + 1, : 2 * pad + 1]
+
+    num, e_s, e_t, ov = crop(num), crop(e_s), crop(e_t), crop(ov)
+    score = num / (e_s.clamp_min(1e-9) * e_t.clamp_min(1e-9)).sqrt()
+    total = mt.sum((-3, -2, -1))[:, None, None]
+    if overlap_power:
+        # a small overlap matches well by chance more easily: its score counts for less
+        score = score * (ov.clamp_min(0) / total).clamp_max(1) ** overlap_power
+    need = min_overlap * total
+    return torch.where(ov >= need, score, torch.full_like(score, -1.0))
+
+
+def _translate(t: torch.Tensor) -> torch.Tensor:
+    """``(K, 2)`` -> pixel translations ``(K, 3, 3)``."""
+    M = torch.eye(3, dtype=t.dtype, device=t.device).repeat(t.shape[0], 1, 1)
+    M[:, :2, 2] = t
+    return M
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _level_size(size: tuple[int, int], longer: int) -> tuple[int, int]:
+    h, w = size
+    s = min(1.0, longer / max(h, w))
+    return max(8, round(h * s)), max(8, round(w * s))
+
+
+def corner_distance(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Mean distance between where two ``source_from_target`` normalised homographies send the
+    corners of ``[-1, 1]^2``, ``(..., 3, 3)`` x ``(..., 3, 3)`` (broadcast) -> ``(...)``, normalised units."""
+    shape = torch.broadcast_shapes(A.shape, B.shape)
+    A, B = A.expand(shape).reshape(-1, 3, 3), B.expand(shape).reshape(-1, 3, 3)
+    c = G.unit_corners(like=A)
+    d = (G.transform_points(A, c) - G.transform_points(B, c)).norm(dim=-1).mean(-1)
+    return d.view(shape[:-2])
+
+
+def _nms(M: torch.Tensor, score: torch.Tensor, k: int, sep: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy non-maximum suppression of one pair's candidates ``M`` ``(N, 3, 3)``, ``score`` ``(N,)``:
+    the ``k`` best that are at least ``sep`` apart (:func:`corner_distance`), padded with the best."""
+    order = torch.argsort(score, descending=True)
+    kept: list[int] = []
+    for i in order[: 50 * k].tolist():
+        if not kept or bool((corner_distance(M[i][None], M[kept]) >= sep).all()):
+            kept.append(i)
+        if len(kept) == k:
+            break
+    while len(kept) < k:
+        kept.append(kept[0])
+    idx = torch.tensor(kept, device=M.device)
+    return M[idx], score[idx]
+
+
+def similarity_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchConfig = SearchConfig()
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best similarities (rotation, scale, translation) between each pair's images.
+
+    Args:
+        source: ``(B, Cs, Hs, Ws)``; target: ``(B, Ct, Ht, Wt)`` (any channel counts).
+
+    Returns:
+        ``(B, K, 3, 3)`` ``source_from_target`` normalised homographies, best first, and their
+        scores ``(B, K)`` (normalised correlation over the overlap, in [-1, 1]); ``K = cfg.candidates``.
+    """
+    B = source.shape[0]
+    dev, dt = source.device, source.dtype
+    ss = _level_size(tuple(source.shape[-2:]), cfg.size)
+    st = _level_size(tuple(target.shape[-2:]), cfg.size)
+    src = _standardise(_resize(source, ss))
+    tgt = _standardise(_resize(target, st))
+    mt = torch.ones(B, 1, *st, dtype=dt, device=dev)
+    ft = orientation_features(tgt, cfg.bins, cfg.kappa, cfg.cell, smooth=cfg.smooth)
+    n_a = int(round(2 * cfg.angles / cfg.angle_step)) + 1 if cfg.angles > 0 else 1
+    angles = torch.linspace(-cfg.angles, cfg.angles, n_a, dtype=dt, device=dev) * (math.pi / 180)
+    lo, hi = math.log(cfg.scales[0]), math.log(cfg.scales[1])
+    scales = torch.exp(torch.linspace(lo, hi, cfg.scale_steps, dtype=dt, device=dev)) if cfg.scale_steps > 1 \
+        else torch.ones(1, dtype=dt, device=dev)
+    aa, sc = torch.meshgrid(angles, scales, indexing="ij")
+    A = similarity_homographies(aa.flatten(), sc.flatten(), ss, st)  # (R, 3, 3) pixels
+    R = A.shape[0]
+    pad = max(1, int(round(cfg.shift * max(st))))
+    canvas = (st[0] + 2 * pad, st[1] + 2 * pad)
+    from_canvas = A @ _translate(torch.full((1, 2), -float(pad), dtype=dt, device=dev))  # (R, 3, 3)
+    best_M, best_s = [], []
+    ones = torch.ones(1, 1, *ss, dtype=dt, device=dev)
+    for b in range(B):
+        s_b = src[b:b + 1].expand(R, -1, -1, -1)
+        warped = G.warp_pixel(s_b, from_canvas, canvas, padding_mode="border")
+        valid = G.warp_pixel(ones.expand(R, -1, -1, -1), from_canvas, canvas) > 0.999
+        valid = -F.max_pool2d(-valid.to(dt), 5, 1, 2)  # erode: no features of the border padding
+        fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
+        score = translation_ncc(ft[b:b + 1].expand(R, -1, -1, -1), mt[b:b + 1].expand(R, -1, -1, -1), fw, valid, pad,
+                                cfg.min_overlap, cfg.overlap_power)  # (R, 2pad+1, 2pad+1)
+        t = torch.arange(-pad, pad + 1, dtype=dt, device=dev)
+        ty, tx = torch.meshgrid(t, t, indexing="ij")
+        shift = _translate(torch.stack([tx.flatten(), ty.flatten()], -1))  # (n*n, 3, 3): p -> p + t
+        # target p -> canvas p + t + pad -> source A (p + t): pixels, then normalised
+        M_pix = A[:, None] @ shift[None]  # (R, n*n, 3, 3)
+        flat = score.reshape(-1)
+        top = torch.topk(flat, min(flat.numel(), 200 * cfg.candidates)).indices
+        Mn = G.normalised_from_pixel(M_pix.reshape(-1, 3, 3)[top], ss, st)
+        Mk, sk = _nms(Mn, flat[top], cfg.candidates, cfg.separation)
+        best_M.append(Mk)
+        best_s.append(sk)
+    return torch.stack(best_M), torch.stack(best_s)
+
+
+# --------------------------------------------------------------------------- scoring a homography
+
+
+def _ncc_at(src: torch.Tensor, ft: torch.Tensor, M: torch.Tensor, cfg: SearchConfig) -> torch.Tensor:
+    """Normalised correlation of target features ``ft`` ``(N, C, H, W)`` with the features of the source
+    ``src`` ``(N, Cs, hs, ws)`` (standardised) warped by ``M`` ``(N, 3, 3)`` (normalised), over their overlap."""
+    size = ft.shape[-2:]
+    w = G.warp(src, M, tuple(size), padding_mode="border")
+    ones = torch.ones(src.shape[0], 1, *src.shape[-2:], dtype=src.dtype, device=src.device)
+    valid = G.warp(ones, M, tuple(size))
+    valid = (valid > 0.999).to(src.dtype) * valid  # differentiable inside, 0 outside
+    valid = -F.max_pool2d(-valid, 5, 1, 2)
+    fw = orientation_features(w, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
+    ftm = ft * valid
+    num = (ftm * fw).sum((1, 2, 3))
+    den = (ftm.square().sum((1, 2, 3)) * fw.square().sum((1, 2, 3))).clamp_min(1e-9).sqrt()
+    ov = valid.mean((1, 2, 3))
+    return torch.where(ov >= cfg.min_overlap, num / den, torch.full_like(num, -1.0))
+
+
+# --------------------------------------------------------------------------- block matching + RANSAC
+
+
+def fit_homography(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted least-squares homography (DLT with ``H[2, 2] = 1``) mapping ``src`` onto ``dst``.
+
+    Args:
+        src, dst: ``(N, n, 2)`` corresponding points, ``n >= 4`` (use well-conditioned coordinates,
+            e.g. normalised ones); weights: ``(N, n)`` non-negative (0 drops a point), default 1.
+
+    Returns:
+        ``(N, 3, 3)`` with ``dst ~ H src``; exact for four points in general position. Degenerate
+        sets (fewer than four weighted points, collinear points) give non-finite or meaningless
+        entries rather than an error (check with :func:`torch.isfinite`).
+    """
+    x, y = src[..., 0], src[..., 1]
+    u, v = dst[..., 0], dst[..., 1]
+    z, o = torch.zeros_like(x), torch.ones_like(x)
+    ru = torch.stack([x, y, o, z, z, z, -u * x, -u * y], dim=-1)  # (N, n, 8)
+    rv = torch.stack([z, z, z, x, y, o, -v * x, -v * y], dim=-1)
+    A = torch.cat([ru, rv], dim=1)  # (N, 2n, 8)
+    b = torch.cat([u, v], dim=1)  # (N, 2n)
+    w = torch.ones_like(x) if weights is None else weights
+    w = torch.cat([w, w], dim=1)
+    AtA = A.transpose(1, 2) @ (A * w[..., None])
+    Atb = (A * w[..., None]).transpose(1, 2) @ b[..., None]
+    h = torch.linalg.solve_ex(AtA, Atb)[0][..., 0]
+    return torch.cat([h, torch.ones_like(h[:, :1])], dim=1).view(-1, 3, 3)
+
+
+def ransac_homography(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor, threshold: float,
+                      hypotheses: int = 128, generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RANSAC over 4-point samples, then a weighted least-squares refit on the inliers, batched.
+
+    Args:
+        src, dst: ``(N, n, 2)``; weights: ``(N, n)`` (0: not a match; sampling is proportional to it).
+        threshold: inlier distance, in the units of ``dst``.
+        generator: the random numbers, drawn once for all ``N`` rows: each row's answer depends on
+            its own points and the generator's state only.
+
+    Returns:
+        ``(N, 3, 3)`` (``dst ~ H src``; the identity where fewer than 4 points have weight) and the
+        inlier masks ``(N, n)`` of the refit.
+    """
+    N, n, _ = src.shape
+    dev, dt = src.device, src.dtype
+    w = weights.clamp_min(0)
+    ok = (w > 0).sum(1) >= 4
+    # Samples of 4 without replacement, with probabilities proportional to the weights, by Gumbel
+    # top-k. The random numbers are drawn once for all pairs ((hypotheses, n): their count does not
+    # depend on the batch), so a pair's answer never depends on the other pairs of its batch.
+    u = torch.rand(hypotheses, n, generator=generator, device=dev, dtype=dt).clamp(1e-12, 1 - 1e-12)
+    keys = torch.log(w)[:, None, :] - torch.log(-torch.log(u))[None]  # (N, h, n); log 0 = -inf
+    idx = torch.topk(keys, 4, dim=-1).indices  # (N, hypotheses, 4)
+    s4 = torch.gather(src[:, None].expand(-1, hypotheses, -1, -1), 2, idx[..., None].expand(-1, -1, -1, 2))
+    d4 = torch.gather(dst[:, None].expand(-1, hypotheses, -1, -1), 2, idx[..., None].expand(-1, -1, -1, 2))
+    H = fit_homography(s4.reshape(-1, 4, 2), d4.reshape(-1, 4, 2)).view(N, hypotheses, 3, 3)
+
+    def inliers(H):  # H (N, h, 3, 3) -> (N, h, n)
+        h = H.shape[1]
+        p = G.transform_points(H.reshape(-1, 3, 3), src.repeat_interleave(h, 0)).view(N, h, n, 2)
+        e = (p - dst[:, None]).norm(dim=-1)
+        return torch.nan_to_num(e, nan=float("inf")) < threshold
+
+    inl = inliers(H) & (w[:, None] > 0)
+    support = (inl * w[:, None]).sum(-1)  # (N, h)
+    support = torch.where(torch.isfinite(H).flatten(2).all(-1), support, torch.full_like(support, -1.0))
+    best = support.argmax(1)
+    Hb = H[torch.arange(N, device=dev), best]
+    mask = inl[torch.arange(N, device=dev), best]
+    for _ in range(2):  # refit on the inliers, then once more on the refit's inliers
+        Hr = fit_homography(src, dst, w * mask)
+        good = torch.isfinite(Hr).flatten(1).all(1) & (mask.sum(1) >= 4)
+        Hb = torch.where(good[:, None, None], Hr, Hb)
+        mask = inliers(Hb[:, None])[:, 0] & (w > 0)
+    eye = torch.eye(3, dtype=dt, device=dev).expand(N, 3, 3)
+    return torch.where(ok[:, None, None], Hb, eye), mask & ok[:, None]
+
+
+def _peak(score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sub-pixel argmax of ``(N, h, w)`` score maps by a parabola through the peak and its neighbours
+    along each axis: ``(N, 2)`` (x, y) in map pixels and the peak value ``(N,)``."""
+    N, h, w = score.shape
+    flat = score.reshape(N, -1)
+    val, i = flat.max(1)
+    y, x = i // w, i % w
+
+    def at(yy, xx):
+        return score[torch.arange(N, device=score.device), yy.clamp(0, h - 1), xx.clamp(0, w - 1)]
+
+    def vertex(m, c, p, inside):
+        den = m - 2 * c + p
+        off = torch.where(inside & (den < 0), 0.5 * (m - p) / den.where(den < 0, -torch.ones_like(den)),
+                          torch.zeros_like(den))
+        return off.clamp(-0.5, 0.5)
+
+    dx = vertex(at(y, x - 1), val, at(y, x + 1), (x > 0) & (x < w - 1))
+    dy = vertex(at(y - 1, x), val, at(y + 1, x), (y > 0) & (y < h - 1))
+    return torch.stack([x.to(score.dtype) + dx, y.to(score.dtype) + dy], -1), val
+
+
+@torch.no_grad()
+def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, longer: int, grid: int,
+                 block: int, radius: int, cfg: SearchConfig = SearchConfig(), threshold: float = 2.0,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of block matching and a robust homography fit.
+
+    The source is warped into the target's frame by the current ``M`` ``(N, 3, 3)`` (normalised
+    ``source_from_target``) at a level whose longer side is ``longer`` px; the target is cut into
+    ``grid x grid`` blocks of ``block`` px, and each block's best shift (within ``radius`` px, by
+    the normalised feature correlation of :func:`translation_ncc`, sub-pixel) gives one match: the
+    block's centre and where it lies in the source. RANSAC (``threshold`` px of the level) and a
+    weighted least-squares fit over the matches give the new homography.
+
+    Returns:
+        The new ``(N, 3, 3)`` and the share of blocks that are inliers ``(N,)`` (where fewer than 4
+        blocks match, ``M`` unchanged).
+    """
+    N = source.shape[0]
+    dev, dt = source.device, source.dtype
+    ss = _level_size(tuple(source.shape[-2:]), longer)
+    st = _level_size(tuple(target.shape[-2:]), longer)
+    H, W = st
+    src = _standardise(_resize(source, ss))
+    ft = orientation_features(_standardise(_resize(target, st)), cfg.bins, cfg.kappa, cfg.cell, smooth=cfg.smooth)
+    pad = radius
+    canvas = (H + 2 * pad, W + 2 * pad)
+    M_pix = G.pixel_from_normalised(M, ss, st)
+    from_canvas = M_pix @ _translate(torch.full((1, 2), -float(pad), dtype=dt, device=dev))
+    warped = G.warp_pixel(src, from_canvas, canvas, padding_mode="border")
+    ones = torch.ones(N, 1, *ss, dtype=dt, device=dev)
+    valid = (G.warp_pixel(ones, from_canvas, canvas) > 0.999).to(dt)
+    valid = -F.max_pool2d(-valid, 5, 1, 2)
+    fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
+    b = min(block, H, W)
+    ys = torch.linspace(0, H - b, grid).round().long().tolist()
+    xs = torch.linspace(0, W - b, grid).round().long().tolist()
+    tb, tm, cb, cm, centres = [], [], [], [], []
+    for y0 in ys:
+        for x0 in xs:
+            tb.append(ft[..., y0:y0 + b, x0:x0 + b])
+            cb.append(fw[..., y0:y0 + b + 2 * pad, x0:x0 + b + 2 * pad])
+            cm.append(valid[..., y0:y0 + b + 2 * pad, x0:x0 + b + 2 * pad])
+            centres.append((x0 + (b - 1) / 2, y0 + (b - 1) / 2))
+    nb = len(centres)
+    tb = torch.stack(tb, 1).flatten(0, 1)  # (N*nb, C, b, b)
+    # a block without texture matches anything: its own energy decides whether it counts
+    energy = tb.square().sum((1, 2, 3))
+    cb, cm = torch.stack(cb, 1).flatten(0, 1), torch.stack(cm, 1).flatten(0, 1)
+    score = translation_ncc(tb, torch.ones_like(tb[:, :1]), cb, cm, pad, 0.5)  # (N*nb, 2pad+1, 2pad+1)
+    t, val = _peak(score)
+    t = t - pad  # shift, px
+    c = torch.tensor(centres, dtype=dt, device=dev)  # (nb, 2)
+    tp = c[None].expand(N, -1, -1)
+    moved = tp + t.view(N, nb, 2)  # where the block's centre lies in the warped source (target frame)
+    sp = G.transform_points(M_pix, moved)  # source pixels
+    nt, ns = G.normaliser(*st, like=M), G.normaliser(*ss, like=M)
+    tn = G.transform_points(nt[None].expand(N, 3, 3), tp)
+    sn = G.transform_points(ns[None].expand(N, 3, 3), sp)
+    energy = energy.view(N, nb)
+    w = val.view(N, nb).clamp_min(0) * (energy > 0.1 * energy.median(1, keepdim=True).values)
+    thr = threshold * 2.0 / max(max(ss) - 1, 1)
+    Hn, inl = ransac_homography(tn, sn, w, thr, generator=generator)
+    good = (inl.sum(1) >= 4)[:, None, None]
+    return torch.where(good, Hn, M), inl.to(dt).mean(1)
+
+
+def _score(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, longer: int, cfg: SearchConfig) -> torch.Tensor:
+    """:func:`_ncc_at` of ``M`` ``(B * K, 3, 3)`` (``K`` candidates per pair, pair-major) at a level whose
+    longer side is ``longer``, ``(B * K,)``; -1 for a non-finite candidate."""
+    K = M.shape[0] // source.shape[0]
+    ss = _level_size(tuple(source.shape[-2:]), longer)
+    st = _level_size(tuple(target.shape[-2:]), longer)
+    ft = orientation_features(_standardise(_resize(target, st)), cfg.bins, cfg.kappa, cfg.cell, smooth=cfg.smooth).repeat_interleave(K, 0)
+    src = _standardise(_resize(source, ss)).repeat_interleave(K, 0)
+    finite = torch.isfinite(M).flatten(1).all(1)
+    s = _ncc_at(src, ft, torch.where(finite[:, None, None], M, torch.eye(3, dtype=M.dtype, device=M.device)), cfg)
+    return torch.where(finite, s, torch.full_like(s, -1.0))
+
+
+@torch.no_grad()
+def global_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchConfig = SearchConfig(),
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate starts for each pair: :func:`similarity_search` (and the identity, ``cfg.identity``),
+    then the candidates through the rounds of :func:`match_refine` (``cfg.rounds``; from round
+    ``cfg.prune_after`` on, only the ``cfg.keep`` best by the normalised feature correlation), ranked
+    by that correlation at the last round's level.
+
+    Args:
+        source ``(B, Cs, Hs, Ws)``, target ``(B, Ct, Ht, Wt)``.
+
+    Returns:
+        ``(B, K, 3, 3)`` normalised ``source_from_target`` homographies, best first, and their scores
+        ``(B, K)`` in [-1, 1] (-1: overlap below ``cfg.min_overlap``); ``K`` is ``cfg.keep`` if the
+        rounds prune, else ``cfg.candidates``.
+    """
+    M, score = similarity_search(source, target, cfg)
+    if cfg.identity:
+        # the identity too: a pair that is nearly aligned already must not depend on the grid's luck
+        eye = torch.eye(3, dtype=M.dtype, device=M.device).expand(M.shape[0], 1, 3, 3)
+        M = torch.cat([M, eye], dim=1)
+    B, K = M.shape[:2]
+    Mf = M.reshape(B * K, 3, 3)
+    for r, (longer, grid, block, radius) in enumerate(cfg.rounds):
+        if r == cfg.prune_after and cfg.keep < K:
+            # only the best few candidates go on to the finer (dearer) rounds
+            score = _score(source, target, Mf, longer, cfg).view(B, K)
+            top = torch.topk(score, cfg.keep, dim=1).indices  # (B, keep)
+            Mf = torch.gather(Mf.view(B, K, 3, 3), 1, top[..., None, None].expand(-1, -1, 3, 3)).reshape(-1, 3, 3)
+            K = cfg.keep
+        sf, tf = source.repeat_interleave(K, 0), target.repeat_interleave(K, 0)
+        Mf, _ = match_refine(sf, tf, Mf, longer, grid, block, radius, cfg, generator=generator)
+    if cfg.rounds:
+        score = _score(source, target, Mf, cfg.rounds[-1][0], cfg).view(B, K)
+    order = torch.argsort(score, dim=1, descending=True)
+    M = torch.gather(Mf.view(B, K, 3, 3), 1, order[..., None, None].expand(-1, -1, 3, 3))
+    return M, torch.gather(score, 1, order)

@@ -1,0 +1,151 @@
+"""The global search that starts the learned pair method (models/pairwise/search.py): exact answers of
+its geometry pieces, invariances of its features, and recovery of known large homographies."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models import geometry as G
+from models.pairwise import search as Q
+from models.pairwise import synthetic as S
+from pairlib import chw, make_pair
+
+
+def _random_homographies(n: int, gen: torch.Generator, amount: float = 0.2) -> torch.Tensor:
+    """``(n, 3, 3)`` normalised homographies: the unit square's corners moved by up to ``amount``."""
+    d = (torch.rand(n, 8, generator=gen, dtype=torch.float64) * 2 - 1) * amount
+    return G.offsets_to_homography(d)
+
+
+def test_similarity_homographies_turn_and_scale_about_the_centres():
+    a, s = torch.tensor([math.radians(30.0), 0.0], dtype=torch.float64), torch.tensor([1.5, 0.8], dtype=torch.float64)
+    M = Q.similarity_homographies(a, s, (40, 60), (20, 30))  # source 60 x 40, target 30 x 20
+    ct, cs = torch.tensor([[14.5, 9.5]], dtype=torch.float64), torch.tensor([29.5, 19.5], dtype=torch.float64)
+    assert torch.allclose(G.transform_points(M, ct), cs.expand(2, 1, 2))
+    v = G.transform_points(M, ct + torch.tensor([[1.0, 0.0]], dtype=torch.float64)) - cs
+    assert torch.allclose(v[0, 0], 1.5 * torch.tensor([math.cos(a[0]), math.sin(a[0])], dtype=torch.float64))
+    assert torch.allclose(v[1, 0], torch.tensor([0.8, 0.0], dtype=torch.float64))
+
+
+def test_fit_homography_is_exact_and_ignores_zero_weights():
+    g = torch.Generator().manual_seed(0)
+    H = _random_homographies(3, g)
+    src = torch.rand(3, 12, 2, generator=g, dtype=torch.float64) * 2 - 1
+    dst = G.transform_points(H, src)
+    assert torch.allclose(Q.fit_homography(src[:, :4], dst[:, :4]), H, atol=1e-9)  # four points: the DLT
+    bad = dst.clone()
+    bad[:, 5:] += 0.5  # gross outliers, weighted out
+    w = torch.ones(3, 12, dtype=torch.float64)
+    w[:, 5:] = 0
+    assert torch.allclose(Q.fit_homography(src, bad, w), H, atol=1e-9)
+
+
+def test_ransac_finds_the_homography_among_outliers():
+    g = torch.Generator().manual_seed(1)
+    H = _random_homographies(4, g)
+    src = torch.rand(4, 30, 2, generator=g, dtype=torch.float64) * 2 - 1
+    dst = G.transform_points(H, src) + 1e-4 * torch.randn(4, 30, 2, generator=g, dtype=torch.float64)
+    out = torch.rand(4, 30, generator=g) < 0.35  # about a third: random points
+    dst = torch.where(out[..., None], torch.rand(4, 30, 2, generator=g, dtype=torch.float64) * 2 - 1, dst)
+    Hr, inl = Q.ransac_homography(src, dst, torch.ones(4, 30, dtype=torch.float64), 0.01, generator=g)
+    assert Q.corner_distance(Hr, H).max() < 1e-3
+    far = (G.transform_points(H, src) - dst).norm(dim=-1) > 0.02
+    assert torch.equal(inl & far, torch.zeros_like(inl))  # no far point is an inlier
+    assert (inl | far).all()  # and every close one is
+
+
+def test_translation_ncc_peaks_at_the_shift_with_score_one():
+    g = torch.Generator().manual_seed(2)
+    pad, H, W = 5, 20, 24
+    canvas = torch.randn(1, 3, H + 2 * pad, W + 2 * pad, generator=g, dtype=torch.float64)
+    tx, ty = 3, -2
+    # target pixel p shows the canvas at p + pad + (tx, ty)
+    ft = canvas[..., pad + ty:pad + ty + H, pad + tx:pad + tx + W].clone()
+    score = Q.translation_ncc(ft, torch.ones(1, 1, H, W, dtype=torch.float64), canvas,
+                              torch.ones(1, 1, H + 2 * pad, W + 2 * pad, dtype=torch.float64), pad, 0.1)
+    assert score.shape == (1, 2 * pad + 1, 2 * pad + 1)
+    i = int(score[0].argmax())
+    assert (i // (2 * pad + 1) - pad, i % (2 * pad + 1) - pad) == (ty, tx)
+    assert score[0].max().item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_peak_is_exact_for_a_parabola():
+    y, x = torch.meshgrid(torch.arange(9.0), torch.arange(11.0), indexing="ij")
+    score = 5 - (x - 4.3).square() - 2 * (y - 6.8).square()
+    xy, val = Q._peak(score[None].double())
+    assert torch.allclose(xy[0], torch.tensor([4.3, 6.8], dtype=torch.float64), atol=1e-9)
+    assert val.item() == pytest.approx(float(score.max()))
+
+
+def test_orientation_features_ignore_inversion_and_turn_with_the_image():
+    im = torch.from_numpy(make_pair("camera", rho=0, patch=48).source.copy()).double()[None, None]
+    f = Q.orientation_features(im, bins=8)
+    assert f.shape == (1, 8, 48, 48)
+    # unsigned orientation and a contrast-normalised vote: inverting the intensities changes nothing
+    assert torch.allclose(Q.orientation_features(1 - im, bins=8), f, atol=1e-9)
+    # a quarter turn of the image turns every orientation by 90 degrees: half of the 8 bins over [0, pi)
+    r = Q.orientation_features(torch.rot90(im, 1, (-2, -1)), bins=8)
+    assert torch.allclose(r, torch.rot90(f, 1, (-2, -1)).roll(4, 1), atol=1e-9)
+
+
+def test_corner_distance_of_a_translation():
+    A = torch.eye(3, dtype=torch.float64)[None]
+    B = A.clone()
+    B[0, 0, 2] = 0.3
+    assert Q.corner_distance(A, A).item() == 0.0
+    assert Q.corner_distance(A, B).item() == pytest.approx(0.3)
+
+
+def _corner_errors(M_norm, pairs, size):
+    M = G.pixel_from_normalised(M_norm.double(), size, size).numpy()
+    return np.array([S.corner_error(M[i], p.source_from_target, size) for i, p in enumerate(pairs)])
+
+
+def test_global_search_recovers_large_homographies_within_and_across_modalities():
+    """Corners moved by up to a quarter of the image (DeTone's +-32 px on 128 px, here 96 px and
+    +-24 px), far outside the learned fit's basin: the search alone lands within a pixel or two, for a
+    grayscale target and for an inverted one against a colour source."""
+    pairs = [make_pair("astronaut", rho=24, seed=5), make_pair("coffee", rho=24, seed=6, modality="inverted")]
+    src = [chw(p.source) for p in pairs]
+    src[0] = src[0].expand(3, -1, -1)  # one batch: both sources in colour
+    M, score = Q.global_search(torch.stack(src), torch.stack([chw(p.target) for p in pairs]),
+                               generator=torch.Generator().manual_seed(0))
+    assert M.shape == (2, Q.SearchConfig().keep, 3, 3) and (score[:, :-1] >= score[:, 1:]).all()
+    start = np.array([S.corner_error(np.eye(3), p.source_from_target, (96, 96)) for p in pairs])
+    err = _corner_errors(M[:, 0], pairs, (96, 96))
+    assert (start > 12).all(), start  # the identity is far off
+    assert (err < 2.0).all(), err  # measured 0.3-0.6 px
+
+
+def test_the_learned_fit_starts_from_the_search():
+    """fit_pairs with the search (the default): a +-24 px pair lands within 2 px; by default the
+    homography is the search's (the network trains on the pair for the confidence), and with
+    ``search_joint`` the learned loss moves it from there."""
+    from models.pairwise.learned import LearnedConfig, fit_pairs
+
+    p = make_pair("astronaut", rho=24, seed=5)
+    src, tgt = chw(p.source)[None], chw(p.target)[None]
+    cfg = LearnedConfig(search_steps=(8,), keypoints=16, eval_keypoints=64)
+    fit = fit_pairs(src, tgt, cfg)
+    start = torch.tensor(fit.history[0]["search_starts"])[:, 0]
+    assert torch.equal(fit.source_from_target_norm, start.to(fit.source_from_target_norm.dtype))
+    assert _corner_errors(fit.source_from_target_norm, [p], (96, 96))[0] < 2.0
+    joint = fit_pairs(src, tgt, LearnedConfig(search_steps=(8,), keypoints=16, eval_keypoints=64, search_joint=True,
+                                              warmup=2))
+    moved = Q.corner_distance(joint.source_from_target_norm, start.to(joint.source_from_target_norm.dtype))
+    assert 0 < moved.item() < 0.05  # it moved, by less than 2.4 px of this image
+
+
+def test_a_pairs_search_does_not_depend_on_its_batch():
+    a, b = make_pair("camera", rho=20, seed=7, patch=64), make_pair("coffee", rho=20, seed=8, patch=64)
+
+    def search(pairs):
+        src = torch.stack([chw(p.source) for p in pairs])
+        tgt = torch.stack([chw(p.target) for p in pairs])
+        return Q.global_search(src, tgt, generator=torch.Generator().manual_seed(0))[0]
+
+    alone, batched = search([a]), search([b, a])  # second in its batch: after another pair's draws
+    assert Q.corner_distance(alone[0], batched[1]).max() < 1e-4
