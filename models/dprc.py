@@ -372,12 +372,14 @@ class DPRCAligner:
         if init == "search" and ref_image is None:
             raise ValueError("init='search' needs the reference image")
 
-    def base(self, x: torch.Tensor) -> torch.Tensor | None:
+    def base(self, x: torch.Tensor, search: bool = True) -> torch.Tensor | None:
+        """The initial warps ``(B, 3, 3)`` the DeSTNet starts from (None: the identity);
+        ``search=False`` leaves the rotation search out (it keeps each frame's area)."""
         if self.init not in ("moments", "centroid", "search"):
             return None
         M0 = moment_init(x, self.ref_centroid.to(x), self.ref_radius.to(x), max_scale=self.max_scale,
                          scale=self.init != "centroid")
-        if self.init != "search":
+        if self.init != "search" or not search:
             return M0
         with torch.no_grad():
             return rotation_search(x - background(x), M0, self.ref_image, self.ref_centroid, **self.search)
@@ -559,7 +561,7 @@ class DPRC:
         lost = far_i | (kept_i < COLLAPSE_KEPT) | (area_i < 1 / COLLAPSE_AREA) | (area_i > COLLAPSE_AREA)
         share = float(lost.float().mean())
         if share > COLLAPSE_SHARE:
-            return (f"{share:.0%} of the images lost theirs: {int(far_i.sum())} aligned frames flew off the image, "
+            return (f"{share:.0%} of the images are lost one by one: {int(far_i.sum())} aligned frames flew off the image, "
                     f"{int((~far_i & (kept_i < COLLAPSE_KEPT)).sum())} more keep less than {COLLAPSE_KEPT:.0%} of the "
                     f"content, and {int((~far_i & (kept_i >= COLLAPSE_KEPT) & lost).sum())} more scale the object's "
                     f"area more than {COLLAPSE_AREA:g}-fold")

@@ -171,7 +171,7 @@ class Objective(nn.Module):
             Cterm = xb.new_zeros(())
         loss = D + cfg.lam * Cterm + cfg.equivariance * E
         if cfg.zoom_anchor > 0:
-            loss = loss + cfg.zoom_anchor * zoom_drift(Mb, al.base(xb)).pow(2)
+            loss = loss + cfg.zoom_anchor * zoom_drift(Mb, al.base(xb, search=False)).pow(2)
         return loss, torch.stack([D, Cterm, E]).detach(), aligned.detach()
 
 

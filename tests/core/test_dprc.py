@@ -584,7 +584,7 @@ def test_a_fit_that_loses_a_share_of_the_images_one_by_one_is_a_collapse(digits3
     why = DPRC(**COLLAPSING)._collapse(data, FitContext(), FitResult(M))
     assert (why is not None) == collapsed, why
     if collapsed:
-        assert f"{lost / 32:.0%} of the images" in why and f"{lost} aligned frames flew off" in why
+        assert f"{lost / 32:.0%} of the images are lost" in why and f"{lost} aligned frames flew off" in why
 
 
 def test_when_the_fallback_collapses_too_the_fit_fails_with_the_reasons(digits3, monkeypatch):
