@@ -66,7 +66,8 @@ def test_streamed_in_small_chunks_and_from_a_scratch_file_the_outputs_are_the_sa
 
 def test_metrics_say_where_a_job_spent_its_time(tmp_path, digits_npy):
     """``stage_seconds``: the job's stages in order, each measured once; they account for the job's
-    time (what is left between them is saving the model), and the fit's own stages for the fit."""
+    time (what is left between them is saving the model), and the fit's own stages for the fit
+    (``fit_setup.networks`` and the like break a stage down)."""
     P.align_collection(digits_npy, tmp_path / "out", P.AlignOptions(device="cpu", method_options={
         "steps": 2, "preset": "small", "reframe": 0}))
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -75,5 +76,7 @@ def test_metrics_say_where_a_job_spent_its_time(tmp_path, digits_npy):
     assert [k for k in st if not k.startswith("fit_")] == top
     assert all(v >= 0 for v in st.values())
     assert 0.5 * m["seconds"] <= sum(st[k] for k in top) <= m["seconds"] + 0.01
-    inner = sum(v for k, v in st.items() if k.startswith("fit_"))
+    inner = sum(v for k, v in st.items() if k.startswith("fit_") and "." not in k)  # dotted: a stage's parts
     assert {"fit_setup", "fit_training", "fit_aligning"} <= set(st) and inner <= st["fit"] + 0.01
+    parts = [v for k, v in st.items() if k.startswith("fit_setup.")]
+    assert len(parts) == 2 and sum(parts) <= st["fit_setup"] + 0.01
