@@ -61,11 +61,6 @@ def spread():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # The baselines run many small matrix ops; on a shared 2-core runner
-    # two OpenMP threads contend with other processes and run up to 10x
-    # slower than one (measured: 0.9 s vs 7.2 s for one RASL fit).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
+    # The baselines run many small matrix ops (tests/conftest.py says why one thread).
     yield
-    torch.set_num_threads(before)

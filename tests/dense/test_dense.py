@@ -18,14 +18,11 @@ from models.imageio import InputError
 pytest.importorskip("skimage")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
+@pytest.fixture(autouse=True)
+def one_thread(one_torch_thread):
     # Small convolutions: one thread ran a step 7x faster than two on a shared 2-core CPU (OpenMP
     # teams spin while the cores are busy elsewhere).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _threads():
+def _threads(one_torch_thread):
     # The tests share a small machine; one intra-op thread each keeps them from oversubscribing it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(n)

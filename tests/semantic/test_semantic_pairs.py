@@ -96,20 +96,8 @@ def test_pipeline_convention_in_original_pixels(known, tmp_path):
     assert w[15, 20] == pytest.approx(ref, abs=1e-4)
 
 
-def _digits(n=6, size=24, seed=0):
-    g = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        a = np.zeros((size, size), np.uint8)
-        y, x = g.integers(5, 10, 2)
-        a[y:y + 10, x:x + 4] = 255
-        a[y:y + 3, x:x + 10] = 200
-        out.append(a)
-    return out
-
-
-def test_job_trains_on_its_images_and_leaves_a_reusable_model(tmp_path):
-    ims = _digits()
+def test_job_trains_on_its_images_and_leaves_a_reusable_model(tmp_path, stroke_images):
+    ims = stroke_images()
     specs = []
     for i, a in enumerate(ims):
         Image.fromarray(a).save(tmp_path / f"{i}.png")
@@ -152,20 +140,20 @@ def test_bad_options_are_input_errors(tmp_path):
                                                                  method_options={"model": "x", "weak_steps": 1}))
 
 
-def test_operator_features_train_into_a_model(tmp_path):
+def test_operator_features_train_into_a_model(tmp_path, stroke_images):
     from models.semantic.model import ConvFeatures
     torch.manual_seed(0)
     ConvFeatures(1, (4, 4), (2, 2)).save_safetensors(tmp_path / "f.safetensors")
     m = SemanticPairMethod(features=str(tmp_path / "f.safetensors"), size=16, freeze_features=True, **TINY)
     before = {k: v.clone() for k, v in SemanticModel.from_feature_file(tmp_path / "f.safetensors").features.state_dict().items()}
-    assert m.fit_collection(_digits(), torch.device("cpu"))
+    assert m.fit_collection(stroke_images(), torch.device("cpu"))
     assert m.model.cfg.features == str(tmp_path / "f.safetensors") and m.model.cfg.channels == (4, 4)
     for k, v in m.model.features.state_dict().items():
         assert torch.equal(v, before[k])  # frozen: the operator's features kept
 
 
-def test_cli_pair_semantic(tmp_path):
-    for i, a in enumerate(_digits(4)):
+def test_cli_pair_semantic(tmp_path, stroke_images):
+    for i, a in enumerate(stroke_images(4)):
         Image.fromarray(a).save(tmp_path / f"{i}.png")
     out = tmp_path / "out"
     # the first call in a fresh process, as a user runs it; the others in this one (faster)
@@ -184,7 +172,7 @@ def test_cli_pair_semantic(tmp_path):
     # a collection: the pairs name its images; the method trains on all of them
     col = tmp_path / "col"
     col.mkdir()
-    for i, a in enumerate(_digits(5, seed=3)):
+    for i, a in enumerate(stroke_images(5, seed=3)):
         Image.fromarray(a).save(col / f"d{i}.png")
     (tmp_path / "pairs.csv").write_text("d0.png,d1.png,x\n")
     assert cli([str(a) for a in ("pair", "--pairs", tmp_path / "pairs.csv", "--collection", col, "--out", tmp_path / "o3",

@@ -17,21 +17,15 @@ pytestmark = pytest.mark.integration
 TINY = {"synthetic_steps": 2, "weak_steps": 1, "batch": 2, "size": 16}
 
 
-def _shapes(n=4, size=24, seed=0):
-    g = np.random.default_rng(seed)
-    files = []
-    for i in range(n):
-        a = np.zeros((size, size), np.uint8)
-        y, x = g.integers(5, 10, 2)
-        a[y:y + 10, x:x + 4] = 255
-        a[y:y + 3, x:x + 10] = 200
-        files.append(("files", (f"{i}.png", png_bytes(a), "image/png")))
-    return files
+@pytest.fixture
+def shapes(stroke_images):
+    """The upload parts of ``n`` stroke images named 0.png, 1.png, ..."""
+    return lambda n=4: [("files", (f"{i}.png", png_bytes(a), "image/png")) for i, a in enumerate(stroke_images(n))]
 
 
-def test_semantic_job_trains_maps_densely_and_its_model_is_reused(client):
+def test_semantic_job_trains_maps_densely_and_its_model_is_reused(client, shapes):
     pairs = json.dumps([["0.png", "1.png", "ab"], ["2.png", "3.png", "cd"]])
-    r = client.post("/pairs", files=_shapes(), data={"method": "semantic", "pairs": pairs, "min_confidence": "0",
+    r = client.post("/pairs", files=shapes(), data={"method": "semantic", "pairs": pairs, "min_confidence": "0",
                                                      "options": json.dumps(TINY),
                                                      "points": json.dumps({"target": [[6, 7]], "source": [[8, 9]]})})
     assert r.status_code == 202, r.text
@@ -52,7 +46,7 @@ def test_semantic_job_trains_maps_densely_and_its_model_is_reused(client):
     back = client.post(e["links"]["points"], json={"points": there["points"], "direction": "source_to_target"}).json()
     assert np.allclose(back["points"], [[6, 7]], atol=1e-2)
 
-    again = client.post("/pairs", files=_shapes()[:2], data={"method": "semantic", "min_confidence": "0",
+    again = client.post("/pairs", files=shapes()[:2], data={"method": "semantic", "min_confidence": "0",
                                                              "options": json.dumps({"model_job": jid})})
     assert again.status_code == 202, again.text
     jid2 = again.json()["job"]["id"]
@@ -70,8 +64,8 @@ def test_semantic_job_trains_maps_densely_and_its_model_is_reused(client):
         ({"synthetic_steps": 10 ** 6}, "synthetic_steps"),
     ]
     for opts, text in cases:
-        bad = client.post("/pairs", files=_shapes()[:2], data={"method": "semantic", "options": json.dumps(opts)})
+        bad = client.post("/pairs", files=shapes()[:2], data={"method": "semantic", "options": json.dumps(opts)})
         assert bad.status_code == 422 and text in bad.text, (opts, bad.text)
-    other = client.post("/pairs", files=_shapes()[:2], headers=auth("bob"),
+    other = client.post("/pairs", files=shapes()[:2], headers=auth("bob"),
                         data={"method": "semantic", "options": json.dumps({"model_job": jid})})
     assert other.status_code == 422 and "no such job of yours" in other.text  # another tenant's model
