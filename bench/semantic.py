@@ -257,11 +257,9 @@ def main(argv=None) -> int:
                 print(f"step {p.step}/{p.total} {p.message} loss {p.loss:.4f} {time.time() - t0:.0f}s",
                       file=sys.stderr, flush=True)
 
-        init = load_model(args.init_model).train() if args.init_model else None
+        init = load_model(args.init_model).train().to(args.device) if args.init_model else None
         if init is not None:
             rec["init_model"] = args.init_model
-        if init is not None:
-            init = init.to(args.device)
         model, rep = fit_semantic(train.to(args.device), init.cfg if init else SemanticConfig(), tc, progress=show,
                                   model=init)
         if args.device.startswith("cuda"):

@@ -43,6 +43,18 @@ def test_tps_interpolates_its_control_points_and_is_affine_for_affine_targets():
     assert torch.allclose(W.tps_apply(ctrl, params, pts), W.affine_apply(A, pts), atol=1e-10)
 
 
+def test_input_pixels_follow_the_resize_geometry_of_the_pipeline():
+    # The service's NumPy conversion must be the pipeline's own resize map (models.geometry).
+    from models.dense.transfer import input_from_working, working_from_input
+    from models.geometry import original_from_resized
+
+    p = np.array([[0.0, 0.0], [3.25, 4.5], [31.0, 15.0]])
+    M = original_from_resized([(48, 64)], (16, 32))[0].numpy()
+    want = (np.c_[p, np.ones(3)] @ M.T)[:, :2]
+    assert np.allclose(input_from_working(p, (48, 64), (16, 32)), want, atol=1e-12)
+    assert np.allclose(working_from_input(want, (48, 64), (16, 32)), p, atol=1e-12)
+
+
 def test_newton_inverse_round_trips_the_synthetic_warps():
     A, ctrl, params = random_warps(4, WarpSpec(), torch.Generator().manual_seed(1))
     p = torch.rand(4, 30, 2, dtype=torch.float64) * 1.6 - 0.8
