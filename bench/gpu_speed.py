@@ -114,6 +114,8 @@ def throughput(dev, out, batches, configs, steps):
             total = time.time() - t0
             # Steady state: from the end of the first block (which holds the warm-up and capture).
             (t1, s1), (t2, s2) = marks[0], marks[-1]
+            if s2 <= s1:
+                raise ValueError(f"batch {B}: {steps} steps made one progress block; pass more --steps")
             sps = (s2 - s1) / (t2 - t1)
             try:
                 flops = _step_flops(over, B, dev)

@@ -62,7 +62,8 @@ def photo_tensor(name: str, size: int) -> tuple[torch.Tensor, tuple[float, float
     return im.clamp(0, 1), (cx * s, cy * s)
 
 
-def sets(names: list[str], sigma: float, digits: list[int], n: int, photo_size: int, seed: int):
+def sets(names: list[str], sigma: float, digits: list[int], n: int, photo_size: int, seed: int,
+         photos: tuple[str, ...] = tuple(PHOTOS)):
     """``(set, subject, PairedSet)`` for every requested set at this sigma."""
     for d in digits:
         src = mnist_digits(d, n // 2)
@@ -72,7 +73,7 @@ def sets(names: list[str], sigma: float, digits: list[int], n: int, photo_size: 
         if "frame" in names:
             yield "frame", f"digit {d}", make_pairs(src, sigma, seed=s)
     if "photo" in names:
-        for name in PHOTOS:
+        for name in photos:
             photo, centre = photo_tensor(name, photo_size)
             yield "photo", name, make_photo_pairs(photo, n // 2, photo_size, sigma, seed=seed, centre=centre)
 
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--digits", default="3")
     ap.add_argument("--n", type=int, default=1000, help="images per collection (two copies of n/2 sources)")
     ap.add_argument("--photo-size", type=int, default=64)
+    ap.add_argument("--photos", default=",".join(PHOTOS), help="which photographs of the photo set")
     ap.add_argument("--methods", default="dprc")
     ap.add_argument("--dprc-options", default="{}", help="JSON: DPRC options for every run")
     ap.add_argument("--warp", default="homography")
@@ -104,9 +106,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    names = BC.parse_list(a.sets)
+    names, photos = BC.parse_list(a.sets), tuple(BC.parse_list(a.photos))
     for sigma in BC.parse_list(a.sigmas, float):
-        for kind, subject, pairs in sets(names, sigma, BC.parse_list(a.digits, int), a.n, a.photo_size, a.seed):
+        for kind, subject, pairs in sets(names, sigma, BC.parse_list(a.digits, int), a.n, a.photo_size, a.seed, photos):
             for method in BC.parse_list(a.methods):
                 opts = json.loads(a.dprc_options) if method == "dprc" else {}
                 t0 = time.time()
