@@ -44,8 +44,9 @@ Where we differ, and why (measurements in docs/benchmarks.md, "Pairwise homograp
   paper needs a rough initial alignment, and DeTone-style pairs (corners moved by up to a quarter of
   the image) mostly start outside the joint fit's basin. Classic closed-form computations, nothing
   pretrained: a similarity search by FFT correlation of unsigned gradient-orientation histograms
-  (which survive the changes of modality), then block matching + RANSAC rounds to a full homography.
-  After it the network trains on the pair at the searched homography (``search_steps`` on the finest
+  (which survive the changes of modality), then block matching + RANSAC rounds to a full homography,
+  then a dense sub-pixel refinement (``search_refine``, ECC on orientation fields, kept only where it
+  raises their correlation). After it the network trains on the pair at the searched homography (``search_steps`` on the finest
   level) and gives the confidence; the homography is held, because the joint fit from the search's
   start lost precision on the benchmark (``search_joint=True`` runs it, with a warm-up of the network
   alone and a smaller homography step).
@@ -75,7 +76,7 @@ import torch.nn.functional as F
 
 from .. import geometry as G
 from .methods import PairContext, PairEstimate, register_pair_method
-from .search import SearchConfig, global_search
+from .search import SearchConfig, global_search, refine_homography
 
 __all__ = ["LearnedConfig", "LearnedFit", "LearnedMethod", "fit_pairs", "homography_from_params", "params_from_homography",
            "start_homographies", "pyramid_sizes"]
@@ -114,6 +115,9 @@ class LearnedConfig:
     search_candidates: int = 6  # similarities refined by block matching, ranked by their correlation
     search_starts: int = 1  # of those, how many the learned fit tries (multi-start, as with `starts`)
     search_steps: tuple[int, ...] = (100,)  # after the search: steps per level, finest last (its length: levels)
+    # After the search: a dense sub-pixel refinement (search.refine_homography: ECC on orientation
+    # fields, 64 then 128 px), kept only where it raises the correlation.
+    search_refine: bool = True
     # After the search: also move the homography with the learned loss (the paper's joint fit). Off by
     # default: from the search's start it lost precision (docs/benchmarks.md); the network then trains
     # on the pair at the searched homography and gives the confidence.
@@ -544,6 +548,9 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
         S = min(cfg.search_starts, cands.shape[1])
         M0 = cands[:, :S].reshape(B * S, 3, 3)
         history.append({"search_scores": scores.tolist(), "search_starts": cands.tolist()})
+        if cfg.search_refine:
+            M0, refined = refine_homography(source.repeat_interleave(S, 0), target.repeat_interleave(S, 0), M0, scfg)
+            history.append({"refined": M0.view(B, S, 3, 3).tolist(), "refine_scores": refined.view(B, S).tolist()})
     else:
         S = cfg.starts
         base = init.to(dev, dt) if init is not None else torch.eye(3, dtype=dt, device=dev).expand(B, 3, 3)
