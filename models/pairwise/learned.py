@@ -55,10 +55,15 @@ Where we differ, and why (measurements in docs/benchmarks.md, "Pairwise homograp
   side for ``start_steps`` at the coarsest level, each with its own network, and every pair keeps
   the one whose learned descriptor matches best (:func:`_retrieval`). With the search,
   ``search_starts`` of its best candidates are tried the same way.
-* A confidence: after the fit, fresh keypoints are described by the pair's own network
-  and each target patch is matched against the source patches; the confidence is the
-  share whose nearest source descriptor is the one the homography says corresponds.
-  Unrelated images, or a fit that failed, score near zero.
+* A confidence (``confidence="blocks"``, :func:`models.pairwise.search.block_agreement`): the
+  target is cut into blocks, each textured block is matched on its own against the source warped by
+  the final homography (the refinement's orientation field, shifts within 8 px), and the confidence
+  is the share of blocks whose own best shift is within a pixel of where the homography puts them
+  (four disagreeing blocks added to the count). Unrelated images, or a fit that failed, score near
+  zero. The learned descriptor's retrieval share (fresh keypoints described by the pair's own
+  network, the share whose nearest source descriptor is their correspondent's) is kept beside it
+  (``LearnedFit.descriptor_share``; ``confidence="descriptor"`` makes it the confidence): it ranked
+  correctly aligned cross-modal pairs as low as unrelated ones (docs/research/pairwise-capture.md).
 
 Batched: every pair of a call (times ``starts`` at the coarsest level) has its own network
 and homography, stored as grouped-convolution weights, and they all train in one step.
@@ -76,7 +81,7 @@ import torch.nn.functional as F
 
 from .. import geometry as G
 from .methods import PairContext, PairEstimate, register_pair_method
-from .search import SearchConfig, global_search, refine_homography
+from .search import SearchConfig, block_agreement, global_search, refine_homography
 
 __all__ = ["LearnedConfig", "LearnedFit", "LearnedMethod", "fit_pairs", "homography_from_params", "params_from_homography",
            "start_homographies", "pyramid_sizes"]
@@ -124,10 +129,16 @@ class LearnedConfig:
     search_joint: bool = False
     search_lr_homography: float = 0.15  # with search_joint: the homography's step, px of the level
     warmup: int = 30  # with search_joint: first steps of each level that train the network alone
-    eval_keypoints: int = 256  # keypoints of the confidence measure
+    eval_keypoints: int = 256  # keypoints of the descriptor's retrieval share
+    # The confidence: "blocks" (search.block_agreement: the share of the target's textured blocks
+    # that, matched on their own, agree with the homography to within a pixel) or "descriptor" (the
+    # learned descriptor's retrieval share, the confidence until helper/pairwise-conf)
+    confidence: str = "blocks"
     seed: int = 0
 
     def __post_init__(self):
+        if self.confidence not in ("blocks", "descriptor"):
+            raise ValueError(f"confidence must be 'blocks' or 'descriptor', not {self.confidence!r}")
         if self.patch_warp not in ("homography", "keypoint"):
             raise ValueError(f"patch_warp must be 'homography' or 'keypoint', not {self.patch_warp!r}")
         if self.patch < 8:
@@ -146,7 +157,8 @@ class LearnedFit:
     """What :func:`fit_pairs` returns."""
 
     source_from_target_norm: torch.Tensor  # (B, 3, 3), normalised coordinates
-    confidence: torch.Tensor  # (B,) in [0, 1]
+    confidence: torch.Tensor  # (B,) in [0, 1]: cfg.confidence's measure
+    descriptor_share: torch.Tensor  # (B,) in [0, 1]: the learned descriptor's retrieval share
     loss: torch.Tensor  # (B,) final contrastive loss of each pair
     start: torch.Tensor  # (B,) index of the start each pair kept
     history: list[dict] = field(default_factory=list)
@@ -588,8 +600,15 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
         if progress is not None:
             progress(done, total, "training")
     M = homography_from_params(p.detach())
-    confidence, _ = _retrieval(nets, lv, M, cfg, gen)
-    return LearnedFit(M, confidence, loss, chosen, history)
+    share, _ = _retrieval(nets, lv, M, cfg, gen)
+    if cfg.confidence == "blocks":
+        agree, counted = block_agreement(source, target, M, SearchConfig())
+        history.append({"block_agreement": agree.tolist(), "blocks_counted": counted.tolist(),
+                        "descriptor_share": share.tolist()})
+        confidence = agree
+    else:
+        confidence = share
+    return LearnedFit(M, confidence, share, loss, chosen, history)
 
 
 # --------------------------------------------------------------------------- the registered method

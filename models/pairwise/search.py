@@ -47,7 +47,7 @@ from ..imageops import blur
 
 __all__ = ["SearchConfig", "orientation_features", "similarity_homographies", "translation_ncc",
            "similarity_search", "global_search", "corner_distance", "fit_homography",
-           "ransac_homography", "match_refine", "orientation_field", "refine_homography"]
+           "ransac_homography", "match_refine", "orientation_field", "refine_homography", "block_agreement"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,12 @@ class SearchConfig:
     refine_smooth: float = 0.5  # Gaussian smoothing of the images before their gradients, px of the level
     refine_cell: float = 0.7  # Gaussian smoothing of the orientation field, px of the level
     refine_step: float = 2.0  # largest corner move of one iteration, px of the level
+    # block_agreement (the learned method's confidence): (level's longer side px, blocks a side,
+    # block px, search radius px), the largest shift of an agreeing block (px of the level), and the
+    # disagreeing blocks added to the count
+    agreement: tuple[int, int, int, int] = (128, 7, 20, 8)
+    agreement_tolerance: float = 1.0
+    agreement_prior: float = 4.0
 
 
 # --------------------------------------------------------------------------- features
@@ -695,3 +701,77 @@ def refine_homography(source: torch.Tensor, target: torch.Tensor, M: torch.Tenso
     s1 = _field_ncc(ft, fw1, v1, cfg.min_overlap)
     better = (s1 > s0) & torch.isfinite(cur).flatten(1).all(1) & finite
     return torch.where(better[:, None, None], cur, M), torch.where(better, s1, s0)
+
+
+# --------------------------------------------------------------------------- how well a homography is supported
+
+
+@torch.no_grad()
+def block_agreement(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, cfg: SearchConfig = SearchConfig()
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """How well the images support a homography: the share of the target's textured blocks that,
+    matched on their own, agree with ``M`` (the learned method's confidence).
+
+    The source is warped into the target's frame by ``M`` ``(N, 3, 3)`` (normalised
+    ``source_from_target``) at a level whose longer side is ``longer`` px (``cfg.agreement``:
+    ``(longer, grid, block, radius)``), and both are turned into :func:`orientation_field` s (the
+    refinement's field: modality-robust, sharp). The target is cut into ``grid x grid`` blocks of
+    ``block`` px; a block *counts* if its field has energy (at least a tenth of the pair's median
+    block) and the warped source covers it entirely. Each counted block is matched on its own: the
+    shift within ``radius`` px that maximises its normalised correlation with the warped field
+    (:func:`translation_ncc`, sub-pixel). It *agrees* if that shift is within
+    ``cfg.agreement_tolerance`` px of 0 with a positive correlation. Where ``M`` is right, most
+    textured blocks find their correspondent where ``M`` puts it; where ``M`` is wrong or the images
+    are unrelated, a block's best shift falls anywhere in the window (about 1 % of it is within 1 px).
+
+    The score is ``agreeing / (counted + cfg.agreement_prior)``: the prior (blocks that count as
+    disagreeing) keeps a pair with few textured blocks from a high share by chance. In [0, 1); 0
+    where fewer than 4 blocks count or ``M`` is not finite. Each row is independent of the others
+    (no random numbers).
+
+    Returns:
+        The score ``(N,)`` and the counted blocks ``(N,)``.
+    """
+    longer, grid, block, radius = cfg.agreement
+    tolerance = cfg.agreement_tolerance
+    N = source.shape[0]
+    dev, dt = source.device, source.dtype
+    ss = _level_size(tuple(source.shape[-2:]), longer)
+    st = _level_size(tuple(target.shape[-2:]), longer)
+    H, W = st
+    finite = torch.isfinite(M).flatten(1).all(1)
+    M = torch.where(finite[:, None, None], M, torch.eye(3, dtype=M.dtype, device=M.device))
+    src = _standardise(_resize(source, ss))
+    ft = orientation_field(_standardise(_resize(target, st)), None, cfg.refine_cell, cfg.refine_smooth)
+    pad = radius
+    canvas = (H + 2 * pad, W + 2 * pad)
+    M_pix = G.pixel_from_normalised(M, ss, st)
+    from_canvas = M_pix @ _translate(torch.full((1, 2), -float(pad), dtype=dt, device=dev))
+    warped = G.warp_pixel(src, from_canvas, canvas, padding_mode="border")
+    ones = torch.ones(N, 1, *ss, dtype=dt, device=dev)
+    valid = (G.warp_pixel(ones, from_canvas, canvas) > 0.999).to(dt)
+    valid = -F.max_pool2d(-valid, 5, 1, 2)
+    fw = orientation_field(warped, valid, cfg.refine_cell, cfg.refine_smooth)
+    b = min(block, H, W)
+    ys = torch.linspace(0, H - b, grid).round().long().tolist()
+    xs = torch.linspace(0, W - b, grid).round().long().tolist()
+    tb, cb, cm, inside = [], [], [], []
+    for y0 in ys:
+        for x0 in xs:
+            tb.append(ft[..., y0:y0 + b, x0:x0 + b])
+            cb.append(fw[..., y0:y0 + b + 2 * pad, x0:x0 + b + 2 * pad])
+            cm.append(valid[..., y0:y0 + b + 2 * pad, x0:x0 + b + 2 * pad])
+            inside.append(valid[:, 0, y0 + pad:y0 + pad + b, x0 + pad:x0 + pad + b].mean((-2, -1)))
+    nb = len(tb)
+    tb = torch.stack(tb, 1).flatten(0, 1)  # (N*nb, 2, b, b)
+    energy = tb.square().sum((1, 2, 3)).view(N, nb)
+    cb, cm = torch.stack(cb, 1).flatten(0, 1), torch.stack(cm, 1).flatten(0, 1)
+    score = translation_ncc(tb, torch.ones_like(tb[:, :1]), cb, cm, pad, 0.5)  # (N*nb, 2pad+1, 2pad+1)
+    t, val = _peak(score)
+    off = (t - pad).norm(dim=-1).view(N, nb)  # the block's own shift from where M puts it, px
+    inside = torch.stack(inside, 1)  # (N, nb): the share of the block the warped source covers
+    counted = (energy > 0.1 * energy.median(1, keepdim=True).values) & (inside > 0.999)
+    agree = counted & (off <= tolerance) & (val.view(N, nb) > 0)
+    n = counted.sum(1)
+    share = agree.sum(1).to(dt) / (n.to(dt) + cfg.agreement_prior).clamp_min(1.0)
+    return torch.where((n >= 4) & finite, share, torch.zeros_like(share)), n
