@@ -137,3 +137,8 @@ def test_recovers_known_homographies_and_says_when_it_cannot():
     conf = fit.confidence.numpy()
     assert conf[0] > 0.4 and conf[1] > 0.4, conf  # measured 0.5-0.9
     assert conf[2] < 0.5 * L.LearnedMethod.min_confidence, conf  # measured 0.02-0.05
+
+
+def test_the_confidence_is_a_known_measure():
+    with pytest.raises(ValueError, match="confidence"):
+        LearnedConfig(confidence="loss")

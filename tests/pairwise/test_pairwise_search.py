@@ -217,3 +217,36 @@ def test_a_pairs_refinement_does_not_depend_on_its_batch():
     both, _ = Q.refine_homography(torch.stack([chw(b.source), chw(a.source)]), torch.stack([chw(b.target), chw(a.target)]),
                                   torch.cat([tb @ off.inverse(), ta @ off]))
     assert Q.corner_distance(alone[0], both[1]).item() < 1e-5
+
+
+def test_block_agreement_is_high_at_the_truth_and_low_off_it_or_for_unrelated_images():
+    """At the true homography most textured blocks find their correspondent where it puts them (a
+    grayscale target and an inverted one against a colour source); the same pairs 4 px off (a
+    translation, four times the tolerance), and an unrelated pair at the identity, score below the
+    learned method's threshold (0.25). The score is a share: in [0, 1]."""
+    pairs = [make_pair("astronaut", rho=16, seed=3), make_pair("coffee", rho=16, seed=4, modality="inverted", gray=False)]
+    truth = _truth_norm(pairs, (96, 96))
+    src = torch.stack([chw(p.source).expand(3, -1, -1) for p in pairs])
+    tgt = torch.stack([chw(p.target) for p in pairs])
+    at, counted = Q.block_agreement(src, tgt, truth)
+    assert (at > 0.6).all() and (at <= 1).all(), at
+    assert (counted >= 10).all(), counted
+    shift = torch.eye(3).repeat(2, 1, 1)
+    shift[:, 0, 2] = 4 * 2 / 95  # 4 px of the 96-px target, in normalised units
+    off, _ = Q.block_agreement(src, tgt, truth @ shift)
+    assert (off < 0.25).all() and (off >= 0).all(), off
+    a, b = make_pair("chelsea", seed=3), make_pair("rocket", seed=4)
+    unrelated, _ = Q.block_agreement(chw(a.source)[None], chw(b.target)[None], torch.eye(3)[None])
+    assert 0 <= unrelated.item() < 0.25, unrelated
+
+
+def test_block_agreement_of_a_pair_does_not_depend_on_its_batch_and_is_zero_for_no_homography():
+    a, b = make_pair("camera", rho=16, seed=7), make_pair("coffee", rho=16, seed=8)
+    ta, tb = _truth_norm([a], (96, 96)), _truth_norm([b], (96, 96))
+    alone, _ = Q.block_agreement(chw(a.source)[None], chw(a.target)[None], ta)
+    both, _ = Q.block_agreement(torch.stack([chw(b.source), chw(a.source)]), torch.stack([chw(b.target), chw(a.target)]),
+                                torch.cat([tb, ta]))
+    assert torch.allclose(alone[0], both[1], atol=1e-6)
+    nan = torch.full((1, 3, 3), float("nan"))
+    none, _ = Q.block_agreement(chw(a.source)[None], chw(a.target)[None], nan)
+    assert none.item() == 0
