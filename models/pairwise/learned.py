@@ -619,8 +619,9 @@ class LearnedMethod:
     """The pair method ``learned``: :func:`fit_pairs` with a :class:`LearnedConfig` from options."""
 
     name = "learned"
-    # The retrieval share below which a pair is reported as not aligned (bench/pairwise.py measures
-    # it on aligned pairs and on unrelated images; docs/pairwise.md).
+    # The confidence below which a pair is reported as not aligned (bench/pairwise.py measures it on
+    # aligned pairs and on unrelated images; docs/pairwise.md): with block agreement, about a quarter
+    # of the textured blocks must agree with the homography.
     min_confidence = 0.25
 
     def __init__(self, **options):

@@ -150,8 +150,9 @@ class PairPublic(BaseModel):
     target_size: list[int]
     matrix: list[list[float]] | None = Field(description="3x3, target pixel -> source pixel (see 'convention'); "
                                                          "null when the method found nothing")
-    confidence: float = Field(description="0-1, in the method's terms (learned: the share of fresh patches "
-                                          "its descriptor matches to the right place)")
+    confidence: float = Field(description="0-1, in the method's terms (learned: about the share of the "
+                                          "target's textured blocks that, matched on their own, agree with the "
+                                          "homography to within a pixel)")
     aligned: bool = Field(description="confidence at or above the threshold; false: treat the matrix as a guess")
     warp: dict[str, Any] | None = Field(None, description="dense methods (semantic): target pixel -> source pixel "
                                         "as post @ tps(pre @ p) (docs/semantic.md); 'matrix' is then its affine stage")
