@@ -433,6 +433,21 @@ def _peak(score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
+def _warp_to_canvas(src: torch.Tensor, M: torch.Tensor, ss: tuple[int, int], st: tuple[int, int], pad: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The source ``(N, C, *ss)`` warped by ``M`` (normalised ``source_from_target``) onto the
+    target's frame ``st`` grown by ``pad`` px a side, so that a block can be shifted by up to
+    ``pad`` px; and where the source covered the canvas ``(N, 1, ...)``, eroded by 2 px so that
+    no feature reads the border's replicated pixels."""
+    N, dt, dev = src.shape[0], src.dtype, src.device
+    canvas = (st[0] + 2 * pad, st[1] + 2 * pad)
+    from_canvas = G.pixel_from_normalised(M, ss, st) @ _translate(torch.full((1, 2), -float(pad), dtype=dt, device=dev))
+    warped = G.warp_pixel(src, from_canvas, canvas, padding_mode="border")
+    ones = torch.ones(N, 1, *ss, dtype=dt, device=dev)
+    valid = (G.warp_pixel(ones, from_canvas, canvas) > 0.999).to(dt)
+    return warped, -F.max_pool2d(-valid, 5, 1, 2)
+
+
 def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, longer: int, grid: int,
                  block: int, radius: int, cfg: SearchConfig = SearchConfig(), threshold: float = 2.0,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,18 +472,12 @@ def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, lo
     src = _standardise(_resize(source, ss))
     ft = orientation_features(_standardise(_resize(target, st)), cfg.bins, cfg.kappa, cfg.cell, smooth=cfg.smooth)
     pad = radius
-    canvas = (H + 2 * pad, W + 2 * pad)
-    M_pix = G.pixel_from_normalised(M, ss, st)
-    from_canvas = M_pix @ _translate(torch.full((1, 2), -float(pad), dtype=dt, device=dev))
-    warped = G.warp_pixel(src, from_canvas, canvas, padding_mode="border")
-    ones = torch.ones(N, 1, *ss, dtype=dt, device=dev)
-    valid = (G.warp_pixel(ones, from_canvas, canvas) > 0.999).to(dt)
-    valid = -F.max_pool2d(-valid, 5, 1, 2)
+    warped, valid = _warp_to_canvas(src, M, ss, st, pad)
     fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
     b = min(block, H, W)
     ys = torch.linspace(0, H - b, grid).round().long().tolist()
     xs = torch.linspace(0, W - b, grid).round().long().tolist()
-    tb, tm, cb, cm, centres = [], [], [], [], []
+    tb, cb, cm, centres = [], [], [], []
     for y0 in ys:
         for x0 in xs:
             tb.append(ft[..., y0:y0 + b, x0:x0 + b])
@@ -486,7 +495,7 @@ def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, lo
     c = torch.tensor(centres, dtype=dt, device=dev)  # (nb, 2)
     tp = c[None].expand(N, -1, -1)
     moved = tp + t.view(N, nb, 2)  # where the block's centre lies in the warped source (target frame)
-    sp = G.transform_points(M_pix, moved)  # source pixels
+    sp = G.transform_points(G.pixel_from_normalised(M, ss, st), moved)  # source pixels
     nt, ns = G.normaliser(*st, like=M), G.normaliser(*ss, like=M)
     tn = G.transform_points(nt[None].expand(N, 3, 3), tp)
     sn = G.transform_points(ns[None].expand(N, 3, 3), sp)
@@ -735,7 +744,7 @@ def block_agreement(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor,
     longer, grid, block, radius = cfg.agreement
     tolerance = cfg.agreement_tolerance
     N = source.shape[0]
-    dev, dt = source.device, source.dtype
+    dt = source.dtype
     ss = _level_size(tuple(source.shape[-2:]), longer)
     st = _level_size(tuple(target.shape[-2:]), longer)
     H, W = st
@@ -744,13 +753,7 @@ def block_agreement(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor,
     src = _standardise(_resize(source, ss))
     ft = orientation_field(_standardise(_resize(target, st)), None, cfg.refine_cell, cfg.refine_smooth)
     pad = radius
-    canvas = (H + 2 * pad, W + 2 * pad)
-    M_pix = G.pixel_from_normalised(M, ss, st)
-    from_canvas = M_pix @ _translate(torch.full((1, 2), -float(pad), dtype=dt, device=dev))
-    warped = G.warp_pixel(src, from_canvas, canvas, padding_mode="border")
-    ones = torch.ones(N, 1, *ss, dtype=dt, device=dev)
-    valid = (G.warp_pixel(ones, from_canvas, canvas) > 0.999).to(dt)
-    valid = -F.max_pool2d(-valid, 5, 1, 2)
+    warped, valid = _warp_to_canvas(src, M, ss, st, pad)
     fw = orientation_field(warped, valid, cfg.refine_cell, cfg.refine_smooth)
     b = min(block, H, W)
     ys = torch.linspace(0, H - b, grid).round().long().tolist()
