@@ -448,6 +448,27 @@ def _warp_to_canvas(src: torch.Tensor, M: torch.Tensor, ss: tuple[int, int], st:
     return warped, -F.max_pool2d(-valid, 5, 1, 2)
 
 
+def _cut_blocks(ft: torch.Tensor, fw: torch.Tensor, valid: torch.Tensor, block: int, grid: int, pad: int):
+    """The target's features ``ft`` ``(N, C, H, W)`` cut into ``grid x grid`` blocks of ``block`` px
+    (at most the image), and for each the window of the warped source's features ``fw`` and mask
+    ``valid`` (canvases of :func:`_warp_to_canvas`) that shifts of up to ``pad`` px reach.
+
+    Returns:
+        The block side ``b``, the blocks' top-left corners ``[(y0, x0), ...]`` (``nb`` of them), the
+        target blocks ``(N*nb, C, b, b)``, source windows ``(N*nb, C, b+2pad, b+2pad)`` and masks
+        ``(N*nb, 1, b+2pad, b+2pad)``, pair-major.
+    """
+    H, W = ft.shape[-2:]
+    b = min(block, H, W)
+    ys = torch.linspace(0, H - b, grid).round().long().tolist()
+    xs = torch.linspace(0, W - b, grid).round().long().tolist()
+    origins = [(y0, x0) for y0 in ys for x0 in xs]
+    tb = torch.stack([ft[..., y0:y0 + b, x0:x0 + b] for y0, x0 in origins], 1).flatten(0, 1)
+    cb = torch.stack([fw[..., y0:y0 + b + 2 * pad, x0:x0 + b + 2 * pad] for y0, x0 in origins], 1).flatten(0, 1)
+    cm = torch.stack([valid[..., y0:y0 + b + 2 * pad, x0:x0 + b + 2 * pad] for y0, x0 in origins], 1).flatten(0, 1)
+    return b, origins, tb, cb, cm
+
+
 def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, longer: int, grid: int,
                  block: int, radius: int, cfg: SearchConfig = SearchConfig(), threshold: float = 2.0,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -474,21 +495,11 @@ def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, lo
     pad = radius
     warped, valid = _warp_to_canvas(src, M, ss, st, pad)
     fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
-    b = min(block, H, W)
-    ys = torch.linspace(0, H - b, grid).round().long().tolist()
-    xs = torch.linspace(0, W - b, grid).round().long().tolist()
-    tb, cb, cm, centres = [], [], [], []
-    for y0 in ys:
-        for x0 in xs:
-            tb.append(ft[..., y0:y0 + b, x0:x0 + b])
-            cb.append(fw[..., y0:y0 + b + 2 * pad, x0:x0 + b + 2 * pad])
-            cm.append(valid[..., y0:y0 + b + 2 * pad, x0:x0 + b + 2 * pad])
-            centres.append((x0 + (b - 1) / 2, y0 + (b - 1) / 2))
+    b, origins, tb, cb, cm = _cut_blocks(ft, fw, valid, block, grid, pad)
+    centres = [(x0 + (b - 1) / 2, y0 + (b - 1) / 2) for y0, x0 in origins]
     nb = len(centres)
-    tb = torch.stack(tb, 1).flatten(0, 1)  # (N*nb, C, b, b)
     # a block without texture matches anything: its own energy decides whether it counts
     energy = tb.square().sum((1, 2, 3))
-    cb, cm = torch.stack(cb, 1).flatten(0, 1), torch.stack(cm, 1).flatten(0, 1)
     score = translation_ncc(tb, torch.ones_like(tb[:, :1]), cb, cm, pad, 0.5)  # (N*nb, 2pad+1, 2pad+1)
     t, val = _peak(score)
     t = t - pad  # shift, px
@@ -755,20 +766,10 @@ def block_agreement(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor,
     pad = radius
     warped, valid = _warp_to_canvas(src, M, ss, st, pad)
     fw = orientation_field(warped, valid, cfg.refine_cell, cfg.refine_smooth)
-    b = min(block, H, W)
-    ys = torch.linspace(0, H - b, grid).round().long().tolist()
-    xs = torch.linspace(0, W - b, grid).round().long().tolist()
-    tb, cb, cm, inside = [], [], [], []
-    for y0 in ys:
-        for x0 in xs:
-            tb.append(ft[..., y0:y0 + b, x0:x0 + b])
-            cb.append(fw[..., y0:y0 + b + 2 * pad, x0:x0 + b + 2 * pad])
-            cm.append(valid[..., y0:y0 + b + 2 * pad, x0:x0 + b + 2 * pad])
-            inside.append(valid[:, 0, y0 + pad:y0 + pad + b, x0 + pad:x0 + pad + b].mean((-2, -1)))
-    nb = len(tb)
-    tb = torch.stack(tb, 1).flatten(0, 1)  # (N*nb, 2, b, b)
+    b, origins, tb, cb, cm = _cut_blocks(ft, fw, valid, block, grid, pad)
+    inside = [valid[:, 0, y0 + pad:y0 + pad + b, x0 + pad:x0 + pad + b].mean((-2, -1)) for y0, x0 in origins]
+    nb = len(origins)
     energy = tb.square().sum((1, 2, 3)).view(N, nb)
-    cb, cm = torch.stack(cb, 1).flatten(0, 1), torch.stack(cm, 1).flatten(0, 1)
     score = translation_ncc(tb, torch.ones_like(tb[:, :1]), cb, cm, pad, 0.5)  # (N*nb, 2pad+1, 2pad+1)
     t, val = _peak(score)
     off = (t - pad).norm(dim=-1).view(N, nb)  # the block's own shift from where M puts it, px
