@@ -25,8 +25,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-# (name, in channels, out channels, side, kernel): the GPU width's two DeSTNet convolutions.
-SHAPES = (("conv1", 1, 16, 28, 7), ("conv2", 16, 32, 14, 7))
+# (name, in channels, out channels, side, kernel): the two DeSTNet convolutions at the GPU's 4x
+# width and at Table 1's width.
+SHAPES = (("conv1", 1, 16, 28, 7), ("conv2", 16, 32, 14, 7), ("conv1_w1", 1, 4, 28, 7), ("conv2_w1", 4, 8, 14, 7))
 
 
 def _im2col_conv(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:

@@ -130,17 +130,17 @@ def throughput(dev, out, batches, configs, steps):
             del x
 
 
-def profile(dev, out, B):
+def profile(dev, out, B, over: dict | None = None):
     from torch.profiler import ProfilerActivity, profile as prof
 
     x = collection(max(4 * B, 8192)).to(dev)
-    m = DPRC(graphs=False, steps=24, reframe=0, batch_size=B)
+    m = DPRC(**{**(over or {}), "graphs": False, "steps": 24, "reframe": 0, "batch_size": B})
     with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         m.fit(x, FitContext(seed=0))
     table = p.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)
     print(table)
     rows = sorted(p.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0))[:40]
-    emit({"part": "profile", "batch": B, "steps": 24, "top": [
+    emit({"part": "profile", "config": over or {}, "batch": B, "steps": 24, "top": [
         {"name": e.key, "self_cuda_ms": round(getattr(e, "self_device_time_total", 0) / 1e3, 2), "calls": e.count}
         for e in rows]}, out)
 
@@ -247,6 +247,7 @@ def main() -> None:
                                         '{"graphs": false, "precision": "float32"}]')
     ap.add_argument("--steps", type=int, default=192)
     ap.add_argument("--profile-batch", type=int, default=4096)
+    ap.add_argument("--profile-configs", default="[{}]", help="JSON list of DPRC options, one profile each")
     ap.add_argument("--inference-n", type=int, default=1_000_000)
     ap.add_argument("--sizes", default="1000,6000")
     ap.add_argument("--quality-configs", default="[{}]")
@@ -265,7 +266,8 @@ def main() -> None:
             elif part == "throughput":
                 throughput(dev, a.out, BC.parse_list(a.batches, int), json.loads(a.configs), a.steps)
             elif part == "profile":
-                profile(dev, a.out, a.profile_batch)
+                for over in json.loads(a.profile_configs):
+                    profile(dev, a.out, a.profile_batch, over)
             elif part == "inference":
                 inference(dev, a.out, a.inference_n)
             elif part == "inference_profile":
