@@ -145,9 +145,9 @@ def profile(dev, out, B, over: dict | None = None):
         for e in rows]}, out)
 
 
-def inference(dev, out, n):
+def inference(dev, out, n, over: dict | None = None):
     x = collection(16384)
-    res = DPRC(steps=8, reframe=0).fit(x.to(dev), FitContext(seed=0))
+    res = DPRC(**{**(over or {}), "steps": 8, "reframe": 0}).fit(x.to(dev), FitContext(seed=0))
     from models.nets import set_compute_dtype
 
     al = res.aligner
@@ -163,18 +163,18 @@ def inference(dev, out, n):
                 al.align(big[k:k + chunk])
             BC.sync(dev)
         dt = time.time() - t0
-        emit({"part": "inference", "n_images": n, "chunk": chunk, "dtype": str(dtype), "seconds": round(dt, 3),
+        emit({"part": "inference", "config": over or {}, "n_images": n, "chunk": chunk, "dtype": str(dtype), "seconds": round(dt, 3),
               "images_per_s": round(n / dt)}, out)
 
 
-def inference_profile(dev, out, chunk: int = 32768):
+def inference_profile(dev, out, chunk: int = 32768, over: dict | None = None):
     """Where the aligner's forward pass spends its device time, by kernel (float32 and bf16)."""
     from torch.profiler import ProfilerActivity, profile as prof
 
     from models.nets import set_compute_dtype
 
     x = collection(chunk)
-    al = DPRC(steps=8, reframe=0).fit(x.to(dev), FitContext(seed=0)).aligner
+    al = DPRC(**{**(over or {}), "steps": 8, "reframe": 0}).fit(x.to(dev), FitContext(seed=0)).aligner
     xd = x.to(dev)
     for dtype in (None, torch.bfloat16):
         set_compute_dtype(al.net, dtype)
@@ -188,7 +188,7 @@ def inference_profile(dev, out, chunk: int = 32768):
         print(f"# inference profile, {dtype}, chunk {chunk}, 3 calls")
         print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
         rows = sorted(p.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0))[:30]
-        emit({"part": "inference_profile", "chunk": chunk, "calls": 3, "dtype": str(dtype), "top": [
+        emit({"part": "inference_profile", "config": over or {}, "chunk": chunk, "calls": 3, "dtype": str(dtype), "top": [
             {"name": e.key, "self_cuda_ms": round(getattr(e, "self_device_time_total", 0) / 1e3, 2), "calls": e.count}
             for e in rows]}, out)
 
@@ -249,6 +249,7 @@ def main() -> None:
     ap.add_argument("--profile-batch", type=int, default=4096)
     ap.add_argument("--profile-configs", default="[{}]", help="JSON list of DPRC options, one profile each")
     ap.add_argument("--inference-n", type=int, default=1_000_000)
+    ap.add_argument("--inference-configs", default="[{}]", help="JSON list of DPRC options, one aligner each")
     ap.add_argument("--sizes", default="1000,6000")
     ap.add_argument("--quality-configs", default="[{}]")
     ap.add_argument("--sigma", type=float, default=0.1)
@@ -269,9 +270,11 @@ def main() -> None:
                 for over in json.loads(a.profile_configs):
                     profile(dev, a.out, a.profile_batch, over)
             elif part == "inference":
-                inference(dev, a.out, a.inference_n)
+                for over in json.loads(a.inference_configs):
+                    inference(dev, a.out, a.inference_n, over)
             elif part == "inference_profile":
-                inference_profile(dev, a.out)
+                for over in json.loads(a.inference_configs):
+                    inference_profile(dev, a.out, over=over)
             elif part == "quality":
                 quality(dev, a.out, BC.parse_list(a.sizes, int), json.loads(a.quality_configs), a.sigma, a.digit)
             elif part == "old":
