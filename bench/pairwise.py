@@ -18,13 +18,14 @@ out of the mean, which is reported with the count of such failures), the share o
 confidence. One JSON line per (set, method) in ``--out``, and a markdown table on stdout.
 
     # CPU (this machine, 2 shared cores): a small size
-    python bench/pairwise.py --pairs 12 --device cpu --out bench/results/pairwise/cpu.jsonl
-    # GPU: the learned method batches every pair of a set in one fit; kornia solves one pair at a
+    python bench/pairwise.py --pairs 12 --device cpu --threads 1 --out bench/results/pairwise/cpu.jsonl
+    # GPU: the search and the learned method batch every pair of a set; kornia solves one pair at a
     # time, so it runs on the first 24 pairs of each set
     python bench/pairwise.py --pairs 128 --limit kornia=24 --device cuda --out bench/results/pairwise/gpu.jsonl
 
-OpenCV's methods (``sift``, ``orb``, ``ecc``) always run on the CPU; ``kornia`` and ``learned``
-on ``--device``.
+OpenCV's methods (``sift``, ``orb``, ``ecc``) always run on the CPU; ``search``, ``learned`` and
+``kornia`` on ``--device``. ``--option`` sets an option of the learned method; ``--option
+search.KEY=VALUE`` one of the search method.
 """
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ from models.pairwise import synthetic as S  # noqa: E402
 from models.pairwise.pipeline import PairInput, PairOptions, align_pairs  # noqa: E402
 
 SETS = ("same", "cross", "unrelated")
-METHODS = ("learned", "sift", "orb", "ecc", "kornia")
+METHODS = ("search", "learned", "sift", "orb", "ecc", "kornia")
+ON_DEVICE = ("search", "learned", "kornia")  # the others run on the CPU
+WITH_OPTIONS = ("search", "learned")
 
 
 def make_set(kind: str, n: int, seed: int, rho: float, patch: int = 128) -> list[dict]:
@@ -73,9 +76,19 @@ def make_set(kind: str, n: int, seed: int, rho: float, patch: int = 128) -> list
     return out
 
 
+def method_options(method: str, options: dict) -> dict:
+    """The options of ``method`` among ``--option``'s: ``search.KEY`` for the search method, the
+    unprefixed ones for the learned method."""
+    if method == "search":
+        return {k.partition(".")[2]: v for k, v in options.items() if k.startswith("search.")}
+    if method == "learned":
+        return {k: v for k, v in options.items() if not k.startswith("search.")}
+    return {}
+
+
 def run(method: str, pairs: list[dict], device: str, options: dict, seed: int) -> dict:
-    opts = PairOptions(method=method, device=device if method in ("learned", "kornia") else "cpu",
-                       max_side=1024, seed=seed, method_options=options if method == "learned" else {},
+    opts = PairOptions(method=method, device=device if method in ON_DEVICE else "cpu",
+                       max_side=1024, seed=seed, method_options=method_options(method, options),
                        batch_size=len(pairs))
     inputs = [PairInput(p["source"], p["target"], f"{i:04d}") for i, p in enumerate(pairs)]
     t0 = time.perf_counter()
@@ -133,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rho", type=float, default=32.0, help="largest corner move, px")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                    help="an option of the learned method (JSON value), repeatable")
+                    help="an option of the learned method (JSON value), repeatable; search.KEY=VALUE: an option "
+                         "of the search method")
     ap.add_argument("--limit", action="append", default=[], metavar="METHOD=N",
                     help="run METHOD on the first N pairs of each set only (e.g. kornia=24: it solves one pair "
                          "at a time); the table's 'pairs' column says how many")
@@ -166,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         # CUDA start-up, kernel selection and the first allocations are not part of a pair's time.
         warm = make_set("same", 2, args.seed + 1, args.rho)
-        for m in (m for m in methods if m in ("learned", "kornia")):
-            run(m, warm[:1 if m == "kornia" else 2], args.device, {**options, "steps": [2]}, args.seed)
+        for m in (m for m in methods if m in ON_DEVICE):
+            run(m, warm[:1 if m == "kornia" else 2], args.device, {**options, "steps": [2], "search_steps": [2]}, args.seed)
     rows = []
     out = Path(args.out) if args.out else None
     if out is not None:
@@ -180,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError as e:
                 print(f"{kind}/{method}: skipped ({e})", file=sys.stderr)
                 continue
-            rec.update(set=kind, rho=args.rho, seed=args.seed, options=options if method == "learned" else {})
+            rec.update(set=kind, rho=args.rho, seed=args.seed, options=method_options(method, options))
             s = summary(rec)
             rows.append(s)
             print(json.dumps(s), file=sys.stderr, flush=True)

@@ -272,10 +272,14 @@ def _pair_parser(sub) -> None:
                    help="with --pairs: the pairs name images of this folder or archive (relative names), and a "
                         "method that learns (semantic) trains on all of its images first, leaving OUT/model")
     q.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    q.add_argument("--method", default="learned", help="learned (default), sift, orb, ecc, kornia, or semantic (dense: two "
-                                                          "instances of one category; docs/semantic.md)")
+    q.add_argument("--method", default="search",
+                   help="search (default: a global search on gradient orientations and a sub-pixel refinement, no "
+                        "network), learned (the search, then a descriptor learned on the pair moves the homography "
+                        "with it), sift, orb, ecc, kornia, or semantic (dense: two instances of one category; "
+                        "docs/semantic.md); docs/pairwise.md")
     q.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option, repeatable (LearnedConfig fields for learned; semantic: model=DIR, "
+                   help="a method option, repeatable (search: size, candidates, refine; LearnedConfig fields for "
+                        "learned; semantic: model=DIR, "
                         "features=FILE.safetensors, synthetic_steps, weak_steps, ...; VALUE read as JSON)")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     q.add_argument("--max-side", type=int, default=256, help="longest side of each image's working size")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import baselines, dprc  # noqa: F401  (imported for their registrations)
-from .pairwise import classic, learned  # noqa: F401  (kind "pair")
+from .pairwise import classic, learned, searched  # noqa: F401  (kind "pair")
 from .semantic import method as _semantic  # noqa: F401  (kind "pair", dense)
 from .dense import asic  # noqa: F401  (method "dense")
 from .methods import Aligner, AlignmentMethod, registered_aligners, registered_methods

@@ -61,8 +61,8 @@ CONVENTION = (
     "target with its inverse; (x, y), x right, y down, pixel centres at integer coordinates, origin at the centre "
     "of the top-left pixel; resampling is bilinear"
 )
-# Pairs fitted together by default: a GPU takes many (the learned method's cost is per pair and
-# step, not per image size); a CPU gains little from more than a few.
+# Pairs estimated together by default: a GPU takes many (the search's and the learned method's
+# cost is per pair, not per image size); a CPU gains little from more than a few.
 BATCH_GPU, BATCH_CPU = 256, 8
 
 
@@ -70,7 +70,7 @@ BATCH_GPU, BATCH_CPU = 256, 8
 class PairOptions:
     """User-facing options of a pair job (the CLI flags and the service's form fields)."""
 
-    method: str = "learned"
+    method: str = "search"
     device: str = "auto"
     max_side: int = 256  # longer side of the working size of each image
     seed: int = 0

@@ -34,7 +34,7 @@ METHODS = ("dense", "dprc", "lsc", "pssv", "rasl", "tgrasta")
 # test checks it): the API refuses a bigger job at once instead of failing it on the worker.
 METHOD_MAX_IMAGES = {"dense": 64}
 # Pair methods (models.pairwise), checked against the core's "pair" registry the same way.
-PAIR_METHODS = ("ecc", "kornia", "learned", "orb", "semantic", "sift")
+PAIR_METHODS = ("ecc", "kornia", "learned", "orb", "search", "semantic", "sift")
 WARPS = ("translation", "similarity", "affine", "homography")
 
 

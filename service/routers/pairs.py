@@ -64,20 +64,40 @@ class PairSpec(BaseModel):
         return v
 
 
+class SearchOptions(BaseModel):
+    """The options of the search method a client may set (``models.pairwise.searched.SearchMethodConfig``,
+    bounded alike: one job's cost stays predictable)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int | None = Field(None, ge=16, le=512, description="longer side of the similarity search's level, px "
+                                                              "(default 64)")
+    candidates: int | None = Field(None, ge=1, le=32, description="similarities refined by block matching (default 6)")
+    refine: bool | None = Field(None, description="the dense sub-pixel refinement after the search (default true)")
+
+
 class LearnedOptions(BaseModel):
     """The options of the learned method a client may set (a bounded subset of
     ``models.pairwise.learned.LearnedConfig``): one job's cost stays predictable."""
 
     model_config = ConfigDict(extra="forbid")
 
-    starts: int | None = Field(None, ge=1, le=16, description="initial homographies tried (default 9)")
+    search: bool | None = Field(None, description="start from the global search (default true); false: the "
+                                                  "paper's multi-start, coarse-to-fine fit from the identity")
+    search_joint: bool | None = Field(None, description="after the search, move the homography with the learned "
+                                                        "descriptor (default true); false: hold it")
+    search_steps: list[Annotated[int, Field(ge=1, le=2000)]] | None = Field(
+        None, min_length=1, max_length=5, description="steps after the search, per level, finest last (default [100])")
+    starts: int | None = Field(None, ge=1, le=16, description="without the search: initial homographies tried "
+                                                              "(default 9)")
     steps: list[Annotated[int, Field(ge=1, le=2000)]] | None = Field(
-        None, min_length=1, max_length=5, description="steps per pyramid level, coarsest first")
+        None, min_length=1, max_length=5, description="without the search: steps per pyramid level, coarsest first")
     keypoints: int | None = Field(None, ge=8, le=512)
     shared_first_layer: bool | None = Field(None, description="true: fully siamese (same modality); "
                                                               "default false: the first layer is per image")
     patch_warp: Literal["homography", "keypoint"] | None = None
-    coarsest: int | None = Field(None, ge=16, le=256)
+    coarsest: int | None = Field(None, ge=16, le=256, description="without the search: the coarsest level's "
+                                                                   "longer side, px")
 
 
 class SemanticOptions(BaseModel):
@@ -96,7 +116,7 @@ class SemanticOptions(BaseModel):
     size: int | None = Field(None, ge=16, le=128, description="the network's input side (default 48)")
 
 
-_OPTIONS = {"learned": LearnedOptions, "semantic": SemanticOptions}
+_OPTIONS = {"search": SearchOptions, "learned": LearnedOptions, "semantic": SemanticOptions}
 
 
 class PairCreate(BaseModel):
@@ -105,9 +125,11 @@ class PairCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal[PAIR_METHODS] = Field("learned", description="learned (a descriptor learned on the pair), "  # type: ignore[valid-type]
-                                          "or a reference: sift, orb, ecc, kornia (if the worker has them); "
-                                          "semantic: dense maps between two instances of one category")
+    method: Literal[PAIR_METHODS] = Field(  # type: ignore[valid-type]
+        "search", description="search (default: a global search on gradient orientations and a sub-pixel "
+                              "refinement, no network), learned (the search, then a descriptor learned on the pair "
+                              "moves the homography with it), or a reference: sift, orb, ecc, kornia (if the worker "
+                              "has them); semantic: dense maps between two instances of one category")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     max_side: int = Field(256, ge=16, le=1024, description="longest side of each image's working size")
     min_confidence: float | None = Field(None, ge=0, le=1, description="aligned from this confidence on; "
@@ -118,8 +140,8 @@ class PairCreate(BaseModel):
                           'images: the first uploaded is the source, the second the target')
     points: Json[PairPoints] | None = Field(None, description='JSON: {"target": [[x, y], ...], "source": [...]}, '
                                                              'transferred for every pair')
-    options: Json[LearnedOptions | SemanticOptions] | None = Field(
-        None, description="JSON: options of the learned or the semantic method")
+    options: Json[SearchOptions | LearnedOptions | SemanticOptions] | None = Field(
+        None, description="JSON: options of the search, the learned or the semantic method")
 
     @field_validator("pairs", mode="before")
     @classmethod
@@ -150,7 +172,7 @@ class PairPublic(BaseModel):
     target_size: list[int]
     matrix: list[list[float]] | None = Field(description="3x3, target pixel -> source pixel (see 'convention'); "
                                                          "null when the method found nothing")
-    confidence: float = Field(description="0-1, in the method's terms (learned: about the share of the "
+    confidence: float = Field(description="0-1, in the method's terms (search, learned: about the share of the "
                                           "target's textured blocks that, matched on their own, agree with the "
                                           "homography to within a pixel)")
     aligned: bool = Field(description="confidence at or above the threshold; false: treat the matrix as a guess")

@@ -19,7 +19,7 @@ pytest.importorskip("kornia")
 
 
 def test_the_registry_holds_the_learned_method_and_the_references():
-    assert list_pair_methods() == ["ecc", "kornia", "learned", "orb", "semantic", "sift"]
+    assert list_pair_methods() == ["ecc", "kornia", "learned", "orb", "search", "semantic", "sift"]
     from models.catalog import list_methods
 
     assert "learned" not in list_methods()  # pair methods are not collection methods

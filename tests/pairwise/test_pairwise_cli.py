@@ -30,13 +30,15 @@ def images(tmp_path_factory):
 
 
 def test_one_pair_writes_matrix_points_and_images(images, tmp_path):
+    """With the default method, ``search``."""
     d, p = images
     out = tmp_path / "out"
-    r = _run(d / "src.png", d / "tgt.png", "--out", out, "--method", "ecc", "--point", "10,20",
+    r = _run(d / "src.png", d / "tgt.png", "--out", out, "--device", "cpu", "--point", "10,20",
              "--source-point", "5.5,7", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "1 pair(s)" in r.stdout and "1 aligned" in r.stdout and str(out) in r.stdout
     doc = json.loads((out / "pairs.json").read_text())
+    assert doc["method"] == "search"
     e = doc["pairs"][0]
     assert e["name"] == "pair" and e["aligned"] and e["source_name"] == "src.png"
     M = np.array(e["matrix"])
@@ -53,7 +55,7 @@ def test_a_pairs_file_with_a_learned_option(images, tmp_path):
     (d / "pairs.csv").write_text("source,target,name\nsrc.png,tgt.png,fwd\ntgt.png,src.png,back\n")
     out = tmp_path / "out"
     r = _run("--pairs", d / "pairs.csv", "--out", out, "--method", "learned", "--device", "cpu",
-             "--option", "steps=[5]", "--option", "starts=1", "--option", "keypoints=16", "--quiet")
+             "--option", "search_steps=[5]", "--option", "keypoints=16", "--quiet")
     assert r.returncode == 0, r.stderr
     doc = json.loads((out / "pairs.json").read_text())
     assert [e["name"] for e in doc["pairs"]] == ["fwd", "back"] and doc["method"] == "learned"

@@ -121,25 +121,25 @@ def test_global_search_recovers_large_homographies_within_and_across_modalities(
 
 
 def test_the_learned_fit_starts_from_the_search():
-    """fit_pairs with the search (the default): a +-24 px pair lands within 2 px; by default the
-    homography is the search's (the network trains on the pair for the confidence), and with
-    ``search_joint`` the learned loss moves it from there."""
+    """fit_pairs with the search (the default): a +-24 px pair lands within 2 px; with
+    ``search_joint=False`` the homography is the search's (the network trains on the pair for its
+    retrieval share only), and by default (``search_joint``) the learned loss moves it from there."""
     from models.pairwise.learned import LearnedConfig, fit_pairs
 
     p = make_pair("astronaut", rho=24, seed=5)
     src, tgt = chw(p.source)[None], chw(p.target)[None]
-    cfg = LearnedConfig(search_steps=(8,), keypoints=16, eval_keypoints=64, search_refine=False)
+    cfg = LearnedConfig(search_steps=(8,), keypoints=16, eval_keypoints=64, search_refine=False, search_joint=False)
     fit = fit_pairs(src, tgt, cfg)
     start = torch.tensor(fit.history[0]["search_starts"])[:, 0]
     assert torch.equal(fit.source_from_target_norm, start.to(fit.source_from_target_norm.dtype))
     assert _corner_errors(fit.source_from_target_norm, [p], (96, 96))[0] < 2.0
     # with the refinement (the default), the homography is the refined search start
-    refined = fit_pairs(src, tgt, LearnedConfig(search_steps=(8,), keypoints=16, eval_keypoints=64))
+    refined = fit_pairs(src, tgt, LearnedConfig(search_steps=(8,), keypoints=16, eval_keypoints=64, search_joint=False))
     assert torch.equal(refined.source_from_target_norm,
                        torch.tensor(refined.history[1]["refined"])[:, 0].to(refined.source_from_target_norm.dtype))
     assert _corner_errors(refined.source_from_target_norm, [p], (96, 96))[0] < 0.5
-    joint = fit_pairs(src, tgt, LearnedConfig(search_steps=(8,), keypoints=16, eval_keypoints=64, search_joint=True,
-                                              warmup=2))
+    assert LearnedConfig().search_joint  # the default: the paper's joint fit after the search
+    joint = fit_pairs(src, tgt, LearnedConfig(search_steps=(8,), keypoints=16, eval_keypoints=64, warmup=2))
     moved = Q.corner_distance(joint.source_from_target_norm, start.to(joint.source_from_target_norm.dtype))
     assert 0 < moved.item() < 0.05  # it moved, by less than 2.4 px of this image
 

@@ -80,16 +80,34 @@ def test_two_images_are_a_pair_job_with_the_homography_points_and_images(client,
     assert client.post(e["links"]["points"], json={"points": [[1, 2]], "direction": "up"}).status_code == 422
 
 
+def test_the_default_method_is_search_with_its_options(client, worker_env, pairs):
+    """No method: ``search``, with its options as the request gave them; a +-8 px pair to under a pixel."""
+    p = pairs["a"]
+    r = client.post("/pairs", files=_files(**{"src.png": p.source, "tgt.png": p.target}),
+                    data={"options": json.dumps({"size": 48, "refine": True})})
+    assert r.status_code == 202, r.text
+    jid = r.json()["job"]["id"]
+    request = json.loads((worker_env.data_dir / "jobs" / jid / "pair_request.json").read_text())
+    assert request["options"]["method"] == "search"
+    assert request["options"]["method_options"] == {"size": 48, "refine": True}
+    assert wait_job(client, jid, timeout=120)["status"] == "succeeded"
+    res = client.get(f"/pairs/{jid}").json()
+    (e,) = res["pairs"]
+    assert res["method"] == "search" and e["aligned"] and e["confidence"] > 0.6, e
+    assert S.corner_error(np.array(e["matrix"]), p.source_from_target, (96, 96)) < 1.0
+
+
 def test_learned_pairs_by_name_and_an_unalignable_pair_says_so(client, pairs):
     """Three uploads, two pairs chosen by name: a cross-modal pair (RGB against inverted intensities) the
-    learned method recovers, and two unrelated images, reported as not aligned (and given no images)."""
+    learned method recovers (the search, then the joint fit), and two unrelated images, reported as not
+    aligned (and given no images)."""
     b, c = pairs["b"], pairs["c"]
     spec = [["rgb.png", "inv.png", "cross"], {"source": "rgb.png", "target": "other.png", "name": "unrelated",
                                                "points": {"target": [[1, 1]]}}]
     r = client.post("/pairs", files=_files(**{"rgb.png": b.source, "inv.png": b.target,
                                               "other.png": S.derive_modality(c.target, "channel")}),
                     data={"pairs": json.dumps(spec), "method": "learned",
-                          "options": json.dumps({"starts": 1, "steps": [40, 80], "keypoints": 32, "coarsest": 48})})
+                          "options": json.dumps({"search_steps": [40], "keypoints": 32})})
     assert r.status_code == 202, r.text
     jid = r.json()["job"]["id"]
     assert wait_job(client, jid, timeout=400)["status"] == "succeeded"
@@ -107,7 +125,7 @@ def test_a_running_pair_job_can_be_cancelled(client, pairs):
     """The learned method checks for a stop at every step: DELETE stops a long fit within seconds."""
     p = pairs["a"]
     r = client.post("/pairs", files=_files(**{"s.png": p.source, "t.png": p.target}),
-                    data={"options": json.dumps({"starts": 1, "steps": [2000]})})
+                    data={"method": "learned", "options": json.dumps({"search_steps": [2000]})})
     jid = r.json()["job"]["id"]
     j = wait_job(client, jid, until=lambda j: (j["progress"] or {}).get("stage") == "aligning"
                  or j["status"] in ("succeeded", "failed", "cancelled"))
@@ -137,9 +155,14 @@ def _three(pairs):
     ({"pairs": "[[a.png, b.png]]"}, 422, "JSON"),
     ({"pairs": '[["a.png"]]'}, 422, "pairs"),
     ({"pairs": '[["a.png", "b.png"], ["a.png", "c.png"], ["b.png", "c.png"]]'}, 413, "above the limit of 2"),
-    ({"pairs": '[["a.png", "b.png"]]', "method": "ecc", "options": '{"starts": 2}'}, 422, "methods learned, semantic only"),
-    ({"pairs": '[["a.png", "b.png"]]', "options": '{"stpes": [3]}'}, 422, "stpes"),
-    ({"pairs": '[["a.png", "b.png"]]', "options": '{"starts": 99}'}, 422, "starts"),
+    ({"pairs": '[["a.png", "b.png"]]', "method": "ecc", "options": '{"starts": 2}'}, 422,
+     "methods search, learned, semantic only"),
+    ({"pairs": '[["a.png", "b.png"]]', "method": "learned", "options": '{"stpes": [3]}'}, 422, "stpes"),
+    ({"pairs": '[["a.png", "b.png"]]', "method": "learned", "options": '{"starts": 99}'}, 422, "starts"),
+    ({"pairs": '[["a.png", "b.png"]]', "options": '{"starts": 2}'}, 422, "not options of method search"),
+    ({"pairs": '[["a.png", "b.png"]]', "options": '{"size": 8}'}, 422, "size"),
+    ({"pairs": '[["a.png", "b.png"]]', "options": '{"candidates": 0}'}, 422, "candidates"),
+    ({"pairs": '[["a.png", "b.png"]]', "options": '{"refine": "maybe"}'}, 422, "refine"),
     ({"pairs": '[["a.png", "b.png"]]', "method": "surf"}, 422, "method"),
     ({"pairs": '[["a.png", "b.png"]]', "points": '{"target": [[1, 2, 3]]}'}, 422, "points"),
     ({"pairs": '[["a.png", "b.png"]]', "warp": "affine"}, 422, "warp"),
@@ -164,8 +187,9 @@ def test_results_wait_for_success_and_other_jobs_are_not_pair_jobs(api, pairs):
     r = c.post("/pairs", files=_three(pairs), data={"pairs": '[["a.png", "b.png", "x"]]'})
     assert r.status_code == 202, r.text
     jid = r.json()["job"]["id"]
-    assert json.loads((env.data_dir / "jobs" / jid / "pair_request.json").read_text())["pairs"] == [
-        ["a.png", "b.png", "x"]]
+    request = json.loads((env.data_dir / "jobs" / jid / "pair_request.json").read_text())
+    assert request["pairs"] == [["a.png", "b.png", "x"]]
+    assert request["options"]["method"] == "search"  # the default method
     pub = c.get(f"/pairs/{jid}").json()
     assert pub["job"]["status"] == "queued" and pub["pairs"] is None
     assert c.get(f"/pairs/{jid}/x/warped").status_code == 409
