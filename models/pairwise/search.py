@@ -146,15 +146,18 @@ def orientation_features(x: torch.Tensor, bins: int = 8, kappa: float = 2.0, cel
         mean = m.mean((-2, -1), keepdim=True)
     w = m / (m + mean.clamp_min(1e-6))
     k = torch.arange(bins, dtype=x.dtype, device=x.device) * (math.pi / bins)
-    # cos 2(phi - c) = cos 2phi cos 2c + sin 2phi sin 2c
-    d = cos2[:, None] * torch.cos(2 * k)[None, :, None, None] + sin2[:, None] * torch.sin(2 * k)[None, :, None, None]
-    h = torch.exp(kappa * (d - 1)) * w[:, None]
+    # kappa (cos 2(phi - c) - 1) = kappa cos 2c cos 2phi + kappa sin 2c sin 2phi - kappa: every bin's
+    # exponent at once, as a (bins, 3) x (3, H W) product per image (one pass over the bins, not five)
+    coef = torch.stack([kappa * torch.cos(2 * k), kappa * torch.sin(2 * k), torch.full_like(k, -kappa)], 1)
+    B, H, W = cos2.shape
+    h = torch.matmul(coef, torch.stack([cos2, sin2, torch.ones_like(cos2)], 1).view(B, 3, H * W))
+    h = h.view(B, bins, H, W).exp_() * w[:, None]  # (B, bins, H, W)
     h = _blur(h, cell)
     if mask is None:
         return h - h.mean((-2, -1), keepdim=True)
     h = h * mask
     mean = h.sum((-2, -1), keepdim=True) / mask.sum((-2, -1), keepdim=True).clamp_min(1.0)
-    return (h - mean) * mask
+    return h.addcmul_(mean, mask, value=-1)  # (h - mean) * mask, h already masked
 
 
 # --------------------------------------------------------------------------- similarity search
@@ -199,27 +202,38 @@ def translation_ncc(ft: torch.Tensor, mt: torch.Tensor, fw: torch.Tensor, mw: to
         ``sum ft(p) fw(p + t) / sqrt(sum |ft(p)|^2 mw(p + t) * sum |fw(p + t)|^2 mt(p))``.
     """
     H, W = ft.shape[-2:]
-    C = ft.shape[-3]
-    size = (H + 2 * pad, W + 2 * pad)
-    if tuple(fw.shape[-2:]) != size:
-        raise ValueError(f"the canvas must be {size}, not {tuple(fw.shape[-2:])}")
-    # Four circular correlations (summed over channels) on the canvas, as products of spectra; each
-    # side's three inputs are transformed together, and each once: the features, the mask, the energy.
-    ftm, fwm = ft * mt, fw * mw
-    tgt = torch.cat([ftm, mt.expand_as(ftm[..., :1, :, :]), ftm.square().sum(-3, keepdim=True)], -3)
-    Ft = torch.fft.rfft2(F.pad(tgt, (pad, pad, pad, pad)))  # (..., C + 2, size); pixel q at q + pad
-    Fw = torch.fft.rfft2(torch.cat([fwm, mw.expand_as(fwm[..., :1, :, :]), fwm.square().sum(-3, keepdim=True)], -3))
-    Ft = Ft.conj()
-    # out[t] = sum_q a[q] b[q + t]: num (features), e_s (mask x source energy), e_t (target energy x
-    # mask), ov (mask x mask)
+    if tuple(fw.shape[-2:]) != (H + 2 * pad, W + 2 * pad):
+        raise ValueError(f"the canvas must be {(H + 2 * pad, W + 2 * pad)}, not {tuple(fw.shape[-2:])}")
+    return _ncc_stacked(_ncc_stack(ft, mt), _ncc_stack(fw, mw), pad, min_overlap, overlap_power)
+
+
+def _ncc_stack(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """One side of :func:`translation_ncc`: features ``(..., C, H, W)`` and their mask ``(..., 1, H, W)``
+    -> ``(..., C + 2, H, W)``: the masked features, the mask, and the masked features' energy (squares
+    summed over channels). Pointwise: blocks may be cut from it rather than from its inputs."""
+    fm = f * m
+    return torch.cat([fm, m.expand_as(fm[..., :1, :, :]), fm.square().sum(-3, keepdim=True)], -3)
+
+
+def _ncc_stacked(tgt: torch.Tensor, src: torch.Tensor, pad: int, min_overlap: float, overlap_power: float = 0.0
+                 ) -> torch.Tensor:
+    """:func:`translation_ncc` of the stacks of :func:`_ncc_stack`: the target's ``(..., C + 2, H, W)``,
+    the canvas's ``(..., C + 2, H + 2 pad, W + 2 pad)`` (leading dimensions broadcast) ->
+    ``(..., 2 pad + 1, 2 pad + 1)``."""
+    C = tgt.shape[-3] - 2
+    size = tuple(src.shape[-2:])
+    # Four circular correlations (summed over channels) on the canvas, as products of spectra:
+    # out[t] = sum_q a[q] b[q + t] with the target at the canvas's origin, so that entry t is the
+    # shift t - pad (no shift wraps around: the canvas is the target grown by pad a side).
+    Ft = torch.fft.rfft2(tgt, s=size).conj()
+    Fw = torch.fft.rfft2(src)
+    # num (features), e_s (mask x source energy), e_t (target energy x mask), ov (mask x mask)
     spec = torch.stack([(Ft[..., :C, :, :] * Fw[..., :C, :, :]).sum(-3), Ft[..., C, :, :] * Fw[..., C + 1, :, :],
                         Ft[..., C + 1, :, :] * Fw[..., C, :, :], Ft[..., C, :, :] * Fw[..., C, :, :]], -3)
-    out = torch.fft.irfft2(spec, s=size)
-    # shifts -pad..pad: index t mod size
-    out = torch.roll(out, shifts=(pad, pad), dims=(-2, -1))[..., : 2 * pad + 1, : 2 * pad + 1]
+    out = torch.fft.irfft2(spec, s=size)[..., : 2 * pad + 1, : 2 * pad + 1]
     num, e_s, e_t, ov = out.unbind(-3)
     score = num / (e_s.clamp_min(1e-9) * e_t.clamp_min(1e-9)).sqrt()
-    total = mt.sum((-3, -2, -1))[..., None, None]
+    total = tgt[..., C, :, :].sum((-2, -1))[..., None, None]
     if overlap_power:
         # a small overlap matches well by chance more easily: its score counts for less
         score = score * (ov.clamp_min(0) / total).clamp_max(1) ** overlap_power
@@ -259,13 +273,17 @@ def corner_distance(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 def _nms(M: torch.Tensor, score: torch.Tensor, k: int, sep: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy non-maximum suppression of one pair's candidates ``M`` ``(N, 3, 3)``, ``score`` ``(N,)``:
     the ``k`` best that are at least ``sep`` apart (:func:`corner_distance`), padded with the best."""
-    order = torch.argsort(score, descending=True)
-    kept: list[int] = []
-    for i in order[: 50 * k].tolist():
-        if not kept or bool((corner_distance(M[i][None], M[kept]) >= sep).all()):
-            kept.append(i)
-        if len(kept) == k:
+    order = torch.argsort(score, descending=True)[: 50 * k]
+    # every candidate's distance to every other at once (corner_distance's arithmetic), then greedy
+    c = G.transform_points(M[order], G.unit_corners(like=M))  # (n, 4, 2)
+    apart = ((c[:, None] - c[None]).norm(dim=-1).mean(-1) >= sep).tolist()  # (n, n)
+    kept_at: list[int] = []  # positions in order
+    for j in range(len(apart)):
+        if all(apart[j][q] for q in kept_at):
+            kept_at.append(j)
+        if len(kept_at) == k:
             break
+    kept = [int(order[j]) for j in kept_at]
     while len(kept) < k:
         kept.append(kept[0])
     idx = torch.tensor(kept, device=M.device)
@@ -480,23 +498,6 @@ def _windows(x: torch.Tensor, origins: list[tuple[int, int]], side: int) -> torc
     return torch.stack([x[..., y0:y0 + side, x0:x0 + side] for y0, x0 in origins], 1)
 
 
-def _cut_blocks(ft: torch.Tensor, fw: torch.Tensor, valid: torch.Tensor, block: int, grid: int, pad: int):
-    """The target's features ``ft`` ``(N, C, H, W)`` cut into ``grid x grid`` blocks of ``block`` px
-    (at most the image), and for each the window of the warped source's features ``fw`` and mask
-    ``valid`` (canvases of :func:`_warp_to_canvas`) that shifts of up to ``pad`` px reach.
-
-    Returns:
-        The block side ``b``, the blocks' top-left corners ``[(y0, x0), ...]`` (``nb`` of them), the
-        target blocks ``(N*nb, C, b, b)``, source windows ``(N*nb, C, b+2pad, b+2pad)`` and masks
-        ``(N*nb, 1, b+2pad, b+2pad)``, pair-major.
-    """
-    b, origins = _block_origins(tuple(ft.shape[-2:]), block, grid)
-    tb = _windows(ft, origins, b).flatten(0, 1)
-    cb = _windows(fw, origins, b + 2 * pad).flatten(0, 1)
-    cm = _windows(valid, origins, b + 2 * pad).flatten(0, 1)
-    return b, origins, tb, cb, cm
-
-
 def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, longer: int, grid: int,
                  block: int, radius: int, cfg: SearchConfig = SearchConfig(), threshold: float = 2.0,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -532,14 +533,15 @@ def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, lo
     fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
     b, origins = _block_origins(st, block, grid)
     nb = len(origins)
-    tb = _windows(ft, origins, b)  # (B, nb, C, b, b)
-    cb = _windows(fw, origins, b + 2 * pad).unflatten(0, (B, K))  # (B, K, nb, C, b+2pad, b+2pad)
-    cm = _windows(valid, origins, b + 2 * pad).unflatten(0, (B, K))  # (B, K, nb, 1, ...)
+    C = ft.shape[1]
+    # the correlation's inputs on the whole images, then cut: the windows overlap
+    tb = _windows(_ncc_stack(ft, torch.ones_like(ft[:, :1])), origins, b)  # (B, nb, C + 2, b, b)
+    cb = _windows(_ncc_stack(fw, valid), origins, b + 2 * pad).unflatten(0, (B, K))  # (B, K, nb, C + 2, b+2pad, b+2pad)
     centres = [(x0 + (b - 1) / 2, y0 + (b - 1) / 2) for y0, x0 in origins]
     # a block without texture matches anything: its own energy decides whether it counts
-    energy = tb.square().sum((2, 3, 4)).repeat_interleave(K, 0)  # (N, nb)
+    energy = tb[:, :, C + 1].sum((-2, -1)).repeat_interleave(K, 0)  # (N, nb)
     # each pair's target blocks against its K candidates' windows: the blocks transformed once
-    score = translation_ncc(tb[:, None], torch.ones_like(tb[:, None, :, :1]), cb, cm, pad, 0.5)  # (B, K, nb, 2pad+1, 2pad+1)
+    score = _ncc_stacked(tb[:, None], cb, pad, 0.5)  # (B, K, nb, 2pad+1, 2pad+1)
     t, val = _peak(score.flatten(0, 2))
     t = t - pad  # shift, px
     c = torch.tensor(centres, dtype=dt, device=dev)  # (nb, 2)
@@ -795,7 +797,6 @@ def block_agreement(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor,
     dt = source.dtype
     ss = _level_size(tuple(source.shape[-2:]), longer)
     st = _level_size(tuple(target.shape[-2:]), longer)
-    H, W = st
     finite = torch.isfinite(M).flatten(1).all(1)
     M = torch.where(finite[:, None, None], M, torch.eye(3, dtype=M.dtype, device=M.device))
     src = _standardise(_resize(source, ss))
@@ -803,11 +804,14 @@ def block_agreement(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor,
     pad = radius
     warped, valid = _warp_to_canvas(src, M, ss, st, pad)
     fw = orientation_field(warped, valid, cfg.refine_cell, cfg.refine_smooth)
-    b, origins, tb, cb, cm = _cut_blocks(ft, fw, valid, block, grid, pad)
-    inside = [valid[:, 0, y0 + pad:y0 + pad + b, x0 + pad:x0 + pad + b].mean((-2, -1)) for y0, x0 in origins]
+    b, origins = _block_origins(st, block, grid)
     nb = len(origins)
-    energy = tb.square().sum((1, 2, 3)).view(N, nb)
-    score = translation_ncc(tb, torch.ones_like(tb[:, :1]), cb, cm, pad, 0.5)  # (N*nb, 2pad+1, 2pad+1)
+    C = ft.shape[1]
+    tb = _windows(_ncc_stack(ft, torch.ones_like(ft[:, :1])), origins, b).flatten(0, 1)  # (N*nb, C + 2, b, b)
+    cb = _windows(_ncc_stack(fw, valid), origins, b + 2 * pad).flatten(0, 1)  # (N*nb, C + 2, b+2pad, b+2pad)
+    inside = [valid[:, 0, y0 + pad:y0 + pad + b, x0 + pad:x0 + pad + b].mean((-2, -1)) for y0, x0 in origins]
+    energy = tb[:, C + 1].sum((-2, -1)).view(N, nb)
+    score = _ncc_stacked(tb, cb, pad, 0.5)  # (N*nb, 2pad+1, 2pad+1)
     t, val = _peak(score)
     off = (t - pad).norm(dim=-1).view(N, nb)  # the block's own shift from where M puts it, px
     inside = torch.stack(inside, 1)  # (N, nb): the share of the block the warped source covers
