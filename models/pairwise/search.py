@@ -110,6 +110,16 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return _blur_matrix(x.shape[-2], k) @ (x @ _blur_matrix(x.shape[-1], k).T)
 
 
+def _erode(mask: torch.Tensor, r: int = 2) -> torch.Tensor:
+    """A 0/1 mask ``(B, C, H, W)`` eroded by a ``(2r + 1)^2`` square (the window clipped at the image's
+    edge: ``-max_pool2d(-mask, 2r + 1, 1, r)``): 1 where the window holds only ones. Its sums of
+    ones are exact integers, so this is max-pooling's answer exactly, by two products with banded
+    matrices (several times faster on a CPU)."""
+    box = torch.ones(2 * r + 1, dtype=mask.dtype, device=mask.device)
+    count = _blur_matrix(mask.shape[-2], box) @ (mask @ _blur_matrix(mask.shape[-1], box).T)
+    return (count > (2 * r + 1) ** 2 - 0.5).to(mask.dtype)
+
+
 def _standardise(x: torch.Tensor) -> torch.Tensor:
     m = x.mean(dim=(-2, -1), keepdim=True)
     return (x - m) / x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
@@ -230,7 +240,10 @@ def _ncc_stacked(tgt: torch.Tensor, src: torch.Tensor, pad: int, min_overlap: fl
     # num (features), e_s (mask x source energy), e_t (target energy x mask), ov (mask x mask)
     spec = torch.stack([(Ft[..., :C, :, :] * Fw[..., :C, :, :]).sum(-3), Ft[..., C, :, :] * Fw[..., C + 1, :, :],
                         Ft[..., C + 1, :, :] * Fw[..., C, :, :], Ft[..., C, :, :] * Fw[..., C, :, :]], -3)
-    out = torch.fft.irfft2(spec, s=size)[..., : 2 * pad + 1, : 2 * pad + 1]
+    # the inverse transform of the 2 pad + 1 rows and columns wanted only: along y in full, then
+    # along x for those rows (irfft2's result there, bit for bit, at half its cost)
+    n = 2 * pad + 1
+    out = torch.fft.irfft(torch.fft.ifft(spec, dim=-2)[..., :n, :], n=size[1], dim=-1)[..., :n]
     num, e_s, e_t, ov = out.unbind(-3)
     score = num / (e_s.clamp_min(1e-9) * e_t.clamp_min(1e-9)).sqrt()
     total = tgt[..., C, :, :].sum((-2, -1))[..., None, None]
@@ -323,7 +336,7 @@ def similarity_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchCon
     # what does not depend on the pair: the canvas's valid mask, the candidates' matrices
     ones = torch.ones(1, 1, *ss, dtype=dt, device=dev)
     valid = G.warp_pixel(ones.expand(R, -1, -1, -1), from_canvas, canvas) > 0.999
-    valid = -F.max_pool2d(-valid.to(dt), 5, 1, 2)  # erode: no features of the border padding
+    valid = _erode(valid.to(dt))  # no features of the border padding
     t = torch.arange(-pad, pad + 1, dtype=dt, device=dev)
     ty, tx = torch.meshgrid(t, t, indexing="ij")
     shift = _translate(torch.stack([tx.flatten(), ty.flatten()], -1))  # (n*n, 3, 3): p -> p + t
@@ -480,7 +493,7 @@ def _warp_to_canvas(src: torch.Tensor, M: torch.Tensor, ss: tuple[int, int], st:
     warped = G.warp_pixel(src, from_canvas, canvas, padding_mode="border")
     ones = torch.ones(N, 1, *ss, dtype=dt, device=dev)
     valid = (G.warp_pixel(ones, from_canvas, canvas) > 0.999).to(dt)
-    return warped, -F.max_pool2d(-valid, 5, 1, 2)
+    return warped, _erode(valid)
 
 
 def _block_origins(size: tuple[int, int], block: int, grid: int) -> tuple[int, list[tuple[int, int]]]:
@@ -654,8 +667,7 @@ def _warped_field(src: torch.Tensor, M: torch.Tensor, size: tuple[int, int], cfg
     that the border's padding does not count)."""
     w = G.warp(src, M, size, padding_mode="border")
     ones = torch.ones(src.shape[0], 1, *src.shape[-2:], dtype=src.dtype, device=src.device)
-    valid = (G.warp(ones, M, size) > 0.999).to(src.dtype)
-    valid = -F.max_pool2d(-valid, 5, 1, 2)
+    valid = _erode((G.warp(ones, M, size) > 0.999).to(src.dtype))
     return orientation_field(w, valid, cfg.refine_cell, cfg.refine_smooth), valid
 
 

@@ -99,6 +99,18 @@ def test_blur_by_matrices_is_the_convolution_blur(sigma):
     assert torch.equal(Q._blur(x, 0.0), x)
 
 
+def test_erode_by_matrices_is_min_pooling():
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(5)
+    for r in (1, 2):
+        mask = (torch.rand(2, 1, 19, 26, generator=g) > 0.1).float()
+        mask[1, :, 3:, 4:] = 1  # a large block of ones: erosion leaves some of it
+        want = -F.max_pool2d(-mask, 2 * r + 1, 1, r)
+        assert torch.equal(Q._erode(mask, r), want)
+        assert want.sum() > 0
+
+
 def test_peak_is_exact_for_a_parabola():
     y, x = torch.meshgrid(torch.arange(9.0), torch.arange(11.0), indexing="ij")
     score = 5 - (x - 4.3).square() - 2 * (y - 6.8).square()
