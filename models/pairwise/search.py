@@ -701,25 +701,29 @@ def _ecc_step(ft: torch.Tensor, fw: torch.Tensor, valid: torch.Tensor) -> torch.
     y, x = torch.meshgrid(torch.linspace(-1, 1, H, dtype=fw.dtype, device=fw.device),
                           torch.linspace(-1, 1, W, dtype=fw.dtype, device=fw.device), indexing="ij")
     x, y = x.flatten(), y.flatten()
-    o, z = torch.ones_like(x), torch.zeros_like(x)
-    jx = torch.stack([x, y, o, z, z, z, -x * x, -x * y], -1)  # (HW, 8): d W_x / d params at the identity
-    jy = torch.stack([z, z, z, x, y, o, -x * y, -y * y], -1)
     m = valid.flatten(2)  # (N, 1, HW)
-    J = gx.flatten(2)[..., None] * jx + gy.flatten(2)[..., None] * jy  # (N, C, HW, 8)
-    J = _masked_centre(J, m).reshape(N, -1, 8).to(dt)
+    gx, gy = gx.flatten(2), gy.flatten(2)  # (N, C, HW)
+    # J = gx d W_x / d params + gy d W_y / d params at the identity, d W_x = (x, y, 1, 0, 0, 0, -x x, -x y),
+    # d W_y = (0, 0, 0, x, y, 1, -x y, -y y): a parameter at a time (no products with zeros), each
+    # parameter's row contiguous
+    xy = -x * y
+    J = torch.stack([gx * x, gx * y, gx, gy * x, gy * y, gy, gx * (-x * x) + gy * xy, gx * xy + gy * (-y * y)], 1)
+    mj = m[:, None]  # (N, 1, 1, HW)
+    J = J * mj  # (N, 8, C, HW)
+    J = J.sub_(J.sum(-1, keepdim=True) / mj.sum(-1, keepdim=True).clamp_min(1.0)).mul_(mj)  # centred over the mask
+    J = J.reshape(N, 8, -1).to(dt)  # (N, 8, C HW)
     iw = _masked_centre(fw.flatten(2), m).reshape(N, -1).to(dt)
     tv = _masked_centre(ft.flatten(2), m).reshape(N, -1).to(dt)
-    Hinv = torch.linalg.pinv(J.transpose(1, 2) @ J)  # (N, 8, 8)
-    ip = (J.transpose(1, 2) @ iw[..., None])[..., 0]  # (N, 8)
-    tp = (J.transpose(1, 2) @ tv[..., None])[..., 0]
+    Hinv = torch.linalg.pinv(J @ J.transpose(1, 2))  # (N, 8, 8)
+    ip, tp = (J @ torch.stack([iw, tv], -1)).unbind(-1)  # (N, 8) each
     ipH = (Hinv @ ip[..., None])[..., 0]
     # lambda: the scale of the target that the warped field should match (ECC's closed form)
     lam_n = iw.square().sum(1) - (ip * ipH).sum(1)
     lam_d = (iw * tv).sum(1) - (tp * ipH).sum(1)
     ascent = (lam_d > 0) & torch.isfinite(lam_d)
     lam = torch.where(ascent, lam_n / lam_d.clamp_min(1e-12), torch.zeros_like(lam_n))
-    err = lam[:, None] * tv - iw
-    dp = (Hinv @ (J.transpose(1, 2) @ err[..., None]))[..., 0]
+    # J^T (lam tv - iw), from the products above
+    dp = (Hinv @ (lam[:, None] * tp - ip)[..., None])[..., 0]
     dp = torch.where(ascent[:, None] & torch.isfinite(dp).all(1, keepdim=True), dp, torch.zeros_like(dp))
     return dp.to(fw.dtype)
 
