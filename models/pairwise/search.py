@@ -88,6 +88,11 @@ class SearchConfig:
     agreement_prior: float = 4.0
 
 
+# How many numbers the largest working tensor of a chunk of pairs may hold, by device type: a CPU
+# slows down once they leave its caches (and a batch of 32 pairs would need gigabytes); a GPU wants
+# them large.
+_CHUNK_NUMBERS = {"cpu": 1 << 22, "other": 1 << 28}
+
 # --------------------------------------------------------------------------- features
 
 
@@ -322,7 +327,7 @@ def similarity_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchCon
     tgt = _standardise(_resize(target, st))
     mt = torch.ones(B, 1, *st, dtype=dt, device=dev)
     ft = orientation_features(tgt, cfg.bins, cfg.kappa, cfg.cell, smooth=cfg.smooth)
-    n_a = int(round(2 * cfg.angles / cfg.angle_step)) + 1 if cfg.angles > 0 else 1
+    n_a = round(2 * cfg.angles / cfg.angle_step) + 1 if cfg.angles > 0 else 1
     angles = torch.linspace(-cfg.angles, cfg.angles, n_a, dtype=dt, device=dev) * (math.pi / 180)
     lo, hi = math.log(cfg.scales[0]), math.log(cfg.scales[1])
     scales = torch.exp(torch.linspace(lo, hi, cfg.scale_steps, dtype=dt, device=dev)) if cfg.scale_steps > 1 \
@@ -330,7 +335,7 @@ def similarity_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchCon
     aa, sc = torch.meshgrid(angles, scales, indexing="ij")
     A = similarity_homographies(aa.flatten(), sc.flatten(), ss, st)  # (R, 3, 3) pixels
     R = A.shape[0]
-    pad = max(1, int(round(cfg.shift * max(st))))
+    pad = max(1, round(cfg.shift * max(st)))
     canvas = (st[0] + 2 * pad, st[1] + 2 * pad)
     from_canvas = A @ _translate(torch.full((1, 2), -float(pad), dtype=dt, device=dev))  # (R, 3, 3)
     # what does not depend on the pair: the canvas's valid mask, the candidates' matrices
@@ -511,6 +516,37 @@ def _windows(x: torch.Tensor, origins: list[tuple[int, int]], side: int) -> torc
     return torch.stack([x[..., y0:y0 + side, x0:x0 + side] for y0, x0 in origins], 1)
 
 
+def _pair_chunks(B: int, per_pair: int, device: torch.device) -> list[slice]:
+    """Slices of ``B`` pairs, each holding at most ``_CHUNK_NUMBERS[device type]`` numbers in its largest
+    tensor (``per_pair`` a pair; at least one pair a slice)."""
+    n = max(1, _CHUNK_NUMBERS.get(torch.device(device).type, _CHUNK_NUMBERS["other"]) // max(1, per_pair))
+    return [slice(i, min(i + n, B)) for i in range(0, B, n)]
+
+
+def _block_shifts(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, ss: tuple[int, int], st: tuple[int, int],
+                  origins: list[tuple[int, int]], b: int, pad: int, cfg: SearchConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`match_refine`'s block matching: each target block's best shift (sub-pixel, map px: ``pad``
+    is no shift) in the canvas of each of its pair's ``K`` candidates, ``(B K nb, 2)``, the peak's
+    correlation ``(B K nb,)`` and the block's energy ``(B K, nb)``; ``M`` ``(B K, 3, 3)`` pair-major."""
+    B = source.shape[0]
+    K = M.shape[0] // B
+    src = _standardise(_resize(source, ss)).repeat_interleave(K, 0)  # (B K, Cs, *ss)
+    ft = orientation_features(_standardise(_resize(target, st)), cfg.bins, cfg.kappa, cfg.cell, smooth=cfg.smooth)
+    warped, valid = _warp_to_canvas(src, M, ss, st, pad)
+    fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
+    C = ft.shape[1]
+    # the correlation's inputs on the whole images, then cut: the windows overlap
+    tb = _windows(_ncc_stack(ft, torch.ones_like(ft[:, :1])), origins, b)  # (B, nb, C + 2, b, b)
+    cb = _windows(_ncc_stack(fw, valid), origins, b + 2 * pad).unflatten(0, (B, K))  # (B, K, nb, C + 2, b+2pad, b+2pad)
+    # a block without texture matches anything: its own energy decides whether it counts
+    energy = tb[:, :, C + 1].sum((-2, -1)).repeat_interleave(K, 0)  # (B K, nb)
+    # each pair's target blocks against its K candidates' windows: the blocks transformed once
+    score = _ncc_stacked(tb[:, None], cb, pad, 0.5)  # (B, K, nb, 2pad+1, 2pad+1)
+    t, val = _peak(score.flatten(0, 2))
+    return t, val, energy
+
+
 def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, longer: int, grid: int,
                  block: int, radius: int, cfg: SearchConfig = SearchConfig(), threshold: float = 2.0,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -539,23 +575,20 @@ def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, lo
     dev, dt = source.device, source.dtype
     ss = _level_size(tuple(source.shape[-2:]), longer)
     st = _level_size(tuple(target.shape[-2:]), longer)
-    src = _standardise(_resize(source, ss)).repeat_interleave(K, 0)  # (N, Cs, *ss)
-    ft = orientation_features(_standardise(_resize(target, st)), cfg.bins, cfg.kappa, cfg.cell, smooth=cfg.smooth)
     pad = radius
-    warped, valid = _warp_to_canvas(src, M, ss, st, pad)
-    fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
     b, origins = _block_origins(st, block, grid)
     nb = len(origins)
-    C = ft.shape[1]
-    # the correlation's inputs on the whole images, then cut: the windows overlap
-    tb = _windows(_ncc_stack(ft, torch.ones_like(ft[:, :1])), origins, b)  # (B, nb, C + 2, b, b)
-    cb = _windows(_ncc_stack(fw, valid), origins, b + 2 * pad).unflatten(0, (B, K))  # (B, K, nb, C + 2, b+2pad, b+2pad)
     centres = [(x0 + (b - 1) / 2, y0 + (b - 1) / 2) for y0, x0 in origins]
-    # a block without texture matches anything: its own energy decides whether it counts
-    energy = tb[:, :, C + 1].sum((-2, -1)).repeat_interleave(K, 0)  # (N, nb)
-    # each pair's target blocks against its K candidates' windows: the blocks transformed once
-    score = _ncc_stacked(tb[:, None], cb, pad, 0.5)  # (B, K, nb, 2pad+1, 2pad+1)
-    t, val = _peak(score.flatten(0, 2))
+    # The block matching a few pairs at a time (each row's matches do not depend on the others): its
+    # windows hold K nb (C + 2) (b + 2 pad)^2 numbers a pair, and a CPU slows down once they leave its caches.
+    per_pair = K * nb * (cfg.bins + 2) * (b + 2 * pad) ** 2
+    t, val, energy = [], [], []
+    for sl in _pair_chunks(B, per_pair, dev):
+        tc, vc, ec = _block_shifts(source[sl], target[sl], M[sl.start * K:sl.stop * K], ss, st, origins, b, pad, cfg)
+        t.append(tc)
+        val.append(vc)
+        energy.append(ec)
+    t, val, energy = torch.cat(t), torch.cat(val), torch.cat(energy)  # (N * nb, 2), (N * nb,), (N, nb)
     t = t - pad  # shift, px
     c = torch.tensor(centres, dtype=dt, device=dev)  # (nb, 2)
     tp = c[None].expand(N, -1, -1)
@@ -694,7 +727,7 @@ def _ecc_step(ft: torch.Tensor, fw: torch.Tensor, valid: torch.Tensor) -> torch.
     for a homography composed on the target's side: ``(N, 8)`` parameters ``(a, b, c, d, e, f, g, h)``
     of ``[[1 + a, b, c], [d, 1 + e, f], [g, h, 1]]`` (normalised target coordinates) that raise the
     correlation of ``fw(W(p))`` with ``ft(p)``; 0 where the correlation has no ascent."""
-    N, C, H, W = fw.shape
+    N, _, H, W = fw.shape
     dt = torch.float64  # the 8 x 8 normal equations sum ~10^5 terms
     gx, gy = _field_gradients(fw)
     gx, gy = gx * ((W - 1) / 2), gy * ((H - 1) / 2)  # per normalised unit
@@ -752,6 +785,11 @@ def refine_homography(source: torch.Tensor, target: torch.Tensor, M: torch.Tenso
     if not cfg.refine:
         return M, torch.full(M.shape[:1], float("nan"), dtype=M.dtype, device=M.device)
     N = source.shape[0]
+    st = _level_size(tuple(target.shape[-2:]), max(longer for longer, _ in cfg.refine))
+    chunks = _pair_chunks(N, 8 * 2 * 2 * st[0] * st[1], source.device)  # the ECC step's float64 Jacobian
+    if len(chunks) > 1:  # rows are independent
+        parts = [refine_homography(source[sl], target[sl], M[sl], cfg) for sl in chunks]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     eye = torch.eye(3, dtype=M.dtype, device=M.device)
     finite = torch.isfinite(M).flatten(1).all(1)
     start = torch.where(finite[:, None, None], M, eye)

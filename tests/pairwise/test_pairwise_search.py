@@ -209,6 +209,36 @@ def test_match_refine_with_candidates_per_pair_is_the_pairs_repeated():
     assert torch.equal(inl, inl_rep)
 
 
+def test_pair_chunks_cover_the_batch_in_order():
+    assert Q._pair_chunks(5, 10, torch.device("cpu")) == [slice(0, 5)]
+    n = Q._CHUNK_NUMBERS["cpu"]
+    assert Q._pair_chunks(5, n // 2, torch.device("cpu")) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert Q._pair_chunks(3, 10 * n, "cpu") == [slice(0, 1), slice(1, 2), slice(2, 3)]  # at least a pair
+
+
+def test_chunked_search_and_refinement_are_the_unchunked(monkeypatch):
+    """Chunks of pairs (to stay in a CPU's caches) change nothing but rounding: rows are independent
+    and RANSAC draws its random numbers once per call of ransac_homography, whatever the chunks."""
+    pairs = [make_pair("camera", rho=12, seed=5, patch=64), make_pair("coffee", rho=12, seed=6, patch=64),
+             make_pair("astronaut", rho=12, seed=7, patch=64)]
+    src = torch.stack([chw(p.source) for p in pairs])
+    tgt = torch.stack([chw(p.target) for p in pairs])
+
+    def run():
+        M, score = Q.global_search(src, tgt, generator=torch.Generator().manual_seed(0))
+        return M, score, Q.refine_homography(src, tgt, M[:, 0])
+
+    monkeypatch.setitem(Q._CHUNK_NUMBERS, "cpu", 1 << 40)
+    whole = run()
+    monkeypatch.setitem(Q._CHUNK_NUMBERS, "cpu", 1)  # a pair at a time
+    chunked = run()
+    # the same to float rounding (a batch's size may change how a product is blocked)
+    assert Q.corner_distance(whole[0], chunked[0]).max() < 1e-5
+    assert torch.allclose(whole[1], chunked[1], atol=1e-5)
+    assert Q.corner_distance(whole[2][0], chunked[2][0]).max() < 1e-5
+    assert torch.allclose(whole[2][1], chunked[2][1], atol=1e-5)
+
+
 def _truth_norm(pairs, size):
     return torch.stack([G.normalised_from_pixel(torch.from_numpy(p.source_from_target)[None], size, size)[0]
                         for p in pairs]).float()
