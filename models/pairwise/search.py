@@ -222,11 +222,12 @@ def translation_ncc(ft: torch.Tensor, mt: torch.Tensor, fw: torch.Tensor, mw: to
     return _ncc_stacked(_ncc_stack(ft, mt), _ncc_stack(fw, mw), pad, min_overlap, overlap_power)
 
 
-def _ncc_stack(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+def _ncc_stack(f: torch.Tensor, m: torch.Tensor, masked: bool = False) -> torch.Tensor:
     """One side of :func:`translation_ncc`: features ``(..., C, H, W)`` and their mask ``(..., 1, H, W)``
     -> ``(..., C + 2, H, W)``: the masked features, the mask, and the masked features' energy (squares
-    summed over channels). Pointwise: blocks may be cut from it rather than from its inputs."""
-    fm = f * m
+    summed over channels). Pointwise: blocks may be cut from it rather than from its inputs.
+    ``masked``: ``f`` is 0 outside a 0/1 ``m`` already (masked features), so ``f * m`` is ``f``."""
+    fm = f if masked else f * m
     return torch.cat([fm, m.expand_as(fm[..., :1, :, :]), fm.square().sum(-3, keepdim=True)], -3)
 
 
@@ -240,7 +241,7 @@ def _ncc_stacked(tgt: torch.Tensor, src: torch.Tensor, pad: int, min_overlap: fl
     # Four circular correlations (summed over channels) on the canvas, as products of spectra:
     # out[t] = sum_q a[q] b[q + t] with the target at the canvas's origin, so that entry t is the
     # shift t - pad (no shift wraps around: the canvas is the target grown by pad a side).
-    Ft = torch.fft.rfft2(tgt, s=size).conj()
+    Ft = torch.fft.rfft2(tgt, s=size).conj_physical()  # once: a lazy conjugate is resolved in every product
     Fw = torch.fft.rfft2(src)
     # num (features), e_s (mask x source energy), e_t (target energy x mask), ov (mask x mask)
     spec = torch.stack([(Ft[..., :C, :, :] * Fw[..., :C, :, :]).sum(-3), Ft[..., C, :, :] * Fw[..., C + 1, :, :],
@@ -351,9 +352,9 @@ def similarity_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchCon
     for b in range(B):  # a pair at a time: R warped canvases of C features each are already large
         warped = G.warp_pixel(src[b:b + 1].expand(R, -1, -1, -1), from_canvas, canvas, padding_mode="border")
         fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
-        # the target's (1, C, H, W) broadcasts against the R canvases: transformed once
-        score = translation_ncc(ft[b:b + 1], mt[b:b + 1], fw, valid, pad,
-                                cfg.min_overlap, cfg.overlap_power)  # (R, 2pad+1, 2pad+1)
+        # translation_ncc; the target's (1, C, H, W) broadcasts against the R canvases: transformed once
+        score = _ncc_stacked(_ncc_stack(ft[b:b + 1], mt[b:b + 1]), _ncc_stack(fw, valid, masked=True), pad,
+                             cfg.min_overlap, cfg.overlap_power)  # (R, 2pad+1, 2pad+1)
         flat = score.reshape(-1)
         top = torch.topk(flat, min(flat.numel(), 200 * cfg.candidates)).indices
         Mn = G.normalised_from_pixel(M_pix[top], ss, st)
@@ -538,7 +539,7 @@ def _block_shifts(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, s
     C = ft.shape[1]
     # the correlation's inputs on the whole images, then cut: the windows overlap
     tb = _windows(_ncc_stack(ft, torch.ones_like(ft[:, :1])), origins, b)  # (B, nb, C + 2, b, b)
-    cb = _windows(_ncc_stack(fw, valid), origins, b + 2 * pad).unflatten(0, (B, K))  # (B, K, nb, C + 2, b+2pad, b+2pad)
+    cb = _windows(_ncc_stack(fw, valid, masked=True), origins, b + 2 * pad).unflatten(0, (B, K))  # (B, K, nb, C + 2, b+2pad, b+2pad)
     # a block without texture matches anything: its own energy decides whether it counts
     energy = tb[:, :, C + 1].sum((-2, -1)).repeat_interleave(K, 0)  # (B K, nb)
     # each pair's target blocks against its K candidates' windows: the blocks transformed once
@@ -862,7 +863,7 @@ def block_agreement(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor,
     nb = len(origins)
     C = ft.shape[1]
     tb = _windows(_ncc_stack(ft, torch.ones_like(ft[:, :1])), origins, b).flatten(0, 1)  # (N*nb, C + 2, b, b)
-    cb = _windows(_ncc_stack(fw, valid), origins, b + 2 * pad).flatten(0, 1)  # (N*nb, C + 2, b+2pad, b+2pad)
+    cb = _windows(_ncc_stack(fw, valid, masked=True), origins, b + 2 * pad).flatten(0, 1)  # (N*nb, C + 2, b+2pad, b+2pad)
     inside = [valid[:, 0, y0 + pad:y0 + pad + b, x0 + pad:x0 + pad + b].mean((-2, -1)) for y0, x0 in origins]
     energy = tb[:, C + 1].sum((-2, -1)).view(N, nb)
     score = _ncc_stacked(tb, cb, pad, 0.5)  # (N*nb, 2pad+1, 2pad+1)

@@ -90,6 +90,16 @@ def test_translation_ncc_broadcasts_one_target_against_many_canvases():
     assert (once == -1).any() and (once > -1).any()  # some shifts below the overlap, some above
 
 
+def test_masked_features_need_no_second_mask():
+    """The features of a 0/1 mask (orientation_features, orientation_field) are 0 outside it: their
+    correlation stack is the same without multiplying by the mask again."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(2, 3, 30, 34, generator=g)
+    mask = Q._erode((torch.rand(2, 1, 30, 34, generator=g) > 0.05).float())
+    for f in (Q.orientation_features(x, mask=mask), Q.orientation_field(x, mask)):
+        assert torch.equal(Q._ncc_stack(f, mask, masked=True), Q._ncc_stack(f, mask))
+
+
 @pytest.mark.parametrize("sigma", [0.5, 0.7, 1.5, 3.0])
 def test_blur_by_matrices_is_the_convolution_blur(sigma):
     from models.imageops import blur
