@@ -33,6 +33,12 @@ Conventions (those of :mod:`models.geometry`): a homography ``M`` is ``source_fr
 *normalised* coordinates of each image (``[-1, 1]`` from the centre of the first pixel to the centre
 of the last, x right, y down), so ``target(p) ~ source(M p)`` at any resolution. Images are
 ``(B, C, H, W)`` floats; device and dtype follow the input.
+
+Speed (one CPU thread, 128 px pairs: about 0.4 s a pair, docs/research/pairwise-search-speed.md): the
+blurs are products with banded matrices, each correlation transforms its target once for all the
+canvases it is compared with, and on a CPU the block matching and the refinement run a few pairs at
+a time (:func:`_pair_chunks`: large batches otherwise leave the caches). None of it changes a
+pair's answer beyond float rounding.
 """
 from __future__ import annotations
 
@@ -43,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import geometry as G
-from ..imageops import blur
+from ..imageops import _gauss_kernel
 
 __all__ = ["SearchConfig", "orientation_features", "similarity_homographies", "translation_ncc",
            "similarity_search", "global_search", "corner_distance", "fit_homography",
@@ -88,7 +94,41 @@ class SearchConfig:
     agreement_prior: float = 4.0
 
 
+# How many numbers the largest working tensor of a chunk of pairs may hold, by device type: a CPU
+# slows down once they leave its caches (and a batch of 32 pairs would need gigabytes); a GPU wants
+# them large.
+_CHUNK_NUMBERS = {"cpu": 1 << 22, "other": 1 << 28}
+
 # --------------------------------------------------------------------------- features
+
+
+def _blur_matrix(n: int, kernel: torch.Tensor) -> torch.Tensor:
+    """``(n, n)``: a convolution with ``kernel`` ``(2r + 1,)`` along an axis of ``n`` px, the
+    replicate padding folded in (row ``j`` holds the weights of the pixels that output ``j`` reads)."""
+    r = kernel.numel() // 2
+    idx = (torch.arange(n, device=kernel.device)[:, None] + torch.arange(-r, r + 1, device=kernel.device)).clamp(0, n - 1)
+    K = torch.zeros(n, n, dtype=kernel.dtype, device=kernel.device)
+    return K.scatter_add_(1, idx, kernel.expand(n, -1).contiguous())
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """:func:`models.imageops.blur` (separable Gaussian, replicate padding), ``(B, C, H, W)`` -> same,
+    by two matrix products with banded matrices: the same to float rounding, and on a CPU 4-15x
+    faster than its grouped convolutions at these kernels (5-11 taps) and sizes (64-152 px)."""
+    if sigma <= 0.05:
+        return x
+    k = _gauss_kernel(sigma, x)
+    return _blur_matrix(x.shape[-2], k) @ (x @ _blur_matrix(x.shape[-1], k).T)
+
+
+def _erode(mask: torch.Tensor, r: int = 2) -> torch.Tensor:
+    """A 0/1 mask ``(B, C, H, W)`` eroded by a ``(2r + 1)^2`` square (the window clipped at the image's
+    edge: ``-max_pool2d(-mask, 2r + 1, 1, r)``): 1 where the window holds only ones. Its sums of
+    ones are exact integers, so this is max-pooling's answer exactly, by two products with banded
+    matrices (several times faster on a CPU)."""
+    box = torch.ones(2 * r + 1, dtype=mask.dtype, device=mask.device)
+    count = _blur_matrix(mask.shape[-2], box) @ (mask @ _blur_matrix(mask.shape[-1], box).T)
+    return (count > (2 * r + 1) ** 2 - 0.5).to(mask.dtype)
 
 
 def _standardise(x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +151,7 @@ def orientation_features(x: torch.Tensor, bins: int = 8, kappa: float = 2.0, cel
     """
     x = _standardise(x) if mask is None else x
     if smooth > 0:
-        x = blur(x, smooth)
+        x = _blur(x, smooth)
     p = F.pad(x, (1, 1, 1, 1), mode="replicate")
     gx = 0.5 * (p[..., 1:-1, 2:] - p[..., 1:-1, :-2])
     gy = 0.5 * (p[..., 2:, 1:-1] - p[..., :-2, 1:-1])
@@ -127,15 +167,18 @@ def orientation_features(x: torch.Tensor, bins: int = 8, kappa: float = 2.0, cel
         mean = m.mean((-2, -1), keepdim=True)
     w = m / (m + mean.clamp_min(1e-6))
     k = torch.arange(bins, dtype=x.dtype, device=x.device) * (math.pi / bins)
-    # cos 2(phi - c) = cos 2phi cos 2c + sin 2phi sin 2c
-    d = cos2[:, None] * torch.cos(2 * k)[None, :, None, None] + sin2[:, None] * torch.sin(2 * k)[None, :, None, None]
-    h = torch.exp(kappa * (d - 1)) * w[:, None]
-    h = blur(h, cell)
+    # kappa (cos 2(phi - c) - 1) = kappa cos 2c cos 2phi + kappa sin 2c sin 2phi - kappa: every bin's
+    # exponent at once, as a (bins, 3) x (3, H W) product per image (one pass over the bins, not five)
+    coef = torch.stack([kappa * torch.cos(2 * k), kappa * torch.sin(2 * k), torch.full_like(k, -kappa)], 1)
+    B, H, W = cos2.shape
+    h = torch.matmul(coef, torch.stack([cos2, sin2, torch.ones_like(cos2)], 1).view(B, 3, H * W))
+    h = h.view(B, bins, H, W).exp_() * w[:, None]  # (B, bins, H, W)
+    h = _blur(h, cell)
     if mask is None:
         return h - h.mean((-2, -1), keepdim=True)
     h = h * mask
     mean = h.sum((-2, -1), keepdim=True) / mask.sum((-2, -1), keepdim=True).clamp_min(1.0)
-    return (h - mean) * mask
+    return h.addcmul_(mean, mask, value=-1)  # (h - mean) * mask, h already masked
 
 
 # --------------------------------------------------------------------------- similarity search
@@ -159,51 +202,63 @@ def similarity_homographies(angles: torch.Tensor, scales: torch.Tensor, src_size
     return M
 
 
-def _correlate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Circular cross-correlation summed over channels: ``out[t] = sum_c sum_q a[c, q] b[c, q + t]``,
-    ``(N, C, H, W)`` x ``(N, C, H, W)`` -> ``(N, H, W)``."""
-    fa, fb = torch.fft.rfft2(a), torch.fft.rfft2(b)
-    return torch.fft.irfft2((fa.conj() * fb).sum(1), s=a.shape[-2:])
-
-
 def translation_ncc(ft: torch.Tensor, mt: torch.Tensor, fw: torch.Tensor, mw: torch.Tensor, pad: int,
                     min_overlap: float, overlap_power: float = 0.0) -> torch.Tensor:
     """Normalised cross-correlation of target features with warped source features at every shift.
 
     Args:
-        ft: ``(N, C, H, W)`` target features, ``mt`` ``(N, 1, H, W)`` where they are valid.
-        fw: ``(N, C, H + 2 pad, W + 2 pad)`` source features on a canvas whose pixel ``q`` is the
-            target's pixel ``q - pad``; ``mw`` ``(N, 1, ...)`` where they are valid.
+        ft: ``(..., C, H, W)`` target features, ``mt`` ``(..., 1, H, W)`` where they are valid.
+        fw: ``(..., C, H + 2 pad, W + 2 pad)`` source features on a canvas whose pixel ``q`` is the
+            target's pixel ``q - pad``; ``mw`` ``(..., 1, ...)`` where they are valid. The leading
+            dimensions of the target's and the source's broadcast: one target against many warped
+            sources (``(P, 1, C, H, W)`` with ``(P, K, C, ...)``) is transformed once.
         pad: the largest shift, px.
         min_overlap: shifts whose overlap is below this fraction of the target's valid pixels get -1.
         overlap_power: the score is multiplied by the overlap's fraction of the target to this power
             (0: not at all).
 
     Returns:
-        ``(N, 2 pad + 1, 2 pad + 1)``: entry ``[pad + ty, pad + tx]`` scores the map that sends the
+        ``(..., 2 pad + 1, 2 pad + 1)``: entry ``[pad + ty, pad + tx]`` scores the map that sends the
         target's pixel ``p`` to the canvas at ``p + (tx, ty)``,
         ``sum ft(p) fw(p + t) / sqrt(sum |ft(p)|^2 mw(p + t) * sum |fw(p + t)|^2 mt(p))``.
     """
     H, W = ft.shape[-2:]
     if tuple(fw.shape[-2:]) != (H + 2 * pad, W + 2 * pad):
         raise ValueError(f"the canvas must be {(H + 2 * pad, W + 2 * pad)}, not {tuple(fw.shape[-2:])}")
+    return _ncc_stacked(_ncc_stack(ft, mt), _ncc_stack(fw, mw), pad, min_overlap, overlap_power)
 
-    def place(x):
-        return F.pad(x, (pad, pad, pad, pad))
 
-    ftp, mtp = place(ft * mt), place(mt)
-    num = _correlate(ftp, fw * mw)
-    e_s = _correlate(mtp, (fw * mw).square().sum(1, keepdim=True))
-    e_t = _correlate(place((ft * mt).square().sum(1, keepdim=True)), mw)
-    ov = _correlate(mtp, mw)
+def _ncc_stack(f: torch.Tensor, m: torch.Tensor, masked: bool = False) -> torch.Tensor:
+    """One side of :func:`translation_ncc`: features ``(..., C, H, W)`` and their mask ``(..., 1, H, W)``
+    -> ``(..., C + 2, H, W)``: the masked features, the mask, and the masked features' energy (squares
+    summed over channels). Pointwise: blocks may be cut from it rather than from its inputs.
+    ``masked``: ``f`` is 0 outside a 0/1 ``m`` already (masked features), so ``f * m`` is ``f``."""
+    fm = f if masked else f * m
+    return torch.cat([fm, m.expand_as(fm[..., :1, :, :]), fm.square().sum(-3, keepdim=True)], -3)
 
-    def crop(x):  # shifts -pad..pad: index t mod size
-        x = torch.roll(x, shifts=(pad, pad), dims=(-2, -1))
-        return x[..., : 2 * pad + 1, : 2 * pad + 1]
 
-    num, e_s, e_t, ov = crop(num), crop(e_s), crop(e_t), crop(ov)
+def _ncc_stacked(tgt: torch.Tensor, src: torch.Tensor, pad: int, min_overlap: float, overlap_power: float = 0.0
+                 ) -> torch.Tensor:
+    """:func:`translation_ncc` of the stacks of :func:`_ncc_stack`: the target's ``(..., C + 2, H, W)``,
+    the canvas's ``(..., C + 2, H + 2 pad, W + 2 pad)`` (leading dimensions broadcast) ->
+    ``(..., 2 pad + 1, 2 pad + 1)``."""
+    C = tgt.shape[-3] - 2
+    size = tuple(src.shape[-2:])
+    # Four circular correlations (summed over channels) on the canvas, as products of spectra:
+    # out[t] = sum_q a[q] b[q + t] with the target at the canvas's origin, so that entry t is the
+    # shift t - pad (no shift wraps around: the canvas is the target grown by pad a side).
+    Ft = torch.fft.rfft2(tgt, s=size).conj_physical()  # once: a lazy conjugate is resolved in every product
+    Fw = torch.fft.rfft2(src)
+    # num (features), e_s (mask x source energy), e_t (target energy x mask), ov (mask x mask)
+    spec = torch.stack([(Ft[..., :C, :, :] * Fw[..., :C, :, :]).sum(-3), Ft[..., C, :, :] * Fw[..., C + 1, :, :],
+                        Ft[..., C + 1, :, :] * Fw[..., C, :, :], Ft[..., C, :, :] * Fw[..., C, :, :]], -3)
+    # the inverse transform of the 2 pad + 1 rows and columns wanted only: along y in full, then
+    # along x for those rows (irfft2's result there, bit for bit, at half its cost)
+    n = 2 * pad + 1
+    out = torch.fft.irfft(torch.fft.ifft(spec, dim=-2)[..., :n, :], n=size[1], dim=-1)[..., :n]
+    num, e_s, e_t, ov = out.unbind(-3)
     score = num / (e_s.clamp_min(1e-9) * e_t.clamp_min(1e-9)).sqrt()
-    total = mt.sum((-3, -2, -1))[:, None, None]
+    total = tgt[..., C, :, :].sum((-2, -1))[..., None, None]
     if overlap_power:
         # a small overlap matches well by chance more easily: its score counts for less
         score = score * (ov.clamp_min(0) / total).clamp_max(1) ** overlap_power
@@ -243,13 +298,17 @@ def corner_distance(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 def _nms(M: torch.Tensor, score: torch.Tensor, k: int, sep: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy non-maximum suppression of one pair's candidates ``M`` ``(N, 3, 3)``, ``score`` ``(N,)``:
     the ``k`` best that are at least ``sep`` apart (:func:`corner_distance`), padded with the best."""
-    order = torch.argsort(score, descending=True)
-    kept: list[int] = []
-    for i in order[: 50 * k].tolist():
-        if not kept or bool((corner_distance(M[i][None], M[kept]) >= sep).all()):
-            kept.append(i)
-        if len(kept) == k:
+    order = torch.argsort(score, descending=True)[: 50 * k]
+    # every candidate's distance to every other at once (corner_distance's arithmetic), then greedy
+    c = G.transform_points(M[order], G.unit_corners(like=M))  # (n, 4, 2)
+    apart = ((c[:, None] - c[None]).norm(dim=-1).mean(-1) >= sep).tolist()  # (n, n)
+    kept_at: list[int] = []  # positions in order
+    for j in range(len(apart)):
+        if all(apart[j][q] for q in kept_at):
+            kept_at.append(j)
+        if len(kept_at) == k:
             break
+    kept = [int(order[j]) for j in kept_at]
     while len(kept) < k:
         kept.append(kept[0])
     idx = torch.tensor(kept, device=M.device)
@@ -275,7 +334,7 @@ def similarity_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchCon
     tgt = _standardise(_resize(target, st))
     mt = torch.ones(B, 1, *st, dtype=dt, device=dev)
     ft = orientation_features(tgt, cfg.bins, cfg.kappa, cfg.cell, smooth=cfg.smooth)
-    n_a = int(round(2 * cfg.angles / cfg.angle_step)) + 1 if cfg.angles > 0 else 1
+    n_a = round(2 * cfg.angles / cfg.angle_step) + 1 if cfg.angles > 0 else 1
     angles = torch.linspace(-cfg.angles, cfg.angles, n_a, dtype=dt, device=dev) * (math.pi / 180)
     lo, hi = math.log(cfg.scales[0]), math.log(cfg.scales[1])
     scales = torch.exp(torch.linspace(lo, hi, cfg.scale_steps, dtype=dt, device=dev)) if cfg.scale_steps > 1 \
@@ -283,27 +342,28 @@ def similarity_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchCon
     aa, sc = torch.meshgrid(angles, scales, indexing="ij")
     A = similarity_homographies(aa.flatten(), sc.flatten(), ss, st)  # (R, 3, 3) pixels
     R = A.shape[0]
-    pad = max(1, int(round(cfg.shift * max(st))))
+    pad = max(1, round(cfg.shift * max(st)))
     canvas = (st[0] + 2 * pad, st[1] + 2 * pad)
     from_canvas = A @ _translate(torch.full((1, 2), -float(pad), dtype=dt, device=dev))  # (R, 3, 3)
-    best_M, best_s = [], []
+    # what does not depend on the pair: the canvas's valid mask, the candidates' matrices
     ones = torch.ones(1, 1, *ss, dtype=dt, device=dev)
-    for b in range(B):
-        s_b = src[b:b + 1].expand(R, -1, -1, -1)
-        warped = G.warp_pixel(s_b, from_canvas, canvas, padding_mode="border")
-        valid = G.warp_pixel(ones.expand(R, -1, -1, -1), from_canvas, canvas) > 0.999
-        valid = -F.max_pool2d(-valid.to(dt), 5, 1, 2)  # erode: no features of the border padding
+    valid = G.warp_pixel(ones.expand(R, -1, -1, -1), from_canvas, canvas) > 0.999
+    valid = _erode(valid.to(dt))  # no features of the border padding
+    t = torch.arange(-pad, pad + 1, dtype=dt, device=dev)
+    ty, tx = torch.meshgrid(t, t, indexing="ij")
+    shift = _translate(torch.stack([tx.flatten(), ty.flatten()], -1))  # (n*n, 3, 3): p -> p + t
+    # target p -> canvas p + t + pad -> source A (p + t): pixels
+    M_pix = (A[:, None] @ shift[None]).reshape(-1, 3, 3)  # (R * n*n, 3, 3)
+    best_M, best_s = [], []
+    for b in range(B):  # a pair at a time: R warped canvases of C features each are already large
+        warped = G.warp_pixel(src[b:b + 1].expand(R, -1, -1, -1), from_canvas, canvas, padding_mode="border")
         fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
-        score = translation_ncc(ft[b:b + 1].expand(R, -1, -1, -1), mt[b:b + 1].expand(R, -1, -1, -1), fw, valid, pad,
-                                cfg.min_overlap, cfg.overlap_power)  # (R, 2pad+1, 2pad+1)
-        t = torch.arange(-pad, pad + 1, dtype=dt, device=dev)
-        ty, tx = torch.meshgrid(t, t, indexing="ij")
-        shift = _translate(torch.stack([tx.flatten(), ty.flatten()], -1))  # (n*n, 3, 3): p -> p + t
-        # target p -> canvas p + t + pad -> source A (p + t): pixels, then normalised
-        M_pix = A[:, None] @ shift[None]  # (R, n*n, 3, 3)
+        # translation_ncc; the target's (1, C, H, W) broadcasts against the R canvases: transformed once
+        score = _ncc_stacked(_ncc_stack(ft[b:b + 1], mt[b:b + 1]), _ncc_stack(fw, valid, masked=True), pad,
+                             cfg.min_overlap, cfg.overlap_power)  # (R, 2pad+1, 2pad+1)
         flat = score.reshape(-1)
         top = torch.topk(flat, min(flat.numel(), 200 * cfg.candidates)).indices
-        Mn = G.normalised_from_pixel(M_pix.reshape(-1, 3, 3)[top], ss, st)
+        Mn = G.normalised_from_pixel(M_pix[top], ss, st)
         Mk, sk = _nms(Mn, flat[top], cfg.candidates, cfg.separation)
         best_M.append(Mk)
         best_s.append(sk)
@@ -445,28 +505,53 @@ def _warp_to_canvas(src: torch.Tensor, M: torch.Tensor, ss: tuple[int, int], st:
     warped = G.warp_pixel(src, from_canvas, canvas, padding_mode="border")
     ones = torch.ones(N, 1, *ss, dtype=dt, device=dev)
     valid = (G.warp_pixel(ones, from_canvas, canvas) > 0.999).to(dt)
-    return warped, -F.max_pool2d(-valid, 5, 1, 2)
+    return warped, _erode(valid)
 
 
-def _cut_blocks(ft: torch.Tensor, fw: torch.Tensor, valid: torch.Tensor, block: int, grid: int, pad: int):
-    """The target's features ``ft`` ``(N, C, H, W)`` cut into ``grid x grid`` blocks of ``block`` px
-    (at most the image), and for each the window of the warped source's features ``fw`` and mask
-    ``valid`` (canvases of :func:`_warp_to_canvas`) that shifts of up to ``pad`` px reach.
-
-    Returns:
-        The block side ``b``, the blocks' top-left corners ``[(y0, x0), ...]`` (``nb`` of them), the
-        target blocks ``(N*nb, C, b, b)``, source windows ``(N*nb, C, b+2pad, b+2pad)`` and masks
-        ``(N*nb, 1, b+2pad, b+2pad)``, pair-major.
-    """
-    H, W = ft.shape[-2:]
+def _block_origins(size: tuple[int, int], block: int, grid: int) -> tuple[int, list[tuple[int, int]]]:
+    """The block side ``b`` (``block``, at most the image) and the top-left corners ``[(y0, x0), ...]``
+    of a ``grid x grid`` tiling of an image of ``size`` ``(H, W)`` px."""
+    H, W = size
     b = min(block, H, W)
     ys = torch.linspace(0, H - b, grid).round().long().tolist()
     xs = torch.linspace(0, W - b, grid).round().long().tolist()
-    origins = [(y0, x0) for y0 in ys for x0 in xs]
-    tb = torch.stack([ft[..., y0:y0 + b, x0:x0 + b] for y0, x0 in origins], 1).flatten(0, 1)
-    cb = torch.stack([fw[..., y0:y0 + b + 2 * pad, x0:x0 + b + 2 * pad] for y0, x0 in origins], 1).flatten(0, 1)
-    cm = torch.stack([valid[..., y0:y0 + b + 2 * pad, x0:x0 + b + 2 * pad] for y0, x0 in origins], 1).flatten(0, 1)
-    return b, origins, tb, cb, cm
+    return b, [(y0, x0) for y0 in ys for x0 in xs]
+
+
+def _windows(x: torch.Tensor, origins: list[tuple[int, int]], side: int) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(N, nb, C, side, side)``: the windows at ``origins`` (top-left corners)."""
+    return torch.stack([x[..., y0:y0 + side, x0:x0 + side] for y0, x0 in origins], 1)
+
+
+def _pair_chunks(B: int, per_pair: int, device: torch.device) -> list[slice]:
+    """Slices of ``B`` pairs, each holding at most ``_CHUNK_NUMBERS[device type]`` numbers in its largest
+    tensor (``per_pair`` a pair; at least one pair a slice)."""
+    n = max(1, _CHUNK_NUMBERS.get(torch.device(device).type, _CHUNK_NUMBERS["other"]) // max(1, per_pair))
+    return [slice(i, min(i + n, B)) for i in range(0, B, n)]
+
+
+def _block_shifts(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, ss: tuple[int, int], st: tuple[int, int],
+                  origins: list[tuple[int, int]], b: int, pad: int, cfg: SearchConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`match_refine`'s block matching: each target block's best shift (sub-pixel, map px: ``pad``
+    is no shift) in the canvas of each of its pair's ``K`` candidates, ``(B K nb, 2)``, the peak's
+    correlation ``(B K nb,)`` and the block's energy ``(B K, nb)``; ``M`` ``(B K, 3, 3)`` pair-major."""
+    B = source.shape[0]
+    K = M.shape[0] // B
+    src = _standardise(_resize(source, ss)).repeat_interleave(K, 0)  # (B K, Cs, *ss)
+    ft = orientation_features(_standardise(_resize(target, st)), cfg.bins, cfg.kappa, cfg.cell, smooth=cfg.smooth)
+    warped, valid = _warp_to_canvas(src, M, ss, st, pad)
+    fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
+    C = ft.shape[1]
+    # the correlation's inputs on the whole images, then cut: the windows overlap
+    tb = _windows(_ncc_stack(ft, torch.ones_like(ft[:, :1])), origins, b)  # (B, nb, C + 2, b, b)
+    cb = _windows(_ncc_stack(fw, valid, masked=True), origins, b + 2 * pad).unflatten(0, (B, K))  # (B, K, nb, C + 2, b+2pad, b+2pad)
+    # a block without texture matches anything: its own energy decides whether it counts
+    energy = tb[:, :, C + 1].sum((-2, -1)).repeat_interleave(K, 0)  # (B K, nb)
+    # each pair's target blocks against its K candidates' windows: the blocks transformed once
+    score = _ncc_stacked(tb[:, None], cb, pad, 0.5)  # (B, K, nb, 2pad+1, 2pad+1)
+    t, val = _peak(score.flatten(0, 2))
+    return t, val, energy
 
 
 def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, longer: int, grid: int,
@@ -474,34 +559,43 @@ def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, lo
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One round of block matching and a robust homography fit.
 
-    The source is warped into the target's frame by the current ``M`` ``(N, 3, 3)`` (normalised
+    The source is warped into the target's frame by the current ``M`` (normalised
     ``source_from_target``) at a level whose longer side is ``longer`` px; the target is cut into
     ``grid x grid`` blocks of ``block`` px, and each block's best shift (within ``radius`` px, by
     the normalised feature correlation of :func:`translation_ncc`, sub-pixel) gives one match: the
     block's centre and where it lies in the source. RANSAC (``threshold`` px of the level) and a
     weighted least-squares fit over the matches give the new homography.
 
+    Args:
+        source ``(B, Cs, Hs, Ws)``, target ``(B, Ct, Ht, Wt)``; ``M`` ``(B * K, 3, 3)``: ``K``
+        candidates per pair, pair-major (the target's features and blocks are computed once a pair).
+
     Returns:
-        The new ``(N, 3, 3)`` and the share of blocks that are inliers ``(N,)`` (where fewer than 4
-        blocks match, ``M`` unchanged).
+        The new ``(B * K, 3, 3)`` and the share of blocks that are inliers ``(B * K,)`` (where fewer
+        than 4 blocks match, ``M`` unchanged).
     """
-    N = source.shape[0]
+    B = source.shape[0]
+    N = M.shape[0]
+    K = N // B
+    if N != B * K or target.shape[0] != B:
+        raise ValueError(f"M must hold K candidates for each of the {B} pairs, got {tuple(M.shape)}")
     dev, dt = source.device, source.dtype
     ss = _level_size(tuple(source.shape[-2:]), longer)
     st = _level_size(tuple(target.shape[-2:]), longer)
-    H, W = st
-    src = _standardise(_resize(source, ss))
-    ft = orientation_features(_standardise(_resize(target, st)), cfg.bins, cfg.kappa, cfg.cell, smooth=cfg.smooth)
     pad = radius
-    warped, valid = _warp_to_canvas(src, M, ss, st, pad)
-    fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
-    b, origins, tb, cb, cm = _cut_blocks(ft, fw, valid, block, grid, pad)
+    b, origins = _block_origins(st, block, grid)
+    nb = len(origins)
     centres = [(x0 + (b - 1) / 2, y0 + (b - 1) / 2) for y0, x0 in origins]
-    nb = len(centres)
-    # a block without texture matches anything: its own energy decides whether it counts
-    energy = tb.square().sum((1, 2, 3))
-    score = translation_ncc(tb, torch.ones_like(tb[:, :1]), cb, cm, pad, 0.5)  # (N*nb, 2pad+1, 2pad+1)
-    t, val = _peak(score)
+    # The block matching a few pairs at a time (each row's matches do not depend on the others): its
+    # windows hold K nb (C + 2) (b + 2 pad)^2 numbers a pair, and a CPU slows down once they leave its caches.
+    per_pair = K * nb * (cfg.bins + 2) * (b + 2 * pad) ** 2
+    t, val, energy = [], [], []
+    for sl in _pair_chunks(B, per_pair, dev):
+        tc, vc, ec = _block_shifts(source[sl], target[sl], M[sl.start * K:sl.stop * K], ss, st, origins, b, pad, cfg)
+        t.append(tc)
+        val.append(vc)
+        energy.append(ec)
+    t, val, energy = torch.cat(t), torch.cat(val), torch.cat(energy)  # (N * nb, 2), (N * nb,), (N, nb)
     t = t - pad  # shift, px
     c = torch.tensor(centres, dtype=dt, device=dev)  # (nb, 2)
     tp = c[None].expand(N, -1, -1)
@@ -510,7 +604,6 @@ def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, lo
     nt, ns = G.normaliser(*st, like=M), G.normaliser(*ss, like=M)
     tn = G.transform_points(nt[None].expand(N, 3, 3), tp)
     sn = G.transform_points(ns[None].expand(N, 3, 3), sp)
-    energy = energy.view(N, nb)
     w = val.view(N, nb).clamp_min(0) * (energy > 0.1 * energy.median(1, keepdim=True).values)
     thr = threshold * 2.0 / max(max(ss) - 1, 1)
     Hn, inl = ransac_homography(tn, sn, w, thr, generator=generator)
@@ -561,8 +654,7 @@ def global_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchConfig 
             top = torch.topk(score, cfg.keep, dim=1).indices  # (B, keep)
             Mf = torch.gather(Mf.view(B, K, 3, 3), 1, top[..., None, None].expand(-1, -1, 3, 3)).reshape(-1, 3, 3)
             K = cfg.keep
-        sf, tf = source.repeat_interleave(K, 0), target.repeat_interleave(K, 0)
-        Mf, _ = match_refine(sf, tf, Mf, longer, grid, block, radius, cfg, generator=generator)
+        Mf, _ = match_refine(source, target, Mf, longer, grid, block, radius, cfg, generator=generator)
     if cfg.rounds:
         score = _score(source, target, Mf, cfg.rounds[-1][0], cfg).view(B, K)
     order = torch.argsort(score, dim=1, descending=True)
@@ -585,7 +677,7 @@ def orientation_field(x: torch.Tensor, mask: torch.Tensor | None = None, cell: f
     ``mask`` ``(B, 1, H, W)``, the mean is taken over the mask and the field is 0 outside it.
     """
     if smooth > 0:
-        x = blur(x, smooth)
+        x = _blur(x, smooth)
     p = F.pad(x, (1, 1, 1, 1), mode="replicate")
     gx = 0.5 * (p[..., 1:-1, 2:] - p[..., 1:-1, :-2])
     gy = 0.5 * (p[..., 2:, 1:-1] - p[..., :-2, 1:-1])
@@ -598,7 +690,7 @@ def orientation_field(x: torch.Tensor, mask: torch.Tensor | None = None, cell: f
     else:
         mean = (m * mask).sum((-2, -1), keepdim=True) / mask.sum((-2, -1), keepdim=True).clamp_min(1.0)
     w = m / (m + mean.clamp_min(1e-6))
-    h = blur(torch.cat([c2, s2], 1) * (w / m2), cell)  # (B, 2, H, W)
+    h = _blur(torch.cat([c2, s2], 1) * (w / m2), cell)  # (B, 2, H, W)
     return h if mask is None else h * mask
 
 
@@ -615,8 +707,7 @@ def _warped_field(src: torch.Tensor, M: torch.Tensor, size: tuple[int, int], cfg
     that the border's padding does not count)."""
     w = G.warp(src, M, size, padding_mode="border")
     ones = torch.ones(src.shape[0], 1, *src.shape[-2:], dtype=src.dtype, device=src.device)
-    valid = (G.warp(ones, M, size) > 0.999).to(src.dtype)
-    valid = -F.max_pool2d(-valid, 5, 1, 2)
+    valid = _erode((G.warp(ones, M, size) > 0.999).to(src.dtype))
     return orientation_field(w, valid, cfg.refine_cell, cfg.refine_smooth), valid
 
 
@@ -643,32 +734,36 @@ def _ecc_step(ft: torch.Tensor, fw: torch.Tensor, valid: torch.Tensor) -> torch.
     for a homography composed on the target's side: ``(N, 8)`` parameters ``(a, b, c, d, e, f, g, h)``
     of ``[[1 + a, b, c], [d, 1 + e, f], [g, h, 1]]`` (normalised target coordinates) that raise the
     correlation of ``fw(W(p))`` with ``ft(p)``; 0 where the correlation has no ascent."""
-    N, C, H, W = fw.shape
+    N, _, H, W = fw.shape
     dt = torch.float64  # the 8 x 8 normal equations sum ~10^5 terms
     gx, gy = _field_gradients(fw)
     gx, gy = gx * ((W - 1) / 2), gy * ((H - 1) / 2)  # per normalised unit
     y, x = torch.meshgrid(torch.linspace(-1, 1, H, dtype=fw.dtype, device=fw.device),
                           torch.linspace(-1, 1, W, dtype=fw.dtype, device=fw.device), indexing="ij")
     x, y = x.flatten(), y.flatten()
-    o, z = torch.ones_like(x), torch.zeros_like(x)
-    jx = torch.stack([x, y, o, z, z, z, -x * x, -x * y], -1)  # (HW, 8): d W_x / d params at the identity
-    jy = torch.stack([z, z, z, x, y, o, -x * y, -y * y], -1)
     m = valid.flatten(2)  # (N, 1, HW)
-    J = gx.flatten(2)[..., None] * jx + gy.flatten(2)[..., None] * jy  # (N, C, HW, 8)
-    J = _masked_centre(J, m).reshape(N, -1, 8).to(dt)
+    gx, gy = gx.flatten(2), gy.flatten(2)  # (N, C, HW)
+    # J = gx d W_x / d params + gy d W_y / d params at the identity, d W_x = (x, y, 1, 0, 0, 0, -x x, -x y),
+    # d W_y = (0, 0, 0, x, y, 1, -x y, -y y): a parameter at a time (no products with zeros), each
+    # parameter's row contiguous
+    xy = -x * y
+    J = torch.stack([gx * x, gx * y, gx, gy * x, gy * y, gy, gx * (-x * x) + gy * xy, gx * xy + gy * (-y * y)], 1)
+    mj = m[:, None]  # (N, 1, 1, HW)
+    J = J * mj  # (N, 8, C, HW)
+    J = J.sub_(J.sum(-1, keepdim=True) / mj.sum(-1, keepdim=True).clamp_min(1.0)).mul_(mj)  # centred over the mask
+    J = J.reshape(N, 8, -1).to(dt)  # (N, 8, C HW)
     iw = _masked_centre(fw.flatten(2), m).reshape(N, -1).to(dt)
     tv = _masked_centre(ft.flatten(2), m).reshape(N, -1).to(dt)
-    Hinv = torch.linalg.pinv(J.transpose(1, 2) @ J)  # (N, 8, 8)
-    ip = (J.transpose(1, 2) @ iw[..., None])[..., 0]  # (N, 8)
-    tp = (J.transpose(1, 2) @ tv[..., None])[..., 0]
+    Hinv = torch.linalg.pinv(J @ J.transpose(1, 2))  # (N, 8, 8)
+    ip, tp = (J @ torch.stack([iw, tv], -1)).unbind(-1)  # (N, 8) each
     ipH = (Hinv @ ip[..., None])[..., 0]
     # lambda: the scale of the target that the warped field should match (ECC's closed form)
     lam_n = iw.square().sum(1) - (ip * ipH).sum(1)
     lam_d = (iw * tv).sum(1) - (tp * ipH).sum(1)
     ascent = (lam_d > 0) & torch.isfinite(lam_d)
     lam = torch.where(ascent, lam_n / lam_d.clamp_min(1e-12), torch.zeros_like(lam_n))
-    err = lam[:, None] * tv - iw
-    dp = (Hinv @ (J.transpose(1, 2) @ err[..., None]))[..., 0]
+    # J^T (lam tv - iw), from the products above
+    dp = (Hinv @ (lam[:, None] * tp - ip)[..., None])[..., 0]
     dp = torch.where(ascent[:, None] & torch.isfinite(dp).all(1, keepdim=True), dp, torch.zeros_like(dp))
     return dp.to(fw.dtype)
 
@@ -697,6 +792,11 @@ def refine_homography(source: torch.Tensor, target: torch.Tensor, M: torch.Tenso
     if not cfg.refine:
         return M, torch.full(M.shape[:1], float("nan"), dtype=M.dtype, device=M.device)
     N = source.shape[0]
+    st = _level_size(tuple(target.shape[-2:]), max(longer for longer, _ in cfg.refine))
+    chunks = _pair_chunks(N, 8 * 2 * 2 * st[0] * st[1], source.device)  # the ECC step's float64 Jacobian
+    if len(chunks) > 1:  # rows are independent
+        parts = [refine_homography(source[sl], target[sl], M[sl], cfg) for sl in chunks]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     eye = torch.eye(3, dtype=M.dtype, device=M.device)
     finite = torch.isfinite(M).flatten(1).all(1)
     start = torch.where(finite[:, None, None], M, eye)
@@ -758,7 +858,6 @@ def block_agreement(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor,
     dt = source.dtype
     ss = _level_size(tuple(source.shape[-2:]), longer)
     st = _level_size(tuple(target.shape[-2:]), longer)
-    H, W = st
     finite = torch.isfinite(M).flatten(1).all(1)
     M = torch.where(finite[:, None, None], M, torch.eye(3, dtype=M.dtype, device=M.device))
     src = _standardise(_resize(source, ss))
@@ -766,11 +865,14 @@ def block_agreement(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor,
     pad = radius
     warped, valid = _warp_to_canvas(src, M, ss, st, pad)
     fw = orientation_field(warped, valid, cfg.refine_cell, cfg.refine_smooth)
-    b, origins, tb, cb, cm = _cut_blocks(ft, fw, valid, block, grid, pad)
-    inside = [valid[:, 0, y0 + pad:y0 + pad + b, x0 + pad:x0 + pad + b].mean((-2, -1)) for y0, x0 in origins]
+    b, origins = _block_origins(st, block, grid)
     nb = len(origins)
-    energy = tb.square().sum((1, 2, 3)).view(N, nb)
-    score = translation_ncc(tb, torch.ones_like(tb[:, :1]), cb, cm, pad, 0.5)  # (N*nb, 2pad+1, 2pad+1)
+    C = ft.shape[1]
+    tb = _windows(_ncc_stack(ft, torch.ones_like(ft[:, :1])), origins, b).flatten(0, 1)  # (N*nb, C + 2, b, b)
+    cb = _windows(_ncc_stack(fw, valid, masked=True), origins, b + 2 * pad).flatten(0, 1)  # (N*nb, C + 2, b+2pad, b+2pad)
+    inside = [valid[:, 0, y0 + pad:y0 + pad + b, x0 + pad:x0 + pad + b].mean((-2, -1)) for y0, x0 in origins]
+    energy = tb[:, C + 1].sum((-2, -1)).view(N, nb)
+    score = _ncc_stacked(tb, cb, pad, 0.5)  # (N*nb, 2pad+1, 2pad+1)
     t, val = _peak(score)
     off = (t - pad).norm(dim=-1).view(N, nb)  # the block's own shift from where M puts it, px
     inside = torch.stack(inside, 1)  # (N, nb): the share of the block the warped source covers

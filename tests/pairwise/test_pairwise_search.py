@@ -72,6 +72,55 @@ def test_translation_ncc_peaks_at_the_shift_with_score_one():
     assert score[0].max().item() == pytest.approx(1.0, abs=1e-9)
 
 
+def test_translation_ncc_broadcasts_one_target_against_many_canvases():
+    """A target ``(P, 1, C, H, W)`` against ``(P, K, C, ...)`` canvases scores as the target repeated
+    K times; with masks that are not all ones (the overlap, the normalisation)."""
+    g = torch.Generator().manual_seed(3)
+    pad, H, W = 4, 12, 10
+    ft = torch.randn(2, 1, 3, H, W, generator=g, dtype=torch.float64)
+    mt = (torch.rand(2, 1, 1, H, W, generator=g, dtype=torch.float64) > 0.2).double()
+    fw = torch.randn(2, 5, 3, H + 2 * pad, W + 2 * pad, generator=g, dtype=torch.float64)
+    mw = (torch.rand(2, 5, 1, H + 2 * pad, W + 2 * pad, generator=g, dtype=torch.float64) > 0.3).double()
+    mw[..., : W // 2 + pad] = 0  # the canvas's left part is invalid: the overlap depends on the shift
+    once = Q.translation_ncc(ft, mt, fw, mw, pad, 0.3, 1.0)
+    assert once.shape == (2, 5, 2 * pad + 1, 2 * pad + 1)
+    rep = Q.translation_ncc(ft.expand(-1, 5, -1, -1, -1).flatten(0, 1), mt.expand(-1, 5, -1, -1, -1).flatten(0, 1),
+                            fw.flatten(0, 1), mw.flatten(0, 1), pad, 0.3, 1.0)
+    assert torch.allclose(once.flatten(0, 1), rep, atol=1e-12)
+    assert (once == -1).any() and (once > -1).any()  # some shifts below the overlap, some above
+
+
+def test_masked_features_need_no_second_mask():
+    """The features of a 0/1 mask (orientation_features, orientation_field) are 0 outside it: their
+    correlation stack is the same without multiplying by the mask again."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(2, 3, 30, 34, generator=g)
+    mask = Q._erode((torch.rand(2, 1, 30, 34, generator=g) > 0.05).float())
+    for f in (Q.orientation_features(x, mask=mask), Q.orientation_field(x, mask)):
+        assert torch.equal(Q._ncc_stack(f, mask, masked=True), Q._ncc_stack(f, mask))
+
+
+@pytest.mark.parametrize("sigma", [0.5, 0.7, 1.5, 3.0])
+def test_blur_by_matrices_is_the_convolution_blur(sigma):
+    from models.imageops import blur
+
+    x = torch.randn(3, 2, 17, 23, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert torch.allclose(Q._blur(x, sigma), blur(x, sigma), atol=1e-12)
+    assert torch.equal(Q._blur(x, 0.0), x)
+
+
+def test_erode_by_matrices_is_min_pooling():
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(5)
+    for r in (1, 2):
+        mask = (torch.rand(2, 1, 19, 26, generator=g) > 0.1).float()
+        mask[1, :, 3:, 4:] = 1  # a large block of ones: erosion leaves some of it
+        want = -F.max_pool2d(-mask, 2 * r + 1, 1, r)
+        assert torch.equal(Q._erode(mask, r), want)
+        assert want.sum() > 0
+
+
 def test_peak_is_exact_for_a_parabola():
     y, x = torch.meshgrid(torch.arange(9.0), torch.arange(11.0), indexing="ij")
     score = 5 - (x - 4.3).square() - 2 * (y - 6.8).square()
@@ -154,6 +203,50 @@ def test_a_pairs_search_does_not_depend_on_its_batch():
 
     alone, batched = search([a]), search([b, a])  # second in its batch: after another pair's draws
     assert Q.corner_distance(alone[0], batched[1]).max() < 1e-4
+
+
+def test_match_refine_with_candidates_per_pair_is_the_pairs_repeated():
+    """K candidates of a pair share its target's features: the answer is that of the pair repeated K times."""
+    pairs = [make_pair("camera", rho=12, seed=5, patch=64), make_pair("coffee", rho=12, seed=6, patch=64)]
+    src = torch.stack([chw(p.source) for p in pairs])
+    tgt = torch.stack([chw(p.target) for p in pairs])
+    M = _random_homographies(6, torch.Generator().manual_seed(1), 0.05).float()  # 3 candidates a pair
+    shared, inl = Q.match_refine(src, tgt, M, 64, 4, 24, 8, generator=torch.Generator().manual_seed(0))
+    rep, inl_rep = Q.match_refine(src.repeat_interleave(3, 0), tgt.repeat_interleave(3, 0), M, 64, 4, 24, 8,
+                                  generator=torch.Generator().manual_seed(0))
+    assert shared.shape == (6, 3, 3) and inl.shape == (6,)
+    assert Q.corner_distance(shared, rep).max() < 1e-5
+    assert torch.equal(inl, inl_rep)
+
+
+def test_pair_chunks_cover_the_batch_in_order():
+    assert Q._pair_chunks(5, 10, torch.device("cpu")) == [slice(0, 5)]
+    n = Q._CHUNK_NUMBERS["cpu"]
+    assert Q._pair_chunks(5, n // 2, torch.device("cpu")) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert Q._pair_chunks(3, 10 * n, "cpu") == [slice(0, 1), slice(1, 2), slice(2, 3)]  # at least a pair
+
+
+def test_chunked_search_and_refinement_are_the_unchunked(monkeypatch):
+    """Chunks of pairs (to stay in a CPU's caches) change nothing but rounding: rows are independent
+    and RANSAC draws its random numbers once per call of ransac_homography, whatever the chunks."""
+    pairs = [make_pair("camera", rho=12, seed=5, patch=64), make_pair("coffee", rho=12, seed=6, patch=64),
+             make_pair("astronaut", rho=12, seed=7, patch=64)]
+    src = torch.stack([chw(p.source) for p in pairs])
+    tgt = torch.stack([chw(p.target) for p in pairs])
+
+    def run():
+        M, score = Q.global_search(src, tgt, generator=torch.Generator().manual_seed(0))
+        return M, score, Q.refine_homography(src, tgt, M[:, 0])
+
+    monkeypatch.setitem(Q._CHUNK_NUMBERS, "cpu", 1 << 40)
+    whole = run()
+    monkeypatch.setitem(Q._CHUNK_NUMBERS, "cpu", 1)  # a pair at a time
+    chunked = run()
+    # the same to float rounding (a batch's size may change how a product is blocked)
+    assert Q.corner_distance(whole[0], chunked[0]).max() < 1e-5
+    assert torch.allclose(whole[1], chunked[1], atol=1e-5)
+    assert Q.corner_distance(whole[2][0], chunked[2][0]).max() < 1e-5
+    assert torch.allclose(whole[2][1], chunked[2][1], atol=1e-5)
 
 
 def _truth_norm(pairs, size):
