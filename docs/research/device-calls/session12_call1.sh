@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Twelfth session, device call 1 (issue 14 first). Does the GPU trainer with the CPU's networks
+# Twelfth session, device call 1 (issue 14 first; never started: every machine start failed). Does the GPU trainer with the CPU's networks
 # (the small auto-encoder, Table 1's DeSTNet width) train faster and keep quality, and does it
 # stop the 1k job's crop? Throughput of both, the 1k job with the narrow one,
 # five digits at sigma 10 % with each (in parallel), the 6k quality fit with each. (Cut to fit
