@@ -85,7 +85,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import geometry as G
-from .methods import PairContext, PairEstimate, register_pair_method
+from .methods import PairContext, PairEstimate, config_from_options, register_pair_method
 from .search import SearchConfig, block_agreement, global_search, refine_homography
 
 __all__ = ["LearnedConfig", "LearnedFit", "LearnedMethod", "fit_pairs", "homography_from_params", "params_from_homography",
@@ -631,13 +631,7 @@ class LearnedMethod:
     min_confidence = 0.25
 
     def __init__(self, **options):
-        fields = LearnedConfig.__dataclass_fields__
-        unknown = sorted(set(options) - set(fields))
-        if unknown:
-            raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-        # JSON gives lists where the config holds tuples.
-        options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-        self.config = LearnedConfig(**options)
+        self.config = config_from_options(LearnedConfig, options)
 
     def estimate(self, source: torch.Tensor, target: torch.Tensor, ctx: PairContext) -> PairEstimate:
         cfg = replace(self.config, seed=ctx.seed)

@@ -16,7 +16,7 @@ import torch
 
 from ..methods import Cancelled, register_method
 
-__all__ = ["PairContext", "PairEstimate", "PairMethod", "register_pair_method", "KIND"]
+__all__ = ["PairContext", "PairEstimate", "PairMethod", "register_pair_method", "config_from_options", "KIND"]
 
 KIND = "pair"
 
@@ -63,3 +63,12 @@ class PairMethod(Protocol):
 def register_pair_method(name: str):
     return register_method(name, kind=KIND)
 
+
+def config_from_options(cls, options: dict[str, Any]):
+    """A pair method's config dataclass ``cls`` from user options; unknown names are a ``TypeError``
+    naming the known ones. JSON gives lists where a config holds tuples: they become tuples."""
+    fields = cls.__dataclass_fields__
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})

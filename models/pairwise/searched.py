@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from .methods import PairContext, PairEstimate, register_pair_method
+from .methods import PairContext, PairEstimate, config_from_options, register_pair_method
 from .search import SearchConfig, block_agreement, global_search, refine_homography
 
 __all__ = ["SearchFit", "SearchMethod", "SearchMethodConfig", "search_pairs"]
@@ -128,11 +128,7 @@ class SearchMethod:
     min_confidence = 0.25
 
     def __init__(self, **options):
-        fields = SearchMethodConfig.__dataclass_fields__
-        unknown = sorted(set(options) - set(fields))
-        if unknown:
-            raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-        self.config = SearchMethodConfig(**options)
+        self.config = config_from_options(SearchMethodConfig, options)
 
     def estimate(self, source: torch.Tensor, target: torch.Tensor, ctx: PairContext) -> PairEstimate:
         cfg = replace(self.config, seed=ctx.seed)
