@@ -7,7 +7,8 @@ scored with :func:`models.evaluate.evaluate_collection`. ``--apply`` also times 
 of the trained model on the same images. One JSON line per job: seconds, the child's peak RSS,
 the chosen schedule and notes from ``metrics.json``, and the ``PairEval``.
 
-    python bench/e2e_jobs.py --sizes 1000,6000,1000000 --device cuda --out jobs.jsonl
+    python bench/e2e_jobs.py --sizes 1000,6000 --device cuda --out jobs.jsonl
+    python bench/e2e_jobs.py --sizes 1000000 --device cuda --gen-device cuda --out jobs.jsonl
     python bench/e2e_jobs.py --sizes 1000 --device cpu
 """
 from __future__ import annotations
@@ -53,13 +54,17 @@ def main() -> None:
     ap.add_argument("--options", default="", help="extra 'congeal align' arguments, one string")
     ap.add_argument("--apply", action="store_true", help="also time 'congeal apply' on the same images")
     ap.add_argument("--work", default=None, help="folder for collections and outputs (default: a temp dir)")
+    ap.add_argument("--gen-device", default="cpu",
+                    help="where the collection's elastic fields and thickening are drawn: 'cpu' (the default: the "
+                         "same images on every machine) or 'cuda' (fast for millions of images, but other images "
+                         "than a CPU draws from the same seed)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="congeal-e2e-"))
     bases = mnist_digits(a.digit)
-    gen_dev = a.device if a.device != "cpu" and torch.cuda.is_available() else "cpu"
+    gen_dev = a.gen_device if a.gen_device != "cpu" and torch.cuda.is_available() else "cpu"
     for n in BC.parse_list(a.sizes, int):
-        col = work / f"c{n}"
+        col = work / f"c{n}_{gen_dev}"
         if not (col / "truth" / "meta.json").exists():
             t0 = time.time()
             Y.write_collection(col, bases.to(gen_dev), n, Y.SynthConfig(sigma=a.sigma))
@@ -68,7 +73,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "congeal", "align", str(col / "images"), "--out", str(out), "--device", a.device,
                "--quiet", "--overwrite", *a.options.split()]
         secs, rc, rss = _run(cmd, work / f"align{n}.log")
-        row = {"part": "e2e", "n_images": n, "digit": a.digit, "sigma": a.sigma, "device": a.device,
+        row = {"part": "e2e", "n_images": n, "digit": a.digit, "sigma": a.sigma, "device": a.device, "gen_device": gen_dev,
                "options": a.options, "seconds": round(secs, 2), "rc": rc, "peak_rss_mib": rss}
         if rc != 0:
             row["log_tail"] = (work / f"align{n}.log").read_text(errors="replace")[-3000:]
