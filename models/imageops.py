@@ -7,10 +7,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["blur", "blur_radius", "background"]
+__all__ = ["blur", "blur_radius", "background", "gauss_kernel"]
 
 
-def _gauss_kernel(sigma: float, like: torch.Tensor) -> torch.Tensor:
+def gauss_kernel(sigma: float, like: torch.Tensor) -> torch.Tensor:
+    """The normalised 1-D Gaussian of :func:`blur`, ``(2r + 1,)`` with ``r = max(1, ceil(3 sigma))``."""
     r = max(1, int(math.ceil(3 * sigma)))
     t = torch.arange(-r, r + 1, dtype=like.dtype, device=like.device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
@@ -21,7 +22,7 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur with replicate padding, ``(B, C, H, W)`` -> same. ``sigma`` in pixels."""
     if sigma <= 0.05:
         return x
-    k = _gauss_kernel(sigma, x)
+    k = gauss_kernel(sigma, x)
     r = k.numel() // 2
     C = x.shape[1]
     kx = k.view(1, 1, 1, -1).expand(C, 1, 1, -1)

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import geometry as G
-from ..imageops import _gauss_kernel
+from ..imageops import gauss_kernel
 
 __all__ = ["SearchConfig", "orientation_features", "similarity_homographies", "translation_ncc",
            "similarity_search", "global_search", "corner_distance", "fit_homography",
@@ -117,7 +117,7 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     faster than its grouped convolutions at these kernels (5-11 taps) and sizes (64-152 px)."""
     if sigma <= 0.05:
         return x
-    k = _gauss_kernel(sigma, x)
+    k = gauss_kernel(sigma, x)
     return _blur_matrix(x.shape[-2], k) @ (x @ _blur_matrix(x.shape[-1], k).T)
 
 
