@@ -561,7 +561,7 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
     if searched:
         scfg = SearchConfig(size=cfg.search_size, candidates=cfg.search_candidates,
                             keep=min(cfg.search_candidates, max(SearchConfig.keep, cfg.search_starts)))
-        cands, scores = global_search(source, target, scfg, generator=gen)  # (B, K, 3, 3), best first
+        cands, scores = global_search(source, target, scfg, generator=gen, should_stop=should_stop)  # best first
         S = min(cfg.search_starts, cands.shape[1])
         M0 = cands[:, :S].reshape(B * S, 3, 3)
         history.append({"search_scores": scores.tolist(), "search_starts": cands.tolist()})

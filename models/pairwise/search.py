@@ -43,6 +43,7 @@ pair's answer beyond float rounding.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -315,12 +316,13 @@ def _nms(M: torch.Tensor, score: torch.Tensor, k: int, sep: float) -> tuple[torc
     return M[idx], score[idx]
 
 
-def similarity_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchConfig = SearchConfig()
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def similarity_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchConfig = SearchConfig(),
+                      should_stop: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The best similarities (rotation, scale, translation) between each pair's images.
 
     Args:
         source: ``(B, Cs, Hs, Ws)``; target: ``(B, Ct, Ht, Wt)`` (any channel counts).
+        should_stop: called before each pair (the search takes them one at a time); raise from it to stop.
 
     Returns:
         ``(B, K, 3, 3)`` ``source_from_target`` normalised homographies, best first, and their
@@ -356,6 +358,8 @@ def similarity_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchCon
     M_pix = (A[:, None] @ shift[None]).reshape(-1, 3, 3)  # (R * n*n, 3, 3)
     best_M, best_s = [], []
     for b in range(B):  # a pair at a time: R warped canvases of C features each are already large
+        if should_stop is not None:
+            should_stop()
         warped = G.warp_pixel(src[b:b + 1].expand(R, -1, -1, -1), from_canvas, canvas, padding_mode="border")
         fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
         # translation_ncc; the target's (1, C, H, W) broadcasts against the R canvases: transformed once
@@ -626,7 +630,8 @@ def _score(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, longer: 
 
 @torch.no_grad()
 def global_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchConfig = SearchConfig(),
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None = None, should_stop: Callable[[], None] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate starts for each pair: :func:`similarity_search` (and the identity, ``cfg.identity``),
     then the candidates through the rounds of :func:`match_refine` (``cfg.rounds``; from round
     ``cfg.prune_after`` on, only the ``cfg.keep`` best by the normalised feature correlation), ranked
@@ -634,13 +639,15 @@ def global_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchConfig 
 
     Args:
         source ``(B, Cs, Hs, Ws)``, target ``(B, Ct, Ht, Wt)``.
+        should_stop: called before each pair of the similarity search and before each round; raise
+            from it to stop (a large batch can then be cancelled within a pair's time).
 
     Returns:
         ``(B, K, 3, 3)`` normalised ``source_from_target`` homographies, best first, and their scores
         ``(B, K)`` in [-1, 1] (-1: overlap below ``cfg.min_overlap``); ``K`` is ``cfg.keep`` if the
         rounds prune, else ``cfg.candidates``.
     """
-    M, score = similarity_search(source, target, cfg)
+    M, score = similarity_search(source, target, cfg, should_stop)
     if cfg.identity:
         # the identity too: a pair that is nearly aligned already must not depend on the grid's luck
         eye = torch.eye(3, dtype=M.dtype, device=M.device).expand(M.shape[0], 1, 3, 3)
@@ -648,6 +655,8 @@ def global_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchConfig 
     B, K = M.shape[:2]
     Mf = M.reshape(B * K, 3, 3)
     for r, (longer, grid, block, radius) in enumerate(cfg.rounds):
+        if should_stop is not None:
+            should_stop()
         if r == cfg.prune_after and cfg.keep < K:
             # only the best few candidates go on to the finer (dearer) rounds
             score = _score(source, target, Mf, longer, cfg).view(B, K)

@@ -83,7 +83,8 @@ def search_pairs(source: torch.Tensor, target: torch.Tensor, cfg: SearchMethodCo
     Args:
         source: ``(B, Cs, Hs, Ws)`` float in [0, 1]; target: ``(B, Ct, Ht, Wt)`` (channel counts may differ).
         progress: ``progress(done, total, stage)`` after each stage (3 in all).
-        should_stop: called between stages; raise from it to stop.
+        should_stop: called between stages and within the global search (each pair, each round);
+            raise from it to stop.
 
     Returns:
         :class:`SearchFit`; ``source_from_target_norm`` maps normalised target coordinates to
@@ -99,7 +100,7 @@ def search_pairs(source: torch.Tensor, target: torch.Tensor, cfg: SearchMethodCo
     gen = torch.Generator(device=source.device).manual_seed(cfg.seed)
     scfg = cfg.search_config()
     stop()
-    cands, scores = global_search(source, target, scfg, generator=gen)  # (B, K, 3, 3), best first
+    cands, scores = global_search(source, target, scfg, generator=gen, should_stop=should_stop)  # (B, K, 3, 3)
     M, score = cands[:, 0], scores[:, 0]
     history = [{"search_scores": scores.tolist()}]
     report(1, 3, "search")

@@ -205,6 +205,27 @@ def test_a_pairs_search_does_not_depend_on_its_batch():
     assert Q.corner_distance(alone[0], batched[1]).max() < 1e-4
 
 
+def test_global_search_asks_whether_to_stop_before_each_pair_and_round():
+    pairs = [make_pair(n, rho=20, seed=s, patch=64) for n, s in (("camera", 7), ("coffee", 8), ("astronaut", 9))]
+    src = torch.stack([chw(p.source) for p in pairs])
+    tgt = torch.stack([chw(p.target) for p in pairs])
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_second_pair():
+        calls.append(1)
+        if len(calls) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Q.global_search(src, tgt, generator=torch.Generator().manual_seed(0), should_stop=stop_at_second_pair)
+    calls.clear()
+    Q.global_search(src, tgt, generator=torch.Generator().manual_seed(0), should_stop=lambda: calls.append(1))
+    assert len(calls) == len(pairs) + len(Q.SearchConfig().rounds)
+
+
 def test_match_refine_with_candidates_per_pair_is_the_pairs_repeated():
     """K candidates of a pair share its target's features: the answer is that of the pair repeated K times."""
     pairs = [make_pair("camera", rho=12, seed=5, patch=64), make_pair("coffee", rho=12, seed=6, patch=64)]
