@@ -85,7 +85,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import geometry as G
-from .methods import PairContext, PairEstimate, config_from_options, register_pair_method
+from .methods import ConfigPairMethod, register_pair_method
 from .search import SearchConfig, block_agreement, global_search, refine_homography
 
 __all__ = ["LearnedConfig", "LearnedFit", "LearnedMethod", "fit_pairs", "homography_from_params", "params_from_homography",
@@ -620,21 +620,17 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, cfg: LearnedConfig = L
 
 
 @register_pair_method("learned")
-class LearnedMethod:
+class LearnedMethod(ConfigPairMethod):
     """The pair method ``learned``: :func:`fit_pairs` with a :class:`LearnedConfig` from options (by
     default the global search, the refinement, then the joint fit of the network and the homography)."""
 
     name = "learned"
+    config_cls = LearnedConfig
     # The confidence below which a pair is reported as not aligned (bench/pairwise.py measures it on
     # aligned pairs and on unrelated images; docs/pairwise.md): with block agreement, about a quarter
     # of the textured blocks must agree with the homography.
     min_confidence = 0.25
 
-    def __init__(self, **options):
-        self.config = config_from_options(LearnedConfig, options)
-
-    def estimate(self, source: torch.Tensor, target: torch.Tensor, ctx: PairContext) -> PairEstimate:
-        cfg = replace(self.config, seed=ctx.seed)
-        stop = ctx.check_stop if ctx.should_stop is not None else None
-        fit = fit_pairs(source, target, cfg, progress=ctx.progress, should_stop=stop)
-        return PairEstimate(fit.source_from_target_norm, fit.confidence)
+    @staticmethod
+    def fit(source, target, cfg, progress, should_stop):
+        return fit_pairs(source, target, cfg, progress=progress, should_stop=should_stop)

@@ -9,14 +9,14 @@ convention with the target as the aligned output. Pair methods live in the regis
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
 from ..methods import Cancelled, register_method
 
-__all__ = ["PairContext", "PairEstimate", "PairMethod", "register_pair_method", "config_from_options", "KIND"]
+__all__ = ["PairContext", "PairEstimate", "PairMethod", "register_pair_method", "ConfigPairMethod", "KIND"]
 
 KIND = "pair"
 
@@ -64,11 +64,30 @@ def register_pair_method(name: str):
     return register_method(name, kind=KIND)
 
 
-def config_from_options(cls, options: dict[str, Any]):
-    """A pair method's config dataclass ``cls`` from user options; unknown names are a ``TypeError``
-    naming the known ones. JSON gives lists where a config holds tuples: they become tuples."""
-    fields = cls.__dataclass_fields__
-    unknown = sorted(set(options) - set(fields))
-    if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+
+class ConfigPairMethod:
+    """A pair method that is a config dataclass (``config_cls``, built from the user's options) and a
+    batched fit (:meth:`fit`, returning an object with ``source_from_target_norm`` and
+    ``confidence``); the job's seed replaces the config's ``seed``. Unknown option names are a
+    ``TypeError`` naming the known ones; JSON lists become the tuples a config holds."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+    min_confidence: ClassVar[float]
+
+    def __init__(self, **options):
+        fields = self.config_cls.__dataclass_fields__
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        self.config = self.config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+
+    @staticmethod
+    def fit(source: torch.Tensor, target: torch.Tensor, cfg, progress, should_stop):
+        raise NotImplementedError
+
+    def estimate(self, source: torch.Tensor, target: torch.Tensor, ctx: PairContext) -> PairEstimate:
+        cfg = replace(self.config, seed=ctx.seed)
+        stop = ctx.check_stop if ctx.should_stop is not None else None
+        fit = self.fit(source, target, cfg, ctx.progress, stop)
+        return PairEstimate(fit.source_from_target_norm, fit.confidence)

@@ -23,11 +23,11 @@ and dtype follow the images. Matrices are ``source_from_target`` in normalised c
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .methods import PairContext, PairEstimate, config_from_options, register_pair_method
+from .methods import ConfigPairMethod, register_pair_method
 from .search import SearchConfig, block_agreement, global_search, refine_homography
 
 __all__ = ["SearchFit", "SearchMethod", "SearchMethodConfig", "search_pairs"]
@@ -120,19 +120,15 @@ def search_pairs(source: torch.Tensor, target: torch.Tensor, cfg: SearchMethodCo
 
 
 @register_pair_method("search")
-class SearchMethod:
+class SearchMethod(ConfigPairMethod):
     """The pair method ``search``: :func:`search_pairs` with a :class:`SearchMethodConfig` from options."""
 
     name = "search"
+    config_cls = SearchMethodConfig
     # The learned method's threshold, on the same measure (block agreement; docs/pairwise.md): about
     # a quarter of the textured blocks must agree with the homography.
     min_confidence = 0.25
 
-    def __init__(self, **options):
-        self.config = config_from_options(SearchMethodConfig, options)
-
-    def estimate(self, source: torch.Tensor, target: torch.Tensor, ctx: PairContext) -> PairEstimate:
-        cfg = replace(self.config, seed=ctx.seed)
-        stop = ctx.check_stop if ctx.should_stop is not None else None
-        fit = search_pairs(source, target, cfg, progress=ctx.progress, should_stop=stop)
-        return PairEstimate(fit.source_from_target_norm, fit.confidence)
+    @staticmethod
+    def fit(source, target, cfg, progress, should_stop):
+        return search_pairs(source, target, cfg, progress=progress, should_stop=should_stop)
