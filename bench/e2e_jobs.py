@@ -10,6 +10,7 @@ the chosen schedule and notes from ``metrics.json``, and the ``PairEval``.
     python bench/e2e_jobs.py --sizes 1000,6000 --device cuda --out jobs.jsonl
     python bench/e2e_jobs.py --sizes 1000000 --device cuda --gen-device cuda --out jobs.jsonl
     python bench/e2e_jobs.py --sizes 1000 --device cpu
+    python bench/e2e_jobs.py --sizes 1000 --device cuda --profile   # where the job's host time goes
 """
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ def main() -> None:
                     help="where the collection's elastic fields and thickening are drawn: 'cpu' (the default: the "
                          "same images on every machine) or 'cuda' (fast for millions of images, but other images "
                          "than a CPU draws from the same seed)")
+    ap.add_argument("--profile", action="store_true",
+                    help="run the align child under cProfile and print its 40 costliest calls (cumulative)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="congeal-e2e-"))
@@ -70,9 +73,14 @@ def main() -> None:
             Y.write_collection(col, bases.to(gen_dev), n, Y.SynthConfig(sigma=a.sigma))
             print(f"# collection {n}: {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
         out = work / f"o{n}"
-        cmd = [sys.executable, "-m", "congeal", "align", str(col / "images"), "--out", str(out), "--device", a.device,
+        prof = ["-m", "cProfile", "-o", str(work / f"align{n}.prof")] if a.profile else []
+        cmd = [sys.executable, *prof, "-m", "congeal", "align", str(col / "images"), "--out", str(out), "--device", a.device,
                "--quiet", "--overwrite", *a.options.split()]
         secs, rc, rss = _run(cmd, work / f"align{n}.log")
+        if a.profile and rc == 0:
+            import pstats
+
+            pstats.Stats(str(work / f"align{n}.prof"), stream=sys.stderr).sort_stats("cumulative").print_stats(40)
         row = {"part": "e2e", "n_images": n, "digit": a.digit, "sigma": a.sigma, "device": a.device, "gen_device": gen_dev,
                "options": a.options, "seconds": round(secs, 2), "rc": rc, "peak_rss_mib": rss}
         if rc != 0:
