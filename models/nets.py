@@ -97,24 +97,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class MaxPool2x2(nn.Module):
-    """``nn.MaxPool2d(2, ceil_mode=True)``, ``(B, C, H, W)`` -> ``(B, C, ceil(H/2), ceil(W/2))``.
-
-    On a GPU, on even sides, it is a reshape and a max over the 2x2 blocks: the same values, and a
-    backward that is one element-wise comparison where max-pool's index-scatter backward on
-    channels-last bf16 maps took ~5 % of a training step (``bench/results/session13/profile_log.txt``).
-    On a tie the gradient is split between the tied inputs instead of given to one (after a ReLU
-    the ties are zeros, whose gradient the ReLU stops anyway). Elsewhere (3x slower on a CPU) and
-    on odd sides: ``max_pool2d``.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        if H % 2 or W % 2 or not x.is_cuda:
-            return F.max_pool2d(x, 2, ceil_mode=True)
-        return x.unflatten(3, (W // 2, 2)).unflatten(2, (H // 2, 2)).amax(dim=(3, 5))
-
-
 class _Stage(nn.Module):
     """One DeSTNet stage: image -> parameter update, zero at initialisation."""
 
@@ -128,7 +110,7 @@ class _Stage(nn.Module):
             layers += [nn.Conv2d(c, ch, k, stride=s, padding=k // 2), nn.ReLU(inplace=True)]
             h, w = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
             if s == 1:
-                layers.append(MaxPool2x2())
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
                 h, w = (h + 1) // 2, (w + 1) // 2
             c = ch
         self.features = nn.Sequential(*layers)
@@ -147,9 +129,7 @@ class _Stage(nn.Module):
         if tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=True, antialias=True)
         with _compute(x, self.compute_dtype):
-            # Channels-last like the weights (models.dprc moves both networks so): a 1-channel
-            # image made by a warp is NCHW-strided, and cuDNN would convert it on every call.
-            f = self.features(x.contiguous(memory_format=torch.channels_last)).flatten(1)  # (B, c*h*w)
+            f = self.features(x).flatten(1)  # (B, c*h*w)
             p = self.out(self.head(f))  # (B, dof)
         return p.float()
 
@@ -304,12 +284,11 @@ class PenalisedAutoEncoder(nn.Module):
         self.compute_dtype: torch.dtype | None = None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.encoder_conv(x.contiguous(memory_format=torch.channels_last)).flatten(1)  # (B, C*h8*w8): stride-2 convs give ceil(H/8)
+        f = self.encoder_conv(x).flatten(1)  # (B, C*h8*w8): stride-2 convs give ceil(H/8)
         return self.encoder_fc(f)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         s = self.decoder_fc(z).view(-1, self.cfg.seed_channels, self.h8, self.w8)  # (B, S, H/8, W/8)
-        s = s.contiguous(memory_format=torch.channels_last)
         y = self.decoder_conv(s)  # (B, C, 8*h8, 8*w8)
         H, W = self.cfg.image_size
         return y[..., :H, :W]
