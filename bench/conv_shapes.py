@@ -69,7 +69,7 @@ def run(dev: torch.device, batches: list[int], reps: int, out: str | None) -> No
                     w.requires_grad_(True)
                     gy = torch.randn(B, cout, side, side, device=dev, dtype=dtype, generator=g)
 
-                    def step():
+                    def step(x=x, w=w, gy=gy, impl=impl, k=k):
                         y = _im2col_conv(x, w, k) if impl == "im2col" else F.conv2d(x, w, padding=k // 2)
                         torch.autograd.backward(y, gy)
                         x.grad = None
@@ -84,7 +84,7 @@ def run(dev: torch.device, batches: list[int], reps: int, out: str | None) -> No
                     if out:
                         with open(out, "a") as f:
                             f.write(json.dumps(row) + "\n")
-                    del x, w, gy
+                    del step, x, w, gy  # before the next shape's tensors are made
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
 
