@@ -4,7 +4,9 @@
 # a1cb5ab's models) and after channels-last stage inputs and the reshape max-pool, and whether a
 # small collection needs 300 epochs (four digits' 1,000-image fits at max_epochs 120 beside the
 # defaults, same pairs). Cut to ~300 s after seven failed machine starts; never run (every start
-# failed).
+# failed). To run it now: `git archive HEAD models bench/gpu_speed.py bench/baselines_common.py
+# congeal | tar -x -C .devold` (the before), then `git apply docs/research/device-calls/session13_nets.patch`
+# (the after, reverted from main until measured), carry .devdata and .devold.
 set -uo pipefail
 export CONGEAL_MNIST_NPZ=$PWD/.devdata/mnist.npz PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name --format=csv,noheader
