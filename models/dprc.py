@@ -89,6 +89,11 @@ DEFAULT_WIDTH = {"mnist": 4.0, "small": 4.0, "lfw": 1.0}
 # 1,000-image CPU job's first fit zoom in (content kept 0.69 against 1.00, area 0.56; object ratio
 # 0.133 against 0.139): bench/results/session9/reference_band_cpu.jsonl.
 REFERENCE_SIZE_BAND = 1.0
+# choose_reference picks among at most this many evenly spaced images: the closest image to the blurred
+# mean is a larger object the more images it is chosen from (radius 1.18x the median at 1,000,000
+# digits, 0.97x at 6,000: bench/results/session8/reference_size.jsonl), and every image is scaled
+# after it, so a collection of any size chooses its reference as one of this size does.
+REFERENCE_POOL = 8192
 # A fit has collapsed (DPRC._collapse) when its aligned frames keep less than this median share of
 # each image's content, scale the objects' area by more than this factor either way, or its aligner is
 # less self-consistent than this (1: no better than not aligning), measured on this many images.
@@ -153,6 +158,7 @@ class DPRCConfig:
     # far larger or smaller than the typical object; every image would be scaled after it)
     reference_frame: str = "as_is"
     reference_band: float = REFERENCE_SIZE_BAND  # choose_reference's size band (1: every image)
+    reference_pool: int = REFERENCE_POOL  # choose_reference's candidates: at most this many, evenly spaced
     # Weight of the common-zoom anchor: (batch mean of log(aligned frame area / its initial area))^2.
     # It holds the collection's average frame at the initialisation's scale, while each image's own
     # scale stays free (a zoom common to all images changes no residual, only what the frame keeps).
@@ -288,17 +294,19 @@ def moment_penalty(aligned: torch.Tensor, bg: torch.Tensor, ref_c: torch.Tensor,
 
 
 def choose_reference(x: torch.Tensor, bg: torch.Tensor | None = None, chunk: int = 4096, world: int = 1,
-                     start: int = 0, band: float = REFERENCE_SIZE_BAND) -> int:
+                     start: int = 0, band: float = REFERENCE_SIZE_BAND, pool: int = REFERENCE_POOL) -> int:
     """Index of the image whose blurred version is L1-closest to the blurred mean, among the
     images whose foreground RMS radius lies in the central ``band`` of the collection's radii
-    (1, the default: every image; 0.2: the 40th to 60th percentiles).
+    (1, the default: every image; 0.2: the 40th to 60th percentiles), and among at most ``pool``
+    candidates: every ``ceil(N / pool)``-th image of the collection (all of them up to ``pool``).
 
     The closest image to the blurred mean is a larger object the more images there are to choose
     from (at 1,000,000 infiMNIST-style digits its radius was 1.18x the median, the 90th
     percentile; at 6,000, 0.97x; ``bench/reference_size.py``), and the moment initialisation
     scales every image after the reference. A median-size reference (band 0.2) is not the cure:
     at 1,000 images on the CPU it made the first fit zoom in and crop (see
-    :data:`REFERENCE_SIZE_BAND`).
+    :data:`REFERENCE_SIZE_BAND`); a bounded pool (:data:`REFERENCE_POOL`) makes a large
+    collection choose as a collection of the pool's size does (and blurs only the candidates twice).
 
     ``x`` ``(N, C, H, W)`` uint8 or float, ``bg`` its backgrounds ``(N, C, 1, 1)`` (computed if
     None). With ``world > 1`` it is this process's shard of the collection, whose first image has
@@ -321,8 +329,13 @@ def choose_reference(x: torch.Tensor, bg: torch.Tensor | None = None, chunk: int
         dist.all_reduce(n)
         everyone = all_gather_rows(radius, x.device)
     mean /= n
-    d = torch.cat([(blur(as_float(x[k:k + chunk]), sigma) - mean).abs().mean(dim=(1, 2, 3))
-                   for k in range(0, x.shape[0], chunk)])
+    stride = max(1, math.ceil(int(n.item()) / max(1, int(pool))))
+    # This process's candidates: the images whose global index is a multiple of the stride.
+    cand = torch.arange((-start) % stride, x.shape[0], stride, device=x.device)
+    d = torch.full((x.shape[0],), math.inf, dtype=torch.float32, device=x.device)
+    for k in range(0, cand.numel(), chunk):
+        i = cand[k:k + chunk]
+        d[i] = (blur(as_float(x[i]), sigma) - mean).abs().mean(dim=(1, 2, 3))
     if band < 1 and everyone.numel() > 1:
         v = everyone.double().sort().values  # (torch.quantile refuses more than 16M values)
         m = v.numel() - 1
@@ -680,7 +693,7 @@ class DPRC:
         opt = make_optimizer(params, plan.lr, dev)
         t_nets = _lap(dev)
 
-        ref_img, ref, ref_bg = _reference(data, ctx, cfg.reference_band)
+        ref_img, ref, ref_bg = _reference(data, ctx, cfg.reference_band, cfg.reference_pool)
         ref_c, ref_r, _ = _moments(ref_img, ref_bg)
         ref_c, ref_r = ref_c[0], ref_r[0]
         if cfg.reference_frame in ("centred", "normalised"):
@@ -868,14 +881,14 @@ def _backgrounds(x: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     return torch.cat([background(as_float(x[k:k + chunk])) for k in range(0, x.shape[0], chunk)])
 
 
-def _reference(data: TrainData, ctx: FitContext, band: float = REFERENCE_SIZE_BAND
+def _reference(data: TrainData, ctx: FitContext, band: float = REFERENCE_SIZE_BAND, pool: int = REFERENCE_POOL
                ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """The reference image ``(1, C, H, W)`` float, its global index, and its background ``(1, C, 1, 1)``."""
     x = data.x
     if ctx.reference_index is not None:
         ref = int(ctx.reference_index)
     else:
-        ref = choose_reference(x, data.bg, world=ctx.world, start=ctx.shard_start, band=band)
+        ref = choose_reference(x, data.bg, world=ctx.world, start=ctx.shard_start, band=band, pool=pool)
     if ctx.world <= 1:
         return as_float(x[ref:ref + 1]), ref, data.bg[ref:ref + 1]
     import bisect

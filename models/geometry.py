@@ -48,6 +48,7 @@ __all__ = [
     "warp",
     "sample_grid",
     "warp_pixel",
+    "det3",
     "jacobian_determinant",
     "jacobian_determinant_at",
     "square_to_quad",
@@ -377,7 +378,19 @@ def jacobian_determinant_at(in_from_out: torch.Tensor, pts: torch.Tensor) -> tor
     M = in_from_out / in_from_out[:, 2:3, 2:3]
     w = M[:, 2, 0, None] * pts[..., 0] + M[:, 2, 1, None] * pts[..., 1] + 1.0
     # For x' = (a.x)/w the Jacobian determinant is det(M) / w^3.
-    return (torch.linalg.det(M)[:, None] / w.pow(3)).abs()
+    return (det3(M)[:, None] / w.pow(3)).abs()
+
+
+def det3(M: torch.Tensor) -> torch.Tensor:
+    """Determinants of ``(..., 3, 3)`` matrices, ``(...)``, by cofactor expansion.
+
+    Element-wise arithmetic only: ``torch.linalg.det`` on a GPU loads its solver library on first
+    use (~1.5 s of a 1,000-image job's framing check, ``bench/results/session14/e2e_log.txt``).
+    """
+    a, b, c = M[..., 0, 0], M[..., 0, 1], M[..., 0, 2]
+    d, e, f = M[..., 1, 0], M[..., 1, 1], M[..., 1, 2]
+    g, h, i = M[..., 2, 0], M[..., 2, 1], M[..., 2, 2]
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
 def unit_corners(*, like: torch.Tensor | None = None) -> torch.Tensor:

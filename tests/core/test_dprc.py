@@ -81,6 +81,20 @@ def test_reference_rule_picks_a_typical_image():
     assert choose_reference(x) != 2
 
 
+def test_reference_pool_chooses_among_evenly_spaced_candidates():
+    """A collection larger than the pool chooses among every ceil(N / pool)-th image: the image
+    closest to the mean is skipped when it is not a candidate, and chosen when the pool covers it."""
+    x = torch.zeros(9, 1, 16, 16)
+    x[:, :, 6:10, 6:10] = 1.0
+    x[:, :, 6:10, 10] = torch.linspace(0, 0.8, 9).view(9, 1, 1)  # image 4 is the mean's closest
+    assert choose_reference(x) == 4
+    assert choose_reference(x, pool=3) in (3, 6)  # stride 3: candidates 0, 3, 6
+    assert choose_reference(x, pool=9) == 4
+    # A shard starting at global index 2 (world > 1 passes its start): its candidates are global
+    # multiples of the stride, so local indices 1 and 4 (globals 3 and 6).
+    assert choose_reference(x[2:], pool=3, start=2) in (1, 4)
+
+
 def test_reference_size_band_skips_an_atypically_large_image_closest_to_the_mean():
     """At scale the image closest to the blurred mean is a large object (the mean is a soft blob);
     a size band makes the rule pick among typical sizes instead."""

@@ -125,6 +125,15 @@ def test_jacobian_determinant_of_scaling_and_homography():
     assert at.shape == (1, 1) and abs(at.item() - torch.linalg.det(J).abs().item()) < 1e-6
 
 
+def test_det3_matches_linalg_det_on_batched_matrices():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(7, 2, 3, 3, dtype=torch.float64, generator=g)
+    assert G.det3(M).shape == (7, 2)
+    assert torch.allclose(G.det3(M), torch.linalg.det(M), atol=1e-12)
+    assert G.det3(torch.eye(3)).item() == 1.0
+    assert G.det3(torch.tensor([[1.0, 2, 3], [4, 5, 6], [7, 8, 9]])).item() == 0.0  # singular, exactly
+
+
 def test_warp_fills_outside_with_the_given_background():
     img = torch.full((2, 1, 4, 4), 0.5, dtype=torch.float64)
     shift = G.normalised_from_pixel(torch.tensor([[[1.0, 0, 10], [0, 1.0, 0], [0, 0, 1]]], dtype=torch.float64)
