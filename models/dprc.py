@@ -159,6 +159,8 @@ class DPRCConfig:
     reference_frame: str = "as_is"
     reference_band: float = REFERENCE_SIZE_BAND  # choose_reference's size band (1: every image)
     reference_pool: int = REFERENCE_POOL  # choose_reference's candidates: at most this many, evenly spaced
+    # Train on at most this many images, evenly spaced (0: all); every image is still aligned.
+    train_pool: int = 0
     # Weight of the common-zoom anchor: (batch mean of log(aligned frame area / its initial area))^2.
     # It holds the collection's average frame at the initialisation's scale, while each image's own
     # scale stays free (a zoom common to all images changes no residual, only what the frame keeps).
@@ -348,6 +350,15 @@ def choose_reference(x: torch.Tensor, bg: torch.Tensor | None = None, chunk: int
     # The global minimum, ties to the lowest index: (distance, index) compared across processes.
     pairs = all_gather_rows(torch.tensor([[float(d[best]), float(start + best)]], dtype=torch.float64), x.device)
     return int(min((float(p[0]), float(p[1])) for p in pairs)[1])
+
+
+def train_pool(n: int, pool: int, world: int = 1) -> torch.Tensor | None:
+    """The local indices training draws from when ``pool`` caps it: ``ceil(pool / world)`` evenly
+    spaced images of this process's ``n``; None (every image) when ``pool`` is 0 or not below ``n``."""
+    k = math.ceil(pool / max(1, world)) if pool > 0 else 0
+    if k <= 0 or k >= n:
+        return None
+    return torch.linspace(0, n - 1, k, dtype=torch.float64).round().long().unique()
 
 
 def curriculum_family(family: str, frac: float, schedule) -> str | None:
@@ -741,7 +752,8 @@ class DPRC:
         every = max(1, plan.steps // 200)  # history: about 200 points
         runner = StepRunner(model, objective, opt, params, data, ctx.warp, block, plan.batch_size // ctx.world,
                             noise_width(cfg), use_graph=cfg.graphs, world=ctx.world, notes=notes)
-        stream = _IndexStream(N, ctx.seed * ctx.world + ctx.rank if ctx.world > 1 else ctx.seed)
+        stream = _IndexStream(N, ctx.seed * ctx.world + ctx.rank if ctx.world > 1 else ctx.seed,
+                              train_pool(N, cfg.train_pool, ctx.world))
         net.train()
         ae.train()
         skipped = bad_run = 0

@@ -79,10 +79,13 @@ class TrainData:
 
 class _IndexStream:
     """Image indices in the order training visits them: epoch ``e`` is a permutation of ``0..N-1``
-    drawn from ``seed``; batches run on across epoch boundaries, so every batch is full."""
+    drawn from ``seed``; batches run on across epoch boundaries, so every batch is full. With
+    ``pool`` (a ``(K,)`` index tensor) training visits only those images: the permutations are of
+    ``0..K-1``, mapped through ``pool``."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
+    def __init__(self, n: int, seed: int, pool: torch.Tensor | None = None):
+        self.pool = pool
+        self.n, self.seed = (n if pool is None else len(pool)), seed
         self._epoch, self._perm = -1, None
 
     def _perm_of(self, e: int) -> torch.Tensor:
@@ -98,7 +101,8 @@ class _IndexStream:
             part = self._perm_of(e)[off:off + count]
             out.append(part)
             pos, count = pos + len(part), count - len(part)
-        return torch.cat(out)
+        idx = torch.cat(out)
+        return idx if self.pool is None else self.pool[idx]
 
 
 # --------------------------------------------------------------------------- objective

@@ -639,3 +639,18 @@ def test_search_initialisation_trains_saves_and_reloads(digits3, tmp_path):
     assert torch.allclose(back.align(x), res.in_from_out_norm, atol=1e-5)
     # The search moves the start away from the moments' alone on rotated copies.
     assert not torch.allclose(back.base(x), moment_init(x, back.ref_centroid, back.ref_radius), atol=1e-3)
+
+
+def test_train_pool_limits_training_to_evenly_spaced_images_each_once_an_epoch():
+    from models.dprc import train_pool
+    from models.dprc_train import _IndexStream
+
+    assert train_pool(10, 0) is None and train_pool(10, 10) is None  # no cap, or a cap above n
+    pool = train_pool(100, 10)
+    assert pool.tolist() == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
+    assert train_pool(100, 10, world=2).tolist() == [0, 25, 50, 74, 99]  # each process: its share
+    s = _IndexStream(100, seed=3, pool=pool)
+    first, second = s.take(0, 10), s.take(10, 10)
+    assert sorted(first.tolist()) == pool.tolist() and sorted(second.tolist()) == pool.tolist()
+    assert not torch.equal(first, second)  # a new permutation each epoch
+    assert torch.equal(_IndexStream(100, seed=3).take(0, 100).sort().values, torch.arange(100))
