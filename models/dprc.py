@@ -46,7 +46,13 @@ measured against ground truth in ``docs/research/quality-rounds-1-9.md``):
   frame's size instead of the input's. In input units the loss itself rewards
   zooming into the object (every distance shrinks), which is why strong
   equivariance weights crop; in frame units it does not, but the fit then
-  drifts larger at sigma >= 20 % (round 9 in the research log); off by default.
+  drifts larger at sigma >= 20 % (round 9 in the research log). ``"auto"`` (the
+  default) takes frame units from :data:`FRAME_UNITS_FROM` images up: on a GPU the
+  first fit of larger collections zoomed into the objects in input units
+  (content kept 0.68 at 6,000 images, 0.67 at 1,000,000, every time at 1M) and
+  kept them whole in frame units (object ratio 0.0845 at 6k, 0.088 at 1M against
+  0.192 / 0.167 after the re-fit), while at 1,000 images input units align a
+  little better (0.088 against 0.096; bench/results/session14/).
 * A coarse-to-fine distance (blur annealed from ``blur_start`` to 0), a warp
   curriculum (``curriculum``), background-aware padding (``padding``),
   cosine learning-rate decay.
@@ -94,6 +100,8 @@ REFERENCE_SIZE_BAND = 1.0
 # digits, 0.97x at 6,000: bench/results/session8/reference_size.jsonl), and every image is scaled
 # after it, so a collection of any size chooses its reference as one of this size does.
 REFERENCE_POOL = 8192
+# equivariance_units="auto": frame units from this many images up, input units below (see the module notes).
+FRAME_UNITS_FROM = 4096
 # A fit has collapsed (DPRC._collapse) when its aligned frames keep less than this median share of
 # each image's content, scale the objects' area by more than this factor either way, or its aligner is
 # less self-consistent than this (1: no better than not aligning), measured on this many images.
@@ -118,7 +126,7 @@ class DPRCConfig:
     lr: float = 1e-3
     lr_final: float = 0.02  # cosine decay to lr * lr_final
     # Schedule (models/schedule.py): None = chosen from the device and the collection.
-    batch_size: int | None = None  # GPU: 256 up to 8k images, growing to 1,024; CPU: 64
+    batch_size: int | None = None  # GPU: 256; CPU: 64
     epochs: int | None = None  # an explicit budget in epochs (overrides steps)
     steps: int | None = None  # an explicit number of steps
     steps_target: int | None = None  # steps of a collection large enough to fill them; None: GPU 1500, CPU 600
@@ -151,7 +159,7 @@ class DPRCConfig:
     # Units of the equivariance distance: "input" (normalised input coordinates) or "frame" (each
     # image's distance divided by the linear size of its aligned frame in the input). In input units
     # zooming into the object shrinks every corner distance, so the loss itself rewards cropping.
-    equivariance_units: str = "input"
+    equivariance_units: str = "auto"
     aligned_sigma: float = 0.15  # "aligned" views: per-image size drawn uniformly from [0, aligned_sigma]
     # "as_is" | "centred": the reference's object moved to the frame centre | "normalised": centred
     # and scaled to the collection's median object size (a strongly perturbed reference can be
@@ -481,19 +489,20 @@ class DPRC:
                               ("reference_frame", ("as_is", "centred", "normalised")),
                               ("distance", ("output", "input", "symmetric")),
                               ("equivariance_frame", ("input", "aligned", "both")),
-                              ("equivariance_units", ("input", "frame")),
+                              ("equivariance_units", ("auto", "input", "frame")),
                               ("preset", ("auto", *PRESETS))):
             if getattr(self.cfg, name) not in allowed:
                 raise ValueError(f"dprc option {name}={getattr(self.cfg, name)!r}; choose one of {', '.join(allowed)}")
 
-    def resolved(self, device_type: str, size: tuple[int, int]) -> DPRCConfig:
-        """The configuration with every device- and size-dependent default made concrete.
+    def resolved(self, device_type: str, size: tuple[int, int], n: int = 0) -> DPRCConfig:
+        """The configuration with every device-, size- and collection-dependent default made concrete.
 
         On a GPU: Table 1's auto-encoder (``mnist`` up to 48 px a side, ``lfw`` above), the MNIST
         DeSTNet at 4x its width, 1,500 steps. On a CPU: the narrow ``small`` auto-encoder up to 48 px,
         Table 1's DeSTNet width, 600 steps of 64 (docs/benchmarks.md, "On a CPU": the GPU defaults
         take ~40 min for 1,000 images on 2 cores; 450 steps left the self-consistency check at 0.53, a
-        warning on every job). An option the job sets is kept as set.
+        warning on every job). For ``n`` images (the whole collection's): the equivariance distance
+        in frame units from :data:`FRAME_UNITS_FROM` images up. An option the job sets is kept as set.
         """
         cfg = self.cfg
         cpu = device_type != "cuda"
@@ -505,7 +514,11 @@ class DPRC:
         width = cfg.width if cfg.width is not None else (1.0 if cpu else DEFAULT_WIDTH[preset])
         steps_target = cfg.steps_target if cfg.steps_target is not None else (600 if cpu else 1500)
         precision = cfg.precision if cfg.precision != "auto" else ("float32" if cpu else "bfloat16")
-        return replace(cfg, preset=preset, width=width, steps_target=steps_target, precision=precision)
+        units = cfg.equivariance_units
+        if units == "auto":
+            units = "frame" if n >= FRAME_UNITS_FROM else "input"
+        return replace(cfg, preset=preset, width=width, steps_target=steps_target, precision=precision,
+                       equivariance_units=units)
 
     def _nets(self, C: int, size: tuple[int, int], warp: str, cfg: DPRCConfig) -> tuple[DeSTNet, PenalisedAutoEncoder]:
         """The two networks of a resolved configuration (:meth:`resolved`)."""
@@ -526,7 +539,7 @@ class DPRC:
 
         Raises :class:`AlignmentFailed` when even the safe fallback loses the images."""
         data = TrainData(images, _backgrounds(images) if bg is None else bg.to(images.device))
-        cfg = self.resolved(images.device.type, tuple(images.shape[-2:]))
+        cfg = self.resolved(images.device.type, tuple(images.shape[-2:]), ctx.n_total or images.shape[0])
         res = self._fit(data, ctx, cfg, ctx.checkpoint_dir)
         if cfg.reframe > 0 and cfg.moment_weight <= 0:
             res = self._reframe(data, ctx, cfg, res)
@@ -799,6 +812,7 @@ class DPRC:
         notes.append(f"schedule: {plan.batch_size} images a step, {plan.steps} steps ({plan.epochs:.1f} epochs), "
                      f"peak learning rate {plan.lr:.3g}; aligner {cfg.preset} preset at width {cfg.width:g}, "
                      f"{cfg.precision} arithmetic on {dev.type}"
+                     + (", equivariance in frame units" if cfg.equivariance > 0 and cfg.equivariance_units == "frame" else "")
                      + (f", {ctx.world} processes" if ctx.world > 1 else "")
                      + (" with a captured CUDA graph" if runner.graph is not None else ""))
         # The job's warps come from the same float32 forward pass as `congeal apply` on a saved model.

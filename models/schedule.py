@@ -4,18 +4,19 @@ Training length is counted in *images seen* (``steps x batch``), not in epochs, 
 10-million-image job does not pay ten epochs and a 50-image job does not pay a fixed step
 count. The rule (every number is a :class:`models.dprc.DPRCConfig` field, so a job can override it):
 
-* **batch**: on a GPU it grows with the collection, ``clamp(2^floor(log2(N / 16)), 256, 1024)``:
-  256 up to 8,191 images (the batch the quality tables were measured with), 1,024 from 16,384
-  images up. A 28 px step of 1,024 already keeps an H200 busy (its time grows about linearly
-  above that: docs/benchmarks.md, "Speed"), so a larger batch would only lengthen a job at a
-  fixed step count. On a CPU it is 64: a step's cost there is proportional to the batch, and
-  more, smaller steps learn more per second.
+* **batch**: 256 on a GPU at every collection size; 64 on a CPU. A larger GPU batch only lengthens
+  a job at a fixed step count (a 28 px step of 1,024 takes 38.5 ms on an H100, one of 256
+  13.6 ms), and it cost quality at scale: the 1,000,000-image job at 1,024 a step (peak learning
+  rate 2e-3) zoomed in (content kept 0.67, re-fitted to an object ratio of 0.167, 141.7 s), or with
+  the equivariance distance in frame units lost 91 % of its frames, while at 256 with frame units
+  it kept everything (object ratio 0.088, 47.0 s; docs/benchmarks.md, "Jobs, end to end"). On a
+  CPU a step's cost is proportional to the batch, and more, smaller steps learn more per second.
 * **steps**: ``min(steps_target, ceil(max_epochs N / batch))``: the same number of steps for
   every collection large enough to fill it (the network learns a function of the images, and at
   a fixed step count a larger batch only lowers the gradient noise), fewer for a small one, whose
   every image has then been seen ``max_epochs`` times. An explicit budget (``--epochs``) or
   ``steps`` overrides it.
-* **learning rate**: ``lr * sqrt(batch / 256)`` above 256 (the square-root rule for Adam), reached
+* **learning rate**: ``lr * sqrt(batch / 256)`` for a batch set above 256 (the square-root rule for Adam), reached
   by a linear warm-up over the first ``warmup`` fraction of training, then cosine decay to
   ``lr * lr_final``. At or below 256 there is no warm-up and no scaling: the schedule the quality
   tables were measured with.
@@ -63,11 +64,10 @@ class Plan:
                 "lr_final": self.lr_final, "warmup_steps": self.warmup_steps}
 
 
-def auto_batch(n: int, device_type: str, gpu_min: int = 256, gpu_max: int = 1024, cpu: int = 64) -> int:
-    """The default batch for ``n`` images on a device of this type (``"cuda"``, ``"cpu"``, ...)."""
-    if device_type != "cuda":
-        return cpu
-    return int(min(gpu_max, max(gpu_min, 2 ** math.floor(math.log2(max(1, n) / 16)))))
+def auto_batch(n: int, device_type: str, gpu: int = 256, cpu: int = 64) -> int:
+    """The default batch on a device of this type (``"cuda"``, ``"cpu"``, ...); :func:`plan`
+    caps it at the collection's ``n``."""
+    return gpu if device_type == "cuda" else cpu
 
 
 def plan(n: int, device_type: str, *, batch_size: int | None, steps: int | None, epochs: int | None,

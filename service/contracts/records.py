@@ -97,8 +97,8 @@ class JobOptions(BaseModel):
     width: float | None = Field(None, ge=0.25, le=8, description="dprc: DeSTNet width multiplier (default 4 on a "
                                 "GPU for images up to 48 px, whose Table 1 aligner is narrow; 1 above and on a CPU; "
                                 "1: Table 1's aligner)")
-    batch_size: int | None = Field(None, ge=8, le=8192, description="dprc: training batch size (default 256 on a GPU "
-                                   "up to 8,191 images, doubling with the collection up to 1,024; 64 on a CPU)")
+    batch_size: int | None = Field(None, ge=8, le=8192, description="dprc: training batch size (default 256 on a GPU, "
+                                   "64 on a CPU)")
 
     features: Literal["randconv", "hog", "vit"] | None = Field(
         None, description="dense: the descriptors its pseudo-correspondences come from (default randconv, "

@@ -265,7 +265,7 @@ def test_unknown_option_is_a_clear_error():
         DPRC(reference_frame="middle")
     with pytest.raises(ValueError, match="equivariance_frame='output'; choose one of input, aligned, both"):
         DPRC(equivariance_frame="output")
-    with pytest.raises(ValueError, match="equivariance_units='pixels'; choose one of input, frame"):
+    with pytest.raises(ValueError, match="equivariance_units='pixels'; choose one of auto, input, frame"):
         DPRC(equivariance_units="pixels")
 
 
@@ -456,7 +456,7 @@ def test_the_api_fields_for_dprc_name_real_options_and_state_their_defaults():
         if name == "batch_size":  # chosen by the schedule
             assert defaults.batch_size is None
             value = auto_batch(1000, "cuda")
-            assert auto_batch(1000, "cpu") == 64 and auto_batch(10**6, "cuda") == 1024
+            assert auto_batch(1000, "cpu") == 64 and auto_batch(10**6, "cuda") == 256
         assert float(quoted) == float(value), (name, quoted)
 
 
@@ -654,3 +654,27 @@ def test_train_pool_limits_training_to_evenly_spaced_images_each_once_an_epoch()
     assert sorted(first.tolist()) == pool.tolist() and sorted(second.tolist()) == pool.tolist()
     assert not torch.equal(first, second)  # a new permutation each epoch
     assert torch.equal(_IndexStream(100, seed=3).take(0, 100).sort().values, torch.arange(100))
+
+
+def test_schedule_keeps_256_on_a_gpu_at_every_size_and_scales_the_rate_only_for_a_larger_set_batch():
+    from models.schedule import plan
+
+    kw = dict(steps=None, epochs=None, steps_target=1500, max_epochs=300, lr=1e-3, lr_final=0.02, warmup=0.05)
+    p = plan(10**6, "cuda", batch_size=None, **kw)
+    assert (p.batch_size, p.steps, p.lr, p.warmup_steps) == (256, 1500, 1e-3, 0)
+    small = plan(1000, "cuda", batch_size=None, **kw)
+    assert (small.batch_size, small.steps) == (256, 1172)  # 300 epochs of 1,000 images
+    assert plan(100, "cuda", batch_size=None, **kw).batch_size == 100  # never above the collection
+    assert plan(1000, "cpu", batch_size=None, **kw).batch_size == 64
+    big = plan(10**6, "cuda", batch_size=1024, **kw)
+    assert big.lr == pytest.approx(2e-3) and big.warmup_steps == 75
+    assert plan(1001, "cpu", batch_size=None, world=3, **kw).batch_size == 63  # a multiple of the processes
+
+
+def test_equivariance_units_auto_takes_frame_units_for_large_collections():
+    from models.dprc import FRAME_UNITS_FROM
+
+    assert DPRC().resolved("cuda", (28, 28), 1000).equivariance_units == "input"
+    assert DPRC().resolved("cuda", (28, 28), FRAME_UNITS_FROM).equivariance_units == "frame"
+    assert DPRC().resolved("cpu", (28, 28)).equivariance_units == "input"  # n unknown: as a small collection
+    assert DPRC(equivariance_units="input").resolved("cuda", (28, 28), 10**6).equivariance_units == "input"
