@@ -47,12 +47,14 @@ measured against ground truth in ``docs/research/quality-rounds-1-9.md``):
   zooming into the object (every distance shrinks), which is why strong
   equivariance weights crop; in frame units it does not, but the fit then
   drifts larger at sigma >= 20 % (round 9 in the research log). ``"auto"`` (the
-  default) takes frame units from :data:`FRAME_UNITS_FROM` images up: on a GPU the
-  first fit of larger collections zoomed into the objects in input units
+  default) takes frame units on a GPU from :data:`FRAME_UNITS_FROM` images up: there
+  the first fit of larger collections zoomed into the objects in input units
   (content kept 0.68 at 6,000 images, 0.67 at 1,000,000, every time at 1M) and
   kept them whole in frame units (object ratio 0.0845 at 6k, 0.088 at 1M against
   0.192 / 0.167 after the re-fit), while at 1,000 images input units align a
-  little better (0.088 against 0.096; bench/results/session14/).
+  little better (0.088 against 0.096). The CPU's networks did not zoom in at 6,000
+  or 40,000 images and align a little better in input units (0.130 / 0.124 against
+  0.133 / 0.132; bench/results/session14/).
 * A coarse-to-fine distance (blur annealed from ``blur_start`` to 0), a warp
   curriculum (``curriculum``), background-aware padding (``padding``),
   cosine learning-rate decay.
@@ -100,7 +102,7 @@ REFERENCE_SIZE_BAND = 1.0
 # digits, 0.97x at 6,000: bench/results/session8/reference_size.jsonl), and every image is scaled
 # after it, so a collection of any size chooses its reference as one of this size does.
 REFERENCE_POOL = 8192
-# equivariance_units="auto": frame units from this many images up, input units below (see the module notes).
+# equivariance_units="auto": frame units on a GPU from this many images up, else input units (module notes).
 FRAME_UNITS_FROM = 4096
 # A fit has collapsed (DPRC._collapse) when its aligned frames keep less than this median share of
 # each image's content, scale the objects' area by more than this factor either way, or its aligner is
@@ -502,7 +504,7 @@ class DPRC:
         Table 1's DeSTNet width, 600 steps of 64 (docs/benchmarks.md, "On a CPU": the GPU defaults
         take ~40 min for 1,000 images on 2 cores; 450 steps left the self-consistency check at 0.53, a
         warning on every job). For ``n`` images (the whole collection's): the equivariance distance
-        in frame units from :data:`FRAME_UNITS_FROM` images up. An option the job sets is kept as set.
+        in frame units on a GPU from :data:`FRAME_UNITS_FROM` images up. An option the job sets is kept as set.
         """
         cfg = self.cfg
         cpu = device_type != "cuda"
@@ -516,7 +518,7 @@ class DPRC:
         precision = cfg.precision if cfg.precision != "auto" else ("float32" if cpu else "bfloat16")
         units = cfg.equivariance_units
         if units == "auto":
-            units = "frame" if n >= FRAME_UNITS_FROM else "input"
+            units = "frame" if not cpu and n >= FRAME_UNITS_FROM else "input"
         return replace(cfg, preset=preset, width=width, steps_target=steps_target, precision=precision,
                        equivariance_units=units)
 

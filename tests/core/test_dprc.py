@@ -671,10 +671,11 @@ def test_schedule_keeps_256_on_a_gpu_at_every_size_and_scales_the_rate_only_for_
     assert plan(1001, "cpu", batch_size=None, world=3, **kw).batch_size == 63  # a multiple of the processes
 
 
-def test_equivariance_units_auto_takes_frame_units_for_large_collections():
+def test_equivariance_units_auto_takes_frame_units_for_large_collections_on_a_gpu():
     from models.dprc import FRAME_UNITS_FROM
 
     assert DPRC().resolved("cuda", (28, 28), 1000).equivariance_units == "input"
     assert DPRC().resolved("cuda", (28, 28), FRAME_UNITS_FROM).equivariance_units == "frame"
-    assert DPRC().resolved("cpu", (28, 28)).equivariance_units == "input"  # n unknown: as a small collection
+    assert DPRC().resolved("cuda", (28, 28)).equivariance_units == "input"  # n unknown: as a small collection
+    assert DPRC().resolved("cpu", (28, 28), 10**6).equivariance_units == "input"  # the CPU's networks keep it
     assert DPRC(equivariance_units="input").resolved("cuda", (28, 28), 10**6).equivariance_units == "input"
