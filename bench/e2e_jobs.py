@@ -67,7 +67,9 @@ def main() -> None:
     bases = mnist_digits(a.digit)
     gen_dev = a.gen_device if a.gen_device != "cpu" and torch.cuda.is_available() else "cpu"
     for n in BC.parse_list(a.sizes, int):
-        col = work / f"c{n}_{gen_dev}"
+        # (digit 3 at sigma 0.1 keeps the name earlier sessions' folders had)
+        tag = "" if (a.digit, a.sigma) == (3, 0.1) else f"_d{a.digit}_s{a.sigma:g}"
+        col = work / f"c{n}_{gen_dev}{tag}"
         if not (col / "truth" / "meta.json").exists():
             t0 = time.time()
             Y.write_collection(col, bases.to(gen_dev), n, Y.SynthConfig(sigma=a.sigma))
