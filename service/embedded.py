@@ -62,15 +62,18 @@ class EmbeddedRunner:
     def _loop(self, i: int) -> None:
         # A name per thread: two threads must never look like one lease holder.
         runner = JobRunner(self.store, self.artifacts, self.settings, name=f"{self.name}/t{i}")
-        while not self._stop.is_set():
-            try:
-                jid = self._q.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            try:
-                runner.run(jid, stop=self._stop)  # logs the outcome, with the job's id
-            except Exception:
-                log.exception("job %s: the runner failed; the reconciler will retry it", jid)
+        try:
+            while not self._stop.is_set():
+                try:
+                    jid = self._q.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                try:
+                    runner.run(jid, stop=self._stop)  # logs the outcome, with the job's id
+                except Exception:
+                    log.exception("job %s: the runner failed; the reconciler will retry it", jid)
+        finally:
+            runner.close()
 
     def close(self) -> None:
         """Stop taking jobs; running ones are stopped and resume at the next start."""

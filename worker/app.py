@@ -75,6 +75,14 @@ def _start_maintenance(sender=None, **_):
     _maintenance["m"] = m.start()
 
 
+@signals.worker_process_shutdown.connect
+def _close_runner(**_):
+    """A pool process ending ends its spare training child (which would also die with it)."""
+    runner = _runtime.get("runner") if _runtime.get("pid") == os.getpid() else None
+    if runner is not None:
+        runner.close()
+
+
 @signals.worker_shutdown.connect
 def _stop_maintenance(**_):
     m = _maintenance.pop("m", None)

@@ -1,4 +1,5 @@
-"""The training child: ``python -m worker.run_job RUN_JSON --progress-fd N --parent-pid P``.
+"""The training child: ``python -m worker.run_job RUN_JSON --progress-fd N --parent-pid P``
+(or ``--standby --control-fd C`` instead of RUN_JSON: started ahead, told its job later).
 
 Started by :class:`service.execution.runner.JobRunner`, one process per
 attempt, in its own process group. This is the only process that imports
@@ -147,12 +148,44 @@ def _run_pairs(spec: dict, out: Path, progress, should_stop, limits) -> dict:
         raise InputError(f"method {opts.method} is not available on this worker: {e}") from None
 
 
+def _standby(control_fd: int) -> str | None:
+    """Start a job's imports before the job exists, then wait for it (``--standby``).
+
+    The supervisor keeps one such child ready, so a job does not wait for Python, torch and
+    the methods to load (the optimiser's first construction also imports ``torch._dynamo``).
+    Its order is one line on ``control_fd``: ``{"spec": RUN_JSON, "log": LOG}``; the job's output
+    then goes to LOG. Returns RUN_JSON, or None when the supervisor closed the pipe instead.
+    """
+    import torch
+
+    import models.pipeline  # noqa: F401  (the methods, the readers and writers)
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(control_fd, 4096)
+        if not chunk:
+            return None
+        line += chunk
+    os.close(control_fd)
+    order = json.loads(line)
+    fd = os.open(order["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return order["spec"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m worker.run_job")
-    ap.add_argument("spec")
+    ap.add_argument("spec", nargs="?", help="the job's run.json (or --standby)")
+    ap.add_argument("--standby", action="store_true", help="load first, then read the job from --control-fd")
+    ap.add_argument("--control-fd", type=int)
     ap.add_argument("--progress-fd", type=int, required=True)
     ap.add_argument("--parent-pid", type=int, required=True)
     args = ap.parse_args(argv)
+    if (args.spec is None) != args.standby or (args.standby and args.control_fd is None):
+        ap.error("give the run.json, or --standby with --control-fd")
     _die_with_parent(args.parent_pid)
 
     stop = threading.Event()
@@ -162,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     def should_stop() -> bool:
         return stop.is_set() or os.getppid() != args.parent_pid
 
-    spec = json.loads(Path(args.spec).read_text())
+    spec_path = args.spec
+    if args.standby:
+        spec_path = _standby(args.control_fd)
+        if spec_path is None:  # the supervisor closed: no job for us
+            return EXIT_OK
+    spec = json.loads(Path(spec_path).read_text())
     try:
         return run(spec, _Events(args.progress_fd), should_stop)
     except BrokenPipeError:

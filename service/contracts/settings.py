@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="how many times a job's worker may die (orderly "
                                                    "shutdowns not counted) before the job fails")
     cancel_grace_s: float = Field(5.0, ge=0, description="SIGTERM to SIGKILL delay when cancelling")
+    warm_child: bool = Field(True, description="keep one training child started ahead, its imports done, "
+                                               "so the next job does not wait for them")
     checkpoint_every_s: float | None = Field(
         None, ge=0, description="DPRC checkpoint interval; unset: the method's default")
     requeue_queued_after_s: float = Field(

@@ -70,8 +70,29 @@ def _kill_group(pgid: int, sig: int) -> None:
         pass
 
 
+class _Spare:
+    """A training child started ahead of its job (``--standby``): its imports done, it waits for
+    one line on ``control`` naming the job; ``progress`` is the read end of its progress pipe."""
+
+    def __init__(self, proc: subprocess.Popen, progress: int, control: int):
+        self.proc, self.progress, self.control = proc, progress, control
+
+    def discard(self) -> None:
+        _kill_group(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        for fd in (self.progress, self.control):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 class JobRunner:
-    """Runs jobs by id. One instance per worker thread or process."""
+    """Runs jobs by id. One instance per worker thread or process.
+
+    With ``settings.warm_child`` it keeps one training child started ahead (a :class:`_Spare`,
+    made as the previous job ends), so a job does not wait for the child's imports; a spare
+    that has died is replaced by a fresh child. :meth:`close` ends the spare."""
 
     def __init__(self, store: JobStore, artifacts: ArtifactStore, settings: Settings,
                  name: str | None = None, python: str = sys.executable, poll_s: float = 0.5):
@@ -80,6 +101,53 @@ class JobRunner:
         self.python = python
         self.poll_s = poll_s
         self.usage: UsageStore | None = None  # opened on the first attempt that ends
+        self._spare: _Spare | None = None
+
+    def close(self) -> None:
+        """End the spare training child, if any (a job running now is not touched)."""
+        sp, self._spare = self._spare, None
+        if sp is not None:
+            sp.discard()
+
+    def _child_cmd(self, *args: str) -> list[str]:
+        return [self.python, "-m", CHILD_MODULE, *args, "--parent-pid", str(os.getpid())]
+
+    def _start_spare(self) -> None:
+        if not self.settings.warm_child or (self._spare is not None and self._spare.proc.poll() is None):
+            return
+        self.close()
+        r, w = os.pipe()
+        cr, cw = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                self._child_cmd("--standby", "--control-fd", str(cr), "--progress-fd", str(w)),
+                pass_fds=(w, cr), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        except OSError as e:
+            for fd in (r, w, cr, cw):
+                os.close(fd)
+            log.warning("could not start a spare training process: %s", e)
+            return
+        os.close(w)
+        os.close(cr)
+        self._spare = _Spare(proc, r, cw)
+
+    def _take_spare(self, spec_path: Path, log_path: Path) -> tuple[subprocess.Popen, int] | None:
+        """Give the job to the spare: its process and progress pipe, or None (no live spare)."""
+        sp, self._spare = self._spare, None
+        if sp is None:
+            return None
+        if sp.proc.poll() is not None:
+            sp.discard()
+            return None
+        try:
+            os.write(sp.control, (json.dumps({"spec": str(spec_path), "log": str(log_path)}) + "\n").encode())
+        except OSError:
+            sp.discard()
+            return None
+        os.close(sp.control)
+        return sp.proc, sp.progress
 
     # ------------------------------------------------------------------ spec
 
@@ -124,6 +192,9 @@ class JobRunner:
             outcome = self._run(job_id, stop)
             if not outcome.startswith("skipped"):
                 self._account(job_id)
+                # After the job, not beside it: on a 2-core machine the imports running beside a
+                # job's training slowed a small job down more than they saved the next one.
+                self._start_spare()
             log.info("job %s: %s", job_id, outcome)
             return outcome
 
@@ -157,25 +228,28 @@ class JobRunner:
         os.replace(tmp, spec_path)
 
         limit = min(rec.options.time_limit_s or s.job_time_limit_s, s.job_time_limit_s)
-        r, w = os.pipe()
         with open(a.log_path(job_id), "ab") as logf:
             logf.write(f"\n=== attempt {attempt} on {self.name} at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
             logf.flush()
-            try:
-                proc = subprocess.Popen(
-                    [self.python, "-m", CHILD_MODULE, str(spec_path), "--progress-fd", str(w),
-                     "--parent-pid", str(os.getpid())],
-                    pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                    start_new_session=True,  # its own process group: cancel kills the whole group
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                )
-            except OSError as e:
-                os.close(r)
+            launched = self._take_spare(spec_path, a.log_path(job_id))
+            if launched is not None:
+                proc, r = launched
+            else:
+                r, w = os.pipe()
+                try:
+                    proc = subprocess.Popen(
+                        self._child_cmd(str(spec_path), "--progress-fd", str(w)),
+                        pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                        start_new_session=True,  # its own process group: cancel kills the whole group
+                        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    )
+                except OSError as e:
+                    os.close(r)
+                    os.close(w)
+                    self.store.finish(job_id, self.name, JobStatus.failed, error_kind="internal",
+                                      error=f"could not start the training process: {e}")
+                    return "failed: could not start the child"
                 os.close(w)
-                self.store.finish(job_id, self.name, JobStatus.failed, error_kind="internal",
-                                  error=f"could not start the training process: {e}")
-                return "failed: could not start the child"
-        os.close(w)
         relay = ProgressRelay(r, self.store, job_id, self.name)
         relay.start()
         try:
