@@ -318,7 +318,7 @@ def choose_reference(x: torch.Tensor, bg: torch.Tensor | None = None, chunk: int
     scales every image after the reference. A median-size reference (band 0.2) is not the cure:
     at 1,000 images on the CPU it made the first fit zoom in and crop (see
     :data:`REFERENCE_SIZE_BAND`); a bounded pool (:data:`REFERENCE_POOL`) makes a large
-    collection choose as a collection of the pool's size does (and blurs only the candidates twice).
+    collection choose as a collection of the pool's size does (and blurs only the candidates a second time).
 
     ``x`` ``(N, C, H, W)`` uint8 or float, ``bg`` its backgrounds ``(N, C, 1, 1)`` (computed if
     None). With ``world > 1`` it is this process's shard of the collection, whose first image has

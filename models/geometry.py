@@ -385,7 +385,7 @@ def det3(M: torch.Tensor) -> torch.Tensor:
     """Determinants of ``(..., 3, 3)`` matrices, ``(...)``, by cofactor expansion.
 
     Element-wise arithmetic only: ``torch.linalg.det`` on a GPU loads its solver library on first
-    use (~1.5 s of a 1,000-image job's framing check, ``bench/results/session14/e2e_log.txt``).
+    use (~1.5 s of a 1,000-image job's framing check, ``bench/results/session14/e2e_call1_log.txt``).
     """
     a, b, c = M[..., 0, 0], M[..., 0, 1], M[..., 0, 2]
     d, e, f = M[..., 1, 0], M[..., 1, 1], M[..., 1, 2]
