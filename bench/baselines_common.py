@@ -119,20 +119,15 @@ def run_method(name: str, images: torch.Tensor, *, warp: str, device: str, seed:
         return Run(None, time.time() - t0, f"{type(e).__name__}: {e}")
 
 
-def _consistency(res, x: torch.Tensor, sample: int = 2048) -> float | None:
+def _consistency(res, x: torch.Tensor) -> float | None:
+    """The product's own self-consistency ratio of a fit (the collapse guard's check)."""
     align = getattr(getattr(res, "aligner", None), "align", None)
     if align is None:
         return None
     from models import metrics as Mx
-    from models.imageops import background
+    from models.dprc import COLLAPSE_SAMPLE
 
-    idx = torch.linspace(0, x.shape[0] - 1, min(x.shape[0], sample)).round().long().unique()
-    xs = x[idx.to(x.device)].float()
-    xs = xs / 255 if x.dtype == torch.uint8 else xs
-    with torch.no_grad():
-        moved, probe = Mx.self_consistency(align, xs, background(xs), sigma=0.1, seed=0, at="object",
-                                           warps=res.in_from_out_norm[idx].to(xs))
-    return round(Mx.consistency_ratio(moved, probe), 4)
+    return round(Mx.consistency_ratio(*Mx.sampled_self_consistency(align, x, res.in_from_out_norm, COLLAPSE_SAMPLE)), 4)
 
 
 def run_rasl_pypi(images: torch.Tensor, *, warp: str, inset: int = 2, maxiter: int = 50,

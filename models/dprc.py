@@ -366,9 +366,7 @@ def train_pool(n: int, pool: int, world: int = 1) -> torch.Tensor | None:
     """The local indices training draws from when ``pool`` caps it: ``ceil(pool / world)`` evenly
     spaced images of this process's ``n``; None (every image) when ``pool`` is 0 or not below ``n``."""
     k = math.ceil(pool / max(1, world)) if pool > 0 else 0
-    if k <= 0 or k >= n:
-        return None
-    return torch.linspace(0, n - 1, k, dtype=torch.float64).round().long().unique()
+    return M.evenly_spaced(n, k) if 0 < k < n else None
 
 
 def curriculum_family(family: str, frac: float, schedule) -> str | None:
@@ -606,13 +604,8 @@ class DPRC:
                     f"area more than {COLLAPSE_AREA:g}-fold")
         if res.aligner is None:
             return None
-        n = len(data)
-        idx = torch.linspace(0, n - 1, min(n, COLLAPSE_SAMPLE), device=data.x.device).round().long().unique()
-        x = as_float(data.x.index_select(0, idx))
-        with torch.no_grad():
-            moved, probe = M.self_consistency(res.aligner.align, x, data.bg.index_select(0, idx), sigma=0.1,
-                                              seed=ctx.seed, chunk=4096, at="object",
-                                              warps=res.in_from_out_norm[idx.cpu()].to(x))
+        moved, probe = M.sampled_self_consistency(res.aligner.align, data.x, res.in_from_out_norm, COLLAPSE_SAMPLE,
+                                                  bg=data.bg, seed=ctx.seed)
         stats = torch.stack([moved.sum(), probe.sum()]).to(data.x.device, torch.float64)
         if ctx.world > 1:
             import torch.distributed as dist

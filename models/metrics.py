@@ -216,6 +216,37 @@ def consistency_ratio(moved: torch.Tensor, probe: torch.Tensor) -> float:
     return float(moved.mean() / probe.mean().clamp_min(1e-12))
 
 
+def evenly_spaced(n: int, k: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """At most ``k`` indices spread evenly over ``range(n)``, both ends included: ``(min(n, k),)``
+    int64, ascending, distinct (every index when ``k >= n``)."""
+    return torch.linspace(0, n - 1, min(n, k), dtype=torch.float64, device=device).round().long().unique()
+
+
+def sampled_self_consistency(align, images: torch.Tensor, warps: torch.Tensor, sample: int,
+                             bg: torch.Tensor | None = None, sigma: float = 0.1, seed: int = 0,
+                             chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`self_consistency` at the objects' pixels on at most ``sample`` evenly spaced images
+    of a fitted collection: the collapse guard's check, and the benchmarks' record of it.
+
+    Args:
+        align: the fitted aligner's ``align``.
+        images: ``(N, C, H, W)`` uint8 (0-255) or float (0-1), on the aligner's device.
+        warps: ``(N, 3, 3)`` the fit's normalised ``in_from_out`` warps (any device).
+        bg: ``(N, C, 1, 1)`` background values (None: estimated from the sampled images).
+    Returns:
+        ``(moved, probe)``, each ``(min(N, sample),)``, as :func:`self_consistency`.
+    """
+    from .imageops import background
+
+    idx = evenly_spaced(images.shape[0], sample, images.device)
+    x = images.index_select(0, idx).float()
+    x = x / 255 if images.dtype == torch.uint8 else x
+    b = background(x) if bg is None else bg.index_select(0, idx.to(bg.device)).to(x)
+    with torch.no_grad():
+        return self_consistency(align, x, b, sigma=sigma, seed=seed, chunk=chunk, at="object",
+                                warps=warps[idx.to(warps.device)].to(x))
+
+
 def self_consistency(align, images: torch.Tensor, bg: torch.Tensor, sigma: float = 0.1, seed: int = 0,
                      chunk: int = 512, warps: torch.Tensor | None = None,
                      at: str = "corners") -> tuple[torch.Tensor, torch.Tensor]:

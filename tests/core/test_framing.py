@@ -200,3 +200,24 @@ def test_self_consistency_at_the_object_is_zero_for_an_equivariant_aligner_and_o
     c = M.self_consistency(zoomed, x, bg, sigma=0.03, seed=3)[0]
     d = M.self_consistency(_dot_aligner(tpl), x, bg, sigma=0.03, seed=3)[0]
     assert not torch.allclose(c, d, atol=1e-3)
+
+
+def test_evenly_spaced_indices():
+    assert M.evenly_spaced(12, 5).tolist() == [0, 3, 6, 8, 11]
+    assert M.evenly_spaced(4, 10).tolist() == [0, 1, 2, 3]  # at most every index
+    assert M.evenly_spaced(1, 3).tolist() == [0]
+
+
+def test_sampled_self_consistency_is_the_check_on_the_evenly_spaced_images():
+    x, tpl = _four_dots(12)
+    align = _dot_aligner(tpl)
+    warps = align(x)
+    got = M.sampled_self_consistency(align, x, warps, 5, bg=torch.zeros(12, 1, 1, 1), seed=3)
+    idx = [0, 3, 6, 8, 11]
+    ref = M.self_consistency(align, x[idx], torch.zeros(5, 1, 1, 1), seed=3, at="object", warps=warps[idx])
+    assert torch.allclose(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    # uint8 images are read as 0-255; an aligner that ignores the image scores exactly 1
+    blind = lambda b: torch.eye(3, dtype=b.dtype).expand(b.shape[0], 3, 3)  # noqa: E731
+    u8 = (x * 255).round().to(torch.uint8)
+    moved, probe = M.sampled_self_consistency(blind, u8, blind(u8.float()), 7)
+    assert moved.shape == (7,) and M.consistency_ratio(moved, probe) == pytest.approx(1.0)

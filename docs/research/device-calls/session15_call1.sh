@@ -12,6 +12,9 @@ T0=$(date +%s); el() { echo "## $1 at $(( $(date +%s) - T0 )) s"; }
 E="python bench/e2e_jobs.py --device cuda --work /tmp/e2e --out $OUT/e2e.jsonl"
 timeout 120 $E --sizes 1000000 --gen-device cuda >> $OUT/log.txt 2>&1; el 1m
 timeout 40 $E --sizes 1000 --options "--option max_epochs=100" >> $OUT/log.txt 2>&1; el 1k100
+# where the 1k job's start-up and set-up go (cProfile of the whole CLI; import times)
+timeout 45 python bench/e2e_jobs.py --device cuda --work /tmp/e2e --out $OUT/e2e_prof.jsonl --sizes 1000 --profile > $OUT/profile1k.txt 2>&1; el prof
+python -X importtime -c "import models.pipeline" 2> $OUT/importtime.txt; sort -t"|" -k2 -n $OUT/importtime.txt | tail -15
 for d in 0 4 7 9; do timeout 60 $E --sizes 6000 --digit $d >> $OUT/log.txt 2>&1; done; el 6k_digits
 for u in auto input; do timeout 60 $E --sizes 6000 --sigma 0.2 --options "--option equivariance_units=$u" >> $OUT/log.txt 2>&1; done; el 6k_sigma20
 for d in 0 4 7 9; do
