@@ -31,13 +31,14 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.optim.adam import adam
 
 from . import geometry as G
 from .imageops import blur, blur_radius
 from .schedule import Plan
 
 __all__ = ["MAX_BAD_STEPS", "TrainData", "Objective", "equivariance_distance", "distance", "Tables", "make_tables",
-           "StepRunner", "make_optimizer", "guarded_update", "as_float", "curriculum_rank", "curriculum_limit"]
+           "StepRunner", "FusedAdam", "make_optimizer", "guarded_update", "as_float", "curriculum_rank", "curriculum_limit"]
 
 # This many skipped steps in a row means the parameters themselves are broken: the fit stops.
 MAX_BAD_STEPS = 20
@@ -328,7 +329,7 @@ class StepRunner:
     ``model`` is the :class:`Objective` or its ``DistributedDataParallel`` wrapper.
     """
 
-    def __init__(self, model: nn.Module, objective: Objective, opt: torch.optim.Optimizer,
+    def __init__(self, model: nn.Module, objective: Objective, opt: FusedAdam,
                  params: list[torch.Tensor], data: TrainData, family: str, block: int, b: int,
                  noise_z: int, use_graph: bool, world: int = 1, notes: list[str] | None = None,
                  knobs_on_device: bool | None = None):
@@ -347,7 +348,7 @@ class StepRunner:
             counter=torch.zeros((), dtype=torch.long, device=dev),
             out=torch.zeros(block, 4, device=dev),
         )
-        self.lr = opt.param_groups[0]["lr"]  # a tensor on the device (see make_optimizer)
+        self.lr = opt.lr  # a tensor on the device (see make_optimizer)
 
     # One step, reading row ``counter`` of the block's tables. No host sync anywhere in it.
     def _step(self) -> None:
@@ -416,11 +417,11 @@ class StepRunner:
         return BlockResult(vals[0], vals[1], vals[2], skipped, bf.last.get("aligned"))
 
 
-def guarded_update(loss: torch.Tensor, params: list[torch.Tensor], opt: torch.optim.Optimizer,
+def guarded_update(loss: torch.Tensor, params: list[torch.Tensor], opt: FusedAdam,
                    world: int = 1) -> torch.Tensor:
     """Back-propagate ``loss`` and step ``opt``, unless the loss or the gradient is not finite.
 
-    The decision is made on the device: ``opt`` is a fused Adam (:func:`make_optimizer`) whose
+    The decision is made on the device: ``opt`` is a :class:`FusedAdam` whose
     ``found_inf`` tensor, when nonzero, makes it leave the parameters, its moments and its step
     count untouched (the mechanism mixed-precision loss scaling uses). Nothing waits for the
     host. Returns the 0-d float flag (1: skipped). With ``world > 1`` every process takes the
@@ -437,13 +438,55 @@ def guarded_update(loss: torch.Tensor, params: list[torch.Tensor], opt: torch.op
     return bad
 
 
-def make_optimizer(params: list[torch.Tensor], lr: float, device: torch.device) -> torch.optim.Adam:
-    """Fused Adam (one kernel for every parameter; CPU and CUDA), capturable on CUDA so that a
-    graph can hold its step, with the learning rate as a device tensor the steps overwrite."""
-    opt = torch.optim.Adam(params, lr=torch.tensor(lr, device=device), fused=True,
-                           capturable=device.type == "cuda")
-    opt.found_inf = torch.zeros((), device=device)
-    return opt
+class FusedAdam:
+    """Adam (no weight decay) through torch's fused kernel, ``torch.optim.adam.adam(fused=True)``:
+    the update of ``torch.optim.Adam(params, fused=True, capturable=...)``, step for step.
+
+    Not ``torch.optim.Adam`` itself because an ``Optimizer``'s first construction imports
+    ``torch._dynamo`` (with sympy and FSDP: 1.2 s on a 2-core CPU, about 3 s on the GPU machines
+    measured), which every job would pay at its start and nothing here uses. The state is
+    ``torch.optim.Adam``'s: ``state[p] = {"step", "exp_avg", "exp_avg_sq"}``, made at
+    construction (so a CUDA graph can capture the first step). ``lr`` is a 0-d device tensor the
+    trainer overwrites; a nonzero ``found_inf`` makes a step leave parameters, moments and step
+    counts untouched (the mechanism mixed-precision loss scaling uses).
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float, device: torch.device,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.betas, self.eps = betas, eps
+        self.capturable = device.type == "cuda"
+        self.lr = torch.tensor(lr, device=device)
+        self.found_inf = torch.zeros((), device=device)
+        self.state = {p: {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                          "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                          "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                      for p in self.params}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        ps = [p for p in self.params if p.grad is not None]  # as torch.optim.Adam: no gradient, no step
+        if not ps:
+            return
+        st = [self.state[p] for p in ps]
+        adam(ps, [p.grad for p in ps], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st], [],
+             [s["step"] for s in st], foreach=False, capturable=self.capturable, differentiable=False, fused=True,
+             grad_scale=None, found_inf=self.found_inf, has_complex=False, amsgrad=False, beta1=self.betas[0],
+             beta2=self.betas[1], lr=self.lr, weight_decay=0.0, eps=self.eps, maximize=False)
+
+
+def make_optimizer(params: list[torch.Tensor], lr: float, device: torch.device) -> FusedAdam:
+    """The trainer's optimiser: :class:`FusedAdam` (one kernel for every parameter; CPU and CUDA),
+    capturable on CUDA so that a graph can hold its step, with the learning rate as a device tensor
+    the steps overwrite."""
+    return FusedAdam(params, lr, device)
 
 
 def elapsed_eta(t0: float, done: int, remaining: int) -> float | None:

@@ -152,7 +152,8 @@ def _standby(control_fd: int) -> str | None:
     """Start a job's imports before the job exists, then wait for it (``--standby``).
 
     The supervisor keeps one such child ready, so a job does not wait for Python, torch and
-    the methods to load (the optimiser's first construction also imports ``torch._dynamo``).
+    the methods to load (a ``torch.optim`` optimiser's first construction also imports ``torch._dynamo``,
+    which the pair, semantic and dense methods' optimisers still do; DPRC's trainer does not).
     Its order is one line on ``control_fd``: ``{"spec": RUN_JSON, "log": LOG}``; the job's output
     then goes to LOG. Returns RUN_JSON, or None when the supervisor closed the pipe instead.
     """

@@ -1,6 +1,7 @@
 """DPRC: networks at initialisation, the penalty, checkpoints, cancellation, and quality."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,6 +255,48 @@ def test_a_step_with_a_non_finite_loss_or_gradient_changes_nothing():
         assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
     assert guarded_update(net(x).square().mean(), params, opt).item() == 0.0
     assert not torch.equal(params[0], before[0]) and opt.state[params[0]]["step"].item() == 2
+
+
+def test_the_trainers_adam_is_torchs_fused_adam_step_for_step():
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)),
+          torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(2))]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ours = make_optimizer(ps, 0.01, torch.device("cpu"))
+    ref = torch.optim.Adam(qs, lr=torch.tensor(0.01), fused=True)
+    for i in range(6):
+        grads = [torch.randn_like(p) for p in ps]
+        for p, q, g in zip(ps, qs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ps[2].grad = qs[2].grad = None  # a parameter without a gradient takes no step
+        if i == 2:  # a skipped step changes nothing, not even the step count
+            ours.found_inf.fill_(1.0)
+            ours.step()
+            ours.found_inf.fill_(0.0)
+            continue
+        ours.lr.fill_(0.01 * (i + 1))
+        ref.param_groups[0]["lr"].fill_(0.01 * (i + 1))
+        ours.step()
+        ref.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+    for p, q in zip(ps[:2], qs[:2]):
+        assert all(torch.equal(ours.state[p][k], ref.state[q][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert ours.state[ps[0]]["step"].item() == 5 and ours.state[ps[2]]["step"].item() == 0
+    assert ours.state[ps[0]]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_dprc_fit_does_not_import_torch_dynamo():
+    """torch.optim.Optimizer's first construction imports torch._dynamo (1-3 s at every job's start)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from models.dprc import DPRC; from models.methods import FitContext; "
+            "x = torch.rand(8, 1, 16, 16); DPRC(steps=2, batch_size=4, preset='small', width=1).fit(x, FitContext()); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_unknown_option_is_a_clear_error():
