@@ -222,7 +222,7 @@ def evenly_spaced(n: int, k: int, device: torch.device | str | None = None) -> t
     return torch.linspace(0, n - 1, min(n, k), dtype=torch.float64, device=device).round().long().unique()
 
 
-def sampled_self_consistency(align, images: torch.Tensor, warps: torch.Tensor, sample: int,
+def sampled_self_consistency(align, images: torch.Tensor, warps: torch.Tensor | None, sample: int,
                              bg: torch.Tensor | None = None, sigma: float = 0.1, seed: int = 0,
                              chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`self_consistency` at the objects' pixels on at most ``sample`` evenly spaced images
@@ -231,7 +231,8 @@ def sampled_self_consistency(align, images: torch.Tensor, warps: torch.Tensor, s
     Args:
         align: the fitted aligner's ``align``.
         images: ``(N, C, H, W)`` uint8 (0-255) or float (0-1), on the aligner's device.
-        warps: ``(N, 3, 3)`` the fit's normalised ``in_from_out`` warps (any device).
+        warps: ``(N, 3, 3)`` the fit's normalised ``in_from_out`` warps (any device), or None:
+            the sampled images are aligned here too.
         bg: ``(N, C, 1, 1)`` background values (None: estimated from the sampled images).
     Returns:
         ``(moved, probe)``, each ``(min(N, sample),)``, as :func:`self_consistency`.
@@ -244,7 +245,7 @@ def sampled_self_consistency(align, images: torch.Tensor, warps: torch.Tensor, s
     b = background(x) if bg is None else bg.index_select(0, idx.to(bg.device)).to(x)
     with torch.no_grad():
         return self_consistency(align, x, b, sigma=sigma, seed=seed, chunk=chunk, at="object",
-                                warps=warps[idx.to(warps.device)].to(x))
+                                warps=None if warps is None else warps[idx.to(warps.device)].to(x))
 
 
 def self_consistency(align, images: torch.Tensor, bg: torch.Tensor, sigma: float = 0.1, seed: int = 0,

@@ -153,11 +153,14 @@ def checks(metrics: dict) -> list[Check]:
                          "images whose object reaches the image border and may be cut by it"))
     c = metrics.get("consistency_summary")
     if c:
-        out.append(Check("self-consistency", f"ratio {_fmt(c.get('ratio'))} (aligned frames moved "
-                                             f"{_fmt(c.get('moved_median_px'))} px for a "
+        at_object = "ratio " if c.get("object_ratio") is None else \
+            f"ratio {_fmt(c['object_ratio'])} at the objects ({_fmt(c.get('object_sample'))} images), "
+        out.append(Check("self-consistency", f"{at_object}{_fmt(c.get('ratio'))} at the frames' corners "
+                                             f"(they moved {_fmt(c.get('moved_median_px'))} px for a "
                                              f"{_fmt(c.get('probe_median_px'))} px probe)",
                          "each image re-warped by a known random perturbation and aligned again: 0 means "
-                         "the aligner undoes it exactly, 1 that it ignores the image"))
+                         "the aligner undoes it exactly, 1 that it ignores the image; the corners lie "
+                         "farther from the object as the frame grows"))
     if metrics.get("seconds") is not None:
         out.append(Check("time", f"{_fmt(float(metrics['seconds']))} s", "the whole job, from reading the images "
                                                                         "to writing the outputs"))

@@ -93,8 +93,12 @@ class ConsistencySummary(BaseModel):
     probe_sigma: float = Field(description="size of the known random perturbation each image is re-warped by")
     moved_median_px: float = Field(description="median distance the aligned frame's corners move under it, px")
     probe_median_px: float = Field(description="median distance the perturbation itself moves the corners, px")
-    ratio: float = Field(description="mean moved / mean probe: 0 perfectly self-consistent, 1 no better than "
-                                     "not aligning")
+    ratio: float = Field(description="mean moved / mean probe at the frame's corners: 0 perfectly "
+                                     "self-consistent, 1 no better than not aligning (grows with the frame)")
+    object_ratio: float | None = Field(None, description="the same probe measured at each image's object pixels, "
+                                       "on object_sample evenly spaced images: what the consistency warning "
+                                       "reads (above 0.2); frame-free")
+    object_sample: int | None = Field(None, description="how many images object_ratio was measured on")
 
 
 class MetricsPublic(BaseModel):
