@@ -5,6 +5,8 @@
 # the bytecode to /tmp; a first import fills it, then the jobs run as on an installed machine.
 # (2) Call 2's collapses on digit 3 (canvas sigma 10 %, frames sigma 20 %): the first fit alone
 # (no re-fit, no guard) by the ground truth, and the first fit in frame units.
+# (4) The trainer's FusedAdam (no torch.optim.Optimizer since the fifteenth session) on a GPU: the
+#     steady step at 256 and 1,024 against session 14's 13.7 / 38.5 ms (speed_call2_head.jsonl).
 # (3) Call 1's 6k digits 7 and 9 drifted large in frame units (object ratio 0.137 / 0.359, frames 1.30 / 1.28):
 #     the same jobs in input units.
 set -uo pipefail
@@ -23,6 +25,7 @@ timeout 60 $R --sets canvas --sigmas 0.1 --dprc-options '{"equivariance_units": 
 timeout 30 $R --sets frame --sigmas 0.2 --dprc-options '{"reframe": 0, "guard": false}' >> $OUT/rob_log.txt 2>&1; el frame20_first
 timeout 40 $R --sets frame --sigmas 0.2 --dprc-options '{"equivariance_units": "frame"}' >> $OUT/rob_log.txt 2>&1; el frame20_frame
 for d in 7 9; do timeout 45 $E --sizes 6000 --gen-device cuda --digit $d --options "--option equivariance_units=input" >> $OUT/log.txt 2>&1; done; el 6k_input
+timeout 120 python bench/gpu_speed.py --parts throughput --batches 256,1024 --configs '[{}]' --out $OUT/speed.jsonl >> $OUT/log.txt 2>&1; el speed
 python - <<PY
 import json
 for l in open("$OUT/e2e.jsonl"):
