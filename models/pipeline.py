@@ -212,9 +212,10 @@ def _edge_warnings(touching: torch.Tensor | None) -> list[str]:
 # with the frame (a 6k digit-9 job whose frames drifted to 1.28 read 2.35 there against a ground
 # truth of 0.36). At the object, on the fifteenth session's robustness fits (GPU and CPU,
 # bench/results/session15/robustness_*.jsonl), fits whose ground-truth object ratio was 0.05-0.16
-# read 0.08-0.14 and fits at 0.28-1.84 read 0.29-0.54; the corner ratio's old limit of 0.5 let most
-# of the failed ones pass as plain successes.
-CONSISTENCY_SIGMA, CONSISTENCY_WARN, CONSISTENCY_SAMPLE = 0.1, 0.2, 2048
+# read 0.08-0.14 and fits at 0.28-1.84 read 0.29-0.54; the CPU's 1k benchmark job (truth 0.13) reads
+# 0.19. The limit sits between the two groups. The corner ratio's old limit of 0.5 let most of the
+# failed ones pass as plain successes.
+CONSISTENCY_SIGMA, CONSISTENCY_WARN, CONSISTENCY_SAMPLE = 0.1, 0.25, 2048
 
 
 def _consistency_summary(moved: torch.Tensor | None, probe: torch.Tensor | None,

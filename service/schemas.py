@@ -97,7 +97,7 @@ class ConsistencySummary(BaseModel):
                                      "self-consistent, 1 no better than not aligning (grows with the frame)")
     object_ratio: float | None = Field(None, description="the same probe measured at each image's object pixels, "
                                        "on object_sample evenly spaced images: what the consistency warning "
-                                       "reads (above 0.2); frame-free")
+                                       "reads (above 0.25); frame-free")
     object_sample: int | None = Field(None, description="how many images object_ratio was measured on")
 
 

@@ -227,10 +227,10 @@ def test_the_consistency_warning_reads_the_ratio_at_the_objects():
     from models.pipeline import CONSISTENCY_WARN, _consistency_summary, _consistency_warnings
 
     moved, probe = torch.tensor([3.0, 1.0]), torch.tensor([4.0, 4.0])
-    s = _consistency_summary(moved, probe, 0.21, 2)
-    assert s["ratio"] == 0.5 and s["object_ratio"] == 0.21 and s["object_sample"] == 2
-    assert CONSISTENCY_WARN == 0.2 and "0.21 times" in _consistency_warnings(s)[0]
-    assert _consistency_warnings(_consistency_summary(moved, probe, 0.2, 2)) == []  # at the limit: no warning
+    s = _consistency_summary(moved, probe, 0.26, 2)
+    assert s["ratio"] == 0.5 and s["object_ratio"] == 0.26 and s["object_sample"] == 2
+    assert CONSISTENCY_WARN == 0.25 and "0.26 times" in _consistency_warnings(s)[0]
+    assert _consistency_warnings(_consistency_summary(moved, probe, 0.25, 2)) == []  # at the limit: no warning
     # the corner ratio alone (0.5 here, 3.0 below) never warns: it grows with the frame, not the misalignment
     assert _consistency_warnings(_consistency_summary(torch.tensor([12.0]), torch.tensor([4.0]), 0.1, 1)) == []
     assert _consistency_warnings(None) == [] and _consistency_summary(None, None) is None
