@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Written in the fifteenth session (its third call: the machine was taken back before it ran); carry .devdata. (1) The 1k job's start-up without byte-compiling:
-# call 1's profile showed 4.2 s of `compile` (the device's torch has no cached bytecode and cannot
-# write it), which an installed product (pip writes .pyc) does not pay. PYTHONPYCACHEPREFIX sends
-# the bytecode to /tmp; a first import fills it, then the jobs run as on an installed machine.
+# Written in the fifteenth session (its third call: the machine was taken back before it ran);
+# carry .devdata. About 330 s.
+# (1) The 1k job's start-up without byte-compiling: call 1's profile showed 4.2 s of `compile` (the
+#     device's torch has no cached bytecode and cannot write it), which an installed product (pip
+#     writes .pyc) does not pay. PYTHONPYCACHEPREFIX sends the bytecode to /tmp; a first import
+#     fills it, then the jobs run as on an installed machine (and with the trainer's Adam that no
+#     longer imports torch._dynamo).
 # (2) Call 2's collapses on digit 3 (canvas sigma 10 %, frames sigma 20 %): the first fit alone
-# (no re-fit, no guard) by the ground truth, and the first fit in frame units.
+#     (no re-fit, no guard) by the ground truth, and the first fit in frame units.
+# (3) Call 1's 6k digits 7 and 9 drifted large in frame units (object ratio 0.137 / 0.359, frames
+#     1.30 / 1.28): the same jobs in input units.
 # (4) The trainer's FusedAdam (no torch.optim.Optimizer since the fifteenth session) on a GPU: the
 #     steady step at 256 and 1,024 against session 14's 13.7 / 38.5 ms (speed_call2_head.jsonl).
-# (3) Call 1's 6k digits 7 and 9 drifted large in frame units (object ratio 0.137 / 0.359, frames 1.30 / 1.28):
-#     the same jobs in input units.
 set -uo pipefail
 export CONGEAL_MNIST_NPZ=$PWD/.devdata/mnist.npz PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 echo "PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-unset}"; unset PYTHONDONTWRITEBYTECODE
