@@ -34,9 +34,10 @@ def test_congeal_demo_aligns_the_sample_over_http(tmp_path):
                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert time.monotonic() - t0 < 120
-    # The job's progress as it went: its stages, and the training's step and loss (a 3-step job can
-    # train between two polls, so the "training" stage itself may not be seen; its numbers are).
-    assert "running, loading" in out.stdout and "APSNR" in out.stdout, out.stdout
+    # The job's progress as it went: a stage before the end, and the training's step and loss (a
+    # 3-step job can load and train between two polls, so which stages are seen varies; the numbers
+    # of the last step are always there).
+    assert re.search(r"running, (starting|loading|training)", out.stdout) and "APSNR" in out.stdout, out.stdout
     assert re.search(r"step 3/3, loss \d", out.stdout), out.stdout
     results = list((tmp_path / "demo-results").iterdir())
     assert len(results) == 1 and str(results[0]) in out.stdout
