@@ -55,7 +55,9 @@ def test_embedded_job_survives_a_restart_and_resumes(tmp_path):
     with TestClient(create_app(s)) as c:
         ready = c.get("/readyz").json()
         assert ready["status"] == "ready" and ready["mode"] == "embedded" and ready["store"] == "SqliteJobStore"
-        jid = c.post("/jobs", files=files_for(SAMPLES[:16]), data={"budget": "5"}).json()["id"]
+        # 40 epochs (one step each): stopping the server takes longer than the last few steps of a
+        # short job, which then ends before it can be interrupted.
+        jid = c.post("/jobs", files=files_for(SAMPLES[:16]), data={"budget": "40"}).json()["id"]
         ckpt = tmp_path / "jobs" / jid / "checkpoint" / "state.json"
         j = wait_job(c, jid, timeout=180, until=lambda j: j["status"] != "queued" and ckpt.is_file()
                      and (j["attempts"][-1]["last_epoch"] or 0) >= 3 or j["status"] in ("succeeded", "failed"))
