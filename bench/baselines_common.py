@@ -125,9 +125,7 @@ def _consistency(res, x: torch.Tensor) -> float | None:
     if align is None:
         return None
     from models import metrics as Mx
-    from models.dprc import COLLAPSE_SAMPLE
-
-    return round(Mx.consistency_ratio(*Mx.sampled_self_consistency(align, x, res.in_from_out_norm, COLLAPSE_SAMPLE)), 4)
+    return round(Mx.consistency_ratio(*Mx.sampled_self_consistency(align, x, res.in_from_out_norm)), 4)
 
 
 def run_rasl_pypi(images: torch.Tensor, *, warp: str, inset: int = 2, maxiter: int = 50,

@@ -107,7 +107,7 @@ FRAME_UNITS_FROM = 4096
 # A fit has collapsed (DPRC._collapse) when its aligned frames keep less than this median share of
 # each image's content, scale the objects' area by more than this factor either way, or its aligner is
 # less self-consistent than this (1: no better than not aligning), measured on this many images.
-COLLAPSE_KEPT, COLLAPSE_AREA, COLLAPSE_CONSISTENCY, COLLAPSE_SAMPLE = 0.5, 6.0, 1.0, 2048
+COLLAPSE_KEPT, COLLAPSE_AREA, COLLAPSE_CONSISTENCY = 0.5, 6.0, 1.0
 # ... or when more than COLLAPSE_SHARE of the images are lost one by one (each image's own frame keeps
 # less than COLLAPSE_KEPT, scales by more than COLLAPSE_AREA, or has a corner beyond COLLAPSE_FAR in
 # normalised input units: one frame width outside): medians alone passed a sigma = 30 % canvas fit
@@ -587,7 +587,7 @@ class DPRC:
         off the image (:meth:`_framing_rows`), or the
         aligner is less self-consistent than not aligning at all (``metrics.json``'s
         ``consistency_summary`` check, measured at each image's object pixels rather than at the
-        frame's corners, on a sample of :data:`COLLAPSE_SAMPLE` images)."""
+        frame's corners, on a sample of :data:`metrics.CONSISTENCY_SAMPLE` images)."""
         kept_i, area_i, far_i = self._framing_rows(data, res.in_from_out_norm, ctx)
         kept, area = float(kept_i.nanmedian()), float(area_i.nanmedian())
         if kept < COLLAPSE_KEPT:
@@ -604,7 +604,7 @@ class DPRC:
                     f"area more than {COLLAPSE_AREA:g}-fold")
         if res.aligner is None:
             return None
-        moved, probe = M.sampled_self_consistency(res.aligner.align, data.x, res.in_from_out_norm, COLLAPSE_SAMPLE,
+        moved, probe = M.sampled_self_consistency(res.aligner.align, data.x, res.in_from_out_norm,
                                                   bg=data.bg, seed=ctx.seed)
         stats = torch.stack([moved.sum(), probe.sum()]).to(data.x.device, torch.float64)
         if ctx.world > 1:

@@ -464,11 +464,9 @@ class FusedAdam:
                       for p in self.params}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients (``set_to_none`` is accepted for ``torch.optim``'s signature; always true)."""
         for p in self.params:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
+            p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:

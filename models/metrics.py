@@ -222,8 +222,13 @@ def evenly_spaced(n: int, k: int, device: torch.device | str | None = None) -> t
     return torch.linspace(0, n - 1, min(n, k), dtype=torch.float64, device=device).round().long().unique()
 
 
-def sampled_self_consistency(align, images: torch.Tensor, warps: torch.Tensor | None, sample: int,
-                             bg: torch.Tensor | None = None, sigma: float = 0.1, seed: int = 0,
+# Images the sampled self-consistency check measures: the collapse guard's and metrics.json's.
+CONSISTENCY_SAMPLE = 2048
+
+
+def sampled_self_consistency(align, images: torch.Tensor, warps: torch.Tensor | None,
+                             sample: int = CONSISTENCY_SAMPLE,
+                             *, bg: torch.Tensor | None = None, sigma: float = 0.1, seed: int = 0,
                              chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`self_consistency` at the objects' pixels on at most ``sample`` evenly spaced images
     of a fitted collection: the collapse guard's check, and the benchmarks' record of it.

@@ -207,7 +207,7 @@ def _edge_warnings(touching: torch.Tensor | None) -> list[str]:
 # Self-consistency probe: each image re-warped by a known random perturbation of this size (a
 # fraction of the side, the benchmark's protocol) and aligned again. Per image and in the summary's
 # `ratio`: how far the aligned frame's corners move (all images). The warning reads `object_ratio`
-# instead: the same probe measured at each image's object pixels, on at most CONSISTENCY_SAMPLE
+# instead: the same probe measured at each image's object pixels, on at most M.CONSISTENCY_SAMPLE
 # evenly spaced images (the collapse guard's check). Corners lie far from a small object and grow
 # with the frame (a 6k digit-9 job whose frames drifted to 1.28 read 2.35 there against a ground
 # truth of 0.36). At the object, on the fifteenth session's robustness fits (GPU and CPU,
@@ -215,7 +215,7 @@ def _edge_warnings(touching: torch.Tensor | None) -> list[str]:
 # read 0.08-0.14 and fits at 0.28-1.84 read 0.29-0.54; the CPU's 1k benchmark job (truth 0.13) reads
 # 0.19. The limit sits between the two groups. The corner ratio's old limit of 0.5 let most of the
 # failed ones pass as plain successes.
-CONSISTENCY_SIGMA, CONSISTENCY_WARN, CONSISTENCY_SAMPLE = 0.1, 0.25, 2048
+CONSISTENCY_SIGMA, CONSISTENCY_WARN = 0.1, 0.25
 
 
 def _consistency_summary(moved: torch.Tensor | None, probe: torch.Tensor | None,
@@ -733,7 +733,7 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
     a_after = _apsnr(sq_a, ma, N) if N > 1 else None
     object_ratio, object_sample = None, 0
     if align is not None and N:
-        idx = M.evenly_spaced(N, CONSISTENCY_SAMPLE)
+        idx = M.evenly_spaced(N, M.CONSISTENCY_SAMPLE)
         xs = torch.from_numpy(np.array(work.x[idx.numpy()])).to(dev)
         bs = torch.from_numpy(np.array(work.bg[idx.numpy()])).to(dev, torch.float32)[..., None, None]
         mo, po = M.sampled_self_consistency(lambda b: align(b.float()), xs,
