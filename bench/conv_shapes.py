@@ -10,6 +10,10 @@ the earlier stages), for:
 * ``cudnn_cl``: the same on channels-last tensors;
 * ``im2col``: ``F.unfold`` then one matrix product (cuBLAS) and a fold back of the gradient.
 
+``--blocks``: a stage's whole conv -> ReLU -> 2x2 max-pool block, as the network runs it
+(``direct``) and on the 2x2 space-to-depth input (``s2d``: one convolution with 4x the channels
+each side, the pool a maximum over the four output phases; the same function).
+
 One JSON line per (shape, batch, implementation, dtype): milliseconds per forward + backward,
 and the achieved TFLOP/s (2·B·H·W·Cout·Cin·k² per product, three products).
 
@@ -35,6 +39,36 @@ def _im2col_conv(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
     cols = F.unfold(x, k, padding=k // 2)  # (B, C*k*k, H*W)
     y = torch.matmul(w.flatten(1), cols)  # (B, Cout, H*W)
     return y.view(B, -1, H, W)
+
+
+def _block(impl: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from models.nets import conv_relu_pool, conv_relu_pool_s2d
+
+    return (conv_relu_pool_s2d if impl == "s2d" else conv_relu_pool)(x, w, b)
+
+
+def run_blocks(dev: torch.device, batches: list[int], reps: int, out: str | None) -> None:
+    torch.backends.cudnn.benchmark = True
+    for name, cin, cout, side, k in SHAPES:
+        for B in batches:
+            flops = 3 * 2.0 * B * side * side * cout * cin * k * k  # the direct convolution's
+            for impl in ("direct", "s2d"):
+                for dtype in (torch.bfloat16, torch.float32):
+                    g = torch.Generator(device=dev).manual_seed(0)
+                    x = torch.randn(B, cin, side, side, device=dev, dtype=dtype, generator=g).requires_grad_(True)
+                    w = (torch.randn(cout, cin, k, k, device=dev, dtype=dtype, generator=g) * 0.05).requires_grad_(True)
+                    b = torch.zeros(cout, device=dev, dtype=dtype, requires_grad=True)
+
+                    def step(x=x, w=w, b=b, impl=impl):
+                        _block(impl, x, w, b).float().square().mean().backward()
+                        x.grad = w.grad = b.grad = None
+                    s = _time(step, reps, dev)
+                    row = {"block": name, "batch": B, "impl": impl, "dtype": str(dtype).split(".")[-1],
+                           "ms": round(1e3 * s, 3), "tflops_direct_equiv": round(flops / s / 1e12, 2)}
+                    print(json.dumps(row), flush=True)
+                    if out:
+                        with open(out, "a") as f:
+                            f.write(json.dumps(row) + "\n")
 
 
 def _time(fn, reps: int, dev: torch.device) -> float:
@@ -95,7 +129,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1024,4096")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--blocks", action="store_true", help="time conv + ReLU + max-pool blocks, direct and s2d")
     a = ap.parse_args()
+    if a.blocks:
+        return run_blocks(torch.device(a.device), [int(b) for b in a.batches.split(",")], a.reps, a.out)
     run(torch.device(a.device), [int(b) for b in a.batches.split(",")], a.reps, a.out)
 
 

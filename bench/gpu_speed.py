@@ -44,6 +44,19 @@ from models.methods import FitContext  # noqa: E402
 from models.perturb import make_pairs, perturb, random_perturbations  # noqa: E402
 
 
+_S2D_DEFAULT = __import__("models.nets", fromlist=["nets"]).S2D_MAX_IN_CHANNELS
+
+
+def _dprc(over: dict | None, **fixed) -> DPRC:
+    """DPRC with a config's options; its key ``s2d_max_in`` (not a DPRC option) sets
+    ``models.nets.S2D_MAX_IN_CHANNELS`` (the stage blocks run on the space-to-depth input)."""
+    import models.nets as N
+
+    over = dict(over or {})
+    N.S2D_MAX_IN_CHANNELS = int(over.pop("s2d_max_in", _S2D_DEFAULT))
+    return DPRC(**{**over, **fixed})
+
+
 def emit(row: dict, out: str | None) -> None:
     BC.emit_rows([row], out)
 
@@ -92,7 +105,7 @@ def _step_flops(cfg_over: dict, B: int, dev) -> float:
     x = collection(max(B, 64)).to(dev)[:B]
     counts = []
     for steps in (1, 2):  # the difference leaves out the reference choice and the final alignment pass
-        m = DPRC(**{**cfg_over, "graphs": False, "steps": steps, "reframe": 0, "batch_size": B})
+        m = _dprc(cfg_over, graphs=False, steps=steps, reframe=0, batch_size=B)
         with FlopCounterMode(display=False) as fc:
             m.fit(x, FitContext(seed=0))
         counts.append(float(fc.get_total_flops()))
@@ -105,7 +118,7 @@ def throughput(dev, out, batches, configs, steps):
             N = max(4 * B, 8192)
             x = collection(N).to(dev)
             marks = []
-            m = DPRC(**{**over, "steps": steps, "reframe": 0, "batch_size": B})
+            m = _dprc(over, steps=steps, reframe=0, batch_size=B)
             BC.sync(dev)
             t0 = time.time()
             res = m.fit(x, FitContext(seed=0, progress=lambda p: marks.append((time.time(), p.step))
@@ -134,7 +147,7 @@ def profile(dev, out, B, over: dict | None = None):
     from torch.profiler import ProfilerActivity, profile as prof
 
     x = collection(max(4 * B, 8192)).to(dev)
-    m = DPRC(**{**(over or {}), "graphs": False, "steps": 24, "reframe": 0, "batch_size": B})
+    m = _dprc(over, graphs=False, steps=24, reframe=0, batch_size=B)
     with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         m.fit(x, FitContext(seed=0))
     table = p.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)
@@ -147,7 +160,7 @@ def profile(dev, out, B, over: dict | None = None):
 
 def inference(dev, out, n, over: dict | None = None):
     x = collection(16384)
-    res = DPRC(**{**(over or {}), "steps": 8, "reframe": 0}).fit(x.to(dev), FitContext(seed=0))
+    res = _dprc(over, steps=8, reframe=0).fit(x.to(dev), FitContext(seed=0))
     from models.nets import set_compute_dtype
 
     al = res.aligner
@@ -174,7 +187,7 @@ def inference_profile(dev, out, chunk: int = 32768, over: dict | None = None):
     from models.nets import set_compute_dtype
 
     x = collection(chunk)
-    al = DPRC(**{**(over or {}), "steps": 8, "reframe": 0}).fit(x.to(dev), FitContext(seed=0)).aligner
+    al = _dprc(over, steps=8, reframe=0).fit(x.to(dev), FitContext(seed=0)).aligner
     xd = x.to(dev)
     for dtype in (None, torch.bfloat16):
         set_compute_dtype(al.net, dtype)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import geometry as G
 
 __all__ = ["DeSTNetConfig", "AutoEncoderConfig", "PRESETS", "DeSTNet", "PenalisedAutoEncoder",
-           "positional_weights", "set_compute_dtype"]
+           "positional_weights", "set_compute_dtype", "conv_relu_pool", "conv_relu_pool_s2d", "s2d_weight"]
 
 
 def _compute(x: torch.Tensor, dtype: torch.dtype | None):
@@ -97,6 +97,58 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def conv_relu_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``max_pool2d(relu(conv2d(x, w, b, padding=k // 2)), 2, ceil_mode=True)``: a stage's block as written.
+
+    ``x`` ``(B, C, H, W)``, ``w`` ``(O, C, k, k)`` with ``k`` odd; returns ``(B, O, ceil(H/2), ceil(W/2))``.
+    """
+    return F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=w.shape[-1] // 2)), 2, ceil_mode=True)
+
+
+def s2d_weight(w: torch.Tensor) -> torch.Tensor:
+    """``(O, C, k, k)`` -> ``(4 O, 4 C, K, K)``, ``K = (k + 2) // 2``: the kernel that computes the
+    four output phases of a stride-1 convolution from its 2x2 space-to-depth input.
+
+    Output channel ``4 o + 2 p + q`` is output pixel ``(2a + p, 2b + q)`` of channel ``o``; input
+    channel ``4 c + 2 r + t`` is ``pixel_unshuffle``'s; tap ``(m, n)`` of it is original tap
+    ``(2m + r - p, 2n + t - q)``, zero where that falls outside ``[0, k)``.
+    """
+    O, C, k, _ = w.shape
+    K = (k + 2) // 2
+    L = 2 * K  # taps e = 2m + r of one phase, the original's e - p, one zero before it
+    wp = F.pad(w, (1, L - k, 1, L - k))
+    phases = [wp[:, :, 1 - p:1 - p + L, 1 - q:1 - q + L].reshape(O, C, K, 2, K, 2).permute(0, 1, 3, 5, 2, 4)
+              for p in (0, 1) for q in (0, 1)]  # each (O, C, r, t, m, n)
+    return torch.stack(phases, 1).reshape(O * 4, C * 4, K, K)
+
+
+def conv_relu_pool_s2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """:func:`conv_relu_pool` for even ``H`` and ``W``, computed on the 2x2 space-to-depth input.
+
+    One convolution with 4x the channels on each side (:func:`s2d_weight`) gives the four output
+    pixels that each 2x2 pool window holds as four channels, and the pool is their maximum (ReLU
+    and max commute). The same function to float rounding; on a 1-channel input cuDNN's
+    kernels, which pad 1 channel to 8 for the tensor cores, get 4 real ones, and the max-pool's
+    kernels go. Ties between phases (a flat background) may route the gradient to another
+    phase than max-pool's: an equally valid subgradient.
+    """
+    B, C, H, W = x.shape
+    O, _, k, _ = w.shape
+    if H % 2 or W % 2 or k % 2 == 0:
+        raise ValueError(f"space-to-depth block needs even sides and an odd kernel, got {H}x{W}, k={k}")
+    P, K = k // 2, (k + 2) // 2
+    # P zeros before; after, enough that each side is 2 (H/2 + K - 1): every phase's K taps exist
+    xp = F.pad(x, (P, 2 * (W // 2 + K - 1) - W - P, P, 2 * (H // 2 + K - 1) - H - P))
+    y = F.conv2d(F.pixel_unshuffle(xp, 2), s2d_weight(w), None if b is None else b.repeat_interleave(4))
+    return y.unflatten(1, (O, 4)).amax(2).relu()  # (B, O, H/2, W/2)
+
+
+# A stage's conv -> ReLU -> max-pool blocks whose convolution reads at most this many channels
+# (the input layer) run on the space-to-depth input (conv_relu_pool_s2d; 0: none). Read at each
+# call, so a benchmark can switch it.
+S2D_MAX_IN_CHANNELS = 3
+
+
 class _Stage(nn.Module):
     """One DeSTNet stage: image -> parameter update, zero at initialisation."""
 
@@ -129,9 +181,23 @@ class _Stage(nn.Module):
         if tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=True, antialias=True)
         with _compute(x, self.compute_dtype):
-            f = self.features(x).flatten(1)  # (B, c*h*w)
+            f = self._features(x).flatten(1)  # (B, c*h*w)
             p = self.out(self.head(f))  # (B, dof)
         return p.float()
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        mods, i = self.features, 0
+        while i < len(mods):
+            m = mods[i]
+            if (isinstance(m, nn.Conv2d) and m.in_channels <= S2D_MAX_IN_CHANNELS and m.stride == (1, 1)
+                    and i + 2 < len(mods) and isinstance(mods[i + 2], nn.MaxPool2d)
+                    and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0):
+                x = conv_relu_pool_s2d(x, m.weight, m.bias)
+                i += 3
+            else:
+                x = m(x)
+                i += 1
+        return x
 
 
 class DeSTNet(nn.Module):

@@ -12,6 +12,7 @@ from models.dprc_train import distance, equivariance_distance, guarded_update, m
 from models.evaluate import evaluate_warps
 from models.catalog import load_aligner
 from models.methods import Cancelled, FitContext
+from models import nets as N
 from models.nets import PRESETS, AutoEncoderConfig, DeSTNet, DeSTNetConfig, PenalisedAutoEncoder, positional_weights
 from models.perturb import make_pairs
 
@@ -33,6 +34,47 @@ def test_destnet_stages_see_the_current_warp_and_gradients_reach_every_stage():
     net(x).sum().backward()
     for i, st in enumerate(net.stages):
         assert st.out.weight.grad is not None and st.out.weight.grad.abs().sum() > 0, i
+
+
+@pytest.mark.parametrize("cin,cout,h,w,k", [(1, 16, 28, 28, 7), (3, 8, 32, 40, 5), (16, 32, 14, 14, 7), (2, 4, 6, 4, 3)])
+def test_space_to_depth_block_is_the_conv_relu_pool_block(cin, cout, h, w, k):
+    g = torch.Generator().manual_seed(cin * 100 + k)
+    x = torch.randn(3, cin, h, w, dtype=torch.float64, generator=g, requires_grad=True)
+    wt = torch.randn(cout, cin, k, k, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(cout, dtype=torch.float64, generator=g, requires_grad=True)
+    gy = torch.randn(3, cout, h // 2, w // 2, dtype=torch.float64, generator=g)
+    grads = []
+    for fn in (N.conv_relu_pool, N.conv_relu_pool_s2d):
+        y = fn(x, wt, b)
+        assert y.shape == (3, cout, h // 2, w // 2)
+        grads.append((y, *torch.autograd.grad(y, (x, wt, b), gy)))
+    for a, ref in zip(grads[1], grads[0]):  # random inputs: no ties, so the same subgradient too
+        torch.testing.assert_close(a, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_space_to_depth_kernel_places_each_tap_at_its_phase():
+    w = torch.arange(1.0, 10.0).view(1, 1, 3, 3)  # taps 1..9, row-major
+    W = N.s2d_weight(w)  # (4, 4, 2, 2): output phase (p, q) x input phase (r, t) x (m, n)
+    assert W.shape == (4, 4, 2, 2)
+    # output phase (0, 0), input phase (0, 0): original taps (2m, 2n) -> 1, 3 / 7, 9
+    assert W[0, 0].tolist() == [[1.0, 3.0], [7.0, 9.0]]
+    # output phase (1, 1), input phase (0, 0): taps (2m - 1, 2n - 1) -> only (1, 1) -> 5 at m = n = 1
+    assert W[3, 0].tolist() == [[0.0, 0.0], [0.0, 5.0]]
+    with pytest.raises(ValueError, match="even sides"):
+        N.conv_relu_pool_s2d(torch.rand(1, 1, 5, 6), torch.rand(2, 1, 3, 3), None)
+
+
+@pytest.mark.parametrize("size", [(28, 28), (27, 27), (32, 40)])
+def test_destnet_gives_the_same_warps_with_and_without_space_to_depth_blocks(size, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    net = DeSTNet(DeSTNetConfig(image_size=size, warp="homography", **PRESETS["mnist"]["destnet"]))
+    for st in net.stages:
+        st.out.weight.data.normal_(0, 0.01, generator=g)
+    x = torch.rand(4, 1, *size, generator=g)
+    monkeypatch.setattr(N, "S2D_MAX_IN_CHANNELS", 3)
+    a = net(x)
+    monkeypatch.setattr(N, "S2D_MAX_IN_CHANNELS", 0)
+    torch.testing.assert_close(a, net(x), rtol=1e-5, atol=1e-6)
 
 
 def test_positional_weights_match_the_formula():
