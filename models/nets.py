@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import geometry as G
 
 __all__ = ["DeSTNetConfig", "AutoEncoderConfig", "PRESETS", "DeSTNet", "PenalisedAutoEncoder",
-           "positional_weights", "set_compute_dtype", "conv_relu_pool", "conv_relu_pool_s2d", "s2d_weight"]
+           "positional_weights", "set_compute_dtype", "conv_relu_pool", "conv_relu_pool_s2d", "conv_pool_bias_relu", "s2d_weight"]
 
 
 def _compute(x: torch.Tensor, dtype: torch.dtype | None):
@@ -127,7 +127,7 @@ def conv_relu_pool_s2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None)
 
     One convolution with 4x the channels on each side (:func:`s2d_weight`) gives the four output
     pixels that each 2x2 pool window holds as four channels, and the pool is their maximum (ReLU
-    and max commute). The same function to float rounding; on a 1-channel input cuDNN's
+    and max commute; the bias is added after it). The same function to float rounding; on a 1-channel input cuDNN's
     kernels, which pad 1 channel to 8 for the tensor cores, get 4 real ones, and the max-pool's
     kernels go. Ties between phases (a flat background) may route the gradient to another
     phase than max-pool's: an equally valid subgradient.
@@ -139,8 +139,19 @@ def conv_relu_pool_s2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None)
     P, K = k // 2, (k + 2) // 2
     # P zeros before; after, enough that each side is 2 (H/2 + K - 1): every phase's K taps exist
     xp = F.pad(x, (P, 2 * (W // 2 + K - 1) - W - P, P, 2 * (H // 2 + K - 1) - H - P))
-    y = F.conv2d(F.pixel_unshuffle(xp, 2), s2d_weight(w), None if b is None else b.repeat_interleave(4))
-    return y.unflatten(1, (O, 4)).amax(2).relu()  # (B, O, H/2, W/2)
+    y = F.conv2d(F.pixel_unshuffle(xp, 2), s2d_weight(w))
+    return _bias_relu(y.unflatten(1, (O, 4)).amax(2), b)  # (B, O, H/2, W/2)
+
+
+def conv_pool_bias_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """:func:`conv_relu_pool` with the bias added after the pool (on a quarter of the values)."""
+    return _bias_relu(F.max_pool2d(F.conv2d(x, w, padding=w.shape[-1] // 2), 2, ceil_mode=True), b)
+
+
+def _bias_relu(y: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    # ReLU(max(y) + b) = max(ReLU(y + b)) for a per-channel b: cuDNN adds a convolution's bias as a
+    # pass of its own over the whole output, here over the pooled one.
+    return (y if b is None else y + b.to(y.dtype).view(1, -1, 1, 1)).relu()
 
 
 # A stage's conv -> ReLU -> max-pool blocks whose convolution reads at most this many channels
@@ -189,10 +200,9 @@ class _Stage(nn.Module):
         mods, i = self.features, 0
         while i < len(mods):
             m = mods[i]
-            if (isinstance(m, nn.Conv2d) and m.in_channels <= S2D_MAX_IN_CHANNELS and m.stride == (1, 1)
-                    and i + 2 < len(mods) and isinstance(mods[i + 2], nn.MaxPool2d)
-                    and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0):
-                x = conv_relu_pool_s2d(x, m.weight, m.bias)
+            if isinstance(m, nn.Conv2d) and i + 2 < len(mods) and isinstance(mods[i + 2], nn.MaxPool2d):
+                s2d = (m.in_channels <= S2D_MAX_IN_CHANNELS and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0)
+                x = (conv_relu_pool_s2d if s2d else conv_pool_bias_relu)(x, m.weight, m.bias)
                 i += 3
             else:
                 x = m(x)

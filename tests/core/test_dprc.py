@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import geometry as G
 from models.dprc import DPRC, _moments, background, choose_reference, curriculum_family, moment_init
@@ -44,12 +45,13 @@ def test_space_to_depth_block_is_the_conv_relu_pool_block(cin, cout, h, w, k):
     b = torch.randn(cout, dtype=torch.float64, generator=g, requires_grad=True)
     gy = torch.randn(3, cout, h // 2, w // 2, dtype=torch.float64, generator=g)
     grads = []
-    for fn in (N.conv_relu_pool, N.conv_relu_pool_s2d):
+    for fn in (N.conv_relu_pool, N.conv_relu_pool_s2d, N.conv_pool_bias_relu):
         y = fn(x, wt, b)
         assert y.shape == (3, cout, h // 2, w // 2)
         grads.append((y, *torch.autograd.grad(y, (x, wt, b), gy)))
-    for a, ref in zip(grads[1], grads[0]):  # random inputs: no ties, so the same subgradient too
-        torch.testing.assert_close(a, ref, rtol=1e-10, atol=1e-10)
+    for other in grads[1:]:
+        for a, ref in zip(other, grads[0]):  # random inputs: no ties, so the same subgradient too
+            torch.testing.assert_close(a, ref, rtol=1e-10, atol=1e-10)
 
 
 def test_space_to_depth_kernel_places_each_tap_at_its_phase():
@@ -73,6 +75,9 @@ def test_destnet_gives_the_same_warps_with_and_without_space_to_depth_blocks(siz
     x = torch.rand(4, 1, *size, generator=g)
     monkeypatch.setattr(N, "S2D_MAX_IN_CHANNELS", 3)
     a = net(x)
+    for st in net.stages:  # the blocks against the stage's layers as written (nn.Sequential)
+        xs = F.interpolate(x, size=st.size, mode="bilinear", align_corners=True, antialias=True)
+        torch.testing.assert_close(st._features(xs), st.features(xs), rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(N, "S2D_MAX_IN_CHANNELS", 0)
     torch.testing.assert_close(a, net(x), rtol=1e-5, atol=1e-6)
 
