@@ -9,6 +9,7 @@ No GPU needed; the count does not depend on the batch.
 
     python bench/step_ops.py                        # the GPU defaults' step (mnist preset, width 4)
     python bench/step_ops.py --options '{"passes": 1}' --top 20
+    python bench/step_ops.py --s2d-max-in 0         # the input layer as a plain conv -> ReLU -> max-pool
 """
 from __future__ import annotations
 
@@ -73,9 +74,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--options", default="{}", help="JSON: DPRC options")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--s2d-max-in", type=int, default=None,
+                    help="models.nets.S2D_MAX_IN_CHANNELS (0: no block on the space-to-depth input)")
     a = ap.parse_args()
+    if a.s2d_max_in is not None:
+        import models.nets as N
+        N.S2D_MAX_IN_CHANNELS = a.s2d_max_in
     ops = count_step(json.loads(a.options))
-    print(json.dumps({"options": json.loads(a.options), "ops_per_step": sum(ops.values()),
+    print(json.dumps({"options": json.loads(a.options), "s2d_max_in": a.s2d_max_in, "ops_per_step": sum(ops.values()),
                       "top": ops.most_common(a.top)}))
 
 

@@ -111,15 +111,36 @@ def s2d_weight(w: torch.Tensor) -> torch.Tensor:
 
     Output channel ``4 o + 2 p + q`` is output pixel ``(2a + p, 2b + q)`` of channel ``o``; input
     channel ``4 c + 2 r + t`` is ``pixel_unshuffle``'s; tap ``(m, n)`` of it is original tap
-    ``(2m + r - p, 2n + t - q)``, zero where that falls outside ``[0, k)``.
+    ``(2m + r - p, 2n + t - q)``, zero where that falls outside ``[0, k)``. One gather from the
+    flattened kernel with a zero appended (few operations: it runs at every stage's every call).
     """
     O, C, k, _ = w.shape
     K = (k + 2) // 2
-    L = 2 * K  # taps e = 2m + r of one phase, the original's e - p, one zero before it
-    wp = F.pad(w, (1, L - k, 1, L - k))
-    phases = [wp[:, :, 1 - p:1 - p + L, 1 - q:1 - q + L].reshape(O, C, K, 2, K, 2).permute(0, 1, 3, 5, 2, 4)
-              for p in (0, 1) for q in (0, 1)]  # each (O, C, r, t, m, n)
-    return torch.stack(phases, 1).reshape(O * 4, C * 4, K, K)
+    idx = _s2d_index(k, w.device)  # (4 * 4 * K * K,) into the k * k taps and the zero after them
+    t = F.pad(w.reshape(O, C, k * k), (0, 1)).index_select(2, idx).view(O, C, 4, 4, K, K)
+    return t.transpose(1, 2).reshape(O * 4, C * 4, K, K)  # (o, p, q) x (c, r, t): a view when C == 1
+
+
+_S2D_INDEX: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _s2d_index(k: int, device: torch.device) -> torch.Tensor:
+    # Made once per kernel size and device, outside any captured CUDA graph (its first use is an
+    # eager step); a lookup afterwards.
+    key = (k, str(device))
+    if key not in _S2D_INDEX:
+        K = (k + 2) // 2
+        e = torch.arange(2 * K)  # taps 2m + r of one input phase, in (m, r) order below
+        u = e.view(K, 2).T.reshape(2, 1, K)  # (r, 1, m): 2m + r
+        rows = u - torch.arange(2).view(1, 2, 1)  # (r, p, m): 2m + r - p
+        ok = (rows >= 0) & (rows < k)
+        r_ = rows.permute(1, 0, 2)  # (p, r, m)
+        ok_ = ok.permute(1, 0, 2)
+        # (p, q, r, t, m, n) -> flat tap index, or k * k (the appended zero) outside the kernel
+        flat = r_[:, None, :, None, :, None] * k + r_[None, :, None, :, None, :]
+        inside = ok_[:, None, :, None, :, None] & ok_[None, :, None, :, None, :]
+        _S2D_INDEX[key] = torch.where(inside, flat, k * k).reshape(-1).to(device)
+    return _S2D_INDEX[key]
 
 
 def conv_relu_pool_s2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -139,8 +160,10 @@ def conv_relu_pool_s2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None)
     P, K = k // 2, (k + 2) // 2
     # P zeros before; after, enough that each side is 2 (H/2 + K - 1): every phase's K taps exist
     xp = F.pad(x, (P, 2 * (W // 2 + K - 1) - W - P, P, 2 * (H // 2 + K - 1) - H - P))
-    y = F.conv2d(F.pixel_unshuffle(xp, 2), s2d_weight(w))
-    return _bias_relu(y.unflatten(1, (O, 4)).amax(2), b)  # (B, O, H/2, W/2)
+    y = F.conv2d(F.pixel_unshuffle(xp, 2), s2d_weight(w))  # (B, 4 O, H/2, W/2)
+    # the maximum over each channel's four phases as a (4, 1) max-pool: one kernel each way
+    y = F.max_pool2d(y.view(B, O, 4, (H // 2) * (W // 2)), (4, 1)).view(B, O, H // 2, W // 2)
+    return _bias_relu(y, b)
 
 
 def conv_pool_bias_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

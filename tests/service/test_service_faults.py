@@ -118,7 +118,8 @@ def test_vanished_worker_without_redelivery_is_requeued_by_its_lease_and_a_corru
     env = make_env()
     doomed = start_worker(env, name="vanishing")
     with TestClient(create_app(env.settings()), headers=auth()) as api:
-        jid = api.post("/jobs", files=files_for(SAMPLES[:16]), data={"budget": "4"}).json()["id"]
+        # 40 epochs: still training when the poll sees epoch 2 and a checkpoint (a 4-epoch job could end first)
+        jid = api.post("/jobs", files=files_for(SAMPLES[:16]), data={"budget": "40"}).json()["id"]
         ckpt = env.data_dir / "jobs" / jid / "checkpoint"
         running = wait_job(api, jid, until=lambda j: _training(2)(j) and any(ckpt.glob("*.safetensors")),
                            timeout=180)

@@ -49,7 +49,9 @@ def test_a_killed_training_child_resumes_from_its_checkpoint(make_env, start_wor
     env = make_env()
     worker = start_worker(env, name="keeper")
     with TestClient(create_app(env.settings()), headers=auth()) as api:
-        jid = api.post("/jobs", files=files_for(SAMPLES[:16]), data={"budget": "5"}).json()["id"]
+        # 40 epochs: long enough that the job is still training when the poll sees epoch 3 (a 5-epoch job
+        # could end between the poll and the kill once the trainer got faster)
+        jid = api.post("/jobs", files=files_for(SAMPLES[:16]), data={"budget": "40"}).json()["id"]
         state = env.data_dir / "jobs" / jid / "checkpoint" / "state.json"
         running = wait_job(api, jid, until=_epoch_at_least(3, lambda j: state.is_file()), timeout=180)
         assert running["status"] == "running", running
@@ -63,7 +65,7 @@ def test_a_killed_training_child_resumes_from_its_checkpoint(make_env, start_wor
     assert a1["outcome"] == "lost" and "SIGKILL" in a1["detail"], a1
     assert a2["outcome"] == "succeeded" and a2["checkpoint_at_start"]
     assert a2["resumed_from_epoch"] >= saved_epoch >= 2 and a2["first_epoch"] == a2["resumed_from_epoch"]
-    assert done["progress"]["step"] == done["progress"]["total"] == 5
+    assert done["progress"]["step"] == done["progress"]["total"] == 40
 
 
 def test_a_child_killed_every_time_fails_after_max_attempts(make_env, start_worker):
