@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 import baselines_common as BC  # noqa: E402
 
+import models.nets as NETS  # noqa: E402
 from models.data import mnist_digits  # noqa: E402
 from models.dprc import DPRC  # noqa: E402
 from models.evaluate import evaluate_warps  # noqa: E402
@@ -44,16 +45,14 @@ from models.methods import FitContext  # noqa: E402
 from models.perturb import make_pairs, perturb, random_perturbations  # noqa: E402
 
 
-_S2D_DEFAULT = __import__("models.nets", fromlist=["nets"]).S2D_MAX_IN_CHANNELS
+_S2D_DEFAULT = NETS.S2D_MAX_IN_CHANNELS
 
 
 def _dprc(over: dict | None, **fixed) -> DPRC:
     """DPRC with a config's options; its key ``s2d_max_in`` (not a DPRC option) sets
     ``models.nets.S2D_MAX_IN_CHANNELS`` (the stage blocks run on the space-to-depth input)."""
-    import models.nets as N
-
     over = dict(over or {})
-    N.S2D_MAX_IN_CHANNELS = int(over.pop("s2d_max_in", _S2D_DEFAULT))
+    NETS.S2D_MAX_IN_CHANNELS = int(over.pop("s2d_max_in", _S2D_DEFAULT))
     return DPRC(**{**over, **fixed})
 
 
