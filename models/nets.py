@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from . import geometry as G
 
 __all__ = ["DeSTNetConfig", "AutoEncoderConfig", "PRESETS", "DeSTNet", "PenalisedAutoEncoder",
-           "positional_weights", "set_compute_dtype", "conv_relu_pool", "conv_relu_pool_s2d", "conv_pool_bias_relu", "s2d_weight"]
+           "positional_weights", "set_compute_dtype", "conv_relu_pool", "conv_relu_pool_s2d",
+           "conv_pool_bias_relu", "s2d_weight"]
 
 
 def _compute(x: torch.Tensor, dtype: torch.dtype | None):
@@ -148,10 +149,10 @@ def conv_relu_pool_s2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None)
 
     One convolution with 4x the channels on each side (:func:`s2d_weight`) gives the four output
     pixels that each 2x2 pool window holds as four channels, and the pool is their maximum (ReLU
-    and max commute; the bias is added after it). The same function to float rounding; on a 1-channel input cuDNN's
-    kernels, which pad 1 channel to 8 for the tensor cores, get 4 real ones, and the max-pool's
-    kernels go. Ties between phases (a flat background) may route the gradient to another
-    phase than max-pool's: an equally valid subgradient.
+    and max commute; the bias is added after it). The same function to float rounding; on a
+    1-channel input cuDNN's kernels, which pad 1 channel to 8 for the tensor cores, get 4 real
+    ones. Ties between phases (a flat background) may route the gradient to another phase than
+    the 2x2 max-pool's: an equally valid subgradient.
     """
     B, C, H, W = x.shape
     O, _, k, _ = w.shape
