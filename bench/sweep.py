@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from models.evaluate import evaluate_warps, run_on_pairs  # noqa: E402
 from models.imageops import background  # noqa: E402
 from models.metrics import consistency_ratio, self_consistency  # noqa: E402
-from models.pipeline import CONSISTENCY_SIGMA  # noqa: E402
+from models.metrics import CONSISTENCY_SIGMA  # noqa: E402
 
 
 def main() -> None:

@@ -186,6 +186,12 @@ class DPRCConfig:
     # When the fit crops (median content kept < metrics.CONTENT_KEPT_MIN), fit again with this
     # moment_weight and keep the fit that keeps more content; 0: never. See docs/research/quality-rounds-1-9.md.
     reframe: float = 1.0
+    # When equivariance_units="auto" chose frame units and the fit's aligner reads less
+    # self-consistent than metrics.CONSISTENCY_WARN (the level at which a job warns), fit again in
+    # input units and keep the more self-consistent fit. At 6,000 images frame units kept digit 3
+    # whole where input units cropped it, but drifted on digits 7 and 9 where input units did not
+    # (docs/benchmarks.md, "Jobs, end to end").
+    units_refit: bool = True
     # Check the final fit for a collapse (empty, cropped or shrunk images, or an aligner less
     # self-consistent than not aligning) and fall back to the moment alignment, or fail, if it did.
     guard: bool = True
@@ -543,6 +549,8 @@ class DPRC:
         res = self._fit(data, ctx, cfg, ctx.checkpoint_dir)
         if cfg.reframe > 0 and cfg.moment_weight <= 0:
             res = self._reframe(data, ctx, cfg, res)
+        if cfg.units_refit and self.cfg.equivariance_units == "auto" and cfg.equivariance_units == "frame":
+            res = self._units_refit(data, ctx, cfg, res)
         if cfg.guard:
             res = self._guard(data, ctx, cfg, res)
         return res
@@ -577,6 +585,49 @@ class DPRC:
         best.notes.append(note + ("; using the re-fit" if best is res2 else "; using the first fit"))
         return best
 
+    def _units_refit(self, data: TrainData, ctx: FitContext, cfg: DPRCConfig, res: FitResult) -> FitResult:
+        """Fit again in input units when the frame-unit fit is not self-consistent (``units_refit``)."""
+        t0 = time.perf_counter()
+        ratio = self._consistency(data, ctx, res)
+        res.timings["units_check"] = round(time.perf_counter() - t0, 3)
+        if ratio is None or ratio <= M.CONSISTENCY_WARN:
+            return res
+        ctx.report(Progress("training", message=f"the alignment's self-consistency ratio is {ratio:.2f} "
+                            f"(> {M.CONSISTENCY_WARN}); fitting again with the equivariance in input units"))
+        cfg2 = replace(cfg, equivariance_units="input")
+        ck = None if ctx.checkpoint_dir is None else Path(ctx.checkpoint_dir) / "input_units"
+        try:
+            res2 = self._fit(data, ctx, cfg2, ck)
+            if cfg.reframe > 0 and cfg.moment_weight <= 0:
+                res2 = self._reframe(data, ctx, cfg2, res2)
+        except FloatingPointError as e:
+            res.notes.append(f"the fit in frame units read a self-consistency ratio of {ratio:.2f}; a re-fit in "
+                             f"input units failed ({e}); using the first fit")
+            return res
+        ratio2 = self._consistency(data, ctx, res2)
+        timings = {**res.timings, **{f"units_refit_{k}": v for k, v in res2.timings.items()}}
+        best = res2 if ratio2 is not None and ratio2 < ratio else res
+        best.timings = timings
+        best.notes.append(f"the fit with the equivariance in frame units read a self-consistency ratio of "
+                          f"{ratio:.2f}, a re-fit in input units {ratio2 if ratio2 is None else round(ratio2, 2)}; "
+                          f"using the {'re-fit' if best is res2 else 'first fit'}")
+        return best
+
+    def _consistency(self, data: TrainData, ctx: FitContext, res: FitResult) -> float | None:
+        """The fit's self-consistency ratio at the objects (``metrics.json``'s ``object_ratio``: a
+        known re-warp's effect on the aligned frame over the re-warp's own, on a sample of
+        :data:`metrics.CONSISTENCY_SAMPLE` images; every process's in a distributed job)."""
+        if res.aligner is None:
+            return None
+        moved, probe = M.sampled_self_consistency(res.aligner.align, data.x, res.in_from_out_norm,
+                                                  bg=data.bg, seed=ctx.seed)
+        stats = torch.stack([moved.sum(), probe.sum()]).to(data.x.device, torch.float64)
+        if ctx.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(stats)
+        return float(stats[0] / stats[1].clamp_min(1e-12))
+
     def _collapse(self, data: TrainData, ctx: FitContext, res: FitResult) -> str | None:
         """Why ``res`` lost the images, checked without ground truth (None: it did not).
 
@@ -602,17 +653,8 @@ class DPRC:
                     f"{int((~far_i & (kept_i < COLLAPSE_KEPT)).sum())} more keep less than {COLLAPSE_KEPT:.0%} of the "
                     f"content, and {int((~far_i & (kept_i >= COLLAPSE_KEPT) & lost).sum())} more scale the object's "
                     f"area more than {COLLAPSE_AREA:g}-fold")
-        if res.aligner is None:
-            return None
-        moved, probe = M.sampled_self_consistency(res.aligner.align, data.x, res.in_from_out_norm,
-                                                  bg=data.bg, seed=ctx.seed)
-        stats = torch.stack([moved.sum(), probe.sum()]).to(data.x.device, torch.float64)
-        if ctx.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(stats)
-        ratio = float(stats[0] / stats[1].clamp_min(1e-12))
-        if ratio > COLLAPSE_CONSISTENCY:
+        ratio = self._consistency(data, ctx, res)
+        if ratio is not None and ratio > COLLAPSE_CONSISTENCY:
             return (f"its aligner is less self-consistent than not aligning (a known 10 % re-warp of each image "
                     f"moves where its aligned frame puts the object {ratio:.2f} times as far as the re-warp itself)")
         return None

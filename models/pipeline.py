@@ -204,26 +204,12 @@ def _edge_warnings(touching: torch.Tensor | None) -> list[str]:
             "the border\")"]
 
 
-# Self-consistency probe: each image re-warped by a known random perturbation of this size (a
-# fraction of the side, the benchmark's protocol) and aligned again. Per image and in the summary's
-# `ratio`: how far the aligned frame's corners move (all images). The warning reads `object_ratio`
-# instead: the same probe measured at each image's object pixels, on at most M.CONSISTENCY_SAMPLE
-# evenly spaced images (the collapse guard's check). Corners lie far from a small object and grow
-# with the frame (a 6k digit-9 job whose frames drifted to 1.28 read 2.35 there against a ground
-# truth of 0.36). At the object, on the fifteenth session's robustness fits (GPU and CPU,
-# bench/results/session15/robustness_*.jsonl), fits whose ground-truth object ratio was 0.05-0.16
-# read 0.08-0.14 and fits at 0.28-1.84 read 0.29-0.54; the CPU's 1k benchmark job (truth 0.13) reads
-# 0.19. The limit sits between the two groups. The corner ratio's old limit of 0.5 let most of the
-# failed ones pass as plain successes.
-CONSISTENCY_SIGMA, CONSISTENCY_WARN = 0.1, 0.25
-
-
 def _consistency_summary(moved: torch.Tensor | None, probe: torch.Tensor | None,
                          object_ratio: float | None = None, object_sample: int = 0) -> dict | None:
     if moved is None or len(moved) == 0:
         return None
     s = {
-        "probe_sigma": CONSISTENCY_SIGMA,
+        "probe_sigma": M.CONSISTENCY_SIGMA,
         "moved_median_px": round(float(moved.median()), 4),
         "probe_median_px": round(float(probe.median()), 4),
         "ratio": round(M.consistency_ratio(moved, probe), 4),
@@ -235,11 +221,11 @@ def _consistency_summary(moved: torch.Tensor | None, probe: torch.Tensor | None,
 
 def _consistency_warnings(s: dict | None) -> list[str]:
     r = None if s is None else s.get("object_ratio")
-    if r is None or r <= CONSISTENCY_WARN:
+    if r is None or r <= M.CONSISTENCY_WARN:
         return []
-    return [f"the aligner is not self-consistent: re-warping each image by a known {CONSISTENCY_SIGMA:.0%} "
+    return [f"the aligner is not self-consistent: re-warping each image by a known {M.CONSISTENCY_SIGMA:.0%} "
             f"perturbation moves where its aligned frame puts the object {r:.2f} times as far as the "
-            f"perturbation itself (> {CONSISTENCY_WARN}); expect two views of one object to be aligned differently"]
+            f"perturbation itself (> {M.CONSISTENCY_WARN}); expect two views of one object to be aligned differently"]
 
 
 def _hwc(img: np.ndarray) -> np.ndarray:
@@ -659,7 +645,7 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
         contact_all[k:k + n], plain_all[k:k + n] = contact.float().cpu(), plain.cpu()
         if align is not None:
             with torch.no_grad():
-                moved, probe = M.self_consistency(lambda b: align(b.float()), x, bg, sigma=CONSISTENCY_SIGMA,
+                moved, probe = M.self_consistency(lambda b: align(b.float()), x, bg, sigma=M.CONSISTENCY_SIGMA,
                                                   seed=seed, warps=Mn if warps_are_aligned else None,
                                                   chunk=n if dev.type == "cuda" else 512)
             moved_all[k:k + n], probe_all[k:k + n] = moved.float(), probe.float()
@@ -738,7 +724,7 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
         bs = torch.from_numpy(np.array(work.bg[idx.numpy()])).to(dev, torch.float32)[..., None, None]
         mo, po = M.sampled_self_consistency(lambda b: align(b.float()), xs,
                                             in_from_out_norm[idx] if warps_are_aligned else None, len(idx),
-                                            bg=bs, sigma=CONSISTENCY_SIGMA, chunk=4096 if dev.type == "cuda" else 512)
+                                            bg=bs, sigma=M.CONSISTENCY_SIGMA, chunk=4096 if dev.type == "cuda" else 512)
         object_ratio, object_sample = M.consistency_ratio(mo, po), len(idx)
     consistency = _consistency_summary(moved, probe, object_ratio, object_sample)
     metrics = {

@@ -1,6 +1,7 @@
 """DPRC: networks at initialisation, the penalty, checkpoints, cancellation, and quality."""
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -283,6 +284,47 @@ def test_a_re_fit_that_diverges_keeps_the_first_fit(digits3):
     m = _Scripted([FloatingPointError("training diverged")])  # the first fit has nothing to fall back on
     with pytest.raises(FloatingPointError):
         m.fit(digits3[:6], FitContext())
+
+
+class _ScriptedUnits(DPRC):
+    """DPRC whose fits return given self-consistency ratios, with "auto" resolved to ``units``."""
+
+    def __init__(self, ratios, units="frame", **kw):
+        super().__init__(**{"guard": False, **kw})
+        self.ratios, self.units, self.fits = list(ratios), units, []
+
+    def resolved(self, device_type, size, n=0):
+        cfg = super().resolved(device_type, size, n)
+        return cfg if self.cfg.equivariance_units != "auto" else replace(cfg, equivariance_units=self.units)
+
+    def _fit(self, x, ctx, cfg, checkpoint_dir):
+        from models.methods import FitResult
+        self.fits.append((cfg.equivariance_units, checkpoint_dir))
+        r = FitResult(in_from_out_norm=torch.eye(3).expand(len(x), 3, 3).clone(), aligner=object(), notes=[])
+        r.ratio = self.ratios.pop(0)
+        return r
+
+    def _consistency(self, data, ctx, res):
+        return res.ratio
+
+
+def test_a_frame_unit_fit_that_is_not_self_consistent_is_fitted_again_in_input_units(digits3, tmp_path):
+    x = digits3[:6]
+    m = _ScriptedUnits([0.4, 0.1])
+    r = m.fit(x, FitContext(checkpoint_dir=tmp_path))
+    assert m.fits == [("frame", tmp_path), ("input", tmp_path / "input_units")]
+    assert r.ratio == 0.1 and "frame units read a self-consistency ratio of 0.40" in r.notes[-1]
+    assert r.notes[-1].endswith("using the re-fit") and "units_check" in r.timings
+    m = _ScriptedUnits([0.4, 0.5])  # the re-fit is worse: the first fit stays
+    r = m.fit(x, FitContext())
+    assert len(m.fits) == 2 and r.ratio == 0.4 and r.notes[-1].endswith("using the first fit")
+    for ratios, kw in (([0.2], {}),  # self-consistent enough
+                       ([0.4], {"equivariance_units": "frame"}),  # frame units chosen by the job: kept
+                       ([0.4], {"units_refit": False})):
+        m = _ScriptedUnits(ratios, **kw)
+        assert m.fit(x, FitContext()).ratio == ratios[0] and len(m.fits) == 1, kw
+    m = _ScriptedUnits([0.4], units="input")  # "auto" chose input units (a CPU, a small collection)
+    assert m.fit(x, FitContext()).ratio == 0.4 and m.fits == [("input", None)]
 
 
 def test_a_step_with_a_non_finite_loss_or_gradient_changes_nothing():

@@ -224,7 +224,8 @@ def test_sampled_self_consistency_is_the_check_on_the_evenly_spaced_images():
 
 
 def test_the_consistency_warning_reads_the_ratio_at_the_objects():
-    from models.pipeline import CONSISTENCY_WARN, _consistency_summary, _consistency_warnings
+    from models.metrics import CONSISTENCY_WARN
+    from models.pipeline import _consistency_summary, _consistency_warnings
 
     moved, probe = torch.tensor([3.0, 1.0]), torch.tensor([4.0, 4.0])
     s = _consistency_summary(moved, probe, 0.26, 2)

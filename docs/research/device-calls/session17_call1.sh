@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
 # Written in the sixteenth session, for the next. carry .devdata and .devold (`git archive a6bda8d`
 # unpacked: the space-to-depth block as measured in session 16, its kernel by pad/slices/stack and
-# the phase maximum by amax). About 400 s.
+# the phase maximum by amax). About 330 s.
 # (1) The block with fewer operations (b30080d: one gather, a (4, 1) max-pool; 1,517 -> 1,389
 #     operations a step on the CPU count) against a6bda8d on one machine: training steps at 256 /
 #     1,024 and inference.
 # (2) The 1k / 6k / 1M jobs on the current code (the 1M and 6k rows of session 16 predate the bias
 #     after the pool), the 1k twice (a fresh machine's first job pays cold caches).
 # (3) The 1k <= 15 s target without fewer epochs: the 1k job at a batch of 512 (300 epochs = 586
-#     steps of ~18 ms), and the 1,000-image fits of digits 0 / 4 / 7 / 9 at 512 against 256
-#     (four processes share the card: the seconds are not speed figures). A batch rule for small
-#     collections is the question; at 1M a larger batch cost quality (schedule.py's notes).
+#     steps of ~18 ms); the other digits at 512 are session17_call2.sh's.
 set -uo pipefail
 export CONGEAL_MNIST_NPZ=$PWD/.devdata/mnist.npz PYTHONUNBUFFERED=1 PYTHONPYCACHEPREFIX=/tmp/pyc
 unset PYTHONDONTWRITEBYTECODE
@@ -25,11 +23,6 @@ for i in 1 2; do timeout 30 $E --sizes 1000 >> $OUT/log.txt 2>&1; done; el 1k
 timeout 30 $E --sizes 1000 --options "--option batch_size=512" >> $OUT/log.txt 2>&1; el 1k512
 timeout 45 $E --sizes 6000 --gen-device cuda >> $OUT/log.txt 2>&1; el 6k
 timeout 120 $E --sizes 1000000 --gen-device cuda >> $OUT/log.txt 2>&1; el 1m
-for d in 0 4 7 9; do
-  timeout 150 python bench/sweep.py --digits $d --sigmas 0.1 --n 500 --device cuda --configs '[{"batch_size": 512}]' --out $OUT/sweep_$d.jsonl > $OUT/sweep_log_$d.txt 2>&1 &
-done
-wait; el sweep
-cat $OUT/sweep_*.jsonl > $OUT/sweep.jsonl; rm -f $OUT/sweep_?.jsonl
 for f in $OUT/speed_*.jsonl; do echo $f; python -c "
 import json,sys
 for l in open(sys.argv[1]):
@@ -39,7 +32,4 @@ import json
 for l in open("$OUT/e2e.jsonl"):
     r = json.loads(l); e = r.get("eval", {})
     print("E2E", r["n_images"], repr(r.get("options")), r["seconds"], "rc", r["rc"], "obj", e.get("object_residual_ratio"), "corner", e.get("residual_ratio"), "kept", e.get("content_kept"), r.get("stage_seconds"))
-for l in open("$OUT/sweep.jsonl"):
-    r = json.loads(l)
-    print("SW", r.get("digit"), r.get("cfg"), "obj", r.get("object_residual_ratio"), "corner", r.get("residual_ratio"), "kept", r.get("content_kept"), (r.get("notes") or [""])[0][:70])
 PY
