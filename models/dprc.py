@@ -54,7 +54,10 @@ measured against ground truth in ``docs/research/quality-rounds-1-9.md``):
   0.192 / 0.167 after the re-fit), while at 1,000 images input units align a
   little better (0.088 against 0.096). The CPU's networks did not zoom in at 6,000
   or 40,000 images and align a little better in input units (0.130 / 0.124 against
-  0.133 / 0.132; bench/results/session14/).
+  0.133 / 0.132; bench/results/session14/). Frame units let some collections'
+  frames drift large (6k digits 7 and 9), so ``units_refit`` fits a frame-unit fit
+  that reads less self-consistent than the warning level again in input units and
+  keeps the more self-consistent of the two.
 * A coarse-to-fine distance (blur annealed from ``blur_start`` to 0), a warp
   curriculum (``curriculum``), background-aware padding (``padding``),
   cosine learning-rate decay.
