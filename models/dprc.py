@@ -110,7 +110,7 @@ FRAME_UNITS_FROM = 4096
 # A fit has collapsed (DPRC._collapse) when its aligned frames keep less than this median share of
 # each image's content, scale the objects' area by more than this factor either way, or its aligner is
 # less self-consistent than this (1: no better than not aligning), measured on this many images.
-COLLAPSE_KEPT, COLLAPSE_AREA, COLLAPSE_CONSISTENCY = 0.5, 6.0, 1.0
+COLLAPSE_KEPT, COLLAPSE_AREA, COLLAPSE_CONSISTENCY = M.LOST_KEPT, M.LOST_AREA, 1.0
 # ... or when more than COLLAPSE_SHARE of the images are lost one by one (each image's own frame keeps
 # less than COLLAPSE_KEPT, scales by more than COLLAPSE_AREA, or has a corner beyond COLLAPSE_FAR in
 # normalised input units: one frame width outside): medians alone passed a sigma = 30 % canvas fit
@@ -649,7 +649,7 @@ class DPRC:
         if not 1 / COLLAPSE_AREA <= area <= COLLAPSE_AREA:
             return f"its aligned frames show the objects at {1 / area:.2g} times their area"
         far_i = far_i | ~torch.isfinite(kept_i) | ~torch.isfinite(area_i)
-        lost = far_i | (kept_i < COLLAPSE_KEPT) | (area_i < 1 / COLLAPSE_AREA) | (area_i > COLLAPSE_AREA)
+        lost = far_i | M.lost_images(kept_i, area_i)
         share = float(lost.float().mean())
         if share > COLLAPSE_SHARE:
             return (f"{share:.0%} of the images are lost one by one: {int(far_i.sum())} aligned frames flew off the image, "

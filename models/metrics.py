@@ -222,6 +222,21 @@ def evenly_spaced(n: int, k: int, device: torch.device | str | None = None) -> t
     return torch.linspace(0, n - 1, min(n, k), dtype=torch.float64, device=device).round().long().unique()
 
 
+# An image is lost when its aligned frame no longer shows its object: the frame keeps less than
+# LOST_KEPT of the object's mass (empty, or a fragment), or shows the object at more than LOST_AREA
+# times or less than 1/LOST_AREA of its area. The collapse guard's per-image tests (models.dprc, with
+# frames sent off the image), and metrics.json's framing_summary.n_lost. Good fits lose none (the
+# CPU's 1k and 6k benchmark jobs: every image keeps >= 0.89 at an area scale of 0.26-2.6).
+LOST_KEPT, LOST_AREA = 0.5, 6.0
+
+
+def lost_images(kept: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` bool from :func:`framing`'s per-image content kept and area scale: the images whose
+    aligned frame lost the object (see :data:`LOST_KEPT`); not-finite values count as lost."""
+    bad = ~torch.isfinite(kept) | ~torch.isfinite(area)
+    return bad | (kept < LOST_KEPT) | (area < 1 / LOST_AREA) | (area > LOST_AREA)
+
+
 # Images the sampled self-consistency check measures: the collapse guard's and metrics.json's.
 CONSISTENCY_SAMPLE = 2048
 

@@ -195,6 +195,16 @@ def _framing_warnings(kept: torch.Tensor, area: torch.Tensor) -> list[str]:
     return out
 
 
+def _lost_warnings(kept: torch.Tensor, area: torch.Tensor) -> list[str]:
+    # Image by image: the median checks above pass a fit that lost a minority of its images.
+    n = int(M.lost_images(kept, area).sum())
+    if n == 0:
+        return []
+    return [f"{n} of {len(kept)} images ({n / len(kept):.1%}) lost their object in the aligned frame: it keeps "
+            f"less than {M.LOST_KEPT:.0%} of the object, or shows it at more than {M.LOST_AREA:g} times or less "
+            f"than 1/{M.LOST_AREA:g} of its area (per_image[].content_kept and area_scale show which)"]
+
+
 def _edge_warnings(touching: torch.Tensor | None) -> list[str]:
     if touching is None or len(touching) == 0 or float(touching.double().mean()) < 0.5:
         return []
@@ -748,11 +758,12 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
             "content_kept_p10": round(float(torch.quantile(kept_all.double(), 0.1)), 4) if N else None,
             "area_scale_median": round(float(area_all.median()), 4) if N else None,
             "n_cropped": int((kept_all < KEPT_WARN).sum()),
+            "n_lost": int(M.lost_images(kept_all, area_all).sum()),
             "n_touching_edge": None if touching is None else int(touching.sum()),
         },
         "consistency_summary": consistency,
-        "warnings": _framing_warnings(kept_all, area_all) + _edge_warnings(touching)
-        + _consistency_warnings(consistency),
+        "warnings": _framing_warnings(kept_all, area_all) + _lost_warnings(kept_all, area_all)
+        + _edge_warnings(touching) + _consistency_warnings(consistency),
     }
     if small:
         metrics["per_image"] = [

@@ -143,7 +143,10 @@ def checks(metrics: dict) -> list[Check]:
         out.append(Check("content kept", f"median {_fmt(f['content_kept_median'])}, "
                                          f"10th percentile {_fmt(f.get('content_kept_p10'))}",
                          "the share of each image's object that its aligned frame still shows (1: all of it); "
-                         f"{_fmt(f.get('n_cropped', 0))} images keep less than the target"))
+                         f"{_fmt(f.get('n_cropped', 0))} images keep less than the target"
+                         + ("" if f.get("n_lost") is None else
+                            f", {_fmt(f['n_lost'])} lost their object (less than half kept, or shown at "
+                            "more than 6 times or less than 1/6 of its area)")))
     if f.get("area_scale_median") is not None:
         out.append(Check("object size", f"median {_fmt(f['area_scale_median'])}",
                          "each input's area per aligned pixel at the frame's centre: above 1 the aligned "

@@ -84,6 +84,9 @@ class FramingSummary(BaseModel):
     content_kept_p10: float | None = None
     area_scale_median: float | None = Field(None, description="input area per output pixel at the frame centre")
     n_cropped: int = Field(0, description="images whose aligned frame keeps less than 0.85 of their content")
+    n_lost: int | None = Field(None, description="images whose aligned frame lost the object: it keeps less than "
+                               "half of it, or shows it at more than 6 times or less than 1/6 of its area "
+                               "(null in outputs written before this count existed)")
     n_touching_edge: int | None = Field(None, description="images whose object touches their own border (part "
                                         "of it may lie outside the image); null where the images' borders are "
                                         "not plain background and the check is off")

@@ -64,6 +64,18 @@ def test_warnings_name_the_degenerate_mode():
     assert "shrinks" in w
 
 
+def test_images_that_lose_their_object_are_counted_and_warned_about():
+    from models.metrics import lost_images
+    from models.pipeline import _lost_warnings
+
+    kept = torch.tensor([1.0, 0.49, 0.9, 0.9, 0.9, float("nan")])
+    area = torch.tensor([1.0, 1.0, 6.5, 1 / 6.5, 5.9, 1.0])
+    assert lost_images(kept, area).tolist() == [False, True, True, True, False, True]
+    assert _lost_warnings(torch.ones(3), torch.ones(3)) == []
+    (w,) = _lost_warnings(kept, area)
+    assert w.startswith("4 of 6 images (66.7%) lost their object") and "per_image[].content_kept" in w
+
+
 def test_apply_with_a_cropping_aligner_warns(tmp_path, untrained_model):
     """An aligner whose moment reference is huge zooms 2.5x into every digit."""
     from models.data import mnist_digits
@@ -78,6 +90,10 @@ def test_apply_with_a_cropping_aligner_warns(tmp_path, untrained_model):
     assert m["framing_summary"]["area_scale_median"] == pytest.approx(0.16, rel=0.05)  # (1 / 2.5)^2
     assert rep.warnings and rep.warnings == m["warnings"] and "crops into the objects" in m["warnings"][0]
     assert all(0 <= e["content_kept"] <= 1.5 for e in m["per_image"])
+    per = np.load(tmp_path / "out" / "per_image.npy")
+    lost = (per["content_kept"] < 0.5) | (per["area_scale"] < 1 / 6) | (per["area_scale"] > 6)
+    assert m["framing_summary"]["n_lost"] == int(lost.sum())
+    assert any("lost their object" in w for w in m["warnings"]) == bool(lost.any())
 
 
 def test_edge_contact_against_exact_answers():

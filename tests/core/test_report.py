@@ -90,7 +90,7 @@ def _synthetic(names, warnings):
     metrics = {"method": "dprc", "warp": "homography", "device": "cpu", "n_images": 1000, "apsnr_before": 11.2,
                "apsnr_after": 17.9, "residual_summary": {"median": 12.0, "p95": 30.0, "max": 41.0, "n_outliers": 3},
                "framing_summary": {"content_kept_median": 0.98, "content_kept_p10": 0.9, "area_scale_median": 1.02,
-                                   "n_cropped": 4, "n_touching_edge": None},
+                                   "n_cropped": 4, "n_lost": 2, "n_touching_edge": None},
                "consistency_summary": {"ratio": 0.3, "moved_median_px": 0.4, "probe_median_px": 1.3},
                "warnings": warnings, "notes": ["schedule: 64 images a step"], "seconds": 12.5,
                "history": [{"step": s, "loss": 1.0 / s, "D": 0.5 / s, "C": None} for s in range(1, 30)]
@@ -110,6 +110,7 @@ def test_the_page_holds_its_parts_loads_nothing_and_escapes_names():
     assert 'alert("x")</script>.png' in page.words
     assert "the alignment crops into the objects" in page.words
     assert "11.2 dB before, 17.9 dB after" in page.words
+    assert "4 images keep less than the target, 2 lost their object" in page.words
     # the mean/variance images, in order, are the bytes given
     figs = [a for a in page.all("img") if a.get("alt") in R.STAT_IMAGES]
     assert [a["alt"] for a in figs] == list(R.STAT_IMAGES)
