@@ -195,12 +195,12 @@ def _framing_warnings(kept: torch.Tensor, area: torch.Tensor) -> list[str]:
     return out
 
 
-def _lost_warnings(kept: torch.Tensor, area: torch.Tensor) -> list[str]:
-    # Image by image: the median checks above pass a fit that lost a minority of its images.
-    n = int(M.lost_images(kept, area).sum())
+def _lost_warnings(n: int, total: int) -> list[str]:
+    # Image by image (n of total lost, models.metrics.lost_images): the median checks above pass a
+    # fit that lost a minority of its images.
     if n == 0:
         return []
-    return [f"{n} of {len(kept)} images ({n / len(kept):.1%}) lost their object in the aligned frame: it keeps "
+    return [f"{n} of {total} images ({n / total:.1%}) lost their object in the aligned frame: it keeps "
             f"less than {M.LOST_KEPT:.0%} of the object, or shows it at more than {M.LOST_AREA:g} times or less "
             f"than 1/{M.LOST_AREA:g} of its area (per_image[].content_kept and area_scale show which)"]
 
@@ -737,6 +737,7 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
                                             bg=bs, sigma=M.CONSISTENCY_SIGMA, chunk=4096 if dev.type == "cuda" else 512)
         object_ratio, object_sample = M.consistency_ratio(mo, po), len(idx)
     consistency = _consistency_summary(moved, probe, object_ratio, object_sample)
+    n_lost = int(M.lost_images(kept_all, area_all).sum())
     metrics = {
         **meta,
         "n_images": N,
@@ -758,11 +759,11 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
             "content_kept_p10": round(float(torch.quantile(kept_all.double(), 0.1)), 4) if N else None,
             "area_scale_median": round(float(area_all.median()), 4) if N else None,
             "n_cropped": int((kept_all < KEPT_WARN).sum()),
-            "n_lost": int(M.lost_images(kept_all, area_all).sum()),
+            "n_lost": n_lost,
             "n_touching_edge": None if touching is None else int(touching.sum()),
         },
         "consistency_summary": consistency,
-        "warnings": _framing_warnings(kept_all, area_all) + _lost_warnings(kept_all, area_all)
+        "warnings": _framing_warnings(kept_all, area_all) + _lost_warnings(n_lost, N)
         + _edge_warnings(touching) + _consistency_warnings(consistency),
     }
     if small:
