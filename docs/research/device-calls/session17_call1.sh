@@ -8,7 +8,7 @@
 # (2) The 1k / 6k / 1M jobs on the current code (the 1M and 6k rows of session 16 predate the bias
 #     after the pool), the 1k twice (a fresh machine's first job pays cold caches).
 # (3) The 1k <= 15 s target without fewer epochs: the 1k job at a batch of 512 (300 epochs = 586
-#     steps of ~18 ms); the other digits at 512 are session17_call2.sh's.
+#     steps of ~18 ms) and 1,024 (added in session 17); the other digits at 512 are session17_call2.sh's.
 set -uo pipefail
 export CONGEAL_MNIST_NPZ=$PWD/.devdata/mnist.npz PYTHONUNBUFFERED=1 PYTHONPYCACHEPREFIX=/tmp/pyc
 unset PYTHONDONTWRITEBYTECODE
@@ -21,6 +21,7 @@ export PYTHONPATH=$PWD
 E="python bench/e2e_jobs.py --device cuda --work /tmp/e2e --out $OUT/e2e.jsonl"
 for i in 1 2; do timeout 30 $E --sizes 1000 >> $OUT/log.txt 2>&1; done; el 1k
 timeout 30 $E --sizes 1000 --options "--option batch_size=512" >> $OUT/log.txt 2>&1; el 1k512
+timeout 30 $E --sizes 1000 --options "--option batch_size=1024" >> $OUT/log.txt 2>&1; el 1k1024
 timeout 45 $E --sizes 6000 --gen-device cuda >> $OUT/log.txt 2>&1; el 6k
 timeout 120 $E --sizes 1000000 --gen-device cuda >> $OUT/log.txt 2>&1; el 1m
 for f in $OUT/speed_*.jsonl; do echo $f; python -c "
