@@ -36,9 +36,9 @@ of the last, x right, y down), so ``target(p) ~ source(M p)`` at any resolution.
 
 Speed (one CPU thread, 128 px pairs: about 0.4 s a pair, docs/research/pairwise-search-speed.md): the
 blurs are products with banded matrices, each correlation transforms its target once for all the
-canvases it is compared with, and on a CPU the block matching and the refinement run a few pairs at
-a time (:func:`_pair_chunks`: large batches otherwise leave the caches). None of it changes a
-pair's answer beyond float rounding.
+canvases it is compared with, and on a CPU the similarity search runs a few canvases at a time and
+the block matching, the candidate scores and the refinement a few pairs at a time (:func:`_chunks`:
+large batches otherwise leave the caches). None of it changes a pair's answer beyond float rounding.
 """
 from __future__ import annotations
 
@@ -95,10 +95,10 @@ class SearchConfig:
     agreement_prior: float = 4.0
 
 
-# How many numbers the largest working tensor of a chunk of pairs may hold, by device type: a CPU
-# slows down once they leave its caches (and a batch of 32 pairs would need gigabytes); a GPU wants
-# them large.
-_CHUNK_NUMBERS = {"cpu": 1 << 22, "other": 1 << 28}
+# How many numbers the largest working tensor of a chunk of pairs (or of canvases) may hold, by
+# device type: a CPU slows down once they leave its caches (a 2 MiB L2 here: 2^20 was faster than
+# 2^21-2^22, docs/research/pairwise-search-speed.md); a GPU wants them large.
+_CHUNK_NUMBERS = {"cpu": 1 << 20, "other": 1 << 28}
 
 # --------------------------------------------------------------------------- features
 
@@ -356,16 +356,21 @@ def similarity_search(source: torch.Tensor, target: torch.Tensor, cfg: SearchCon
     shift = _translate(torch.stack([tx.flatten(), ty.flatten()], -1))  # (n*n, 3, 3): p -> p + t
     # target p -> canvas p + t + pad -> source A (p + t): pixels
     M_pix = (A[:, None] @ shift[None]).reshape(-1, 3, 3)  # (R * n*n, 3, 3)
+    canvas_chunks = _chunks(R, (cfg.bins + 2) * canvas[0] * canvas[1], dev)
     best_M, best_s = [], []
     for b in range(B):  # a pair at a time: R warped canvases of C features each are already large
         if should_stop is not None:
             should_stop()
-        warped = G.warp_pixel(src[b:b + 1].expand(R, -1, -1, -1), from_canvas, canvas, padding_mode="border")
-        fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid, smooth=cfg.smooth)
-        # translation_ncc; the target's (1, C, H, W) broadcasts against the R canvases: transformed once
-        score = _ncc_stacked(_ncc_stack(ft[b:b + 1], mt[b:b + 1]), _ncc_stack(fw, valid, masked=True), pad,
-                             cfg.min_overlap, cfg.overlap_power)  # (R, 2pad+1, 2pad+1)
-        flat = score.reshape(-1)
+        tstack = _ncc_stack(ft[b:b + 1], mt[b:b + 1])
+        score = []
+        for rs in canvas_chunks:  # a few canvases at a time (their features stay in a CPU's caches)
+            warped = G.warp_pixel(src[b:b + 1].expand(rs.stop - rs.start, -1, -1, -1), from_canvas[rs], canvas,
+                                  padding_mode="border")
+            fw = orientation_features(warped, cfg.bins, cfg.kappa, cfg.cell, mask=valid[rs], smooth=cfg.smooth)
+            # translation_ncc; the target's (1, C + 2, H, W) broadcasts against the canvases: transformed once
+            score.append(_ncc_stacked(tstack, _ncc_stack(fw, valid[rs], masked=True), pad, cfg.min_overlap,
+                                      cfg.overlap_power))  # (canvases, 2pad+1, 2pad+1)
+        flat = torch.cat(score).reshape(-1)  # (R (2pad+1)^2,)
         top = torch.topk(flat, min(flat.numel(), 200 * cfg.candidates)).indices
         Mn = G.normalised_from_pixel(M_pix[top], ss, st)
         Mk, sk = _nms(Mn, flat[top], cfg.candidates, cfg.separation)
@@ -527,10 +532,11 @@ def _windows(x: torch.Tensor, origins: list[tuple[int, int]], side: int) -> torc
     return torch.stack([x[..., y0:y0 + side, x0:x0 + side] for y0, x0 in origins], 1)
 
 
-def _pair_chunks(B: int, per_pair: int, device: torch.device) -> list[slice]:
-    """Slices of ``B`` pairs, each holding at most ``_CHUNK_NUMBERS[device type]`` numbers in its largest
-    tensor (``per_pair`` a pair; at least one pair a slice)."""
-    n = max(1, _CHUNK_NUMBERS.get(torch.device(device).type, _CHUNK_NUMBERS["other"]) // max(1, per_pair))
+def _chunks(B: int, per_item: int, device: torch.device) -> list[slice]:
+    """Slices of ``B`` items (pairs, or a pair's canvases), each holding at most
+    ``_CHUNK_NUMBERS[device type]`` numbers in its largest tensor (``per_item`` an item; at least one
+    item a slice)."""
+    n = max(1, _CHUNK_NUMBERS.get(torch.device(device).type, _CHUNK_NUMBERS["other"]) // max(1, per_item))
     return [slice(i, min(i + n, B)) for i in range(0, B, n)]
 
 
@@ -594,7 +600,7 @@ def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, lo
     # windows hold K nb (C + 2) (b + 2 pad)^2 numbers a pair, and a CPU slows down once they leave its caches.
     per_pair = K * nb * (cfg.bins + 2) * (b + 2 * pad) ** 2
     t, val, energy = [], [], []
-    for sl in _pair_chunks(B, per_pair, dev):
+    for sl in _chunks(B, per_pair, dev):
         tc, vc, ec = _block_shifts(source[sl], target[sl], M[sl.start * K:sl.stop * K], ss, st, origins, b, pad, cfg)
         t.append(tc)
         val.append(vc)
@@ -618,13 +624,20 @@ def match_refine(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, lo
 def _score(source: torch.Tensor, target: torch.Tensor, M: torch.Tensor, longer: int, cfg: SearchConfig) -> torch.Tensor:
     """:func:`_ncc_at` of ``M`` ``(B * K, 3, 3)`` (``K`` candidates per pair, pair-major) at a level whose
     longer side is ``longer``, ``(B * K,)``; -1 for a non-finite candidate."""
-    K = M.shape[0] // source.shape[0]
+    B = source.shape[0]
+    K = M.shape[0] // B
     ss = _level_size(tuple(source.shape[-2:]), longer)
     st = _level_size(tuple(target.shape[-2:]), longer)
-    ft = orientation_features(_standardise(_resize(target, st)), cfg.bins, cfg.kappa, cfg.cell, smooth=cfg.smooth).repeat_interleave(K, 0)
-    src = _standardise(_resize(source, ss)).repeat_interleave(K, 0)
     finite = torch.isfinite(M).flatten(1).all(1)
-    s = _ncc_at(src, ft, torch.where(finite[:, None, None], M, torch.eye(3, dtype=M.dtype, device=M.device)), cfg)
+    M = torch.where(finite[:, None, None], M, torch.eye(3, dtype=M.dtype, device=M.device))
+    # a few pairs at a time: each candidate's features are bins x the level's pixels
+    out = []
+    for sl in _chunks(B, K * (cfg.bins + 2) * st[0] * st[1], source.device):
+        ft = orientation_features(_standardise(_resize(target[sl], st)), cfg.bins, cfg.kappa, cfg.cell,
+                                  smooth=cfg.smooth).repeat_interleave(K, 0)
+        src = _standardise(_resize(source[sl], ss)).repeat_interleave(K, 0)
+        out.append(_ncc_at(src, ft, M[sl.start * K:sl.stop * K], cfg))
+    s = torch.cat(out)
     return torch.where(finite, s, torch.full_like(s, -1.0))
 
 
@@ -802,7 +815,7 @@ def refine_homography(source: torch.Tensor, target: torch.Tensor, M: torch.Tenso
         return M, torch.full(M.shape[:1], float("nan"), dtype=M.dtype, device=M.device)
     N = source.shape[0]
     st = _level_size(tuple(target.shape[-2:]), max(longer for longer, _ in cfg.refine))
-    chunks = _pair_chunks(N, 8 * 2 * 2 * st[0] * st[1], source.device)  # the ECC step's float64 Jacobian
+    chunks = _chunks(N, 8 * 2 * 2 * st[0] * st[1], source.device)  # the ECC step's float64 Jacobian
     if len(chunks) > 1:  # rows are independent
         parts = [refine_homography(source[sl], target[sl], M[sl], cfg) for sl in chunks]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -240,11 +240,11 @@ def test_match_refine_with_candidates_per_pair_is_the_pairs_repeated():
     assert torch.equal(inl, inl_rep)
 
 
-def test_pair_chunks_cover_the_batch_in_order():
-    assert Q._pair_chunks(5, 10, torch.device("cpu")) == [slice(0, 5)]
+def test_chunks_cover_the_batch_in_order():
+    assert Q._chunks(5, 10, torch.device("cpu")) == [slice(0, 5)]
     n = Q._CHUNK_NUMBERS["cpu"]
-    assert Q._pair_chunks(5, n // 2, torch.device("cpu")) == [slice(0, 2), slice(2, 4), slice(4, 5)]
-    assert Q._pair_chunks(3, 10 * n, "cpu") == [slice(0, 1), slice(1, 2), slice(2, 3)]  # at least a pair
+    assert Q._chunks(5, n // 2, torch.device("cpu")) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert Q._chunks(3, 10 * n, "cpu") == [slice(0, 1), slice(1, 2), slice(2, 3)]  # at least a pair
 
 
 def test_chunked_search_and_refinement_are_the_unchunked(monkeypatch):
