@@ -115,7 +115,7 @@ COLLAPSE_KEPT, COLLAPSE_AREA, COLLAPSE_CONSISTENCY = M.LOST_KEPT, M.LOST_AREA, 1
 # less than COLLAPSE_KEPT, scales by more than COLLAPSE_AREA, or has a corner beyond COLLAPSE_FAR in
 # normalised input units: one frame width outside): medians alone passed a sigma = 30 % canvas fit
 # that had sent a third of the frames off (object ratio 2.4; bench/results/session10/call1_robustness.jsonl).
-COLLAPSE_SHARE, COLLAPSE_FAR = 0.25, 3.0
+COLLAPSE_SHARE, COLLAPSE_FAR = 0.25, M.LOST_FAR
 
 __all__ = ["DEFAULT_WIDTH", "DPRCConfig", "DPRC", "DPRCAligner", "choose_reference", "moment_init", "blur",
            "background", "curriculum_family", "MAX_BAD_STEPS"]
@@ -198,6 +198,12 @@ class DPRCConfig:
     # Check the final fit for a collapse (empty, cropped or shrunk images, or an aligner less
     # self-consistent than not aligning) and fall back to the moment alignment, or fail, if it did.
     guard: bool = True
+    # Image by image, in the fit and in the saved aligner: a learned warp that strays
+    # (metrics.stray_warps: the frame's centre off the image, a corner behind the horizon, or the
+    # centre's area scale more than metrics.LOST_AREA-fold from the initial warp's) is replaced by the
+    # initial (moment) warp, and the image is flagged (per_image[].fallback). A fit that strays on more
+    # than COLLAPSE_SHARE of its images still falls back as a whole (guard).
+    fallback: bool = True
     checkpoint_every_s: float = 20.0
 
 
@@ -398,8 +404,12 @@ class DPRCAligner:
 
     def __init__(self, net: DeSTNet, init: str, ref_centroid: torch.Tensor, ref_radius: torch.Tensor,
                  padding: str = "border", max_scale: float = 2.5, passes: int = 1,
-                 ref_image: torch.Tensor | None = None, search: dict | None = None):
+                 ref_image: torch.Tensor | None = None, search: dict | None = None, fallback: bool = False):
         self.net = net.eval()
+        # align(): an image whose learned warp strays (models.metrics.stray_warps: the frame's centre
+        # off the image, a corner behind the horizon, or the centre's area scale LOST_AREA-fold from
+        # the initial warp's) gets its initial warp instead (DPRCConfig.fallback)
+        self.fallback = fallback
         self.init = init
         self.ref_centroid = ref_centroid
         self.ref_radius = ref_radius
@@ -433,8 +443,12 @@ class DPRCAligner:
         network that corrects a fraction of the misalignment per pass is
         iterated towards its fixed point.
         """
+        return self._warps_from(x, self.base(x), limit, passes)
+
+    def _warps_from(self, x: torch.Tensor, M0: torch.Tensor | None, limit: str | None = None,
+                    passes: int | None = None) -> torch.Tensor:
         xin = x - background(x) if self.padding == "border" else x
-        M_ = self.base(x)
+        M_ = M0
         for _ in range(self.passes if passes is None else passes):
             M_ = self.net(xin, M_, limit)
         return M_
@@ -442,13 +456,27 @@ class DPRCAligner:
     @torch.no_grad()
     def align(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` uint8 or float images -> ``(B, 3, 3)`` ``in_from_out_norm``."""
-        return self.warps(as_float(images))
+        return self.align_flagged(images)[0]
+
+    @torch.no_grad()
+    def align_flagged(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`align`, and which images got their initial warp instead of the learned one
+        ``(B,)`` bool (None when ``fallback`` is off)."""
+        x = as_float(images)
+        M0 = self.base(x)
+        M_ = self._warps_from(x, M0)
+        if not self.fallback:
+            return M_, None
+        start = torch.eye(3, dtype=M_.dtype, device=M_.device).expand_as(M_) if M0 is None else M0.to(M_.dtype)
+        stray = M.stray_warps(M_, start)
+        return torch.where(stray[:, None, None], start, M_), stray
 
     def save(self, model_dir: Path) -> None:
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
         cfg = {"method": "dprc", "init": self.init, "padding": self.padding, "max_scale": self.max_scale,
-               "passes": self.passes, "destnet": asdict(self.net.cfg), "search": self.search}
+               "passes": self.passes, "destnet": asdict(self.net.cfg), "search": self.search,
+               "fallback": self.fallback}
         (model_dir / "config.json").write_text(json.dumps(cfg, indent=1))
         tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         tensors["ref_centroid"] = self.ref_centroid.detach().cpu().float()
@@ -470,7 +498,7 @@ def _load_dprc(model_dir: Path, device: torch.device) -> DPRCAligner:
     ref_image = t["ref_image"].to(device) if "ref_image" in t else None
     return DPRCAligner(net.to(device), cfg["init"], t["ref_centroid"].to(device),
                        t["ref_radius"].to(device)[0], cfg.get("padding", "border"), cfg.get("max_scale", 2.5),
-                       int(cfg.get("passes", 1)), ref_image, cfg.get("search"))
+                       int(cfg.get("passes", 1)), ref_image, cfg.get("search"), bool(cfg.get("fallback", False)))
 
 
 # --------------------------------------------------------------------------- method
@@ -649,10 +677,14 @@ class DPRC:
         if not 1 / COLLAPSE_AREA <= area <= COLLAPSE_AREA:
             return f"its aligned frames show the objects at {1 / area:.2g} times their area"
         far_i = far_i | ~torch.isfinite(kept_i) | ~torch.isfinite(area_i)
+        if res.fallback is not None:  # frames that strayed count as lost though they got the initial warp
+            far_i = far_i | (all_gather_rows(res.fallback.float(), data.x.device).bool().cpu()
+                             if ctx.world > 1 else res.fallback)
         lost = far_i | M.lost_images(kept_i, area_i)
         share = float(lost.float().mean())
         if share > COLLAPSE_SHARE:
-            return (f"{share:.0%} of the images are lost one by one: {int(far_i.sum())} aligned frames flew off the image, "
+            return (f"{share:.0%} of the images are lost one by one: {int(far_i.sum())} aligned frames flew off the "
+                    "image or strayed from the initial warp, "
                     f"{int((~far_i & (kept_i < COLLAPSE_KEPT)).sum())} more keep less than {COLLAPSE_KEPT:.0%} of the "
                     f"content, and {int((~far_i & (kept_i >= COLLAPSE_KEPT) & lost).sum())} more scale the object's "
                     f"area more than {COLLAPSE_AREA:g}-fold")
@@ -700,7 +732,7 @@ class DPRC:
         safe = DPRCAligner(net.to(data.x.device), "moments", al.ref_centroid, al.ref_radius, al.padding,
                            al.max_scale, 1)
         t0 = time.perf_counter()
-        warps = self._align_all(safe, data.x)
+        warps, _ = self._align_all(safe, data.x)
         return FitResult(in_from_out_norm=warps.float().cpu(), reference_index=res.reference_index, aligner=safe,
                          history=res.history, plan=res.plan, timings={"aligning": round(time.perf_counter() - t0, 3)})
 
@@ -727,10 +759,7 @@ class DPRC:
             f = M.framing(x, pix, size, data.bg[k:k + chunk].double())
             kept.append(f[0].cpu())
             area.append(f[1].cpu())
-            h = torch.cat([G.unit_corners(like=Mn), torch.ones(4, 1, dtype=Mn.dtype, device=Mn.device)], 1) @ Mn.mT
-            q = h[..., :2] / h[..., 2:].clamp_min(1e-12)
-            bad = (h[..., 2] <= 0).any(1) | (q.abs() > COLLAPSE_FAR).any(2).any(1) | ~torch.isfinite(Mn).all(2).all(1)
-            far.append(bad.cpu())
+            far.append(M.frames_flown(Mn, COLLAPSE_FAR).cpu())
         kept, area, far = torch.cat(kept).float(), torch.cat(area).float(), torch.cat(far).float()
         if ctx is not None and ctx.world > 1:
             kept, area, far = (all_gather_rows(v, data.x.device) for v in (kept, area, far))
@@ -775,7 +804,7 @@ class DPRC:
         aligner = DPRCAligner(net, cfg.init, ref_c, ref_r, cfg.padding, cfg.max_scale, cfg.passes,
                               ref_img - ref_bg if cfg.init == "search" else None,
                               dict(degrees=cfg.search_degrees, step=cfg.search_step, flip=cfg.search_flip)
-                              if cfg.init == "search" else None)
+                              if cfg.init == "search" else None, fallback=cfg.fallback)
         objective = Objective(aligner, ae, cfg, ref_img, ref_bg, ref_c, ref_r, cfg.blur_start * min(H, W))
         t_ref = _lap(dev)
         model = objective
@@ -859,16 +888,20 @@ class DPRC:
         set_compute_dtype(net, None)
         timings["training"] = round(time.perf_counter() - t_train, 3)
         t_align = time.perf_counter()
-        warps = self._align_all(aligner, x)
+        warps, fallback = self._align_all(aligner, x)
         timings["aligning"] = round(time.perf_counter() - t_align, 3)
         return FitResult(in_from_out_norm=warps.float().cpu(), reference_index=ref, aligner=aligner,
-                         history=history, notes=notes, plan=plan.to_dict(), timings=timings)
+                         history=history, notes=notes, plan=plan.to_dict(), timings=timings, fallback=fallback)
 
     @torch.no_grad()
-    def _align_all(self, aligner: DPRCAligner, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    def _align_all(self, aligner: DPRCAligner, x: torch.Tensor, chunk: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every image's warp ``(N, 3, 3)`` (CPU) and which got the fallback ``(N,)`` (None: off)."""
         chunk = chunk or (16384 if x.device.type == "cuda" else 1024)
         aligner.net.eval()
-        return torch.cat([aligner.align(x[k:k + chunk]).cpu() for k in range(0, x.shape[0], chunk)])
+        parts = [aligner.align_flagged(x[k:k + chunk]) for k in range(0, x.shape[0], chunk)]
+        flags = None if aligner.fallback is False else torch.cat([f.cpu() for _, f in parts])
+        return torch.cat([w.cpu() for w, _ in parts]), flags
 
     # ------------------------------------------------------------------ checkpoints
     # Safetensors + JSON only: a checkpoint is never unpickled.

@@ -129,6 +129,9 @@ class FitResult:
     plan: dict | None = None  # the training schedule chosen (models.schedule.Plan.to_dict())
     timings: dict = field(default_factory=dict)  # seconds by stage of the fit (written in metrics.json)
     warnings: list[str] = field(default_factory=list)  # said first among metrics.json's warnings
+    # (N,) bool, or None: the images whose learned warp strayed and was replaced by the method's
+    # initial warp (DPRC's per-image fallback); metrics.json counts them and per_image flags them
+    fallback: torch.Tensor | None = None
 
 
 class AlignmentMethod(Protocol):

@@ -128,7 +128,7 @@ class AlignReport:
 def per_image_dtype(channels: int) -> np.dtype:
     return np.dtype([("residual", "<f4"), ("outlier", "?"), ("content_kept", "<f4"), ("area_scale", "<f4"),
                      ("edge_contact", "<f4"), ("touches_edge", "i1"), ("consistency_px", "<f4"),
-                     ("fill", "<f4", (channels,)), ("input_size", "<i4", (2,))])
+                     ("fill", "<f4", (channels,)), ("input_size", "<i4", (2,)), ("fallback", "?")])
 
 
 PER_IMAGE_DTYPE = per_image_dtype(1)
@@ -203,6 +203,15 @@ def _lost_warnings(n: int, total: int) -> list[str]:
     return [f"{n} of {total} images ({n / total:.1%}) lost their object in the aligned frame: it keeps "
             f"less than {M.LOST_KEPT:.0%} of the object, or shows it at more than {M.LOST_AREA:g} times or less "
             f"than 1/{M.LOST_AREA:g} of its area (per_image[].content_kept and area_scale show which)"]
+
+
+def _fallback_warnings(n: int, total: int) -> list[str]:
+    if n == 0:
+        return []
+    return [f"{n} of {total} images ({n / total:.1%}) got the initial (moment) alignment instead of the learned "
+            "one: the learned warp sent the aligned frame's centre off the image, put a corner behind the horizon "
+            f"or changed the object's scale more than {M.LOST_AREA:g}-fold (per_image[].fallback lists them; they "
+            "are aligned only coarsely)"]
 
 
 def _edge_warnings(touching: torch.Tensor | None) -> list[str]:
@@ -400,6 +409,8 @@ def align_collection(source: str | os.PathLike | Collection | Source, out_dir: s
             from .collective import all_gather_rows
 
             result.in_from_out_norm = all_gather_rows(result.in_from_out_norm, device)
+            if result.fallback is not None:
+                result.fallback = all_gather_rows(result.fallback.to(torch.uint8), device).bool()
             if rank != 0:
                 return None
         if should_stop is not None and should_stop():
@@ -424,7 +435,8 @@ def align_collection(source: str | os.PathLike | Collection | Source, out_dir: s
             align = None if result.aligner is None else (lambda b: result.aligner.align(b.to(device)))
             metrics = _finish(tmp, src, work, result.in_from_out_norm, meta, align, device, options.aligned,
                               report, should_stop, t0, stages=stages, warnings=result.warnings,
-                              warps_are_aligned=getattr(result.aligner, "reproduces_fit", False))
+                              warps_are_aligned=getattr(result.aligner, "reproduces_fit", False),
+                              fallback=result.fallback)
     finally:
         work.close()
     report(Progress("done", apsnr=metrics["apsnr_after"]))
@@ -507,16 +519,22 @@ def apply_model(model_dir: str | os.PathLike, source: str | os.PathLike | Collec
         batch = batch_size or (32768 if dev.type == "cuda" else 512)
         report(Progress("aligning", total=len(src)))
         warps = torch.empty(len(src), 3, 3)
+        # an aligner that can say which images got its fallback warp (DPRCAligner.align_flagged)
+        flagged = getattr(aligner, "align_flagged", None)
+        flags: list[torch.Tensor | None] = []
         with torch.no_grad():
             for k in range(0, len(src), batch):
                 xb = _rows(work.x, k, batch).to(dev)
-                warps[k:k + len(xb)] = aligner.align(xb).float().cpu()
+                w, f = flagged(xb) if flagged is not None else (aligner.align(xb), None)
+                warps[k:k + len(xb)] = w.float().cpu()
+                flags.append(None if f is None else f.cpu())
                 report(Progress("aligning", step=min(k + batch, len(src)), total=len(src)))
+        fallback = torch.cat(flags) if flags and all(f is not None for f in flags) else None
         meta = {"method": pipe["method"], "warp": pipe["warp"], "reference": None, "device": str(dev),
                 "working_size": list(wsize), "channels": channels, "model_dir": str(model_dir)}
         with StagedOutput(out_dir, overwrite) as tmp:
             metrics = _finish(tmp, src, work, warps, meta, lambda b: aligner.align(b.to(dev)), dev, aligned,
-                              report, should_stop, t0, warps_are_aligned=True)
+                              report, should_stop, t0, warps_are_aligned=True, fallback=fallback)
     finally:
         work.close()
     report(Progress("done"))
@@ -574,7 +592,7 @@ class _Writer:
 def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor, meta: dict,
             align: Callable | None, dev: torch.device, aligned_mode: str,
             report: Callable[[Progress], None], should_stop, t0: float, *, warps_are_aligned: bool = False,
-            stages: dict | None = None, warnings: list[str] = ()) -> dict:
+            stages: dict | None = None, warnings: list[str] = (), fallback: torch.Tensor | None = None) -> dict:
     """Public transforms, aligned originals, metrics and the report for a fitted collection, a
     chunk at a time; returns the metrics as written to ``metrics.json``.
 
@@ -583,7 +601,8 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
     images (DPRC, apply), so the check aligns only its re-warped copies. Computed on ``dev``:
     float64 on a CPU (as before), float32 on a GPU. ``t0``: when the job started
     (``time.time()``), for its ``seconds``; ``stages``: the job's seconds by stage so far (this
-    one's is added as ``writing``); ``warnings``: the fit's, said first.
+    one's is added as ``writing``); ``warnings``: the fit's, said first; ``fallback``: ``(N,)``
+    bool, the images whose learned warp was replaced by the initial one (None: not checked).
     """
     t_finish = time.time()
     N, C = src.n, work.x.shape[1]
@@ -707,6 +726,8 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
         per["touches_edge"] = touching.numpy().astype(np.int8)
     if moved is not None:
         per["consistency_px"] = moved.numpy()
+    if fallback is not None:
+        per["fallback"] = fallback.numpy()
     np.save(tmp / "per_image.npy", per, allow_pickle=False)
     _write_names(tmp, src, chunk)
 
@@ -760,10 +781,12 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
             "area_scale_median": round(float(area_all.median()), 4) if N else None,
             "n_cropped": int((kept_all < KEPT_WARN).sum()),
             "n_lost": n_lost,
+            "n_fallback": None if fallback is None else int(fallback.sum()),
             "n_touching_edge": None if touching is None else int(touching.sum()),
         },
         "consistency_summary": consistency,
-        "warnings": _framing_warnings(kept_all, area_all) + _lost_warnings(n_lost, N)
+        "warnings": _fallback_warnings(0 if fallback is None else int(fallback.sum()), N)
+        + _framing_warnings(kept_all, area_all) + _lost_warnings(n_lost, N)
         + _edge_warnings(touching) + _consistency_warnings(consistency),
     }
     if small:
@@ -773,6 +796,7 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
              "area_scale": round(float(per["area_scale"][i]), 4),
              "edge_contact": round(float(per["edge_contact"][i]), 4),
              "touches_edge": None if touching is None else bool(touching[i]),
+             **({} if fallback is None else {"fallback": bool(fallback[i])}),
              **({} if moved is None else {"consistency_px": round(float(moved[i]), 4)})}
             for i, nm in enumerate(names_all)]
     metrics["warnings"] = list(warnings) + metrics["warnings"]

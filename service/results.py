@@ -24,6 +24,7 @@ import numpy as np
 
 __all__ = ["ResultsUnavailable", "PerImageSource", "open_per_image"]
 _FLOAT_FIELDS = ("residual", "content_kept", "area_scale", "edge_contact", "consistency_px")
+_BOOL_FIELDS = ("outlier", "fallback")
 _JSON_CACHE_MAX = 4
 
 
@@ -94,9 +95,10 @@ class PerImageSource:
             if k in fields:
                 for r, v in zip(rows, per[k]):
                     r[k] = _num(v)
-        if "outlier" in fields:
-            for r, v in zip(rows, per["outlier"]):
-                r["outlier"] = bool(v)
+        for k in _BOOL_FIELDS:
+            if k in fields:
+                for r, v in zip(rows, per[k]):
+                    r[k] = bool(v)
         if "touches_edge" in fields:
             for r, v in zip(rows, per["touches_edge"]):
                 r["touches_edge"] = None if int(v) < 0 else bool(v)
@@ -143,7 +145,7 @@ def _json_rows(transforms: dict, metrics: dict | None) -> list[dict]:
     for i, (t, m) in enumerate(zip(images, per)):
         row = {"index": i, "name": t["name"], "matrix": t["matrix"], "fill": t.get("fill"),
                "input_size": t.get("input_size")}
-        for k in (*_FLOAT_FIELDS, "outlier", "touches_edge"):
+        for k in (*_FLOAT_FIELDS, *_BOOL_FIELDS, "touches_edge"):
             row[k] = m.get(k)
         rows.append(row)
     return rows

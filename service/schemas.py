@@ -87,6 +87,10 @@ class FramingSummary(BaseModel):
     n_lost: int | None = Field(None, description="images whose aligned frame lost the object: it keeps less than "
                                "half of it, or shows it at more than 6 times or less than 1/6 of its area "
                                "(null in outputs written before this count existed)")
+    n_fallback: int | None = Field(None, description="images whose learned warp strayed (the aligned frame's centre "
+                                   "off the image, a corner behind the horizon, or the object's scale changed more "
+                                   "than 6-fold) and that got the initial moment alignment instead; null where the "
+                                   "method does not check")
     n_touching_edge: int | None = Field(None, description="images whose object touches their own border (part "
                                         "of it may lie outside the image); null where the images' borders are "
                                         "not plain background and the check is off")
@@ -349,6 +353,8 @@ class PerImagePublic(BaseModel):
     edge_contact: float | None = None
     touches_edge: bool | None = Field(None, description="null where the border check is off")
     consistency_px: float | None = Field(None, description="null where not measured")
+    fallback: bool | None = Field(None, description="the learned warp strayed and this image got the initial "
+                                  "(moment) alignment instead; null where the method does not check")
     aligned_url: str | None = Field(None, description="the aligned PNG, where the job wrote PNGs")
 
 

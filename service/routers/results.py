@@ -80,7 +80,7 @@ async def download_transforms_npy(job_id: str, state: StateDep, owner: OwnerDep)
 
 @router.get("/{job_id}/per_image.npy", name="download_per_image_npy", responses=_DL, response_class=FileResponse,
             summary="Per-image metrics: a structured (N,) array (residual, outlier, content_kept, area_scale, "
-                    "edge_contact, touches_edge, consistency_px, fill, input_size)")
+                    "edge_contact, touches_edge, consistency_px, fill, input_size, fallback)")
 async def download_per_image_npy(job_id: str, state: StateDep, owner: OwnerDep):
     return await run_in_threadpool(_array_file, state, owner, job_id, "per_image.npy", "application/octet-stream")
 

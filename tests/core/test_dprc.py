@@ -683,8 +683,12 @@ def test_a_fit_that_collapses_falls_back_to_the_moment_alignment_and_says_so(dig
 
     x = make_pairs(digits3[:8], 0.1, seed=0).images
     data = TrainData(x, _backgrounds(x))
-    bare = DPRC(**COLLAPSING, guard=False).fit(x, FitContext(seed=0))
+    bare = DPRC(**COLLAPSING, guard=False, fallback=False).fit(x, FitContext(seed=0))
     assert DPRC._framing(data, bare.in_from_out_norm)[0] < 0.5  # it does collapse
+    # Image by image, every frame strays: each gets its initial warp (the identity here) and a flag.
+    flagged = DPRC(**COLLAPSING, guard=False).fit(x, FitContext(seed=0))
+    assert flagged.fallback is not None and bool(flagged.fallback.all())
+    assert torch.equal(flagged.in_from_out_norm, torch.eye(3).expand(len(x), 3, 3))
     res = DPRC(**COLLAPSING).fit(x, FitContext(seed=0))
     kept, area = DPRC._framing(data, res.in_from_out_norm)
     assert kept > 0.9 and 0.5 < area < 2
@@ -737,7 +741,7 @@ def test_when_the_fallback_collapses_too_the_fit_fails_with_the_reasons(digits3,
     from models.methods import AlignmentFailed, FitResult
 
     x = make_pairs(digits3[:8], 0.1, seed=0).images
-    m = DPRC(**COLLAPSING)
+    m = DPRC(**COLLAPSING, fallback=False)  # the collapsed warps themselves, not replaced image by image
     monkeypatch.setattr(DPRC, "_safe_fit", lambda self, data, ctx, cfg, res: FitResult(
         res.in_from_out_norm, aligner=res.aligner))  # a "fallback" that is the collapsed fit itself
     with pytest.raises(AlignmentFailed, match="could not be aligned.*collapsed.*and so did the moment alignment"):
@@ -811,3 +815,46 @@ def test_equivariance_units_auto_takes_frame_units_for_large_collections_on_a_gp
     assert DPRC().resolved("cuda", (28, 28)).equivariance_units == "input"  # n unknown: as a small collection
     assert DPRC().resolved("cpu", (28, 28), 10**6).equivariance_units == "input"  # the CPU's networks keep it
     assert DPRC(equivariance_units="input").resolved("cuda", (28, 28), 10**6).equivariance_units == "input"
+
+
+class _ScriptedNet(torch.nn.Module):
+    """A DeSTNet stand-in whose output is its start composed with a given warp per image."""
+
+    def __init__(self, T: torch.Tensor):
+        super().__init__()
+        self.T = T
+
+    def forward(self, x, M0, limit=None):
+        return M0 @ self.T[: x.shape[0]].to(M0)
+
+
+def test_the_aligner_replaces_stray_warps_by_their_start_and_flags_them(digits3):
+    from models.dprc import DPRCAligner
+
+    x = digits3[:5]
+    T = torch.eye(3).repeat(5, 1, 1)
+    T[1, 0, 2] = 5.0  # the frame sent five half-widths away: flown off
+    T[2, :2, :2] *= 3.0  # nine times the start's area
+    T[3, :2, :2] *= 1.5  # 2.25 times: a large but plausible zoom, kept
+    T[4, 2, 0] = 1.5  # the left corners behind the horizon
+    al = DPRCAligner(_ScriptedNet(T), "moments", torch.zeros(2), torch.tensor(0.4), fallback=True)
+    M0 = al.base(x)
+    M_, flags = al.align_flagged(x)
+    assert flags.tolist() == [False, True, True, False, True]
+    assert torch.allclose(M_[flags], M0[flags]) and torch.allclose(M_[~flags], (M0 @ T)[~flags])
+    assert torch.equal(al.align(x), M_)
+    al.fallback = False
+    M_, flags = al.align_flagged(x)
+    assert flags is None and torch.allclose(M_, M0 @ T)
+
+
+def test_the_fallback_setting_is_saved_with_the_aligner(tmp_path):
+    from models.catalog import load_aligner
+    from models.dprc import DPRCAligner
+    from models.nets import PRESETS, DeSTNet, DeSTNetConfig
+
+    net = DeSTNet(DeSTNetConfig(in_channels=1, image_size=(28, 28), warp="homography", bound=0.6,
+                                **PRESETS["small"]["destnet"]))
+    for on in (True, False):
+        DPRCAligner(net, "moments", torch.zeros(2), torch.tensor(0.4), fallback=on).save(tmp_path / str(on))
+        assert load_aligner(tmp_path / str(on), torch.device("cpu")).fallback is on

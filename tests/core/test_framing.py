@@ -76,6 +76,71 @@ def test_images_that_lose_their_object_are_counted_and_warned_about():
     assert w.startswith("4 of 6 images (66.7%) lost their object") and "per_image[].content_kept" in w
 
 
+def test_frame_geometry_against_exact_answers():
+    from models.metrics import centre_scale, frames_flown, stray_warps
+
+    eye = torch.eye(3, dtype=torch.float64)
+    M = eye.repeat(7, 1, 1)
+    M[1, :2, :2] *= 2.0  # the frame covers 2x the input's side: 4x the area at the centre
+    M[2, 0, 2] = 2.5  # shifted 2.5 half-widths: the centre beyond 2, the far corners at 3.5
+    M[3, 0, 2] = 1.5  # the centre at 1.5, the far corners at 2.5
+    M[4, 2, 0] = 1.0  # w = 1 + x: the left corners on the horizon
+    M[5, 0, 0] = float("nan")
+    M[6, 2, :2] = 0.4  # w = 1 + 0.4 (x + y): the corner (-1, -1) at w = 0.2, q = (-5, -5); the centre unchanged
+    assert centre_scale(M[[0, 1, 2, 6]]).tolist() == pytest.approx([1.0, 4.0, 1.0, 1.0])
+    # known Jacobians at the origin: x scaled by 3; and (x, y) -> (x + 1, y) / (1 + x), whose
+    # derivative there is [[1 - 1, 0], [0, 1]] (d/dx (x + 1) / (1 + x) = 0): a determinant of 0
+    A = eye.repeat(2, 1, 1)
+    A[0, 0, 0] = 3.0
+    A[1, 0, 2], A[1, 2, 0] = 1.0, 1.0
+    assert centre_scale(A).tolist() == pytest.approx([3.0, 0.0])
+    assert frames_flown(M).tolist() == [False, False, True, False, True, True, True]
+    start = eye.repeat(7, 1, 1)
+    assert stray_warps(M, start).tolist() == [False, False, True, False, True, True, False]
+    assert stray_warps(M, start, area=3.9).tolist() == [False, True, True, False, True, True, False]
+    assert stray_warps(start[:1], M[1:2]).tolist() == [False]  # a quarter of the start's area
+    assert stray_warps(start[:1], M[1:2], area=3.9).tolist() == [True]
+
+
+def test_apply_flags_the_images_whose_warps_strayed(tmp_path, untrained_model, monkeypatch):
+    """A real saved aligner whose network output is scripted to send two images' frames off:
+    those two get the moment alignment, per_image.npy and metrics.json say which, and the job warns."""
+    from models.data import mnist_digits
+    from models.dprc import DPRCAligner
+    from models.pipeline import apply_model
+
+    model = untrained_model(tmp_path / "model", 0.4)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["fallback"] = True
+    (model / "config.json").write_text(json.dumps(cfg))
+    x = (mnist_digits(3, 6).numpy()[:, 0] * 255).astype("uint8")
+    np.save(tmp_path / "d.npy", x)
+    real = DPRCAligner._warps_from
+
+    def straying(self, xb, M0, limit=None, passes=None):
+        out = real(self, xb, M0, limit, passes).clone()
+        out[1::3, 0, 2] += 5.0  # rows 1 and 4 of the 6
+        return out
+
+    monkeypatch.setattr(DPRCAligner, "_warps_from", straying)
+    apply_model(model, tmp_path / "d.npy", tmp_path / "out", device="cpu")
+    per = np.load(tmp_path / "out" / "per_image.npy")
+    assert per["fallback"].tolist() == [False, True, False, False, True, False]
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["framing_summary"]["n_fallback"] == 2
+    assert [e["fallback"] for e in m["per_image"]] == per["fallback"].tolist()
+    assert m["warnings"][0].startswith("2 of 6 images (33.3%) got the initial (moment) alignment")
+    # the moment alignment keeps the digits: nothing lost
+    assert m["framing_summary"]["n_lost"] == 0
+    monkeypatch.setattr(DPRCAligner, "_warps_from", real)
+    cfg["fallback"] = False
+    (model / "config.json").write_text(json.dumps(cfg))
+    apply_model(model, tmp_path / "d.npy", tmp_path / "out2", device="cpu")
+    m = json.loads((tmp_path / "out2" / "metrics.json").read_text())
+    assert m["framing_summary"]["n_fallback"] is None
+    assert not np.load(tmp_path / "out2" / "per_image.npy")["fallback"].any()
+
+
 def test_apply_with_a_cropping_aligner_warns(tmp_path, untrained_model):
     """An aligner whose moment reference is huge zooms 2.5x into every digit."""
     from models.data import mnist_digits
