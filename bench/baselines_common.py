@@ -96,6 +96,7 @@ class Run:
     # the objects' pixels, on up to 2,048 images): beside the truth's residual ratio, it shows
     # what the product could see of a fit.
     consistency_ratio: float | None = None
+    n_fallback: int | None = None  # images whose learned warp strayed and got the initial warp (DPRC)
 
 
 def run_method(name: str, images: torch.Tensor, *, warp: str, device: str, seed: int = 0,
@@ -114,7 +115,8 @@ def run_method(name: str, images: torch.Tensor, *, warp: str, device: str, seed:
         seconds = time.time() - t0
         return Run(res.in_from_out_norm, seconds, notes=res.notes, steps=len(res.history),
                    warnings=list(getattr(res, "warnings", None) or []) or None,
-                   consistency_ratio=_consistency(res, x) if name == "dprc" else None)
+                   consistency_ratio=_consistency(res, x) if name == "dprc" else None,
+                   n_fallback=None if getattr(res, "fallback", None) is None else int(res.fallback.sum()))
     except Exception as e:  # noqa: BLE001 - the benchmark records it
         return Run(None, time.time() - t0, f"{type(e).__name__}: {e}")
 
@@ -209,6 +211,7 @@ def score(pairs: PairedSet, run: Run) -> dict:
     ev["notes"] = run.notes
     ev["warnings"] = run.warnings
     ev["consistency_ratio"] = run.consistency_ratio
+    ev["n_fallback"] = run.n_fallback
     return ev
 
 
