@@ -6,7 +6,7 @@
 # guard off and the fallback off (the learned warps as they are), how many frames does each test
 # flag, and how good are the pairs each test leaves, against the truth? Sigma 20 % twice (GPU runs
 # are not bit-reproducible), 30 % once; input units (the 1k default) and frame units.
-set -uo pipefail
+set -uo pipefail; set -f  # no globbing: the configs hold brackets
 export CONGEAL_MNIST_NPZ=$PWD/.devdata/mnist.npz PYTHONUNBUFFERED=1 PYTHONPATH=$PWD PYTHONPYCACHEPREFIX=/tmp/pyc
 unset PYTHONDONTWRITEBYTECODE
 T0=$(date +%s); el() { echo "## $1 at $(( $(date +%s) - T0 )) s"; }
