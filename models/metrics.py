@@ -263,7 +263,8 @@ def centre_scale(in_from_out_norm: torch.Tensor) -> torch.Tensor:
     determinant of the warp's Jacobian at the origin, normalised units; ``w`` there is ``M[2, 2]``)."""
     M = in_from_out_norm
     w0 = M[:, 2, 2, None, None]
-    return torch.linalg.det((M[:, :2, :2] - M[:, :2, 2:] @ M[:, 2:, :2] / w0) / w0)
+    J = (M[:, :2, :2] - M[:, :2, 2:] @ M[:, 2:, :2] / w0) / w0
+    return J[:, 0, 0] * J[:, 1, 1] - J[:, 0, 1] * J[:, 1, 0]  # closed form: no linear-algebra library on a GPU
 
 
 # A learned warp strays (stray_warps) when the aligned frame's centre lands more than STRAY_CENTRE
