@@ -112,10 +112,10 @@ FRAME_UNITS_FROM = 4096
 # less self-consistent than this (1: no better than not aligning), measured on this many images.
 COLLAPSE_KEPT, COLLAPSE_AREA, COLLAPSE_CONSISTENCY = M.LOST_KEPT, M.LOST_AREA, 1.0
 # ... or when more than COLLAPSE_SHARE of the images are lost one by one (each image's own frame keeps
-# less than COLLAPSE_KEPT, scales by more than COLLAPSE_AREA, or has a corner beyond COLLAPSE_FAR in
-# normalised input units: one frame width outside): medians alone passed a sigma = 30 % canvas fit
-# that had sent a third of the frames off (object ratio 2.4; bench/results/session10/call1_robustness.jsonl).
-COLLAPSE_SHARE, COLLAPSE_FAR = 0.25, M.LOST_FAR
+# less than COLLAPSE_KEPT, scales by more than COLLAPSE_AREA, or left the image: metrics.frames_off):
+# medians alone passed a sigma = 30 % canvas fit that had sent a third of the frames off (object
+# ratio 2.4; bench/results/session10/call1_robustness.jsonl).
+COLLAPSE_SHARE = 0.25
 
 __all__ = ["DEFAULT_WIDTH", "DPRCConfig", "DPRC", "DPRCAligner", "choose_reference", "moment_init", "blur",
            "background", "curriculum_family", "MAX_BAD_STEPS"]
@@ -665,8 +665,8 @@ class DPRC:
         Collapsed: the aligned frames keep less than :data:`COLLAPSE_KEPT` of the median image's
         content (empty or cropped images), show the objects at less than 1/:data:`COLLAPSE_AREA` or
         more than that many times their area (shrunk away, or a blow-up of a fragment), more than
-        :data:`COLLAPSE_SHARE` of the images are lost one by one in those ways or by a frame sent
-        off the image (:meth:`_framing_rows`), or the
+        :data:`COLLAPSE_SHARE` of the images are lost one by one in those ways or by a frame that left
+        the image (:meth:`_framing_rows`), or the
         aligner is less self-consistent than not aligning at all (``metrics.json``'s
         ``consistency_summary`` check, measured at each image's object pixels rather than at the
         frame's corners, on a sample of :data:`metrics.CONSISTENCY_SAMPLE` images)."""
@@ -683,7 +683,7 @@ class DPRC:
         lost = far_i | M.lost_images(kept_i, area_i)
         share = float(lost.float().mean())
         if share > COLLAPSE_SHARE:
-            return (f"{share:.0%} of the images are lost one by one: {int(far_i.sum())} aligned frames flew off the "
+            return (f"{share:.0%} of the images are lost one by one: {int(far_i.sum())} aligned frames left the "
                     "image or strayed from the initial warp, "
                     f"{int((~far_i & (kept_i < COLLAPSE_KEPT)).sum())} more keep less than {COLLAPSE_KEPT:.0%} of the "
                     f"content, and {int((~far_i & (kept_i >= COLLAPSE_KEPT) & lost).sum())} more scale the object's "
@@ -748,8 +748,9 @@ class DPRC:
     def _framing_rows(data: TrainData, in_from_out_norm: torch.Tensor, ctx: FitContext | None = None,
                       chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per image ``(N,)`` (every process's shard in a distributed job): content kept, area
-        scale (:func:`models.metrics.framing`), and whether the aligned frame flew off: a corner
-        more than one frame width outside the input, behind the horizon, or not finite."""
+        scale (:func:`models.metrics.framing`), and whether the aligned frame left the image
+        (:func:`models.metrics.frames_off`: its centre half an image outside, behind the horizon, or
+        not finite)."""
         size = tuple(data.x.shape[-2:])
         kept, area, far = [], [], []
         for k in range(0, len(data), chunk):
@@ -759,7 +760,7 @@ class DPRC:
             f = M.framing(x, pix, size, data.bg[k:k + chunk].double())
             kept.append(f[0].cpu())
             area.append(f[1].cpu())
-            far.append(M.frames_flown(Mn, COLLAPSE_FAR).cpu())
+            far.append(M.frames_off(Mn).cpu())
         kept, area, far = torch.cat(kept).float(), torch.cat(area).float(), torch.cat(far).float()
         if ctx is not None and ctx.world > 1:
             kept, area, far = (all_gather_rows(v, data.x.device) for v in (kept, area, far))

@@ -77,7 +77,7 @@ def test_images_that_lose_their_object_are_counted_and_warned_about():
 
 
 def test_frame_geometry_against_exact_answers():
-    from models.metrics import centre_scale, frames_flown, stray_warps
+    from models.metrics import centre_scale, frames_off, stray_warps
 
     eye = torch.eye(3, dtype=torch.float64)
     M = eye.repeat(7, 1, 1)
@@ -94,7 +94,7 @@ def test_frame_geometry_against_exact_answers():
     A[0, 0, 0] = 3.0
     A[1, 0, 2], A[1, 2, 0] = 1.0, 1.0
     assert centre_scale(A).tolist() == pytest.approx([3.0, 0.0])
-    assert frames_flown(M).tolist() == [False, False, True, False, True, True, True]
+    assert frames_off(M).tolist() == [False, False, True, False, True, True, False]
     start = eye.repeat(7, 1, 1)
     assert stray_warps(M, start).tolist() == [False, False, True, False, True, True, False]
     assert stray_warps(M, start, area=3.9).tolist() == [False, True, True, False, True, True, False]
