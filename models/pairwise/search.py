@@ -34,11 +34,12 @@ Conventions (those of :mod:`models.geometry`): a homography ``M`` is ``source_fr
 of the last, x right, y down), so ``target(p) ~ source(M p)`` at any resolution. Images are
 ``(B, C, H, W)`` floats; device and dtype follow the input.
 
-Speed (one CPU thread, 128 px pairs: about 0.4 s a pair, docs/research/pairwise-search-speed.md): the
+Speed (one CPU thread, 128 px pairs: about 0.25 s a pair, docs/research/pairwise-search-speed.md): the
 blurs are products with banded matrices, each correlation transforms its target once for all the
 canvases it is compared with, and on a CPU the similarity search runs a few canvases at a time and
 the block matching, the candidate scores and the refinement a few pairs at a time (:func:`_chunks`:
-large batches otherwise leave the caches). None of it changes a pair's answer beyond float rounding.
+large batches otherwise leave the caches). None of it changes a pair's answer beyond float rounding
+and the refinement's stopping tolerance (``refine_tol``: a chunk's iterations stop together).
 """
 from __future__ import annotations
 
@@ -79,7 +80,10 @@ class SearchConfig:
     # block-matching rounds of global_search: (level's longer side px, blocks a side, block px, search radius px)
     rounds: tuple[tuple[int, int, int, int], ...] = ((64, 4, 24, 12), (128, 5, 32, 8), (128, 6, 32, 4),
                                                      (128, 8, 24, 3))
-    prune_after: int = 2  # before this round, keep only the `keep` best candidates (by correlation)
+    # before this round, keep only the `keep` best candidates (by correlation). 1 (was 2): the 128 px
+    # round 1 then refines 2 candidates, not 7; on both benchmark seeds' 128 pairs no correct pair
+    # moved and the shares under 1 / 3 px held, at ~20 % less time (docs/research/pairwise-search-speed.md)
+    prune_after: int = 1
     keep: int = 2
     # dense refinement (refine_homography): (level's longer side px, Gauss-Newton iterations) per
     # level, coarse to fine; () for none
@@ -87,6 +91,9 @@ class SearchConfig:
     refine_smooth: float = 0.5  # Gaussian smoothing of the images before their gradients, px of the level
     refine_cell: float = 0.7  # Gaussian smoothing of the orientation field, px of the level
     refine_step: float = 2.0  # largest corner move of one iteration, px of the level
+    # a level's iterations stop once no pair of the chunk moves a corner by more than this (px of the
+    # level): the median pair has converged after about 6 of 15; 0 runs every iteration
+    refine_tol: float = 1e-3
     # block_agreement (the learned method's confidence): (level's longer side px, blocks a side,
     # block px, search radius px), the largest shift of an agreeing block (px of the level), and the
     # disagreeing blocks added to the count
@@ -800,8 +807,9 @@ def refine_homography(source: torch.Tensor, target: torch.Tensor, M: torch.Tenso
     an ECC Gauss-Newton step (:func:`_ecc_step`) composed onto the homography on the target's side
     (forward compositional: the field is recomputed after every warp, so rotations do not disturb
     it), each step's corner moves capped at ``cfg.refine_step`` px. A pair keeps its start where the
-    final correlation (at the finest level) is not above the start's, or is not finite. Each row is
-    independent of the others (no random numbers).
+    final correlation (at the finest level) is not above the start's, or is not finite. A level's
+    iterations stop once no row moves a corner by more than ``cfg.refine_tol`` px; otherwise each row
+    is independent of the others (no random numbers).
 
     Args:
         source ``(N, Cs, Hs, Ws)``, target ``(N, Ct, Ht, Wt)``; ``M`` ``(N, 3, 3)`` normalised
@@ -837,6 +845,8 @@ def refine_homography(source: torch.Tensor, target: torch.Tensor, M: torch.Tenso
             s = (cfg.refine_step / moved.clamp_min(1e-12)).clamp_max(1.0)
             cur = cur @ (eye + s[:, None, None] * (D - eye))
             cur = cur / cur[:, 2:3, 2:3]  # the scale that the parameters' convention fixes
+            if cfg.refine_tol > 0 and bool((moved <= cfg.refine_tol).all()):
+                break  # every pair has converged (a non-finite move has not)
     fw0, v0 = _warped_field(src, start, st, cfg)
     fw1, v1 = _warped_field(src, cur, st, cfg)
     s0 = _field_ncc(ft, fw0, v0, cfg.min_overlap)
