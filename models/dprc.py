@@ -901,7 +901,7 @@ class DPRC:
         chunk = chunk or (16384 if x.device.type == "cuda" else 1024)
         aligner.net.eval()
         parts = [aligner.align_flagged(x[k:k + chunk]) for k in range(0, x.shape[0], chunk)]
-        flags = None if aligner.fallback is False else torch.cat([f.cpu() for _, f in parts])
+        flags = torch.cat([f.cpu() for _, f in parts]) if aligner.fallback else None
         return torch.cat([w.cpu() for w, _ in parts]), flags
 
     # ------------------------------------------------------------------ checkpoints

@@ -128,7 +128,7 @@ class AlignReport:
 def per_image_dtype(channels: int) -> np.dtype:
     return np.dtype([("residual", "<f4"), ("outlier", "?"), ("content_kept", "<f4"), ("area_scale", "<f4"),
                      ("edge_contact", "<f4"), ("touches_edge", "i1"), ("consistency_px", "<f4"),
-                     ("fill", "<f4", (channels,)), ("input_size", "<i4", (2,)), ("fallback", "?")])
+                     ("fill", "<f4", (channels,)), ("input_size", "<i4", (2,)), ("fallback", "i1")])
 
 
 PER_IMAGE_DTYPE = per_image_dtype(1)
@@ -615,7 +615,8 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
     writer = _Writer(tmp, mode, N, wsize, C) if mode != "none" else None
     transforms = np.lib.format.open_memmap(tmp / "transforms.npy", mode="w+", dtype=np.float64, shape=(N, 3, 3))
     per = np.zeros(N, dtype=per_image_dtype(C))
-    per["touches_edge"] = -1
+    per["touches_edge"] = -1  # -1: not checked (also for fallback)
+    per["fallback"] = -1
     per["consistency_px"] = np.nan
     sizes = src.sizes()
     per["input_size"] = sizes
@@ -727,7 +728,7 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
     if moved is not None:
         per["consistency_px"] = moved.numpy()
     if fallback is not None:
-        per["fallback"] = fallback.numpy()
+        per["fallback"] = fallback.numpy().astype(np.int8)
     np.save(tmp / "per_image.npy", per, allow_pickle=False)
     _write_names(tmp, src, chunk)
 

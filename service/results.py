@@ -24,7 +24,8 @@ import numpy as np
 
 __all__ = ["ResultsUnavailable", "PerImageSource", "open_per_image"]
 _FLOAT_FIELDS = ("residual", "content_kept", "area_scale", "edge_contact", "consistency_px")
-_BOOL_FIELDS = ("outlier", "fallback")
+_BOOL_FIELDS = ("outlier",)
+_OPTIONAL_BOOL_FIELDS = ("touches_edge", "fallback")  # int8, -1: not checked
 _JSON_CACHE_MAX = 4
 
 
@@ -99,9 +100,10 @@ class PerImageSource:
             if k in fields:
                 for r, v in zip(rows, per[k]):
                     r[k] = bool(v)
-        if "touches_edge" in fields:
-            for r, v in zip(rows, per["touches_edge"]):
-                r["touches_edge"] = None if int(v) < 0 else bool(v)
+        for k in _OPTIONAL_BOOL_FIELDS:
+            if k in fields:
+                for r, v in zip(rows, per[k]):
+                    r[k] = None if int(v) < 0 else bool(v)
         if "fill" in fields:
             for r, v in zip(rows, per["fill"]):
                 r["fill"] = [_num(x) for x in np.atleast_1d(v)]
@@ -145,7 +147,7 @@ def _json_rows(transforms: dict, metrics: dict | None) -> list[dict]:
     for i, (t, m) in enumerate(zip(images, per)):
         row = {"index": i, "name": t["name"], "matrix": t["matrix"], "fill": t.get("fill"),
                "input_size": t.get("input_size")}
-        for k in (*_FLOAT_FIELDS, *_BOOL_FIELDS, "touches_edge"):
+        for k in (*_FLOAT_FIELDS, *_BOOL_FIELDS, *_OPTIONAL_BOOL_FIELDS):
             row[k] = m.get(k)
         rows.append(row)
     return rows

@@ -22,7 +22,7 @@ from service.contracts import JobKind, JobRecord, JobStatus, new_job_id
 N = 200_000
 PER_IMAGE = np.dtype([("residual", "<f4"), ("outlier", "?"), ("content_kept", "<f4"), ("area_scale", "<f4"),
                       ("edge_contact", "<f4"), ("touches_edge", "i1"), ("consistency_px", "<f4"),
-                      ("fill", "<f4", (1,)), ("input_size", "<i4", (2,)), ("fallback", "?")])
+                      ("fill", "<f4", (1,)), ("input_size", "<i4", (2,)), ("fallback", "i1")])
 
 
 def write_contract_output(out, n: int, seed: int = 0) -> dict:
@@ -49,7 +49,7 @@ def write_contract_output(out, n: int, seed: int = 0) -> dict:
     per["consistency_px"][::3] = np.nan  # not measured
     per["fill"][:, 0] = rng.integers(0, 256, n)
     per["input_size"] = [28, 28]
-    per["fallback"] = rng.random(n) < 0.01
+    per["fallback"] = rng.integers(-1, 2, n)
     np.save(out / "per_image.npy", per)
     arrays = {"matrix": "transforms.npy", "names": "names.txt", "per_image": "per_image.npy"}
     (out / "transforms.json").write_text(json.dumps({"convention": "...", "output_size": [28, 28],
@@ -89,7 +89,7 @@ def _expect(arrays, i: int) -> dict:
             "outlier": bool(p["outlier"]), "content_kept": r4(p["content_kept"]), "area_scale": r4(p["area_scale"]),
             "edge_contact": r4(p["edge_contact"]),
             "touches_edge": None if p["touches_edge"] < 0 else bool(p["touches_edge"]),
-            "consistency_px": r4(p["consistency_px"]), "fallback": bool(p["fallback"]), "aligned_url": None}
+            "consistency_px": r4(p["consistency_px"]), "fallback": None if p["fallback"] < 0 else bool(p["fallback"]), "aligned_url": None}
 
 
 def test_pages_are_the_arrays_row_for_row(api, big_job):
