@@ -250,9 +250,7 @@ def centre_scale(in_from_out_norm: torch.Tensor) -> torch.Tensor:
     """``(N,)``: the input area one unit of the aligned frame covers at the frame's centre (the
     determinant of the warp's Jacobian at the origin, normalised units; ``w`` there is ``M[2, 2]``)."""
     M = in_from_out_norm
-    w0 = M[:, 2, 2, None, None]
-    J = (M[:, :2, :2] - M[:, :2, 2:] @ M[:, 2:, :2] / w0) / w0
-    return J[:, 0, 0] * J[:, 1, 1] - J[:, 0, 1] * J[:, 1, 0]  # closed form: no linear-algebra library on a GPU
+    return G.det3(M) / M[:, 2, 2].pow(3)  # det J = det M / w^3 at a point where w = M[2, 2]; signed
 
 
 # An aligned frame has left its image (frames_off) when its centre lands more than STRAY_CENTRE

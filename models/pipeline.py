@@ -760,6 +760,7 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
         object_ratio, object_sample = M.consistency_ratio(mo, po), len(idx)
     consistency = _consistency_summary(moved, probe, object_ratio, object_sample)
     n_lost = int(M.lost_images(kept_all, area_all).sum())
+    n_fallback = None if fallback is None else int(fallback.sum())
     metrics = {
         **meta,
         "n_images": N,
@@ -782,11 +783,11 @@ def _finish(tmp: Path, src: Source, work: _Work, in_from_out_norm: torch.Tensor,
             "area_scale_median": round(float(area_all.median()), 4) if N else None,
             "n_cropped": int((kept_all < KEPT_WARN).sum()),
             "n_lost": n_lost,
-            "n_fallback": None if fallback is None else int(fallback.sum()),
+            "n_fallback": n_fallback,
             "n_touching_edge": None if touching is None else int(touching.sum()),
         },
         "consistency_summary": consistency,
-        "warnings": _fallback_warnings(0 if fallback is None else int(fallback.sum()), N)
+        "warnings": _fallback_warnings(n_fallback or 0, N)
         + _framing_warnings(kept_all, area_all) + _lost_warnings(n_lost, N)
         + _edge_warnings(touching) + _consistency_warnings(consistency),
     }
